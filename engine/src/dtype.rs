@@ -1,0 +1,177 @@
+//! Floating-point storage dtypes and bulk conversions to and from `f32`.
+//!
+//! Merges compute in `f32` (as mergekit does with `dtype: float32`); checkpoints store f32, f16
+//! or bf16. Conversions go through `half`'s slice routines (vectorized where the CPU allows) and
+//! are split into chunks across the rayon pool for large tensors.
+
+use half::{bf16, f16, slice::HalfFloatSliceExt};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Elements per parallel conversion chunk (big enough to amortize scheduling).
+const CHUNK: usize = 1 << 16;
+
+/// A floating-point storage type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The safetensors header spelling (`F32`, `F16`, `BF16`).
+    pub fn safetensors_name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        }
+    }
+
+    /// The transformers `config.json` spelling (`float32`, `float16`, `bfloat16`).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+        }
+    }
+
+    /// Parses the names users and configs write: `float32`, `fp32`, `f32`, `bfloat16`, `bf16`, ...
+    pub fn parse(s: &str) -> Option<DType> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "float32" | "fp32" | "f32" | "float" => Some(DType::F32),
+            "float16" | "fp16" | "f16" | "half" => Some(DType::F16),
+            "bfloat16" | "bf16" => Some(DType::BF16),
+            _ => None,
+        }
+    }
+
+    /// Maps a safetensors dtype; `None` for dtypes evomerge does not merge.
+    pub fn from_safetensors(d: safetensors::Dtype) -> Option<DType> {
+        match d {
+            safetensors::Dtype::F32 => Some(DType::F32),
+            safetensors::Dtype::F16 => Some(DType::F16),
+            safetensors::Dtype::BF16 => Some(DType::BF16),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.hf_name())
+    }
+}
+
+/// Decodes little-endian `bytes` of `dtype` into `out` (`out.len()` elements).
+///
+/// The byte slice may be unaligned (safetensors data offsets are not aligned to the element
+/// size in general), so elements are read through `pod_read_unaligned` when needed.
+pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
+    debug_assert_eq!(bytes.len(), out.len() * dtype.size());
+    let sz = dtype.size();
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, dst)| {
+        let src = &bytes[c * CHUNK * sz..(c * CHUNK + dst.len()) * sz];
+        match dtype {
+            DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(src) {
+                Ok(s) => dst.copy_from_slice(s),
+                Err(_) => {
+                    for (d, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    }
+                }
+            },
+            DType::F16 => match bytemuck::try_cast_slice::<u8, f16>(src) {
+                Ok(s) => s.convert_to_f32_slice(dst),
+                Err(_) => {
+                    for (d, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                        *d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                    }
+                }
+            },
+            DType::BF16 => match bytemuck::try_cast_slice::<u8, bf16>(src) {
+                Ok(s) => s.convert_to_f32_slice(dst),
+                Err(_) => {
+                    for (d, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                        *d = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                    }
+                }
+            },
+        }
+    });
+}
+
+/// Decodes `bytes` of `dtype` into a new `Vec<f32>`.
+pub fn decode(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    let mut out = vec![0f32; bytes.len() / dtype.size()];
+    decode_into(dtype, bytes, &mut out);
+    out
+}
+
+/// Encodes `src` as little-endian `dtype` bytes (round to nearest even for f16/bf16, as torch).
+pub fn encode(dtype: DType, src: &[f32]) -> Vec<u8> {
+    let sz = dtype.size();
+    let mut out = vec![0u8; src.len() * sz];
+    out.par_chunks_mut(CHUNK * sz).zip(src.par_chunks(CHUNK)).for_each(|(dst, s)| match dtype {
+        DType::F32 => dst.copy_from_slice(bytemuck::cast_slice(s)),
+        DType::F16 => {
+            let mut tmp = vec![f16::ZERO; s.len()];
+            tmp.convert_from_f32_slice(s);
+            dst.copy_from_slice(bytemuck::cast_slice(&tmp));
+        }
+        DType::BF16 => {
+            let mut tmp = vec![bf16::ZERO; s.len()];
+            tmp.convert_from_f32_slice(s);
+            dst.copy_from_slice(bytemuck::cast_slice(&tmp));
+        }
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for d in [DType::F32, DType::F16, DType::BF16] {
+            assert_eq!(DType::parse(d.hf_name()), Some(d));
+            assert_eq!(DType::parse(d.safetensors_name()), Some(d));
+        }
+        assert_eq!(DType::parse("int8"), None);
+    }
+
+    #[test]
+    fn encode_decode_round_trips_representable_values() {
+        let v: Vec<f32> = (0..200_000).map(|i| ((i % 512) as f32 - 256.0) * 0.125).collect();
+        for d in [DType::F32, DType::F16, DType::BF16] {
+            assert_eq!(decode(d, &encode(d, &v)), v, "{d}");
+        }
+    }
+
+    #[test]
+    fn decode_handles_unaligned_bytes() {
+        let v = [1.5f32, -2.25, 3.0];
+        let mut bytes = vec![0u8];
+        bytes.extend_from_slice(&encode(DType::F32, &v));
+        assert_eq!(decode(DType::F32, &bytes[1..]), v);
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        // 1 + 2^-8 is exactly between two bf16 values (1 and 1 + 2^-7): ties to even -> 1.
+        let x = 1.0f32 + 2f32.powi(-8);
+        assert_eq!(decode(DType::BF16, &encode(DType::BF16, &[x])), [1.0]);
+    }
+}

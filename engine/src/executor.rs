@@ -1,0 +1,202 @@
+//! Running a [`MergePlan`]: tensor by tensor, streamed to disk or collected in memory.
+//!
+//! Each task decodes its inputs to f32 (parallel, from the memory map), runs the method's
+//! kernel (parallel inside the tensor) and encodes the result to the output dtype; only the
+//! inputs and output of the tensor in flight are in memory. The output directory is written
+//! atomically ([`OutputDir`]): config (the donor's, with layer count and dtype updated),
+//! tokenizer and generation files copied from the donor, the recipe (`mergekit_config.yml`)
+//! and a model card.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use crate::dtype;
+use crate::error::{EngineError, Result};
+use crate::io::writer::{pretty, write_file};
+use crate::io::{OutputDir, ShardedWriter, TensorEntry};
+use crate::merge::MergeInput;
+use crate::merge::rng::tensor_seed;
+use crate::recipe::{MergePlan, TensorTask};
+use crate::source::{MemorySource, Tensor};
+
+/// Files copied from the donor model when present.
+pub const DONOR_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+/// How to write the output.
+#[derive(Debug, Clone)]
+pub struct MergeOptions {
+    /// Maximum bytes of tensor data per shard.
+    pub shard_size: u64,
+    /// Replace an existing non-empty output directory.
+    pub overwrite: bool,
+    /// Checked between tensors: when set, the merge stops with [`EngineError::Interrupted`]
+    /// and the staging directory is removed.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        Self { shard_size: 5_000_000_000, overwrite: false, cancel: None }
+    }
+}
+
+/// Progress events (for bars and logs).
+#[derive(Debug, Clone)]
+pub enum MergeProgress<'a> {
+    Started { tensors: usize, bytes_out: u64 },
+    Tensor { index: usize, name: &'a str, bytes_out: u64 },
+    Writing,
+}
+
+/// What a finished merge did.
+#[derive(Debug, Clone)]
+pub struct MergeSummary {
+    pub tensors: usize,
+    pub shards: usize,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub seconds: f64,
+}
+
+impl MergeSummary {
+    /// (bytes read + written) per second, in GB/s.
+    pub fn gb_per_s(&self) -> f64 {
+        (self.bytes_in + self.bytes_out) as f64 / self.seconds.max(1e-9) / 1e9
+    }
+}
+
+/// Merges one tensor to f32.
+pub fn merge_tensor(plan: &MergePlan, task: &TensorTask) -> Result<Vec<f32>> {
+    let decoded: Vec<Vec<f32>> = task
+        .inputs
+        .iter()
+        .map(|(m, n)| {
+            let (dt, _, bytes) = plan.models[*m].raw(n)?;
+            Ok(dtype::decode(dt, bytes))
+        })
+        .collect::<Result<_>>()?;
+    let input = MergeInput {
+        tensor: &task.name,
+        shape: &task.shape,
+        tensors: decoded.iter().map(Vec::as_slice).collect(),
+        base: task.base,
+        model_params: task.model_params.clone(),
+        params: task.params.clone(),
+        seed: tensor_seed(plan.seed, &task.name),
+    };
+    let out = plan.method.merge(&input).map_err(|reason| EngineError::Merge {
+        tensor: task.name.clone(),
+        method: plan.method.name().to_string(),
+        reason,
+    })?;
+    if out.len() != input.numel() {
+        return Err(EngineError::Merge {
+            tensor: task.name.clone(),
+            method: plan.method.name().to_string(),
+            reason: format!("produced {} elements for shape {:?}", out.len(), task.shape),
+        });
+    }
+    Ok(out)
+}
+
+/// Runs the plan into memory (f32, rounded through the output dtype so values equal what
+/// [`execute`] writes).
+pub fn merge_to_memory(plan: &MergePlan) -> Result<MemorySource> {
+    let mut src = MemorySource::new("merged");
+    for task in &plan.tasks {
+        let out = merge_tensor(plan, task)?;
+        let out = dtype::decode(plan.out_dtype, &dtype::encode(plan.out_dtype, &out));
+        src.insert(task.name.clone(), Tensor::new(task.shape.clone(), out));
+    }
+    Ok(src)
+}
+
+/// Runs the plan and writes a complete Hugging Face model directory at `out`.
+pub fn execute(plan: &MergePlan, out: &Path, opts: &MergeOptions, progress: &mut dyn FnMut(MergeProgress)) -> Result<MergeSummary> {
+    let start = Instant::now();
+    let dir = OutputDir::create(out, opts.overwrite)?;
+    let entries: Vec<TensorEntry> = plan
+        .tasks
+        .iter()
+        .map(|t| TensorEntry { name: t.name.clone(), shape: t.shape.clone(), dtype: plan.out_dtype })
+        .collect();
+    let bytes_out: u64 = entries.iter().map(TensorEntry::bytes).sum();
+    progress(MergeProgress::Started { tensors: entries.len(), bytes_out });
+    let mut writer = ShardedWriter::new(dir.path(), entries, opts.shard_size)?;
+    for (i, task) in plan.tasks.iter().enumerate() {
+        if opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(EngineError::Interrupted);
+        }
+        let merged = merge_tensor(plan, task)?;
+        let bytes = dtype::encode(plan.out_dtype, &merged);
+        drop(merged);
+        writer.write_next(&task.name, &bytes)?;
+        progress(MergeProgress::Tensor { index: i, name: &task.name, bytes_out: bytes.len() as u64 });
+    }
+    progress(MergeProgress::Writing);
+    let shards = writer.shard_count();
+    writer.finish()?;
+    write_side_files(plan, dir.path())?;
+    dir.commit()?;
+    Ok(MergeSummary {
+        tensors: plan.tasks.len(),
+        shards,
+        bytes_in: plan.input_bytes(),
+        bytes_out,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn write_side_files(plan: &MergePlan, dir: &Path) -> Result<()> {
+    let donor = &plan.models[plan.donor];
+    let cfg = donor.config.to_output_json(&donor.arch.layer_count_key, plan.out_layers, plan.out_dtype);
+    write_file(&dir.join("config.json"), pretty(&cfg).as_bytes())?;
+    for f in DONOR_FILES {
+        let src = donor.dir().join(f);
+        if src.is_file() {
+            std::fs::copy(&src, dir.join(f)).map_err(|e| EngineError::io(&src, e))?;
+        }
+    }
+    write_file(&dir.join("mergekit_config.yml"), plan.recipe_text.as_bytes())?;
+    write_file(&dir.join("README.md"), model_card(plan).as_bytes())
+}
+
+fn model_card(plan: &MergePlan) -> String {
+    let base = plan.tasks.first().and_then(|t| t.base).map(|_| plan.model_refs[plan.donor].clone());
+    let mut s = String::from("---\nlibrary_name: transformers\ntags:\n- merge\n- evomerge\n");
+    if let Some(b) = &base {
+        s.push_str(&format!("base_model:\n- {b}\n"));
+    }
+    s.push_str("---\n\n# Merged model\n\n");
+    s.push_str(&format!(
+        "This model was merged with [evomerge](https://github.com/) using the **{}** method ({}).\n\n",
+        plan.method.name(),
+        plan.method.reference()
+    ));
+    s.push_str("## Models\n\n");
+    for r in &plan.model_refs {
+        let role = if Some(r) == base.as_ref() { " (base)" } else { "" };
+        s.push_str(&format!("- {r}{role}\n"));
+    }
+    s.push_str(&format!(
+        "\n{} layers, {} tensors, dtype {}, seed {}.\n\n## Recipe\n\n```yaml\n{}\n```\n",
+        plan.out_layers,
+        plan.tasks.len(),
+        plan.out_dtype,
+        plan.seed,
+        plan.recipe_text.trim_end()
+    ));
+    s
+}

@@ -1,0 +1,33 @@
+//! evomerge-engine: checkpoints in and out, architectures as data, and merge methods.
+//!
+//! Data flow of a one-shot merge (`evomerge merge recipe.yaml`):
+//!
+//! ```text
+//! recipe.yaml ──► recipe::Recipe (mergekit schema, strict)
+//!                   │ resolve models (io::hub), open checkpoints (io::Checkpoint, mmap, lazy)
+//!                   ▼
+//!              recipe::MergePlan: one TensorTask per output tensor
+//!                   (inputs, resolved per-tensor parameters incl. gradients and filters)
+//!                   │ executor: per tensor, decode inputs → f32, merge::MergeMethod::merge
+//!                   ▼
+//!              io::ShardedWriter (streamed shards) inside io::OutputDir (atomic rename)
+//! ```
+//!
+//! Later issues add the model runtime (burn) and the genome ↔ plan mapping here.
+
+pub mod arch;
+pub mod dtype;
+pub mod error;
+pub mod executor;
+pub mod io;
+pub mod merge;
+pub mod recipe;
+pub mod source;
+
+pub use arch::Architecture;
+pub use dtype::DType;
+pub use error::{EngineError, Result};
+pub use executor::{MergeOptions, MergeProgress, MergeSummary};
+pub use io::Checkpoint;
+pub use recipe::{MergePlan, Recipe};
+pub use source::{MemorySource, Tensor, TensorSource};

@@ -1,0 +1,166 @@
+//! Generalized task arithmetic: one method, eight presets (task_arithmetic, ties, dare_ties,
+//! dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear), as mergekit 0.1.5's
+//! `GeneralizedTaskArithmeticMerge`.
+//!
+//! For each non-base model i with weight wᵢ and task vector δᵢ = xᵢ − base:
+//!
+//! 1. **sparsify** δᵢ (magnitude / outliers / random / DELLA, see [`super::sparsify`]), with
+//!    optional L1 rescale;
+//! 2. **weight**: Dᵢ = wᵢ·δᵢ;
+//! 3. **sign consensus** (TIES "sum" election, presets with `consensus`): per element the
+//!    majority sign is `+1` where Σᵢ Dᵢ ≥ 0 else `−1`; mᵢ = [sign(Dᵢ) = majority] (a zero never
+//!    matches); mixed = Σᵢ mᵢ·Dᵢ, divisor = Σᵢ mᵢ·wᵢ (0 → 1). Without consensus:
+//!    mixed = Σᵢ Dᵢ, divisor = Σᵢ wᵢ (|·| < 1e-8 → 1);
+//! 4. **normalize** (if set): mixed /= divisor;
+//! 5. **λ**: mixed *= λ; result = base + mixed.
+//!
+//! Arithmetic is f32 in mergekit's order, so deterministic presets equal mergekit's output
+//! bit for bit on the fixtures. `int8_mask` is accepted and has no numerical effect.
+//!
+//! References: task arithmetic (Ilharco et al. 2022, arXiv:2212.04089), TIES
+//! (arXiv:2306.01708), DARE (arXiv:2311.03099), Model Breadcrumbs (arXiv:2312.06795), DELLA
+//! (arXiv:2406.11617).
+
+use rayon::prelude::*;
+
+use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope};
+use super::rng::CounterRng;
+use super::sparsify::{Sparsifier, sparsify};
+
+const CHUNK: usize = 1 << 14;
+
+/// A preset of the generalized task-arithmetic method.
+#[derive(Debug, Clone, Copy)]
+pub struct GeneralizedTaskArithmetic {
+    name: &'static str,
+    reference: &'static str,
+    sparsifier: Option<Sparsifier>,
+    consensus: bool,
+    default_normalize: bool,
+    default_rescale: bool,
+}
+
+const fn preset(
+    name: &'static str,
+    reference: &'static str,
+    sparsifier: Option<Sparsifier>,
+    consensus: bool,
+    default_normalize: bool,
+    default_rescale: bool,
+) -> GeneralizedTaskArithmetic {
+    GeneralizedTaskArithmetic { name, reference, sparsifier, consensus, default_normalize, default_rescale }
+}
+
+/// The presets, with mergekit 0.1.5's defaults for `normalize` and `rescale`.
+pub const PRESETS: [GeneralizedTaskArithmetic; 8] = [
+    preset("task_arithmetic", "https://arxiv.org/abs/2212.04089", None, false, false, false),
+    preset("ties", "https://arxiv.org/abs/2306.01708", Some(Sparsifier::Magnitude), true, true, false),
+    preset("dare_ties", "https://arxiv.org/abs/2311.03099", Some(Sparsifier::Random), true, false, true),
+    preset("dare_linear", "https://arxiv.org/abs/2311.03099", Some(Sparsifier::Random), false, false, true),
+    preset("breadcrumbs", "https://arxiv.org/abs/2312.06795", Some(Sparsifier::MagnitudeOutliers), false, false, false),
+    preset("breadcrumbs_ties", "https://arxiv.org/abs/2312.06795", Some(Sparsifier::MagnitudeOutliers), true, false, false),
+    preset("della", "https://arxiv.org/abs/2406.11617", Some(Sparsifier::DellaMagprune), true, true, true),
+    preset("della_linear", "https://arxiv.org/abs/2406.11617", Some(Sparsifier::DellaMagprune), false, false, true),
+];
+
+impl MergeMethod for GeneralizedTaskArithmetic {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn reference(&self) -> &'static str {
+        self.reference
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        let mut p = vec![
+            ParamSpec::float("weight", Scope::PerModel, -1e6, 1e6, None, (0.0, 1.0), "scale of the model's task vector"),
+            ParamSpec::bool("normalize", Scope::Global, self.default_normalize, "divide by the sum of (kept) weights"),
+            ParamSpec::bool("rescale", Scope::Global, self.default_rescale, "L1-rescale each sparsified task vector"),
+            ParamSpec::float("lambda", Scope::Global, -1e6, 1e6, Some(1.0), (0.5, 1.5), "scale of the merged task vector"),
+            ParamSpec::bool("int8_mask", Scope::Global, false, "store masks as int8 (no numerical effect)").inert(),
+        ];
+        if self.sparsifier.is_some() {
+            p.push(ParamSpec::float("density", Scope::PerModel, 0.0, 1.0, Some(1.0), (0.1, 1.0), "fraction of the task vector kept"));
+        }
+        if self.sparsifier == Some(Sparsifier::MagnitudeOutliers) {
+            p.push(ParamSpec::float("gamma", Scope::PerModel, 0.0, 1.0, Some(0.01), (0.0, 0.2), "fraction of the largest entries dropped"));
+        }
+        if self.sparsifier == Some(Sparsifier::DellaMagprune) {
+            p.push(ParamSpec::float("epsilon", Scope::PerModel, 0.0, 0.5, Some(0.15), (0.01, 0.3), "spread of keep probabilities around density"));
+        }
+        p
+    }
+
+    fn base_role(&self) -> BaseRole {
+        BaseRole::Required
+    }
+
+    fn merge(&self, input: &MergeInput) -> Result<Vec<f32>, String> {
+        let base = input.base_tensor()?;
+        let normalize = input.params.flag("normalize");
+        let rescale = input.params.flag("rescale");
+        let lambda = input.params.get("lambda") as f32;
+        let weights: Vec<f32> = input.others().map(|(_, p)| p.get("weight") as f32).collect();
+        let rows = input.shape.first().copied().unwrap_or(1);
+        // Task vectors: borrowed models when nothing is sparsified (fused below), else owned
+        // sparsified deltas.
+        let deltas: Option<Vec<Vec<f32>>> = match self.sparsifier {
+            None => None,
+            Some(method) => Some(
+                input
+                    .others()
+                    .enumerate()
+                    .map(|(i, (x, p))| {
+                        let mut d: Vec<f32> = x.par_iter().zip(base).map(|(a, b)| a - b).collect();
+                        let rng = CounterRng::new(input.seed, i as u64);
+                        sparsify(&mut d, rows, method, p.get("density"), p.get("gamma"), p.get("epsilon"), rescale, rng)?;
+                        Ok(d)
+                    })
+                    .collect::<Result<_, String>>()?,
+            ),
+        };
+        let models: Vec<&[f32]> = input.others().map(|(x, _)| x).collect();
+        let consensus = self.consensus;
+        let wsum: f32 = weights.iter().sum();
+        let plain_div = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
+        let mut out = vec![0f32; base.len()];
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+            let start = c * CHUNK;
+            let mut d = vec![0f32; weights.len()];
+            for (j, slot) in o.iter_mut().enumerate() {
+                let e = start + j;
+                let b = base[e];
+                for (i, di) in d.iter_mut().enumerate() {
+                    let delta = match &deltas {
+                        Some(ds) => ds[i][e],
+                        None => models[i][e] - b,
+                    };
+                    *di = delta * weights[i];
+                }
+                let (mut mixed, divisor) = if consensus {
+                    let total: f32 = d.iter().sum();
+                    let majority = if total >= 0.0 { 1.0 } else { -1.0 };
+                    let (mut m, mut div) = (0f32, 0f32);
+                    for (di, wi) in d.iter().zip(&weights) {
+                        if *di != 0.0 && di.signum() == majority {
+                            m += di;
+                            div += wi;
+                        }
+                    }
+                    (m, if div == 0.0 { 1.0 } else { div })
+                } else {
+                    (d.iter().sum(), plain_div)
+                };
+                if normalize {
+                    mixed /= divisor;
+                }
+                if lambda != 1.0 {
+                    mixed *= lambda;
+                }
+                *slot = b + mixed;
+            }
+        });
+        Ok(out)
+    }
+}

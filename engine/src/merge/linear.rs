@@ -1,0 +1,55 @@
+//! Linear (weighted average), Wortsman et al. 2022 "Model soups" (arXiv:2203.05482).
+//!
+//! `y = Σᵢ wᵢ·xᵢ / Σᵢ wᵢ` with `normalize` (the default), else `Σᵢ wᵢ·xᵢ`; f32 in mergekit's
+//! order. **Departure from mergekit:** with `normalize` and weights summing to 0 (|Σw| < 1e-8)
+//! mergekit divides by zero and writes inf/NaN; evomerge skips the division (as mergekit's own
+//! task arithmetic does for the same case).
+
+use rayon::prelude::*;
+
+use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope};
+
+#[derive(Debug, Clone, Copy)]
+pub struct Linear;
+
+impl MergeMethod for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn reference(&self) -> &'static str {
+        "https://arxiv.org/abs/2203.05482"
+    }
+
+    fn params(&self) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::float("weight", Scope::PerModel, -1e6, 1e6, None, (0.0, 1.0), "the model's weight"),
+            ParamSpec::bool("normalize", Scope::Global, true, "divide by the sum of weights"),
+        ]
+    }
+
+    fn base_role(&self) -> BaseRole {
+        BaseRole::Unused
+    }
+
+    fn merge(&self, input: &MergeInput) -> Result<Vec<f32>, String> {
+        let w: Vec<f32> = input.model_params.iter().map(|p| p.get("weight") as f32).collect();
+        let sum: f32 = w.iter().sum();
+        let div = if input.params.flag("normalize") && sum.abs() >= 1e-8 { Some(sum) } else { None };
+        let mut out = vec![0f32; input.numel()];
+        out.par_chunks_mut(1 << 14).enumerate().for_each(|(c, o)| {
+            let s = c << 14;
+            for (j, y) in o.iter_mut().enumerate() {
+                let mut acc = 0f32;
+                for (t, wi) in input.tensors.iter().zip(&w) {
+                    acc += wi * t[s + j];
+                }
+                *y = match div {
+                    Some(d) => acc / d,
+                    None => acc,
+                };
+            }
+        });
+        Ok(out)
+    }
+}

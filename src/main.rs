@@ -1,0 +1,49 @@
+//! `evomerge`: the command-line front end. Commands parse arguments, call one library
+//! function each, and print; all logic lives in the workspace's library crates.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod commands;
+mod exit;
+
+/// Evolutionary model-merge search for LLMs: merge Hugging Face checkpoints the way mergekit
+/// does, much faster (and, in later releases, search merge recipes overnight).
+#[derive(Debug, Parser)]
+#[command(name = "evomerge", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
+    /// Log verbosity: error, warn, info, debug, trace (or a tracing filter; EVOMERGE_LOG works too).
+    #[arg(long, global = true, default_value = "warn", value_name = "LEVEL")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Merge models from a mergekit YAML recipe into a new Hugging Face checkpoint.
+    Merge(commands::merge::MergeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("EVOMERGE_LOG").unwrap_or_else(|_| cli.log.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Some(n) = cli.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+            eprintln!("error: --threads {n}: {e}");
+            return ExitCode::from(exit::ERROR);
+        }
+    }
+    let result = match cli.command {
+        Command::Merge(args) => commands::merge::run(args),
+    };
+    exit::report(result)
+}
