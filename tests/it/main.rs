@@ -1,1 +1,7 @@
-mod placeholder {}
+//! The integration-test binary: cross-crate and CLI tests on the fixture checkpoints.
+
+mod bad_input;
+mod cli;
+mod common;
+mod merge_parity;
+mod merge_props;

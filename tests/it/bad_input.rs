@@ -1,0 +1,189 @@
+//! Bad input gives a clear error naming the file or tensor, exit code 2, no panic, and no
+//! output directory.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::common::{bin, copy_model, fixtures};
+
+/// Runs `evomerge merge` on `yaml` (written to a temp dir, `{F}` → fixtures path) and returns
+/// (exit code, stderr, output dir).
+fn fail(yaml: &str, setup: impl FnOnce(&Path)) -> (Option<i32>, String) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    setup(tmp.path());
+    let recipe = tmp.path().join("r.yaml");
+    std::fs::write(&recipe, yaml.replace("{F}", &fixtures().display().to_string()).replace("{T}", &tmp.path().display().to_string())).expect("write");
+    let out = tmp.path().join("out");
+    let o = Command::new(bin()).arg("merge").arg(&recipe).arg("--out").arg(&out).output().expect("run");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert!(!out.exists(), "output written despite error: {err}");
+    (o.status.code(), err)
+}
+
+const TA: &str = "merge_method: task_arithmetic\nbase_model: {F}/models/llama-tiny-base\nmodels:\n  - model: {A}\n    parameters: {weight: 0.5}\n  - model: {F}/models/llama-tiny-b\n    parameters: {weight: 0.5}\n";
+
+fn with_a(a: &str) -> String {
+    TA.replace("{A}", a)
+}
+
+fn assert_fails(code: Option<i32>, err: &str, needles: &[&str]) {
+    assert_eq!(code, Some(2), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "'{n}' not in: {err}");
+    }
+}
+
+#[test]
+fn missing_model_directory() {
+    let (c, e) = fail(&with_a("{T}/nope"), |_| {});
+    assert_fails(c, &e, &["nope", "not found"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let (c, e) = fail(&with_a("{T}/m"), |t| {
+        copy_model("llama-tiny-a", &t.join("m"));
+        let f = t.join("m/model.safetensors");
+        let len = std::fs::metadata(&f).expect("meta").len();
+        std::fs::OpenOptions::new().write(true).open(&f).expect("open").set_len(len - 100).expect("truncate");
+    });
+    assert_fails(c, &e, &["model.safetensors", "truncated"]);
+}
+
+#[test]
+fn header_length_past_the_end() {
+    let (c, e) = fail(&with_a("{T}/m"), |t| {
+        copy_model("llama-tiny-a", &t.join("m"));
+        let f = t.join("m/model.safetensors");
+        let mut bytes = std::fs::read(&f).expect("read");
+        bytes[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+        std::fs::write(&f, bytes).expect("write");
+    });
+    assert_fails(c, &e, &["model.safetensors", "corrupt"]);
+}
+
+#[test]
+fn unknown_dtype_in_header() {
+    let (c, e) = fail(&with_a("{T}/m"), |t| {
+        copy_model("llama-tiny-a", &t.join("m"));
+        let f = t.join("m/model.safetensors");
+        let bytes = std::fs::read(&f).expect("read");
+        let n = u64::from_le_bytes(bytes[..8].try_into().expect("8")) as usize;
+        let header = String::from_utf8(bytes[8..8 + n].to_vec()).expect("utf8");
+        let bad = header.replacen("\"F32\"", "\"Q7\" ", 1); // same length keeps offsets valid
+        let mut out = bytes[..8].to_vec();
+        out.extend_from_slice(bad.as_bytes());
+        out.extend_from_slice(&bytes[8 + n..]);
+        std::fs::write(&f, out).expect("write");
+    });
+    assert_fails(c, &e, &["model.safetensors", "Q7"]);
+}
+
+#[test]
+fn shape_mismatch_names_the_tensor() {
+    // a model with hidden size 32 instead of 64: same architecture, different shapes
+    let (c, e) = fail(&with_a("{T}/m"), |t| {
+        let dir = t.join("m");
+        copy_model("llama-tiny-a", &dir);
+        let f = dir.join("model.safetensors");
+        let bytes = std::fs::read(&f).expect("read");
+        let n = u64::from_le_bytes(bytes[..8].try_into().expect("8")) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).expect("json");
+        // rewrite one tensor's shape [128, 64] -> [64, 128] (same byte size)
+        let mut h = header.clone();
+        h["model.layers.1.mlp.up_proj.weight"]["shape"] = serde_json::json!([64, 128]);
+        let mut hs = serde_json::to_string(&h).expect("ser").into_bytes();
+        while (hs.len() + 8) % 8 != 0 {
+            hs.push(b' ');
+        }
+        let mut out = (hs.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&hs);
+        out.extend_from_slice(&bytes[8 + n..]);
+        std::fs::write(&f, out).expect("write");
+    });
+    assert_fails(c, &e, &["model.layers.1.mlp.up_proj.weight", "[64, 128]", "[128, 64]"]);
+}
+
+#[test]
+fn architecture_mismatch() {
+    let (c, e) = fail(&with_a("{T}/m"), |t| {
+        let dir = t.join("m");
+        copy_model("llama-tiny-a", &dir);
+        let cfg = std::fs::read_to_string(dir.join("config.json")).expect("cfg");
+        std::fs::write(dir.join("config.json"), cfg.replace("LlamaForCausalLM", "MistralForCausalLM").replace("\"llama\"", "\"mistral\"")).expect("write");
+    });
+    assert_fails(c, &e, &["architecture mismatch", "mistral", "llama"]);
+}
+
+#[test]
+fn unsupported_architecture_lists_the_supported_ones() {
+    let (c, e) = fail(&with_a("{T}/m"), |t| {
+        let dir = t.join("m");
+        copy_model("llama-tiny-a", &dir);
+        let cfg = std::fs::read_to_string(dir.join("config.json")).expect("cfg");
+        std::fs::write(dir.join("config.json"), cfg.replace("LlamaForCausalLM", "GPT2LMHeadModel").replace("\"llama\"", "\"gpt2\"")).expect("write");
+    });
+    assert_fails(c, &e, &["GPT2LMHeadModel", "llama, mistral, qwen2, qwen3", "config.json"]);
+}
+
+#[test]
+fn unknown_merge_method() {
+    let (c, e) = fail(&with_a("{F}/models/llama-tiny-a").replace("task_arithmetic", "tie"), |_| {});
+    assert_fails(c, &e, &["unknown merge method 'tie'", "ties"]);
+}
+
+#[test]
+fn unknown_yaml_key() {
+    let (c, e) = fail(&format!("{}dtyp: float32\n", with_a("{F}/models/llama-tiny-a")), |_| {});
+    assert_fails(c, &e, &["dtyp"]);
+}
+
+#[test]
+fn unknown_parameter() {
+    let (c, e) = fail(&with_a("{F}/models/llama-tiny-a").replace("{weight: 0.5}\n  - model: {F}/models/llama-tiny-b", "{weight: 0.5, densty: 0.3}\n  - model: {F}/models/llama-tiny-b"), |_| {});
+    assert_fails(c, &e, &["unknown parameter 'densty'", "weight"]);
+}
+
+#[test]
+fn parameter_out_of_range() {
+    let yaml = with_a("{F}/models/llama-tiny-a").replace("task_arithmetic", "ties").replace("{weight: 0.5}", "{weight: 0.5, density: 1.5}");
+    let (c, e) = fail(&yaml, |_| {});
+    assert_fails(c, &e, &["density = 1.5", "[0, 1]"]);
+}
+
+#[test]
+fn missing_required_parameter() {
+    let (c, e) = fail("merge_method: linear\nmodels:\n  - model: {F}/models/llama-tiny-a\n  - model: {F}/models/llama-tiny-b\n", |_| {});
+    assert_fails(c, &e, &["missing required parameter 'weight'"]);
+}
+
+#[test]
+fn output_directory_not_writable() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let blocker = tmp.path().join("file");
+    std::fs::write(&blocker, "x").expect("write");
+    let o = Command::new(bin())
+        .current_dir(fixtures())
+        .args(["merge", "merges/linear.yaml", "--out"])
+        .arg(blocker.join("out"))
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("output") && err.contains("file/out"), "{err}");
+}
+
+#[test]
+fn missing_recipe_file() {
+    let o = Command::new(bin()).args(["merge", "/nonexistent/r.yaml", "--out", "/tmp/never"]).output().expect("run");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/r.yaml"));
+}
+
+#[test]
+fn unsupported_tokenizer_source() {
+    let yaml = format!("{}tokenizer_source: union\n", with_a("{F}/models/llama-tiny-a"));
+    let (c, e) = fail(&yaml, |_| {});
+    assert_fails(c, &e, &["tokenizer_source", "union"]);
+}

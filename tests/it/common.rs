@@ -1,0 +1,45 @@
+//! Helpers shared by the integration tests.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use evomerge_engine::recipe::{MergePlan, Recipe};
+use evomerge_engine::{Checkpoint, TensorSource};
+
+/// `tests/fixtures`.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+}
+
+/// All tensors of a checkpoint directory as f32.
+pub fn load(dir: &Path) -> BTreeMap<String, Vec<f32>> {
+    let ck = Checkpoint::open(dir, dir.display().to_string()).expect("open checkpoint");
+    ck.tensor_names().into_iter().map(|n| (n.clone(), ck.read_f32(&n).expect("read").data)).collect()
+}
+
+/// A fixture model by name (`llama-tiny-a`, ...).
+pub fn model(name: &str) -> BTreeMap<String, Vec<f32>> {
+    load(&fixtures().join("models").join(name))
+}
+
+/// Plans a fixture recipe (model paths relative to the fixtures folder, as mergekit ran it).
+pub fn plan(recipe: &str, seed: u64) -> MergePlan {
+    let path = fixtures().join("merges").join(format!("{recipe}.yaml"));
+    let text = std::fs::read_to_string(&path).expect("recipe");
+    let r = Recipe::parse(&text, recipe).expect("parse");
+    MergePlan::build(&r, text, Some(&fixtures()), seed).expect("plan")
+}
+
+/// Copies a fixture model into `dst` (for tests that damage it).
+pub fn copy_model(name: &str, dst: &Path) {
+    std::fs::create_dir_all(dst).expect("mkdir");
+    for e in std::fs::read_dir(fixtures().join("models").join(name)).expect("ls") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), dst.join(e.file_name())).expect("copy");
+    }
+}
+
+/// Path to the built `evomerge` binary.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_evomerge"))
+}
