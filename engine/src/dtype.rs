@@ -121,22 +121,34 @@ pub fn decode(dtype: DType, bytes: &[u8]) -> Vec<f32> {
 
 /// Encodes `src` as little-endian `dtype` bytes (round to nearest even for f16/bf16, as torch).
 pub fn encode(dtype: DType, src: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_into(dtype, src, &mut out);
+    out
+}
+
+/// Encodes into `out` (resized; its allocation is reused across calls).
+pub fn encode_into(dtype: DType, src: &[f32], out: &mut Vec<u8>) {
     let sz = dtype.size();
-    let mut out = vec![0u8; src.len() * sz];
+    out.resize(src.len() * sz, 0);
     out.par_chunks_mut(CHUNK * sz).zip(src.par_chunks(CHUNK)).for_each(|(dst, s)| match dtype {
         DType::F32 => dst.copy_from_slice(bytemuck::cast_slice(s)),
-        DType::F16 => {
-            let mut tmp = vec![f16::ZERO; s.len()];
-            tmp.convert_from_f32_slice(s);
-            dst.copy_from_slice(bytemuck::cast_slice(&tmp));
-        }
-        DType::BF16 => {
-            let mut tmp = vec![bf16::ZERO; s.len()];
-            tmp.convert_from_f32_slice(s);
-            dst.copy_from_slice(bytemuck::cast_slice(&tmp));
-        }
+        DType::F16 => match bytemuck::try_cast_slice_mut::<u8, f16>(dst) {
+            Ok(d) => d.convert_from_f32_slice(s),
+            Err(_) => {
+                let mut tmp = vec![f16::ZERO; s.len()];
+                tmp.convert_from_f32_slice(s);
+                dst.copy_from_slice(bytemuck::cast_slice(&tmp));
+            }
+        },
+        DType::BF16 => match bytemuck::try_cast_slice_mut::<u8, bf16>(dst) {
+            Ok(d) => d.convert_from_f32_slice(s),
+            Err(_) => {
+                let mut tmp = vec![bf16::ZERO; s.len()];
+                tmp.convert_from_f32_slice(s);
+                dst.copy_from_slice(bytemuck::cast_slice(&tmp));
+            }
+        },
     });
-    out
 }
 
 #[cfg(test)]

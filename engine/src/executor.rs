@@ -16,7 +16,7 @@ use crate::dtype;
 use crate::error::{EngineError, Result};
 use crate::io::writer::{pretty, write_file};
 use crate::io::{OutputDir, ShardedWriter, TensorEntry};
-use crate::merge::MergeInput;
+use crate::merge::{MergeInput, base::Scratch};
 use crate::merge::rng::tensor_seed;
 use crate::recipe::{MergePlan, TensorTask};
 use crate::source::{MemorySource, Tensor};
@@ -68,6 +68,16 @@ pub struct MergeSummary {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub seconds: f64,
+    /// Seconds spent decoding inputs, in merge kernels, and encoding + writing.
+    pub phases: Phases,
+}
+
+/// Where a merge spent its time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Phases {
+    pub decode: f64,
+    pub merge: f64,
+    pub write: f64,
 }
 
 impl MergeSummary {
@@ -77,47 +87,58 @@ impl MergeSummary {
     }
 }
 
-/// Merges one tensor to f32.
-pub fn merge_tensor(plan: &MergePlan, task: &TensorTask) -> Result<Vec<f32>> {
-    let decoded: Vec<Vec<f32>> = task
-        .inputs
-        .iter()
-        .map(|(m, n)| {
-            let (dt, _, bytes) = plan.models[*m].raw(n)?;
-            Ok(dtype::decode(dt, bytes))
-        })
-        .collect::<Result<_>>()?;
+/// Buffers reused from tensor to tensor, so that a merge faults in its working memory once
+/// (sized by the largest tensor) instead of once per tensor.
+#[derive(Debug, Default)]
+pub struct Workspace {
+    inputs: Vec<Vec<f32>>,
+    out: Vec<f32>,
+    scratch: Scratch,
+    bytes: Vec<u8>,
+    phases: Phases,
+}
+
+/// Merges one tensor to f32; the result lives in `ws` until the next call.
+pub fn merge_tensor<'w>(plan: &MergePlan, task: &TensorTask, ws: &'w mut Workspace) -> Result<&'w [f32]> {
+    let t0 = Instant::now();
+    let numel: usize = task.shape.iter().product();
+    if ws.inputs.len() < task.inputs.len() {
+        ws.inputs.resize_with(task.inputs.len(), Vec::new);
+    }
+    for ((m, n), buf) in task.inputs.iter().zip(ws.inputs.iter_mut()) {
+        let (dt, _, bytes) = plan.models[*m].raw(n)?;
+        buf.resize(numel, 0.0);
+        dtype::decode_into(dt, bytes, buf);
+    }
+    ws.out.resize(numel, 0.0);
+    let t1 = Instant::now();
+    ws.phases.decode += (t1 - t0).as_secs_f64();
     let input = MergeInput {
         tensor: &task.name,
         shape: &task.shape,
-        tensors: decoded.iter().map(Vec::as_slice).collect(),
+        tensors: ws.inputs[..task.inputs.len()].iter().map(Vec::as_slice).collect(),
         base: task.base,
         model_params: task.model_params.clone(),
         params: task.params.clone(),
         seed: tensor_seed(plan.seed, &task.name),
     };
-    let out = plan.method.merge(&input).map_err(|reason| EngineError::Merge {
+    plan.method.merge(&input, &mut ws.scratch, &mut ws.out).map_err(|reason| EngineError::Merge {
         tensor: task.name.clone(),
         method: plan.method.name().to_string(),
         reason,
     })?;
-    if out.len() != input.numel() {
-        return Err(EngineError::Merge {
-            tensor: task.name.clone(),
-            method: plan.method.name().to_string(),
-            reason: format!("produced {} elements for shape {:?}", out.len(), task.shape),
-        });
-    }
-    Ok(out)
+    ws.phases.merge += t1.elapsed().as_secs_f64();
+    Ok(&ws.out)
 }
 
 /// Runs the plan into memory (f32, rounded through the output dtype so values equal what
 /// [`execute`] writes).
 pub fn merge_to_memory(plan: &MergePlan) -> Result<MemorySource> {
     let mut src = MemorySource::new("merged");
+    let mut ws = Workspace::default();
     for task in &plan.tasks {
-        let out = merge_tensor(plan, task)?;
-        let out = dtype::decode(plan.out_dtype, &dtype::encode(plan.out_dtype, &out));
+        let out = merge_tensor(plan, task, &mut ws)?;
+        let out = dtype::decode(plan.out_dtype, &dtype::encode(plan.out_dtype, out));
         src.insert(task.name.clone(), Tensor::new(task.shape.clone(), out));
     }
     Ok(src)
@@ -135,15 +156,17 @@ pub fn execute(plan: &MergePlan, out: &Path, opts: &MergeOptions, progress: &mut
     let bytes_out: u64 = entries.iter().map(TensorEntry::bytes).sum();
     progress(MergeProgress::Started { tensors: entries.len(), bytes_out });
     let mut writer = ShardedWriter::new(dir.path(), entries, opts.shard_size)?;
+    let mut ws = Workspace::default();
     for (i, task) in plan.tasks.iter().enumerate() {
         if opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(EngineError::Interrupted);
         }
-        let merged = merge_tensor(plan, task)?;
-        let bytes = dtype::encode(plan.out_dtype, &merged);
-        drop(merged);
-        writer.write_next(&task.name, &bytes)?;
-        progress(MergeProgress::Tensor { index: i, name: &task.name, bytes_out: bytes.len() as u64 });
+        merge_tensor(plan, task, &mut ws)?;
+        let t = Instant::now();
+        dtype::encode_into(plan.out_dtype, &ws.out, &mut ws.bytes);
+        writer.write_next(&task.name, &ws.bytes)?;
+        ws.phases.write += t.elapsed().as_secs_f64();
+        progress(MergeProgress::Tensor { index: i, name: &task.name, bytes_out: ws.bytes.len() as u64 });
     }
     progress(MergeProgress::Writing);
     let shards = writer.shard_count();
@@ -156,6 +179,7 @@ pub fn execute(plan: &MergePlan, out: &Path, opts: &MergeOptions, progress: &mut
         bytes_in: plan.input_bytes(),
         bytes_out,
         seconds: start.elapsed().as_secs_f64(),
+        phases: ws.phases,
     })
 }
 

@@ -102,6 +102,8 @@ pub fn run(args: MergeArgs) -> Result<()> {
         MergeProgress::Writing => bar.set_message("writing config and tokenizer"),
     })?;
     bar.finish_and_clear();
+    let p = summary.phases;
+    tracing::info!(decode_s = p.decode, merge_s = p.merge, write_s = p.write, "merge phases");
     if summary.tensors == 0 {
         bail!("the recipe produced no tensors");
     }

@@ -29,7 +29,7 @@ fn run(m: &dyn MergeMethod, tensors: &[Vec<f32>], weights: &[f64], shape: &[usiz
         params: params(m, Scope::Global, 0.0),
         seed: 1,
     };
-    m.merge(&input)
+    merge::base::merge_to_vec(m, &input)
 }
 
 fn arity(m: &dyn MergeMethod) -> usize {
@@ -91,7 +91,7 @@ proptest! {
             g.set("t", t);
             let input = MergeInput { tensor: "w", shape: &[16], tensors: vec![&a, &b], base: Some(0),
                 model_params: vec![Params::default(); 2], params: g, seed: 0 };
-            let out = m.merge(&input).expect("ok");
+            let out = merge::base::merge_to_vec(m, &input).expect("ok");
             prop_assert!(close(&out, want, 1e-5), "t={}", t);
         }
     }
@@ -104,7 +104,7 @@ fn slerp_midpoint_of_orthogonal_unit_vectors_stays_on_the_sphere() {
     let mut g = Params::default();
     g.set("t", 0.5);
     let input = MergeInput { tensor: "w", shape: &[2], tensors: vec![&a, &b], base: Some(0), model_params: vec![Params::default(); 2], params: g, seed: 0 };
-    let out = m.merge(&input).expect("ok");
+    let out = merge::base::merge_to_vec(m, &input).expect("ok");
     let h = std::f32::consts::FRAC_1_SQRT_2;
     assert!((out[0] - h).abs() < 1e-6 && (out[1] - h).abs() < 1e-6, "{out:?}");
 }
@@ -131,7 +131,7 @@ fn nearswap_moves_only_close_weights() {
     g.set("t", 0.1);
     let (v0, v1) = (vec![0.0f32, 0.0], vec![0.05f32, 1.0]);
     let input = MergeInput { tensor: "w", shape: &[2], tensors: vec![&v0, &v1], base: Some(0), model_params: vec![Params::default(); 2], params: g, seed: 0 };
-    let out = m.merge(&input).expect("ok");
+    let out = merge::base::merge_to_vec(m, &input).expect("ok");
     // |diff| 0.05 < t -> fully swapped; |diff| 1 -> λ = 0.1
     assert_eq!(out[0], 0.05);
     assert!((out[1] - 0.1).abs() < 1e-6, "{out:?}");
@@ -145,13 +145,13 @@ fn sce_select_topk_keeps_high_variance_elements() {
     let mut g = Params::default();
     g.set("select_topk", 0.5);
     let input = MergeInput { tensor: "w", shape: &[4], tensors: vec![&base, &a, &b], base: Some(0), model_params: vec![Params::default(); 3], params: g, seed: 0 };
-    let out = m.merge(&input).expect("ok");
+    let out = merge::base::merge_to_vec(m, &input).expect("ok");
     // one element has non-zero variance, so k = ⌊0.5·1⌋ = 0 elements survive selection
     assert_eq!(out, vec![0.0; 4]);
     let mut g = Params::default();
     g.set("select_topk", 1.0);
     let input = MergeInput { params: g, ..input };
-    let out = m.merge(&input).expect("ok");
+    let out = merge::base::merge_to_vec(m, &input).expect("ok");
     // element 0: signs cancel, majority + (sum 0 ≥ 0) keeps a: weights equal -> 1.0
     assert_eq!(out[0], 1.0);
     assert!((out[1] - 0.1).abs() < 1e-7);

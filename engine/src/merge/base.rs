@@ -165,6 +165,34 @@ pub trait MergeMethod: Send + Sync + Debug {
     fn input_count(&self) -> Option<std::ops::RangeInclusive<usize>> {
         None
     }
-    /// Merges one tensor. Errors are plain reasons; the caller adds tensor and method.
-    fn merge(&self, input: &MergeInput) -> Result<Vec<f32>, String>;
+    /// Merges one tensor into `out` (`input.numel()` elements; its prior content is garbage).
+    /// `scratch` holds reusable buffers so that large tensors do not fault in fresh memory on
+    /// every call. Errors are plain reasons; the caller adds tensor and method.
+    fn merge(&self, input: &MergeInput, scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String>;
+}
+
+/// Reusable f32 buffers (kept across tensors by the executor).
+#[derive(Debug, Default)]
+pub struct Scratch {
+    bufs: Vec<Vec<f32>>,
+}
+
+impl Scratch {
+    /// `n` buffers of `len` elements each (contents unspecified).
+    pub fn buffers(&mut self, n: usize, len: usize) -> &mut [Vec<f32>] {
+        if self.bufs.len() < n {
+            self.bufs.resize_with(n, Vec::new);
+        }
+        for b in &mut self.bufs[..n] {
+            b.resize(len, 0.0);
+        }
+        &mut self.bufs[..n]
+    }
+}
+
+/// Runs `m` with a fresh scratch and returns the output (convenient for tests and small tensors).
+pub fn merge_to_vec(m: &dyn MergeMethod, input: &MergeInput) -> Result<Vec<f32>, String> {
+    let mut out = vec![0f32; input.numel()];
+    m.merge(input, &mut Scratch::default(), &mut out)?;
+    Ok(out)
 }

@@ -23,7 +23,7 @@
 
 use rayon::prelude::*;
 
-use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope};
+use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
 use super::rng::CounterRng;
 use super::sparsify::{Sparsifier, sparsify};
 
@@ -96,7 +96,7 @@ impl MergeMethod for GeneralizedTaskArithmetic {
         BaseRole::Required
     }
 
-    fn merge(&self, input: &MergeInput) -> Result<Vec<f32>, String> {
+    fn merge(&self, input: &MergeInput, scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
         let base = input.base_tensor()?;
         let normalize = input.params.flag("normalize");
         let rescale = input.params.flag("rescale");
@@ -105,62 +105,63 @@ impl MergeMethod for GeneralizedTaskArithmetic {
         let rows = input.shape.first().copied().unwrap_or(1);
         // Task vectors: borrowed models when nothing is sparsified (fused below), else owned
         // sparsified deltas.
-        let deltas: Option<Vec<Vec<f32>>> = match self.sparsifier {
+        let deltas: Option<&[Vec<f32>]> = match self.sparsifier {
             None => None,
-            Some(method) => Some(
-                input
-                    .others()
-                    .enumerate()
-                    .map(|(i, (x, p))| {
-                        let mut d: Vec<f32> = x.par_iter().zip(base).map(|(a, b)| a - b).collect();
-                        let rng = CounterRng::new(input.seed, i as u64);
-                        sparsify(&mut d, rows, method, p.get("density"), p.get("gamma"), p.get("epsilon"), rescale, rng)?;
-                        Ok(d)
-                    })
-                    .collect::<Result<_, String>>()?,
-            ),
+            Some(method) => {
+                let bufs = scratch.buffers(weights.len(), base.len());
+                for (i, ((x, p), d)) in input.others().zip(bufs.iter_mut()).enumerate() {
+                    d.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(base.par_chunks(CHUNK))).for_each(|(d, (x, b))| {
+                        d.iter_mut().zip(x.iter().zip(b)).for_each(|(o, (a, b))| *o = a - b);
+                    });
+                    let rng = CounterRng::new(input.seed, i as u64);
+                    sparsify(d, rows, method, p.get("density"), p.get("gamma"), p.get("epsilon"), rescale, rng)?;
+                }
+                Some(&*bufs)
+            }
         };
         let models: Vec<&[f32]> = input.others().map(|(x, _)| x).collect();
         let consensus = self.consensus;
         let wsum: f32 = weights.iter().sum();
         let plain_div = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
-        let mut out = vec![0f32; base.len()];
+        let finish = |mixed: f32, divisor: f32| {
+            let m = if normalize { mixed / divisor } else { mixed };
+            if lambda != 1.0 { m * lambda } else { m }
+        };
+        // Model-major over a chunk: vectorizable loops, and f32 sums in model order, as
+        // mergekit's `sum(dim=0)` (so deterministic presets stay bit-exact).
         out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
-            let start = c * CHUNK;
-            let mut d = vec![0f32; weights.len()];
-            for (j, slot) in o.iter_mut().enumerate() {
-                let e = start + j;
-                let b = base[e];
-                for (i, di) in d.iter_mut().enumerate() {
-                    let delta = match &deltas {
-                        Some(ds) => ds[i][e],
-                        None => models[i][e] - b,
-                    };
-                    *di = delta * weights[i];
+            let (s, len) = (c * CHUNK, o.len());
+            let b = &base[s..s + len];
+            let mut dw = vec![0f32; weights.len() * len];
+            let mut total = vec![0f32; len];
+            for (i, (di, &w)) in dw.chunks_mut(len).zip(&weights).enumerate() {
+                match deltas {
+                    Some(ds) => di.iter_mut().zip(&ds[i][s..s + len]).for_each(|(d, x)| *d = x * w),
+                    None => di.iter_mut().zip(&models[i][s..s + len]).zip(b).for_each(|((d, x), y)| *d = (x - y) * w),
                 }
-                let (mut mixed, divisor) = if consensus {
-                    let total: f32 = d.iter().sum();
-                    let majority = if total >= 0.0 { 1.0 } else { -1.0 };
-                    let (mut m, mut div) = (0f32, 0f32);
-                    for (di, wi) in d.iter().zip(&weights) {
-                        if *di != 0.0 && di.signum() == majority {
-                            m += di;
-                            div += wi;
-                        }
+                total.iter_mut().zip(di.iter()).for_each(|(t, d)| *t += d);
+            }
+            if consensus {
+                // keep Dᵢ where its sign is the majority's (a zero, even -0, never matches)
+                let mut mixed = vec![0f32; len];
+                let mut div = vec![0f32; len];
+                for (di, &w) in dw.chunks(len).zip(&weights) {
+                    for j in 0..len {
+                        let d = di[j];
+                        let keep = if total[j] >= 0.0 { d > 0.0 } else { d < 0.0 };
+                        mixed[j] += if keep { d } else { 0.0 };
+                        div[j] += if keep { w } else { 0.0 };
                     }
-                    (m, if div == 0.0 { 1.0 } else { div })
-                } else {
-                    (d.iter().sum(), plain_div)
-                };
-                if normalize {
-                    mixed /= divisor;
                 }
-                if lambda != 1.0 {
-                    mixed *= lambda;
+                for j in 0..len {
+                    o[j] = b[j] + finish(mixed[j], if div[j] == 0.0 { 1.0 } else { div[j] });
                 }
-                *slot = b + mixed;
+            } else {
+                for j in 0..len {
+                    o[j] = b[j] + finish(total[j], plain_div);
+                }
             }
         });
-        Ok(out)
+        Ok(())
     }
 }

@@ -7,7 +7,7 @@
 //! stop when ‖T‖ < tol, else `m ← cos‖T‖ m + sin‖T‖ T/‖T‖`, renormalized. Result
 //! `(Σ αᵢ‖xᵢ‖) · m`. Reference: Karcher 1977, https://en.wikipedia.org/wiki/Karcher_mean.
 
-use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope};
+use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Karcher;
@@ -40,10 +40,11 @@ impl MergeMethod for Karcher {
         BaseRole::Unused
     }
 
-    fn merge(&self, input: &MergeInput) -> Result<Vec<f32>, String> {
+    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
         let xs = &input.tensors;
         if xs.len() == 1 {
-            return Ok(xs[0].to_vec());
+            out.copy_from_slice(xs[0]);
+            return Ok(());
         }
         let tol = input.params.get("tol");
         let max_iter = input.params.get("max_iter") as usize;
@@ -51,7 +52,8 @@ impl MergeMethod for Karcher {
         let norms: Vec<f64> = xs.iter().map(|x| x.iter().map(|&v| (v as f64) * v as f64).sum::<f64>().sqrt()).collect();
         let valid: Vec<usize> = (0..xs.len()).filter(|&i| norms[i] > tol).collect();
         if valid.is_empty() {
-            return Ok(vec![0.0; input.numel()]);
+            out.fill(0.0);
+            return Ok(());
         }
         let a_hat = 1.0 / valid.len() as f64;
         let units: Vec<Vec<f64>> = valid.iter().map(|&i| xs[i].iter().map(|&v| v as f64 / norms[i]).collect()).collect();
@@ -88,6 +90,7 @@ impl MergeMethod for Karcher {
             }
         }
         let scale: f64 = norms.iter().map(|nx| alpha * nx).sum();
-        Ok(mean.iter().map(|m| (scale * m) as f32).collect())
+        out.iter_mut().zip(&mean).for_each(|(o, m)| *o = (scale * m) as f32);
+        Ok(())
     }
 }

@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope};
+use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Linear;
@@ -32,11 +32,10 @@ impl MergeMethod for Linear {
         BaseRole::Unused
     }
 
-    fn merge(&self, input: &MergeInput) -> Result<Vec<f32>, String> {
+    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
         let w: Vec<f32> = input.model_params.iter().map(|p| p.get("weight") as f32).collect();
         let sum: f32 = w.iter().sum();
         let div = if input.params.flag("normalize") && sum.abs() >= 1e-8 { Some(sum) } else { None };
-        let mut out = vec![0f32; input.numel()];
         out.par_chunks_mut(1 << 14).enumerate().for_each(|(c, o)| {
             let s = c << 14;
             for (j, y) in o.iter_mut().enumerate() {
@@ -50,6 +49,6 @@ impl MergeMethod for Linear {
                 };
             }
         });
-        Ok(out)
+        Ok(())
     }
 }

@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope};
+use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
 
 #[derive(Debug, Clone, Copy)]
 pub struct ModelStock;
@@ -46,7 +46,7 @@ impl MergeMethod for ModelStock {
         BaseRole::Required
     }
 
-    fn merge(&self, input: &MergeInput) -> Result<Vec<f32>, String> {
+    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
         let base = input.base_tensor()?;
         let ws: Vec<&[f32]> = input.others().map(|(x, _)| x).collect();
         if ws.len() < 2 {
@@ -54,7 +54,6 @@ impl MergeMethod for ModelStock {
         }
         let cols = if input.params.flag("filter_wise") && input.shape.len() >= 2 { *input.shape.last().unwrap_or(&1) } else { base.len() };
         let inv_n = 1.0 / ws.len() as f32;
-        let mut out = vec![0f32; base.len()];
         out.par_chunks_mut(cols.max(1)).enumerate().for_each(|(r, o)| {
             let s = r * cols;
             let rows: Vec<&[f32]> = ws.iter().map(|w| &w[s..s + o.len()]).collect();
@@ -64,6 +63,6 @@ impl MergeMethod for ModelStock {
                 *y = t * avg + (1.0 - t) * base[s + j];
             }
         });
-        Ok(out)
+        Ok(())
     }
 }

@@ -7,7 +7,7 @@
 //! vectors `τᵢ = uᵢ − ⟨uᵢ,m⟩m`, `τ = Σ wᵢτᵢ`, `r = m cos‖τ‖ + τ sin‖τ‖/‖τ‖` (‖τ‖ + ε), and the
 //! result `r · Σ wᵢ‖xᵢ‖` (+ base). f64 internally.
 
-use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope};
+use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
 
 #[derive(Debug, Clone, Copy)]
 pub struct MultiSlerp;
@@ -37,11 +37,12 @@ impl MergeMethod for MultiSlerp {
         BaseRole::Optional
     }
 
-    fn merge(&self, input: &MergeInput) -> Result<Vec<f32>, String> {
+    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
         let base = input.base.map(|b| input.tensors[b]);
         let others: Vec<(&[f32], f64)> = input.others().map(|(x, p)| (x, p.get("weight"))).collect();
         if others.len() == 1 {
-            return Ok(others[0].0.to_vec());
+            out.copy_from_slice(others[0].0);
+            return Ok(());
         }
         let eps = input.params.get("eps");
         let mut w: Vec<f64> = others.iter().map(|o| o.1).collect();
@@ -64,16 +65,15 @@ impl MergeMethod for MultiSlerp {
             mean.iter_mut().zip(u).for_each(|(m, v)| *m += wi * v);
         }
         let mn = norm(&mean);
-        let add_base = |r: Vec<f64>| -> Vec<f32> {
-            match base {
-                Some(b) => r.iter().zip(b).map(|(x, y)| (x + *y as f64) as f32).collect(),
-                None => r.iter().map(|&x| x as f32).collect(),
-            }
+        let mut add_base = |r: Vec<f64>| match base {
+            Some(b) => out.iter_mut().zip(r.iter().zip(b)).for_each(|(o, (x, y))| *o = (x + *y as f64) as f32),
+            None => out.iter_mut().zip(&r).for_each(|(o, x)| *o = *x as f32),
         };
         if mn < eps {
             if xs.len() == 2 {
                 let r: Vec<f64> = xs[0].iter().zip(&xs[1]).map(|(a, b)| a * w[0] + b * w[1]).collect();
-                return Ok(add_base(r));
+                add_base(r);
+                return Ok(());
             }
             return Err("the weighted mean of the unit inputs is zero (antipodal inputs with balancing weights)".into());
         }
@@ -86,6 +86,7 @@ impl MergeMethod for MultiSlerp {
         let tn = norm(&tangent) + eps;
         let avg_norm: f64 = norms.iter().zip(&w).map(|(a, b)| a * b).sum();
         let r: Vec<f64> = mean.iter().zip(&tangent).map(|(m, t)| (m * tn.cos() + t * (tn.sin() / tn)) * avg_norm).collect();
-        Ok(add_base(r))
+        add_base(r);
+        Ok(())
     }
 }

@@ -6,7 +6,7 @@
 
 use rayon::prelude::*;
 
-use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope};
+use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
 
 #[derive(Debug, Clone, Copy)]
 pub struct NearSwap;
@@ -32,18 +32,15 @@ impl MergeMethod for NearSwap {
         Some(2..=2)
     }
 
-    fn merge(&self, input: &MergeInput) -> Result<Vec<f32>, String> {
+    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
         let v0 = input.base_tensor()?;
         let (v1, _) = input.others().next().ok_or("nearswap needs a second model")?;
         let t = input.params.get("t") as f32;
-        Ok(v0
-            .par_iter()
-            .zip(v1)
-            .map(|(&a, &b)| {
-                let l = t / (a - b).abs();
-                let l = if l.is_finite() { l.clamp(0.0, 1.0) } else { 1.0 };
-                l * b + (1.0 - l) * a
-            })
-            .collect())
+        out.par_iter_mut().zip(v0.par_iter().zip(v1)).for_each(|(o, (&a, &b))| {
+            let l = t / (a - b).abs();
+            let l = if l.is_finite() { l.clamp(0.0, 1.0) } else { 1.0 };
+            *o = l * b + (1.0 - l) * a;
+        });
+        Ok(())
     }
 }

@@ -7,7 +7,7 @@
 //! with `nuslerp_row_wise`. Per vector: `u = v/max(‖v‖, 1e-7)`, `θ = acos(clamp(⟨u₀,u₁⟩))`;
 //! if `|sin θ| < 1e-8` lerp, else `(sin((1−t)θ)·v₀ + sin(tθ)·v₁) / sin θ`. f64 internally.
 
-use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope};
+use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
 use super::slerp::{combine, norms_dot};
 
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +45,7 @@ impl MergeMethod for NuSlerp {
         BaseRole::Optional
     }
 
-    fn merge(&self, input: &MergeInput) -> Result<Vec<f32>, String> {
+    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
         let others: Vec<(&[f32], f64)> = input.others().map(|(x, p)| (x, p.get("weight"))).collect();
         if others.len() != 2 {
             return Err(format!("nuslerp merges exactly two models (plus an optional base), got {}", others.len()));
@@ -61,13 +61,13 @@ impl MergeMethod for NuSlerp {
             None => (others[0].0.to_vec(), others[1].0.to_vec()),
         };
         let n = a.len();
-        let mut out = vec![0f32; n];
+        let mut res = vec![0f32; n];
         let flatten = input.params.flag("nuslerp_flatten") || input.shape.len() < 2;
         if flatten {
-            nuslerp_vec(t, &a, &b, &mut out);
+            nuslerp_vec(t, &a, &b, &mut res);
         } else if !input.params.flag("nuslerp_row_wise") {
             let cols = *input.shape.last().unwrap_or(&n);
-            for ((o, x), y) in out.chunks_mut(cols).zip(a.chunks(cols)).zip(b.chunks(cols)) {
+            for ((o, x), y) in res.chunks_mut(cols).zip(a.chunks(cols)).zip(b.chunks(cols)) {
                 nuslerp_vec(t, x, y, o);
             }
         } else {
@@ -82,13 +82,14 @@ impl MergeMethod for NuSlerp {
                 }
                 nuslerp_vec(t, &x, &y, &mut o);
                 for r in 0..rows {
-                    out[r * cols + c] = o[r];
+                    res[r * cols + c] = o[r];
                 }
             }
         }
-        Ok(match base {
-            Some(base) => combine(&out, base, 1.0, 1.0),
-            None => out,
-        })
+        match base {
+            Some(base) => combine(&res, base, 1.0, 1.0, out),
+            None => out.copy_from_slice(&res),
+        }
+        Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! Passthrough: copies one input tensor unchanged (optionally times `scale`). With `slices:` it
 //! builds frankenmerges: each output layer is a layer of one source model, renumbered.
 
-use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope};
+use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Passthrough;
@@ -27,9 +27,10 @@ impl MergeMethod for Passthrough {
         Some(1..=1)
     }
 
-    fn merge(&self, input: &MergeInput) -> Result<Vec<f32>, String> {
+    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
         let s = input.model_params[0].get("scale") as f32;
         let x = input.tensors[0];
-        Ok(if s == 1.0 { x.to_vec() } else { x.iter().map(|v| v * s).collect() })
+        out.iter_mut().zip(x).for_each(|(o, v)| *o = v * s);
+        Ok(())
     }
 }

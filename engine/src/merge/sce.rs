@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope};
+use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
 use super::select::keep_rank_window;
 
 #[derive(Debug, Clone, Copy)]
@@ -35,11 +35,12 @@ impl MergeMethod for Sce {
         BaseRole::Required
     }
 
-    fn merge(&self, input: &MergeInput) -> Result<Vec<f32>, String> {
+    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
         let base = input.base_tensor()?;
         let mut deltas: Vec<Vec<f32>> = input.others().map(|(x, _)| x.iter().zip(base).map(|(a, b)| a - b).collect()).collect();
         if deltas.is_empty() {
-            return Ok(base.to_vec());
+            out.copy_from_slice(base);
+            return Ok(());
         }
         let n = base.len();
         let m = deltas.len() as f32;
@@ -72,9 +73,7 @@ impl MergeMethod for Sce {
         } else {
             w.iter_mut().for_each(|x| *x /= s);
         }
-        Ok((0..n)
-            .into_par_iter()
-            .map(|e| {
+        out.par_iter_mut().enumerate().for_each(|(e, o)| {
                 let total: f32 = deltas.iter().map(|d| d[e]).sum();
                 let majority = if total >= 0.0 { 1.0 } else { -1.0 };
                 let (mut mixed, mut div) = (0f32, 0f32);
@@ -84,8 +83,8 @@ impl MergeMethod for Sce {
                         div += wi;
                     }
                 }
-                base[e] + mixed / if div == 0.0 { 1.0 } else { div }
-            })
-            .collect())
+            *o = base[e] + mixed / if div == 0.0 { 1.0 } else { div };
+        });
+        Ok(())
     }
 }

@@ -2,11 +2,11 @@
 //! window `[lo, hi)`.
 //!
 //! Ranks are positions in ascending `(|x|, index)` order, i.e. a stable sort by magnitude. The
-//! `k`-th value is found by a two-level radix select on the IEEE-754 bits of `|x|` (for
-//! non-negative floats the bit pattern orders like the value): a 65,536-bin histogram of the
-//! high 16 bits finds the bucket, a second histogram of the low 16 bits inside that bucket the
-//! exact value. Both passes are parallel; the whole selection is O(n) and allocates two
-//! histograms per thread, where mergekit sorts the full tensor (O(n log n)).
+//! `k`-th value is found by a radix select on the IEEE-754 bits of `|x|` (for non-negative
+//! floats the bit pattern orders like the value): a 65,536-bin histogram of the high 16 bits
+//! finds the bucket holding rank `k`, then the keys of that one bucket are gathered and
+//! `select_nth_unstable` finds the exact value. Both passes are parallel; the selection is O(n)
+//! where mergekit sorts the whole tensor (O(n log n)). Small tensors skip the histogram.
 
 use rayon::prelude::*;
 
@@ -16,31 +16,40 @@ fn key(x: f32) -> u32 {
     x.abs().to_bits()
 }
 
+/// Below this many elements a sort-free sequential `select_nth_unstable` beats histograms.
+const SMALL: usize = 1 << 17;
+
 /// `(k, number of elements with key < k)` where `k` is the key at ascending rank `r`.
 fn key_at_rank(x: &[f32], r: usize) -> (u32, usize) {
-    let hist = |filter: Option<u32>| -> Vec<usize> {
-        x.par_chunks(CHUNK)
+    if x.len() < SMALL {
+        let mut keys: Vec<u32> = x.iter().map(|&v| key(v)).collect();
+        let (below, k, _) = keys.select_nth_unstable(r);
+        let k = *k;
+        return (k, below.iter().filter(|&&b| b < k).count());
+    }
+    // One histogram per worker block (not per rayon split) keeps allocations to a handful.
+    let block = x.len().div_ceil(rayon::current_num_threads().max(1)).max(CHUNK);
+    let hist = || -> Vec<usize> {
+        x.par_chunks(block)
+            .map(|c| {
+                let mut h = vec![0u32; 1 << 16];
+                for &v in c {
+                    h[(key(v) >> 16) as usize] += 1;
+                }
+                h
+            })
             .fold(
                 || vec![0usize; 1 << 16],
-                |mut h, c| {
-                    for &v in c {
-                        let k = key(v);
-                        match filter {
-                            None => h[(k >> 16) as usize] += 1,
-                            Some(hi) if k >> 16 == hi => h[(k & 0xFFFF) as usize] += 1,
-                            Some(_) => {}
-                        }
-                    }
-                    h
-                },
-            )
-            .reduce(
-                || vec![0usize; 1 << 16],
                 |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y as usize);
                     a
                 },
             )
+            .reduce_with(|mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                a
+            })
+            .unwrap_or_else(|| vec![0usize; 1 << 16])
     };
     let find = |h: &[usize], mut r: usize| -> (usize, usize) {
         let mut below = 0;
@@ -53,9 +62,16 @@ fn key_at_rank(x: &[f32], r: usize) -> (u32, usize) {
         }
         (h.len() - 1, below)
     };
-    let (hi, below_hi) = find(&hist(None), r);
-    let (lo, below_lo) = find(&hist(Some(hi as u32)), r - below_hi);
-    (((hi as u32) << 16) | lo as u32, below_hi + below_lo)
+    let (hi, below_hi) = find(&hist(), r);
+    // Second level: gather the keys of the one bucket that holds rank r and select among them.
+    let hi = hi as u32;
+    let mut bucket: Vec<u32> = x
+        .par_chunks(CHUNK)
+        .flat_map_iter(|c| c.iter().map(|&v| key(v)).filter(move |k| k >> 16 == hi))
+        .collect();
+    let (below, k, _) = bucket.select_nth_unstable(r - below_hi);
+    let k = *k;
+    (k, below_hi + below.iter().filter(|&&b| b < k).count())
 }
 
 /// Zeroes every element of `x` whose magnitude rank is outside `[lo, hi)`.
@@ -70,7 +86,8 @@ pub fn keep_rank_window(x: &mut [f32], lo: usize, hi: usize) {
         return;
     }
     let (klo, below_lo) = key_at_rank(x, lo);
-    let (khi, below_hi) = key_at_rank(x, hi - 1);
+    // A window reaching the top (TIES' top-k) needs no upper bound: the largest key.
+    let (khi, below_hi) = if hi == n { (u32::MAX, n) } else { key_at_rank(x, hi - 1) };
     // Occurrence numbers of the boundary keys, in index order, via per-chunk prefix counts.
     let counts: Vec<(usize, usize)> = x
         .par_chunks(CHUNK)

@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope};
+use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Slerp;
@@ -26,9 +26,9 @@ pub(crate) fn norms_dot(a: &[f32], b: &[f32]) -> (f64, f64, f64) {
         .reduce(|| (0.0, 0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1, x.2 + y.2))
 }
 
-/// `c0·a + c1·b` in f64, rounded to f32.
-pub(crate) fn combine(a: &[f32], b: &[f32], c0: f64, c1: f64) -> Vec<f32> {
-    a.par_iter().zip(b).map(|(&p, &q)| (c0 * p as f64 + c1 * q as f64) as f32).collect()
+/// `out = c0·a + c1·b` in f64, rounded to f32.
+pub(crate) fn combine(a: &[f32], b: &[f32], c0: f64, c1: f64, out: &mut [f32]) {
+    out.par_iter_mut().zip(a.par_iter().zip(b)).for_each(|(o, (&p, &q))| *o = (c0 * p as f64 + c1 * q as f64) as f32);
 }
 
 /// The SLERP coefficients `(c0, c1)` for normalized dot `dot` (already clamped).
@@ -62,7 +62,7 @@ impl MergeMethod for Slerp {
         Some(2..=2)
     }
 
-    fn merge(&self, input: &MergeInput) -> Result<Vec<f32>, String> {
+    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
         let v0 = input.base_tensor()?;
         let (v1, _) = input.others().next().ok_or("slerp needs a second model")?;
         let t = input.params.get("t");
@@ -71,6 +71,7 @@ impl MergeMethod for Slerp {
         let nb = if bb.sqrt() > 1e-8 { bb.sqrt() } else { 1.0 };
         let dot = (ab / (na * nb)).clamp(-1.0, 1.0);
         let (c0, c1) = slerp_coefficients(t, dot, 0.9995);
-        Ok(combine(v0, v1, c0, c1))
+        combine(v0, v1, c0, c1, out);
+        Ok(())
     }
 }
