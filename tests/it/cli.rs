@@ -97,3 +97,21 @@ fn help_describes_the_merge_command() {
         assert!(s.contains(word), "{word} missing from help:\n{s}");
     }
 }
+
+#[test]
+fn readme_first_command_works() {
+    // README: cargo run --release -- merge experiments/recipes/ties-tiny.yaml --out merged-ties --force
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("merged-ties");
+    let o = Command::new(bin())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["merge", "experiments/recipes/ties-tiny.yaml", "--out"])
+        .arg(&out)
+        .arg("--force")
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let readme = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).expect("readme");
+    assert!(readme.contains("merge experiments/recipes/ties-tiny.yaml --out merged-ties --force"), "README and test disagree");
+    assert_eq!(load(&out), load(&fixtures().join("merges").join("ties")));
+}
