@@ -128,8 +128,14 @@ pub fn encode(dtype: DType, src: &[f32]) -> Vec<u8> {
 
 /// Encodes into `out` (resized; its allocation is reused across calls).
 pub fn encode_into(dtype: DType, src: &[f32], out: &mut Vec<u8>) {
+    out.resize(src.len() * dtype.size(), 0);
+    encode_to(dtype, src, out);
+}
+
+/// Encodes into `out`, which holds exactly `src.len() × dtype.size()` bytes.
+pub fn encode_to(dtype: DType, src: &[f32], out: &mut [u8]) {
     let sz = dtype.size();
-    out.resize(src.len() * sz, 0);
+    debug_assert_eq!(out.len(), src.len() * sz);
     out.par_chunks_mut(CHUNK * sz).zip(src.par_chunks(CHUNK)).for_each(|(dst, s)| match dtype {
         DType::F32 => dst.copy_from_slice(bytemuck::cast_slice(s)),
         DType::F16 => match bytemuck::try_cast_slice_mut::<u8, f16>(dst) {

@@ -16,6 +16,7 @@
 //! Later issues add the model runtime (burn) and the genome ↔ plan mapping here.
 
 pub mod arch;
+pub mod buffer;
 pub mod dtype;
 pub mod error;
 pub mod executor;

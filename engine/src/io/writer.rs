@@ -46,6 +46,8 @@ pub struct ShardedWriter {
     entries: Vec<TensorEntry>,
     shards: Vec<Shard>,
     next: usize,
+    /// Bytes of entry `next` already written.
+    partial: u64,
     current: Option<(usize, BufWriter<File>, PathBuf)>,
 }
 
@@ -80,7 +82,7 @@ impl ShardedWriter {
                 entries: r,
             })
             .collect();
-        Ok(Self { dir: dir.to_path_buf(), entries, shards, next: 0, current: None })
+        Ok(Self { dir: dir.to_path_buf(), entries, shards, next: 0, partial: 0, current: None })
     }
 
     /// Number of shard files.
@@ -95,14 +97,22 @@ impl ShardedWriter {
 
     /// Appends the next tensor's little-endian bytes (its name must be the next entry's).
     pub fn write_next(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.write_part(name, bytes)
+    }
+
+    /// Appends part of the next tensor; the tensor is complete when its byte count is reached.
+    /// Lets a tensor be streamed in chunks without ever holding it whole.
+    pub fn write_part(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let Some(entry) = self.entries.get(self.next) else {
             return Err(self.out_err(format!("tensor '{name}' written after the last entry")));
         };
-        if entry.name != name || entry.bytes() != bytes.len() as u64 {
+        let total = entry.bytes();
+        if entry.name != name || self.partial + bytes.len() as u64 > total {
             return Err(self.out_err(format!(
-                "expected tensor '{}' ({} bytes), got '{name}' ({} bytes)",
+                "expected tensor '{}' ({} bytes, {} written), got '{name}' ({} more bytes)",
                 entry.name,
                 entry.bytes(),
+                self.partial,
                 bytes.len()
             )));
         }
@@ -114,14 +124,18 @@ impl ShardedWriter {
         if let Some((_, w, path)) = self.current.as_mut() {
             w.write_all(bytes).map_err(|e| EngineError::io(path.clone(), e))?;
         }
-        self.next += 1;
+        self.partial += bytes.len() as u64;
+        if self.partial == total {
+            self.next += 1;
+            self.partial = 0;
+        }
         Ok(())
     }
 
     /// Closes the last shard and writes the index (for more than one shard). Fails if not
     /// every entry was written.
     pub fn finish(mut self) -> Result<()> {
-        if self.next != self.entries.len() {
+        if self.next != self.entries.len() || self.partial != 0 {
             return Err(self.out_err(format!("only {} of {} tensors written", self.next, self.entries.len())));
         }
         self.close_current()?;

@@ -6,6 +6,8 @@
 
 use std::fmt::Debug;
 
+use crate::buffer::HugeBuf;
+
 /// Whether a parameter is set once for the merge or once per input model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
@@ -165,6 +167,13 @@ pub trait MergeMethod: Send + Sync + Debug {
     fn input_count(&self) -> Option<std::ops::RangeInclusive<usize>> {
         None
     }
+    /// True when output element `e` depends only on element `e` of the inputs and on the
+    /// parameters, so that merging any contiguous chunk gives that chunk of the whole-tensor
+    /// result. The executor then streams such tensors chunk by chunk from the memory map to
+    /// the writer, without whole-tensor f32 buffers.
+    fn elementwise(&self) -> bool {
+        false
+    }
     /// Merges one tensor into `out` (`input.numel()` elements; its prior content is garbage).
     /// `scratch` holds reusable buffers so that large tensors do not fault in fresh memory on
     /// every call. Errors are plain reasons; the caller adds tensor and method.
@@ -174,17 +183,17 @@ pub trait MergeMethod: Send + Sync + Debug {
 /// Reusable f32 buffers (kept across tensors by the executor).
 #[derive(Debug, Default)]
 pub struct Scratch {
-    bufs: Vec<Vec<f32>>,
+    bufs: Vec<HugeBuf<f32>>,
 }
 
 impl Scratch {
     /// `n` buffers of `len` elements each (contents unspecified).
-    pub fn buffers(&mut self, n: usize, len: usize) -> &mut [Vec<f32>] {
+    pub fn buffers(&mut self, n: usize, len: usize) -> &mut [HugeBuf<f32>] {
         if self.bufs.len() < n {
-            self.bufs.resize_with(n, Vec::new);
+            self.bufs.resize_with(n, HugeBuf::default);
         }
         for b in &mut self.bufs[..n] {
-            b.resize(len, 0.0);
+            b.resize(len);
         }
         &mut self.bufs[..n]
     }

@@ -23,6 +23,8 @@
 
 use rayon::prelude::*;
 
+use crate::buffer::HugeBuf;
+
 use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
 use super::rng::CounterRng;
 use super::sparsify::{Sparsifier, sparsify};
@@ -92,6 +94,10 @@ impl MergeMethod for GeneralizedTaskArithmetic {
         p
     }
 
+    fn elementwise(&self) -> bool {
+        self.sparsifier.is_none()
+    }
+
     fn base_role(&self) -> BaseRole {
         BaseRole::Required
     }
@@ -102,10 +108,12 @@ impl MergeMethod for GeneralizedTaskArithmetic {
         let rescale = input.params.flag("rescale");
         let lambda = input.params.get("lambda") as f32;
         let weights: Vec<f32> = input.others().map(|(_, p)| p.get("weight") as f32).collect();
+        // per-model L1 rescale factors of the sparsified task vectors (1 without rescale)
+        let mut scales = vec![1f32; weights.len()];
         let rows = input.shape.first().copied().unwrap_or(1);
         // Task vectors: borrowed models when nothing is sparsified (fused below), else owned
         // sparsified deltas.
-        let deltas: Option<&[Vec<f32>]> = match self.sparsifier {
+        let deltas: Option<&[HugeBuf<f32>]> = match self.sparsifier {
             None => None,
             Some(method) => {
                 let bufs = scratch.buffers(weights.len(), base.len());
@@ -114,7 +122,7 @@ impl MergeMethod for GeneralizedTaskArithmetic {
                         d.iter_mut().zip(x.iter().zip(b)).for_each(|(o, (a, b))| *o = a - b);
                     });
                     let rng = CounterRng::new(input.seed, i as u64);
-                    sparsify(d, rows, method, p.get("density"), p.get("gamma"), p.get("epsilon"), rescale, rng)?;
+                    scales[i] = sparsify(d, rows, method, p.get("density"), p.get("gamma"), p.get("epsilon"), rescale, rng)?;
                 }
                 Some(&*bufs)
             }
@@ -129,22 +137,34 @@ impl MergeMethod for GeneralizedTaskArithmetic {
         };
         // Model-major over a chunk: vectorizable loops, and f32 sums in model order, as
         // mergekit's `sum(dim=0)` (so deterministic presets stay bit-exact).
-        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+        // Temporaries are per worker (for_each_init), not per chunk: 100+ KB allocations per
+        // chunk would be served by mmap and fault fresh pages every time.
+        let k = weights.len();
+        out.par_chunks_mut(CHUNK).enumerate().for_each_init(
+            || (vec![0f32; k * CHUNK], vec![0f32; CHUNK], vec![0f32; CHUNK], vec![0f32; CHUNK]),
+            |(dw, total, mixed, div), (c, o)| {
             let (s, len) = (c * CHUNK, o.len());
             let b = &base[s..s + len];
-            let mut dw = vec![0f32; weights.len() * len];
-            let mut total = vec![0f32; len];
+            let (dw, total, mixed, div) = (&mut dw[..k * len], &mut total[..len], &mut mixed[..len], &mut div[..len]);
+            total.fill(0.0);
             for (i, (di, &w)) in dw.chunks_mut(len).zip(&weights).enumerate() {
                 match deltas {
-                    Some(ds) => di.iter_mut().zip(&ds[i][s..s + len]).for_each(|(d, x)| *d = x * w),
+                    Some(ds) => {
+                        let sc = scales[i];
+                        if sc == 1.0 {
+                            di.iter_mut().zip(&ds[i][s..s + len]).for_each(|(d, x)| *d = x * w);
+                        } else {
+                            di.iter_mut().zip(&ds[i][s..s + len]).for_each(|(d, x)| *d = (x * sc) * w);
+                        }
+                    }
                     None => di.iter_mut().zip(&models[i][s..s + len]).zip(b).for_each(|((d, x), y)| *d = (x - y) * w),
                 }
                 total.iter_mut().zip(di.iter()).for_each(|(t, d)| *t += d);
             }
             if consensus {
                 // keep Dᵢ where its sign is the majority's (a zero, even -0, never matches)
-                let mut mixed = vec![0f32; len];
-                let mut div = vec![0f32; len];
+                mixed.fill(0.0);
+                div.fill(0.0);
                 for (di, &w) in dw.chunks(len).zip(&weights) {
                     for j in 0..len {
                         let d = di[j];

@@ -28,6 +28,10 @@ impl MergeMethod for Linear {
         ]
     }
 
+    fn elementwise(&self) -> bool {
+        true
+    }
+
     fn base_role(&self) -> BaseRole {
         BaseRole::Unused
     }
@@ -36,17 +40,15 @@ impl MergeMethod for Linear {
         let w: Vec<f32> = input.model_params.iter().map(|p| p.get("weight") as f32).collect();
         let sum: f32 = w.iter().sum();
         let div = if input.params.flag("normalize") && sum.abs() >= 1e-8 { Some(sum) } else { None };
+        // Model-major per chunk (vectorizable); f32 sums in model order, as mergekit.
         out.par_chunks_mut(1 << 14).enumerate().for_each(|(c, o)| {
-            let s = c << 14;
-            for (j, y) in o.iter_mut().enumerate() {
-                let mut acc = 0f32;
-                for (t, wi) in input.tensors.iter().zip(&w) {
-                    acc += wi * t[s + j];
-                }
-                *y = match div {
-                    Some(d) => acc / d,
-                    None => acc,
-                };
+            let (s, n) = (c << 14, o.len());
+            o.fill(0.0);
+            for (t, &wi) in input.tensors.iter().zip(&w) {
+                o.iter_mut().zip(&t[s..s + n]).for_each(|(y, x)| *y += wi * x);
+            }
+            if let Some(d) = div {
+                o.iter_mut().for_each(|y| *y /= d);
             }
         });
         Ok(())

@@ -24,6 +24,10 @@ impl MergeMethod for NearSwap {
         vec![ParamSpec::float("t", Scope::Global, 1e-12, 1e6, None, (1e-5, 1e-2), "similarity threshold (> 0)")]
     }
 
+    fn elementwise(&self) -> bool {
+        true
+    }
+
     fn base_role(&self) -> BaseRole {
         BaseRole::Required
     }

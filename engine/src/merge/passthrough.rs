@@ -19,6 +19,10 @@ impl MergeMethod for Passthrough {
         vec![ParamSpec::float("scale", Scope::PerModel, -1e6, 1e6, Some(1.0), (0.0, 2.0), "multiplies the tensor")]
     }
 
+    fn elementwise(&self) -> bool {
+        true
+    }
+
     fn base_role(&self) -> BaseRole {
         BaseRole::Unused
     }

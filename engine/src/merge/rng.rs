@@ -1,8 +1,9 @@
 //! Counter-based random numbers for the random merge methods (DARE, DELLA).
 //!
-//! Element `i` of a tensor draws `u = mix(key + (i + 1)·γ)` (SplitMix64's output function over
-//! a Weyl sequence, as in `java.util.SplittableRandom`), where `key` hashes the recipe seed,
-//! the tensor name and the input model's position. Every element's draw depends only on those
+//! Elements `2j` and `2j + 1` of a tensor take the high and low 32 bits of
+//! `mix(key + (j + 1)·γ)` (SplitMix64's output function over a Weyl sequence, as in
+//! `java.util.SplittableRandom`), where `key` hashes the recipe seed, the tensor name and the
+//! input model's position. Every element's draw depends only on those
 //! three and `i`, so masks are identical whatever the thread count or chunking, and two runs
 //! with the same seed give bit-identical merges. (torch's generator cannot be reproduced, so
 //! masks differ from mergekit's; the statistics match.)
@@ -32,11 +33,12 @@ impl CounterRng {
         Self { key: mix(tensor_seed ^ mix(stream.wrapping_add(GAMMA))) }
     }
 
-    /// Uniform in [0, 1) for element `i` (53 bits).
+    /// Uniform in [0, 1) for element `i` (32 bits of resolution).
     #[inline]
     pub fn uniform(&self, i: u64) -> f64 {
-        let x = mix(self.key.wrapping_add(i.wrapping_add(1).wrapping_mul(GAMMA)));
-        (x >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+        let x = mix(self.key.wrapping_add((i >> 1).wrapping_add(1).wrapping_mul(GAMMA)));
+        let bits = if i & 1 == 0 { x >> 32 } else { x & 0xFFFF_FFFF };
+        bits as f64 * (1.0 / 4_294_967_296.0)
     }
 }
 

@@ -40,7 +40,9 @@ fn l1(x: &[f32]) -> f64 {
     x.par_chunks(CHUNK).map(|c| c.iter().map(|v| v.abs() as f64).sum::<f64>()).sum()
 }
 
-/// Sparsifies `delta` in place. `rows` is the number of rows (for DELLA's row-wise ranks).
+/// Sparsifies `delta` in place and returns the rescale factor `‖δ‖₁ / ‖m⊙δ‖₁` (1 without
+/// `rescale`), which the caller folds into the model's weight instead of another pass over δ.
+/// `rows` is the number of rows (for DELLA's row-wise ranks).
 #[allow(clippy::too_many_arguments)]
 pub fn sparsify(
     delta: &mut [f32],
@@ -51,16 +53,16 @@ pub fn sparsify(
     epsilon: f64,
     rescale: bool,
     rng: CounterRng,
-) -> Result<(), String> {
+) -> Result<f32, String> {
     if density >= 1.0 {
-        return Ok(());
+        return Ok(1.0);
     }
     let n = delta.len();
     if density <= 0.0 || n == 0 {
         delta.iter_mut().for_each(|v| *v = 0.0);
-        return Ok(());
+        return Ok(1.0);
     }
-    let before = if rescale { l1(delta) } else { 0.0 };
+    let mut before = if rescale && method != Sparsifier::Random { Some(l1(delta)) } else { None };
     match method {
         Sparsifier::Magnitude => {
             let k = ((density * n as f64) as usize).max(1);
@@ -73,13 +75,22 @@ pub fn sparsify(
             keep_rank_window(delta, n_bot, n_bot + target);
         }
         Sparsifier::Random => {
-            delta.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-                for (j, v) in chunk.iter_mut().enumerate() {
-                    if rng.uniform((c * CHUNK + j) as u64) >= density {
-                        *v = 0.0;
+            // one pass: mask, and the L1 norm before masking for the rescale
+            let l1_before: f64 = delta
+                .par_chunks_mut(CHUNK)
+                .enumerate()
+                .map(|(c, chunk)| {
+                    let mut acc = 0f64;
+                    for (j, v) in chunk.iter_mut().enumerate() {
+                        acc += v.abs() as f64;
+                        if rng.uniform((c * CHUNK + j) as u64) >= density {
+                            *v = 0.0;
+                        }
                     }
-                }
-            });
+                    acc
+                })
+                .sum();
+            before = Some(l1_before);
         }
         Sparsifier::DellaMagprune => {
             if density + epsilon >= 1.0 || density - epsilon <= 0.0 {
@@ -106,14 +117,12 @@ pub fn sparsify(
             });
         }
     }
-    if rescale {
-        let after = l1(delta);
-        if before >= 1e-7 && after >= 1e-7 {
-            let s = before as f32 / after as f32;
-            delta.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
-        }
-    }
-    Ok(())
+    // `before` is taken above whenever `rescale` is set
+    let (true, Some(before)) = (rescale, before) else {
+        return Ok(1.0);
+    };
+    let after = l1(delta);
+    Ok(if before >= 1e-7 && after >= 1e-7 { before as f32 / after as f32 } else { 1.0 })
 }
 
 #[cfg(test)]
@@ -157,11 +166,12 @@ mod tests {
     fn random_keeps_density_and_rescales_l1() {
         let d0: Vec<f32> = (0..100_000).map(|i| ((i % 97) as f32 - 48.0) / 10.0).collect();
         let mut d = d0.clone();
-        sparsify(&mut d, 1, Sparsifier::Random, 0.3, 0.0, 0.0, true, rng()).expect("ok");
+        let s = sparsify(&mut d, 1, Sparsifier::Random, 0.3, 0.0, 0.0, true, rng()).expect("ok");
+        assert!((s - 1.0 / 0.3).abs() < 0.05, "rescale ≈ 1/density: {s}");
         let kept = d.iter().filter(|v| **v != 0.0).count() as f64 / d0.len() as f64;
         let kept_nonzero_src = d0.iter().filter(|v| **v != 0.0).count() as f64 / d0.len() as f64;
         assert!((kept / kept_nonzero_src - 0.3).abs() < 0.01, "{kept}");
-        let (a, b) = (l1(&d0), l1(&d));
+        let (a, b) = (l1(&d0), l1(&d) * s as f64);
         assert!((a - b).abs() / a < 1e-5, "L1 preserved: {a} vs {b}");
     }
 
