@@ -18,7 +18,8 @@ use crate::dtype;
 use crate::error::{EngineError, Result};
 use crate::io::writer::{pretty, write_file};
 use crate::io::{OutputDir, ShardedWriter, TensorEntry};
-use crate::merge::{MergeInput, base::Scratch};
+use crate::merge::MergeInput;
+use crate::merge::base::{InputReader, Scratch, StreamInput};
 use crate::merge::rng::tensor_seed;
 use crate::recipe::{MergePlan, TensorTask};
 use crate::source::{MemorySource, Tensor};
@@ -70,7 +71,8 @@ pub struct MergeSummary {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub seconds: f64,
-    /// Seconds spent decoding inputs, in merge kernels, and encoding + writing.
+    /// Seconds spent decoding inputs (whole-tensor path), in merge kernels (streamed tensors:
+    /// reading included), and encoding + handing to the writer.
     pub phases: Phases,
 }
 
@@ -113,9 +115,13 @@ struct PartSender {
 
 impl PartSender {
     /// Encodes `data` and queues it; `false` if the writer thread has stopped (its error is
-    /// reported when it is joined).
+    /// reported when it is joined). Waits for one of the pool's buffers to come back, so the
+    /// memory in flight is bounded and buffers are reused (a fresh buffer would fault in new
+    /// pages on every use).
     fn send(&self, name: &str, dtype: dtype::DType, data: &[f32]) -> bool {
-        let mut bytes = self.recycled.try_recv().unwrap_or_default();
+        let Ok(mut bytes) = self.recycled.recv() else {
+            return false;
+        };
         bytes.resize(data.len() * dtype.size());
         dtype::encode_to(dtype, data, &mut bytes);
         self.tx.send(Part { name: name.to_string(), bytes }).is_ok()
@@ -155,60 +161,67 @@ pub fn merge_tensor<'w>(plan: &MergePlan, task: &TensorTask, ws: &'w mut Workspa
     Ok(&ws.out)
 }
 
-/// Elements per streamed chunk: small enough that the working set of a few inputs stays in
-/// cache, large enough to amortize the parallel split.
-const STREAM_CHUNK: usize = 1 << 18;
+/// Output buffers in flight between the compute and writer threads.
+const POOL: usize = 3;
 
-/// Merges an elementwise method's tensor chunk by chunk: decode a chunk of every input from
-/// the memory map, merge it, encode it, append it to the shard. Moves ≈ (inputs + 1) × dtype
-/// bytes per element instead of materializing whole f32 tensors.
-fn stream_tensor(plan: &MergePlan, task: &TensorTask, ws: &mut Workspace, out: &PartSender) -> Result<bool> {
-    let numel: usize = task.shape.iter().product();
-    let raws: Vec<(dtype::DType, &[u8])> = task
-        .inputs
-        .iter()
-        .map(|(m, n)| plan.models[*m].raw(n).map(|(d, _, b)| (d, b)))
-        .collect::<Result<_>>()?;
-    if ws.inputs.len() < raws.len() {
-        ws.inputs.resize_with(raws.len(), HugeBuf::default);
+/// Reads a task's inputs straight from the checkpoints' memory maps.
+struct RawReader<'a> {
+    inputs: Vec<(dtype::DType, &'a [u8])>,
+}
+
+impl InputReader for RawReader<'_> {
+    fn count(&self) -> usize {
+        self.inputs.len()
     }
-    let seed = tensor_seed(plan.seed, &task.name);
-    let mut start = 0;
-    while start < numel {
-        let len = STREAM_CHUNK.min(numel - start);
-        let t0 = Instant::now();
-        for ((dt, bytes), buf) in raws.iter().zip(ws.inputs.iter_mut()) {
-            buf.resize(len);
-            let sz = dt.size();
-            dtype::decode_into(*dt, &bytes[start * sz..(start + len) * sz], buf);
-        }
-        ws.out.resize(len);
-        let t1 = Instant::now();
-        let input = MergeInput {
-            tensor: &task.name,
-            shape: &[len],
-            tensors: ws.inputs[..raws.len()].iter().map(|b| &b[..]).collect(),
-            base: task.base,
-            model_params: task.model_params.clone(),
-            params: task.params.clone(),
-            seed,
-        };
-        plan.method.merge(&input, &mut ws.scratch, &mut ws.out).map_err(|reason| EngineError::Merge {
-            tensor: task.name.clone(),
-            method: plan.method.name().to_string(),
-            reason,
-        })?;
-        let t2 = Instant::now();
-        let sent = out.send(&task.name, plan.out_dtype, &ws.out);
-        ws.phases.decode += (t1 - t0).as_secs_f64();
-        ws.phases.merge += (t2 - t1).as_secs_f64();
-        ws.phases.write += t2.elapsed().as_secs_f64();
-        if !sent {
-            return Ok(false);
-        }
-        start += len;
+
+    fn read(&self, i: usize, start: usize, out: &mut [f32]) {
+        let (dt, bytes) = self.inputs[i];
+        let sz = dt.size();
+        dtype::decode_into(dt, &bytes[start * sz..(start + out.len()) * sz], out);
     }
-    Ok(true)
+
+    fn read_points(&self, i: usize, positions: &[usize], out: &mut [f32]) {
+        let (dt, bytes) = self.inputs[i];
+        let sz = dt.size();
+        for (o, &p) in out.iter_mut().zip(positions) {
+            dtype::decode_into(dt, &bytes[p * sz..(p + 1) * sz], std::slice::from_mut(o));
+        }
+    }
+}
+
+/// Streams a task through [`MergeMethod::merge_streaming`]; `Ok(None)` when the method
+/// declines (use the whole-tensor path), `Ok(Some(false))` when the writer stopped.
+fn stream_task(plan: &MergePlan, task: &TensorTask, ws: &mut Workspace, out: &PartSender) -> Result<Option<bool>> {
+    let reader = RawReader {
+        inputs: task.inputs.iter().map(|(m, n)| plan.models[*m].raw(n).map(|(d, _, b)| (d, b))).collect::<Result<_>>()?,
+    };
+    let input = StreamInput {
+        tensor: &task.name,
+        shape: &task.shape,
+        reader: &reader,
+        base: task.base,
+        model_params: &task.model_params,
+        params: &task.params,
+        seed: tensor_seed(plan.seed, &task.name),
+    };
+    let mut writer_stopped = false;
+    let t = Instant::now();
+    let mut sink = |chunk: &[f32]| -> std::result::Result<(), String> {
+        if out.send(&task.name, plan.out_dtype, chunk) {
+            Ok(())
+        } else {
+            writer_stopped = true;
+            Err("the writer stopped".into())
+        }
+    };
+    let streamed = plan.method.merge_streaming(&input, &mut ws.scratch, &mut sink);
+    ws.phases.merge += t.elapsed().as_secs_f64();
+    match streamed {
+        _ if writer_stopped => Ok(Some(false)),
+        Ok(true) => Ok(Some(true)),
+        Ok(false) => Ok(None),
+        Err(reason) => Err(EngineError::Merge { tensor: task.name.clone(), method: plan.method.name().to_string(), reason }),
+    }
 }
 
 /// Runs the plan into memory (f32, rounded through the output dtype so values equal what
@@ -239,9 +252,12 @@ pub fn execute(plan: &MergePlan, out: &Path, opts: &MergeOptions, progress: &mut
     let shards = writer.shard_count();
     let mut ws = Workspace::default();
     // A writer thread copies finished bytes into the shard files while the next tensor is
-    // computed; a bounded queue (3 parts) and recycled buffers cap the memory in flight.
-    let (tx, rx) = sync_channel::<Part>(2);
+    // computed; a pool of POOL recycled buffers caps the memory in flight.
+    let (tx, rx) = sync_channel::<Part>(POOL);
     let (back_tx, back_rx) = channel::<HugeBuf<u8>>();
+    for _ in 0..POOL {
+        let _ = back_tx.send(HugeBuf::default());
+    }
     std::thread::scope(|s| -> Result<()> {
         let handle = s.spawn(move || -> Result<ShardedWriter> {
             let mut writer = writer;
@@ -257,14 +273,15 @@ pub fn execute(plan: &MergePlan, out: &Path, opts: &MergeOptions, progress: &mut
                 if opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
                     return Err(EngineError::Interrupted);
                 }
-                let sent = if plan.method.elementwise() {
-                    stream_tensor(plan, task, &mut ws, &sender)?
-                } else {
-                    merge_tensor(plan, task, &mut ws)?;
-                    let t = Instant::now();
-                    let sent = sender.send(&task.name, plan.out_dtype, &ws.out);
-                    ws.phases.write += t.elapsed().as_secs_f64();
-                    sent
+                let sent = match stream_task(plan, task, &mut ws, &sender)? {
+                    Some(sent) => sent,
+                    None => {
+                        merge_tensor(plan, task, &mut ws)?;
+                        let t = Instant::now();
+                        let sent = sender.send(&task.name, plan.out_dtype, &ws.out);
+                        ws.phases.write += t.elapsed().as_secs_f64();
+                        sent
+                    }
                 };
                 if !sent {
                     break; // the writer failed: its error is reported below

@@ -154,6 +154,91 @@ impl MergeInput<'_> {
     }
 }
 
+/// Lazy, chunked access to a tensor's inputs, decoded to f32 on demand.
+pub trait InputReader: Sync {
+    /// Number of inputs.
+    fn count(&self) -> usize;
+    /// Decodes elements `start .. start + out.len()` of input `i`.
+    fn read(&self, i: usize, start: usize, out: &mut [f32]);
+    /// Decodes single elements of input `i` at `positions` (for sampling).
+    fn read_points(&self, i: usize, positions: &[usize], out: &mut [f32]);
+}
+
+/// Reads from in-memory f32 tensors (tests, and callers that already hold the inputs).
+#[derive(Debug)]
+pub struct SliceReader<'a>(pub Vec<&'a [f32]>);
+
+impl InputReader for SliceReader<'_> {
+    fn count(&self) -> usize {
+        self.0.len()
+    }
+    fn read(&self, i: usize, start: usize, out: &mut [f32]) {
+        out.copy_from_slice(&self.0[i][start..start + out.len()]);
+    }
+    fn read_points(&self, i: usize, positions: &[usize], out: &mut [f32]) {
+        out.iter_mut().zip(positions).for_each(|(o, &p)| *o = self.0[i][p]);
+    }
+}
+
+/// What a streaming merge sees: a [`MergeInput`] whose tensors are read on demand.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamInput<'a> {
+    pub tensor: &'a str,
+    pub shape: &'a [usize],
+    pub reader: &'a dyn InputReader,
+    pub base: Option<usize>,
+    pub model_params: &'a [Params],
+    pub params: &'a Params,
+    pub seed: u64,
+}
+
+impl std::fmt::Debug for dyn InputReader + '_ {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InputReader({} inputs)", self.count())
+    }
+}
+
+impl StreamInput<'_> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Receives a streaming merge's output, chunk by chunk, in order.
+pub type ChunkSink<'a> = dyn FnMut(&[f32]) -> Result<(), String> + 'a;
+
+/// Elements per streamed chunk: small enough that the working set of a few inputs stays in
+/// cache and never needs fresh memory, large enough to amortize the parallel split.
+pub const STREAM_CHUNK: usize = 1 << 18;
+
+/// Streams an [`MergeMethod::elementwise`] method: read a chunk of every input, merge it, emit.
+pub fn stream_elementwise(m: &dyn MergeMethod, input: &StreamInput, scratch: &mut Scratch, sink: &mut ChunkSink) -> Result<(), String> {
+    let n = input.numel();
+    let k = input.reader.count();
+    let bufs = scratch.buffers(k + 1, STREAM_CHUNK.min(n.max(1)));
+    let (ins, out) = bufs.split_at_mut(k);
+    let mut start = 0;
+    while start < n {
+        let len = STREAM_CHUNK.min(n - start);
+        for (i, b) in ins.iter_mut().enumerate() {
+            input.reader.read(i, start, &mut b[..len]);
+        }
+        let chunk = MergeInput {
+            tensor: input.tensor,
+            shape: &[len],
+            tensors: ins.iter().map(|b| &b[..len]).collect(),
+            base: input.base,
+            model_params: input.model_params.to_vec(),
+            params: input.params.clone(),
+            seed: input.seed,
+        };
+        m.merge(&chunk, &mut Scratch::default(), &mut out[0][..len])?;
+        sink(&out[0][..len])?;
+        start += len;
+    }
+    Ok(())
+}
+
 /// A merge method: one file per method, its math in the doc comment.
 pub trait MergeMethod: Send + Sync + Debug {
     /// The id used in recipes (`merge_method:`).
@@ -178,9 +263,27 @@ pub trait MergeMethod: Send + Sync + Debug {
     /// `scratch` holds reusable buffers so that large tensors do not fault in fresh memory on
     /// every call. Errors are plain reasons; the caller adds tensor and method.
     fn merge(&self, input: &MergeInput, scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String>;
+
+    /// Merges without whole-tensor buffers: reads the inputs in chunks (in as many passes as
+    /// it needs) and hands the output to `sink` in order. Returns `Ok(false)`, having called
+    /// `sink` never, when it cannot for this tensor; the executor then uses
+    /// [`merge`](Self::merge). The default streams [`elementwise`](Self::elementwise) methods.
+    fn merge_streaming(&self, input: &StreamInput, scratch: &mut Scratch, sink: &mut ChunkSink) -> Result<bool, String> {
+        if !self.elementwise() {
+            return Ok(false);
+        }
+        stream_elementwise(self.as_dyn(), input, scratch, sink)?;
+        Ok(true)
+    }
+
+    /// `self` as a trait object (for the provided methods).
+    fn as_dyn(&self) -> &dyn MergeMethod;
 }
 
 /// Reusable f32 buffers (kept across tensors by the executor).
+///
+/// Buffers are assigned by position, so a caller that always asks for the same layout reuses
+/// the same memory.
 #[derive(Debug, Default)]
 pub struct Scratch {
     bufs: Vec<HugeBuf<f32>>,
@@ -196,6 +299,15 @@ impl Scratch {
             b.resize(len);
         }
         &mut self.bufs[..n]
+    }
+
+    /// `n` buffers of `len` followed by `m` buffers of `len2`, as two slices.
+    pub fn split(&mut self, n: usize, len: usize, m: usize, len2: usize) -> (&mut [HugeBuf<f32>], &mut [HugeBuf<f32>]) {
+        let bufs = self.buffers(n + m, 0);
+        let (a, b) = bufs.split_at_mut(n);
+        a.iter_mut().for_each(|x| x.resize(len));
+        b.iter_mut().for_each(|x| x.resize(len2));
+        (a, b)
     }
 }
 

@@ -25,7 +25,8 @@ use rayon::prelude::*;
 
 use crate::buffer::HugeBuf;
 
-use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
+use super::base::{BaseRole, ChunkSink, MergeInput, MergeMethod, ParamSpec, Params, STREAM_CHUNK, Scope, Scratch, StreamInput, stream_elementwise};
+use super::select::SMALL;
 use super::rng::CounterRng;
 use super::sparsify::{Sparsifier, sparsify};
 
@@ -66,6 +67,10 @@ pub const PRESETS: [GeneralizedTaskArithmetic; 8] = [
 ];
 
 impl MergeMethod for GeneralizedTaskArithmetic {
+    fn as_dyn(&self) -> &dyn MergeMethod {
+        self
+    }
+
     fn name(&self) -> &'static str {
         self.name
     }
@@ -104,19 +109,16 @@ impl MergeMethod for GeneralizedTaskArithmetic {
 
     fn merge(&self, input: &MergeInput, scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
         let base = input.base_tensor()?;
-        let normalize = input.params.flag("normalize");
         let rescale = input.params.flag("rescale");
-        let lambda = input.params.get("lambda") as f32;
-        let weights: Vec<f32> = input.others().map(|(_, p)| p.get("weight") as f32).collect();
+        let k = input.others().count();
         // per-model L1 rescale factors of the sparsified task vectors (1 without rescale)
-        let mut scales = vec![1f32; weights.len()];
+        let mut scales = vec![1f32; k];
         let rows = input.shape.first().copied().unwrap_or(1);
-        // Task vectors: borrowed models when nothing is sparsified (fused below), else owned
-        // sparsified deltas.
-        let deltas: Option<&[HugeBuf<f32>]> = match self.sparsifier {
-            None => None,
+        let models: Vec<&[f32]> = input.others().map(|(x, _)| x).collect();
+        match self.sparsifier {
+            None => self.combine(input, base, TaskVectors::Models(&models), &scales, out),
             Some(method) => {
-                let bufs = scratch.buffers(weights.len(), base.len());
+                let bufs = scratch.buffers(k, base.len());
                 for (i, ((x, p), d)) in input.others().zip(bufs.iter_mut()).enumerate() {
                     d.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(base.par_chunks(CHUNK))).for_each(|(d, (x, b))| {
                         d.iter_mut().zip(x.iter().zip(b)).for_each(|(o, (a, b))| *o = a - b);
@@ -124,10 +126,182 @@ impl MergeMethod for GeneralizedTaskArithmetic {
                     let rng = CounterRng::new(input.seed, i as u64);
                     scales[i] = sparsify(d, rows, method, p.get("density"), p.get("gamma"), p.get("epsilon"), rescale, rng)?;
                 }
-                Some(&*bufs)
+                let ds: Vec<&[f32]> = bufs.iter().map(|b| &b[..]).collect();
+                self.combine(input, base, TaskVectors::Sparsified(&ds), &scales, out)
             }
+        }
+        Ok(())
+    }
+
+    /// Streams the output of every preset. Task arithmetic is elementwise. DARE on large
+    /// tensors takes two passes over the inputs and holds nothing larger than a chunk: pass 1
+    /// streams δᵢ = xᵢ − base for the L1 rescale factors (the masks are counter-based, so pass 2
+    /// redraws the same ones), pass 2 masks, weights and combines chunk by chunk. The
+    /// rank-based sparsifiers (TIES, breadcrumbs, DELLA) need a whole task vector to rank:
+    /// δᵢ is materialized (one buffer per model, read through the reader — no f32 copies of the
+    /// inputs), sparsified exactly as [`merge`](MergeMethod::merge) does, and the combination
+    /// is streamed. Results equal `merge`'s bit for bit (DARE's rescale up to the order of an
+    /// f64 sum).
+    fn merge_streaming(&self, input: &StreamInput, scratch: &mut Scratch, sink: &mut ChunkSink) -> Result<bool, String> {
+        let Some(method) = self.sparsifier else {
+            stream_elementwise(self, input, scratch, sink)?;
+            return Ok(true);
         };
-        let models: Vec<&[f32]> = input.others().map(|(x, _)| x).collect();
+        let b = input.base.ok_or("needs a base_model")?;
+        let others: Vec<usize> = (0..input.reader.count()).filter(|&i| i != b).collect();
+        if method == Sparsifier::Random && input.numel() >= SMALL {
+            self.stream_random(input, b, &others, scratch, sink)?;
+        } else {
+            self.stream_materialized(input, method, b, &others, scratch, sink)?;
+        }
+        Ok(true)
+    }
+}
+
+impl GeneralizedTaskArithmetic {
+    /// Rank-based sparsifiers: materialize and sparsify δᵢ, then stream the combination.
+    fn stream_materialized(&self, input: &StreamInput, method: Sparsifier, b: usize, others: &[usize], scratch: &mut Scratch, sink: &mut ChunkSink) -> Result<(), String> {
+        let n = input.numel();
+        let k = others.len();
+        let rescale = input.params.flag("rescale");
+        let rows = input.shape.first().copied().unwrap_or(1);
+        let (deltas, chunks) = scratch.split(k, n, 2, STREAM_CHUNK.min(n.max(1)));
+        let (base, out) = chunks.split_at_mut(1);
+        let (base, out) = (&mut base[0], &mut out[0]);
+        let mut start = 0;
+        while start < n {
+            let len = STREAM_CHUNK.min(n - start);
+            base.resize(len);
+            input.reader.read(b, start, base);
+            for (d, &i) in deltas.iter_mut().zip(others) {
+                let d = &mut d[start..start + len];
+                input.reader.read(i, start, d);
+                d.par_chunks_mut(CHUNK).zip(base.par_chunks(CHUNK)).for_each(|(d, y)| d.iter_mut().zip(y).for_each(|(x, y)| *x -= y));
+            }
+            start += len;
+        }
+        let mut scales = vec![1f32; k];
+        for (slot, (d, &i)) in deltas.iter_mut().zip(others).enumerate() {
+            let p = &input.model_params[i];
+            let rng = CounterRng::new(input.seed, slot as u64);
+            scales[slot] = sparsify(d, rows, method, p.get("density"), p.get("gamma"), p.get("epsilon"), rescale, rng)?;
+        }
+        let mut start = 0;
+        while start < n {
+            let len = STREAM_CHUNK.min(n - start);
+            base.resize(len);
+            out.resize(len);
+            input.reader.read(b, start, base);
+            let view: Vec<&[f32]> = deltas.iter().map(|d| &d[start..start + len]).collect();
+            self.combine_parts(input.params, input.model_params, others, base, TaskVectors::Sparsified(&view), &scales, out);
+            sink(out)?;
+            start += len;
+        }
+        Ok(())
+    }
+
+    /// DARE in two streaming passes (see [`MergeMethod::merge_streaming`]).
+    fn stream_random(&self, input: &StreamInput, b: usize, others: &[usize], scratch: &mut Scratch, sink: &mut ChunkSink) -> Result<(), String> {
+        let k = others.len();
+        let masks: Vec<(f64, CounterRng)> =
+            (0..k).map(|slot| (input.model_params[others[slot]].get("density"), CounterRng::new(input.seed, slot as u64))).collect();
+        let mut scales = vec![1f32; k];
+        if input.params.flag("rescale") {
+            let mut l1 = vec![(0f64, 0f64); k];
+            self.stream_deltas(input, b, others, scratch, |start, ds| {
+                for (slot, d) in ds[..k].iter().enumerate() {
+                    let (density, rng) = masks[slot];
+                    if density < 1.0 {
+                        let (before, after) = l1_sums(d, start, density, rng);
+                        l1[slot].0 += before;
+                        l1[slot].1 += after;
+                    }
+                }
+                Ok(())
+            })?;
+            for (slot, (before, after)) in l1.into_iter().enumerate() {
+                if before >= 1e-7 && after >= 1e-7 {
+                    scales[slot] = before as f32 / after as f32;
+                }
+            }
+        }
+        // pass 2 (the base chunk rides in slot k, the output in slot k + 1)
+        self.stream_deltas(input, b, others, scratch, |start, ds| {
+            let len = ds[0].len();
+            let (ds, out) = ds.split_at_mut(k + 1);
+            for (d, &(density, rng)) in ds[..k].iter_mut().zip(&masks) {
+                apply_random(d, start, density, rng);
+            }
+            let view: Vec<&[f32]> = ds.iter().map(|d| &d[..]).collect();
+            self.combine_parts(input.params, input.model_params, others, view[k], TaskVectors::Sparsified(&view[..k]), &scales, &mut out[0][..len]);
+            sink(&out[0][..len])
+        })
+    }
+}
+
+/// Zeroes the elements of a chunk (starting at element `start`) that DARE drops; density ≥ 1
+/// keeps all, ≤ 0 drops all (as [`sparsify`]).
+fn apply_random(d: &mut [f32], start: usize, density: f64, rng: CounterRng) {
+    if density >= 1.0 {
+        return;
+    }
+    if density <= 0.0 {
+        d.fill(0.0);
+        return;
+    }
+    d.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+        let mut keep = [false; CHUNK];
+        rng.keep_run((start + c * CHUNK) as u64, density, &mut keep[..chunk.len()]);
+        chunk.iter_mut().zip(keep).for_each(|(v, k)| *v = if k { *v } else { 0.0 });
+    })
+}
+
+/// `(Σ|δ|, Σ|δ| over the kept elements)` of a chunk starting at element `start`.
+fn l1_sums(d: &[f32], start: usize, density: f64, rng: CounterRng) -> (f64, f64) {
+    d.par_chunks(CHUNK)
+        .enumerate()
+        .map(|(c, chunk)| {
+            let mut keep = [false; CHUNK];
+            rng.keep_run((start + c * CHUNK) as u64, density, &mut keep[..chunk.len()]);
+            chunk.iter().zip(keep).fold((0f64, 0f64), |(a, b), (v, k)| {
+                let x = v.abs() as f64;
+                (a + x, if k { b + x } else { b })
+            })
+        })
+        .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1))
+}
+
+thread_local! {
+    /// Per-thread kernel temporaries (see [`GeneralizedTaskArithmetic::combine_parts`]).
+    static KERNEL_TMP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Task vectors as a kernel sees them.
+#[derive(Clone, Copy)]
+enum TaskVectors<'a> {
+    /// Raw models: δᵢ = xᵢ − base computed on the fly.
+    Models(&'a [&'a [f32]]),
+    /// Sparsified task vectors.
+    Sparsified(&'a [&'a [f32]]),
+}
+
+impl GeneralizedTaskArithmetic {
+    fn combine(&self, input: &MergeInput, base: &[f32], tv: TaskVectors, scales: &[f32], out: &mut [f32]) {
+        let others: Vec<usize> = (0..input.tensors.len()).filter(|&i| Some(i) != input.base).collect();
+        self.combine_parts(&input.params, &input.model_params, &others, base, tv, scales, out);
+    }
+
+    /// Weighting, sign consensus, normalization and λ over one span of elements.
+    ///
+    /// Model-major per chunk: vectorizable loops, and f32 sums in model order, as mergekit's
+    /// `sum(dim=0)` (so deterministic presets stay bit-exact). Temporaries live in a
+    /// thread-local buffer reused across calls: 100+ KB allocations per chunk would be served
+    /// by mmap and fault in fresh pages every time.
+    #[allow(clippy::too_many_arguments)]
+    fn combine_parts(&self, params: &Params, model_params: &[Params], others: &[usize], base: &[f32], tv: TaskVectors, scales: &[f32], out: &mut [f32]) {
+        let normalize = params.flag("normalize");
+        let lambda = params.get("lambda") as f32;
+        let weights: Vec<f32> = others.iter().map(|&i| model_params[i].get("weight") as f32).collect();
         let consensus = self.consensus;
         let wsum: f32 = weights.iter().sum();
         let plain_div = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
@@ -135,53 +309,174 @@ impl MergeMethod for GeneralizedTaskArithmetic {
             let m = if normalize { mixed / divisor } else { mixed };
             if lambda != 1.0 { m * lambda } else { m }
         };
-        // Model-major over a chunk: vectorizable loops, and f32 sums in model order, as
-        // mergekit's `sum(dim=0)` (so deterministic presets stay bit-exact).
-        // Temporaries are per worker (for_each_init), not per chunk: 100+ KB allocations per
-        // chunk would be served by mmap and fault fresh pages every time.
         let k = weights.len();
-        out.par_chunks_mut(CHUNK).enumerate().for_each_init(
-            || (vec![0f32; k * CHUNK], vec![0f32; CHUNK], vec![0f32; CHUNK], vec![0f32; CHUNK]),
-            |(dw, total, mixed, div), (c, o)| {
-            let (s, len) = (c * CHUNK, o.len());
-            let b = &base[s..s + len];
-            let (dw, total, mixed, div) = (&mut dw[..k * len], &mut total[..len], &mut mixed[..len], &mut div[..len]);
-            total.fill(0.0);
-            for (i, (di, &w)) in dw.chunks_mut(len).zip(&weights).enumerate() {
-                match deltas {
-                    Some(ds) => {
-                        let sc = scales[i];
-                        if sc == 1.0 {
-                            di.iter_mut().zip(&ds[i][s..s + len]).for_each(|(d, x)| *d = x * w);
-                        } else {
-                            di.iter_mut().zip(&ds[i][s..s + len]).for_each(|(d, x)| *d = (x * sc) * w);
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+            KERNEL_TMP.with_borrow_mut(|tmp| {
+                tmp.resize((k + 3) * CHUNK, 0.0);
+                let (s, len) = (c * CHUNK, o.len());
+                let b = &base[s..s + len];
+                let (dw, rest) = tmp.split_at_mut(k * CHUNK);
+                let (total, rest) = rest.split_at_mut(CHUNK);
+                let (mixed, div) = rest.split_at_mut(CHUNK);
+                let (dw, total, mixed, div) = (&mut dw[..k * len], &mut total[..len], &mut mixed[..len], &mut div[..len]);
+                total.fill(0.0);
+                for (i, (di, &w)) in dw.chunks_mut(len).zip(&weights).enumerate() {
+                    match tv {
+                        TaskVectors::Sparsified(ds) => {
+                            let sc = scales[i];
+                            if sc == 1.0 {
+                                di.iter_mut().zip(&ds[i][s..s + len]).for_each(|(d, x)| *d = x * w);
+                            } else {
+                                di.iter_mut().zip(&ds[i][s..s + len]).for_each(|(d, x)| *d = (x * sc) * w);
+                            }
+                        }
+                        TaskVectors::Models(ms) => di.iter_mut().zip(&ms[i][s..s + len]).zip(b).for_each(|((d, x), y)| *d = (x - y) * w),
+                    }
+                    total.iter_mut().zip(di.iter()).for_each(|(t, d)| *t += d);
+                }
+                if consensus {
+                    // keep Dᵢ where its sign is the majority's (a zero, even -0, never matches)
+                    mixed.fill(0.0);
+                    div.fill(0.0);
+                    for (di, &w) in dw.chunks(len).zip(&weights) {
+                        for j in 0..len {
+                            let d = di[j];
+                            let keep = if total[j] >= 0.0 { d > 0.0 } else { d < 0.0 };
+                            mixed[j] += if keep { d } else { 0.0 };
+                            div[j] += if keep { w } else { 0.0 };
                         }
                     }
-                    None => di.iter_mut().zip(&models[i][s..s + len]).zip(b).for_each(|((d, x), y)| *d = (x - y) * w),
-                }
-                total.iter_mut().zip(di.iter()).for_each(|(t, d)| *t += d);
-            }
-            if consensus {
-                // keep Dᵢ where its sign is the majority's (a zero, even -0, never matches)
-                mixed.fill(0.0);
-                div.fill(0.0);
-                for (di, &w) in dw.chunks(len).zip(&weights) {
                     for j in 0..len {
-                        let d = di[j];
-                        let keep = if total[j] >= 0.0 { d > 0.0 } else { d < 0.0 };
-                        mixed[j] += if keep { d } else { 0.0 };
-                        div[j] += if keep { w } else { 0.0 };
+                        o[j] = b[j] + finish(mixed[j], if div[j] == 0.0 { 1.0 } else { div[j] });
+                    }
+                } else {
+                    for j in 0..len {
+                        o[j] = b[j] + finish(total[j], plain_div);
                     }
                 }
-                for j in 0..len {
-                    o[j] = b[j] + finish(mixed[j], if div[j] == 0.0 { 1.0 } else { div[j] });
-                }
-            } else {
-                for j in 0..len {
-                    o[j] = b[j] + finish(total[j], plain_div);
-                }
-            }
+            })
         });
+    }
+
+    /// Streams the task vectors chunk by chunk: `f(start, ds)` gets δ for every model in
+    /// `others` (slots `0..k`), the base chunk itself (slot `k`) and a free buffer (slot `k+1`).
+    fn stream_deltas(
+        &self,
+        input: &StreamInput,
+        b: usize,
+        others: &[usize],
+        scratch: &mut Scratch,
+        mut f: impl FnMut(usize, &mut [HugeBuf<f32>]) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let n = input.numel();
+        let k = others.len();
+        let bufs = scratch.buffers(k + 2, STREAM_CHUNK);
+        let mut start = 0;
+        while start < n {
+            let len = STREAM_CHUNK.min(n - start);
+            for buf in bufs.iter_mut() {
+                buf.resize(len);
+            }
+            let (ds, base) = bufs[..k + 1].split_at_mut(k);
+            input.reader.read(b, start, &mut base[0]);
+            for (d, &i) in ds.iter_mut().zip(others) {
+                input.reader.read(i, start, d);
+                d.par_chunks_mut(CHUNK).zip(base[0].par_chunks(CHUNK)).for_each(|(d, y)| d.iter_mut().zip(y).for_each(|(x, y)| *x -= y));
+            }
+            f(start, bufs)?;
+            start += len;
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merge::base::{SliceReader, merge_to_vec};
+    use crate::merge::rng::tensor_seed;
+
+    fn tensor(seed: u64, n: usize, quantum: Option<f32>) -> Vec<f32> {
+        let r = CounterRng::new(tensor_seed(seed, "t"), 0);
+        (0..n)
+            .map(|i| {
+                let v = (r.uniform(i as u64) as f32 - 0.5) * 0.1;
+                quantum.map_or(v, |q| (v / q).round() * q)
+            })
+            .collect()
+    }
+
+    fn params(m: &GeneralizedTaskArithmetic, weights: &[f64]) -> (Params, Vec<Params>) {
+        let mut g = Params::default();
+        let mut per = Params::default();
+        for s in m.params() {
+            match s.scope {
+                Scope::Global => g.set(s.name, s.default.unwrap_or(0.0)),
+                Scope::PerModel => per.set(s.name, s.default.unwrap_or(0.0)),
+            }
+        }
+        per.set("density", 0.4);
+        per.set("gamma", 0.05);
+        let mut mp = vec![per.clone()];
+        for w in weights {
+            let mut p = per.clone();
+            p.set("weight", *w);
+            mp.push(p);
+        }
+        (g, mp)
+    }
+
+    /// (whole-tensor result, streamed result or None if declined)
+    fn both(m: &GeneralizedTaskArithmetic, ts: &[Vec<f32>]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let n = ts[0].len();
+        let (g, mp) = params(m, &[0.7, 0.4]);
+        let shape = [n / 4, 4];
+        let input = MergeInput { tensor: "t", shape: &shape, tensors: ts.iter().map(Vec::as_slice).collect(), base: Some(0), model_params: mp.clone(), params: g.clone(), seed: 9 };
+        let whole = merge_to_vec(m, &input).expect("whole");
+        let reader = SliceReader(ts.iter().map(Vec::as_slice).collect());
+        let si = StreamInput { tensor: "t", shape: &shape, reader: &reader, base: Some(0), model_params: &mp, params: &g, seed: 9 };
+        let mut streamed = Vec::new();
+        let ok = m
+            .merge_streaming(&si, &mut Scratch::default(), &mut |c: &[f32]| {
+                streamed.extend_from_slice(c);
+                Ok(())
+            })
+            .expect("stream");
+        (whole, ok.then_some(streamed))
+    }
+
+    #[test]
+    fn streaming_equals_the_whole_tensor_path() {
+        // 3 chunks and a partial one; continuous values (no boundary ties)
+        let n = 3 * STREAM_CHUNK + 12_344;
+        assert!(n >= SMALL, "DARE must take the two-pass path");
+        let ts: Vec<Vec<f32>> = (0..3).map(|s| tensor(s, n, None)).collect();
+        for m in &PRESETS {
+            let (whole, streamed) = both(m, &ts);
+            let streamed = streamed.unwrap_or_else(|| panic!("{} declined to stream", m.name));
+            if m.sparsifier == Some(Sparsifier::Random) {
+                // L1 sums are reduced in another order: the rescale may differ in the last bit
+                let worst = whole.iter().zip(&streamed).map(|(a, b)| (a - b).abs() / (1e-3 + a.abs())).fold(0f32, f32::max);
+                assert!(worst < 1e-6, "{}: {worst}", m.name);
+            } else {
+                let diff: Vec<usize> = (0..n).filter(|&i| whole[i].to_bits() != streamed[i].to_bits()).collect();
+                assert!(diff.is_empty(), "{}: {} elements differ, first at {:?}: {:?} vs {:?}", m.name, diff.len(), diff.first(),
+                    diff.first().map(|&i| whole[i]), diff.first().map(|&i| streamed[i]));
+            }
+        }
+    }
+
+    #[test]
+    fn streaming_resolves_boundary_ties_like_the_whole_tensor_path() {
+        // quantized values: every boundary magnitude repeats thousands of times
+        let n = 2 * STREAM_CHUNK + 4_000;
+        let ts: Vec<Vec<f32>> = (0..3).map(|s| tensor(s, n, Some(1e-3))).collect();
+        for name in ["ties", "breadcrumbs", "breadcrumbs_ties"] {
+            let m = PRESETS.iter().find(|p| p.name == name).expect("preset");
+            let (whole, streamed) = both(m, &ts);
+            let streamed = streamed.unwrap_or_else(|| panic!("{name} declined"));
+            let diff = (0..n).filter(|&i| whole[i].to_bits() != streamed[i].to_bits()).count();
+            assert_eq!(diff, 0, "{name}: {diff} elements differ");
+        }
     }
 }

@@ -36,6 +36,24 @@ pub enum Sparsifier {
     DellaMagprune,
 }
 
+/// The magnitude-rank window `[lo, hi)` kept by the rank-selecting sparsifiers (`density` in
+/// (0, 1)): the `⌊density·n⌋` largest (at least one) for magnitude, `[n_bot, n_bot + target)`
+/// for outliers.
+fn window(method: Sparsifier, n: usize, density: f64, gamma: f64) -> (usize, usize) {
+    match method {
+        Sparsifier::Magnitude => {
+            let k = ((density * n as f64) as usize).max(1);
+            (n - k, n)
+        }
+        _ => {
+            let target = (density * n as f64) as usize;
+            let n_top = (gamma * n as f64) as usize;
+            let n_bot = n.saturating_sub(target + n_top);
+            (n_bot, n_bot + target)
+        }
+    }
+}
+
 fn l1(x: &[f32]) -> f64 {
     x.par_chunks(CHUNK).map(|c| c.iter().map(|v| v.abs() as f64).sum::<f64>()).sum()
 }
@@ -64,15 +82,9 @@ pub fn sparsify(
     }
     let mut before = if rescale && method != Sparsifier::Random { Some(l1(delta)) } else { None };
     match method {
-        Sparsifier::Magnitude => {
-            let k = ((density * n as f64) as usize).max(1);
-            keep_rank_window(delta, n - k, n);
-        }
-        Sparsifier::MagnitudeOutliers => {
-            let target = (density * n as f64) as usize;
-            let n_top = (gamma * n as f64) as usize;
-            let n_bot = n.saturating_sub(target + n_top);
-            keep_rank_window(delta, n_bot, n_bot + target);
+        Sparsifier::Magnitude | Sparsifier::MagnitudeOutliers => {
+            let (lo, hi) = window(method, n, density, gamma);
+            keep_rank_window(delta, lo, hi);
         }
         Sparsifier::Random => {
             // one pass: mask, and the L1 norm before masking for the rescale
@@ -80,12 +92,12 @@ pub fn sparsify(
                 .par_chunks_mut(CHUNK)
                 .enumerate()
                 .map(|(c, chunk)| {
+                    let mut keep = [false; CHUNK];
+                    rng.keep_run((c * CHUNK) as u64, density, &mut keep[..chunk.len()]);
                     let mut acc = 0f64;
-                    for (j, v) in chunk.iter_mut().enumerate() {
+                    for (v, k) in chunk.iter_mut().zip(keep) {
                         acc += v.abs() as f64;
-                        if rng.uniform((c * CHUNK + j) as u64) >= density {
-                            *v = 0.0;
-                        }
+                        *v = if k { *v } else { 0.0 };
                     }
                     acc
                 })
