@@ -77,7 +77,7 @@ impl std::fmt::Display for DType {
 /// Decodes little-endian `bytes` of `dtype` into `out` (`out.len()` elements).
 ///
 /// The byte slice may be unaligned (safetensors data offsets are not aligned to the element
-/// size in general), so elements are read through `pod_read_unaligned` when needed.
+/// size in general); unaligned chunks go through an aligned copy.
 pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     debug_assert_eq!(bytes.len(), out.len() * dtype.size());
     let sz = dtype.size();
@@ -86,30 +86,40 @@ pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
         match dtype {
             DType::F32 => match bytemuck::try_cast_slice::<u8, f32>(src) {
                 Ok(s) => dst.copy_from_slice(s),
-                Err(_) => {
-                    for (d, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
-                        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                    }
-                }
+                Err(_) => bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(src),
             },
-            DType::F16 => match bytemuck::try_cast_slice::<u8, f16>(src) {
-                Ok(s) => s.convert_to_f32_slice(dst),
-                Err(_) => {
-                    for (d, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                        *d = f16::from_le_bytes([b[0], b[1]]).to_f32();
-                    }
-                }
-            },
-            DType::BF16 => match bytemuck::try_cast_slice::<u8, bf16>(src) {
-                Ok(s) => s.convert_to_f32_slice(dst),
-                Err(_) => {
-                    for (d, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                        *d = bf16::from_le_bytes([b[0], b[1]]).to_f32();
-                    }
-                }
-            },
+            DType::F16 => decode_half::<f16>(src, dst),
+            DType::BF16 => decode_half::<bf16>(src, dst),
         }
     });
+}
+
+fn decode_half<H: bytemuck::Pod>(src: &[u8], dst: &mut [f32])
+where
+    [H]: HalfFloatSliceExt,
+{
+    match bytemuck::try_cast_slice::<u8, H>(src) {
+        Ok(s) => s.convert_to_f32_slice(dst),
+        Err(_) => {
+            let mut tmp = vec![H::zeroed(); dst.len()];
+            bytemuck::cast_slice_mut::<H, u8>(&mut tmp).copy_from_slice(src);
+            tmp.convert_to_f32_slice(dst);
+        }
+    }
+}
+
+fn encode_half<H: bytemuck::Pod>(src: &[f32], dst: &mut [u8])
+where
+    [H]: HalfFloatSliceExt,
+{
+    match bytemuck::try_cast_slice_mut::<u8, H>(dst) {
+        Ok(d) => d.convert_from_f32_slice(src),
+        Err(_) => {
+            let mut tmp = vec![H::zeroed(); src.len()];
+            tmp.convert_from_f32_slice(src);
+            dst.copy_from_slice(bytemuck::cast_slice(&tmp));
+        }
+    }
 }
 
 /// Decodes `bytes` of `dtype` into a new `Vec<f32>`.
@@ -138,22 +148,8 @@ pub fn encode_to(dtype: DType, src: &[f32], out: &mut [u8]) {
     debug_assert_eq!(out.len(), src.len() * sz);
     out.par_chunks_mut(CHUNK * sz).zip(src.par_chunks(CHUNK)).for_each(|(dst, s)| match dtype {
         DType::F32 => dst.copy_from_slice(bytemuck::cast_slice(s)),
-        DType::F16 => match bytemuck::try_cast_slice_mut::<u8, f16>(dst) {
-            Ok(d) => d.convert_from_f32_slice(s),
-            Err(_) => {
-                let mut tmp = vec![f16::ZERO; s.len()];
-                tmp.convert_from_f32_slice(s);
-                dst.copy_from_slice(bytemuck::cast_slice(&tmp));
-            }
-        },
-        DType::BF16 => match bytemuck::try_cast_slice_mut::<u8, bf16>(dst) {
-            Ok(d) => d.convert_from_f32_slice(s),
-            Err(_) => {
-                let mut tmp = vec![bf16::ZERO; s.len()];
-                tmp.convert_from_f32_slice(s);
-                dst.copy_from_slice(bytemuck::cast_slice(&tmp));
-            }
-        },
+        DType::F16 => encode_half::<f16>(s, dst),
+        DType::BF16 => encode_half::<bf16>(s, dst),
     });
 }
 
@@ -181,9 +177,11 @@ mod tests {
     #[test]
     fn decode_handles_unaligned_bytes() {
         let v = [1.5f32, -2.25, 3.0];
-        let mut bytes = vec![0u8];
-        bytes.extend_from_slice(&encode(DType::F32, &v));
-        assert_eq!(decode(DType::F32, &bytes[1..]), v);
+        for d in [DType::F32, DType::F16, DType::BF16] {
+            let mut bytes = vec![0u8];
+            bytes.extend_from_slice(&encode(d, &v));
+            assert_eq!(decode(d, &bytes[1..]), v, "{d}");
+        }
     }
 
     #[test]

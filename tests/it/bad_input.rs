@@ -105,25 +105,26 @@ fn shape_mismatch_names_the_tensor() {
     assert_fails(c, &e, &["model.layers.1.mlp.up_proj.weight", "[64, 128]", "[128, 64]"]);
 }
 
-#[test]
-fn architecture_mismatch() {
-    let (c, e) = fail(&with_a("{T}/m"), |t| {
+/// Model A copied to `{T}/m` with its config claiming another architecture.
+fn relabelled_a(arch: &str, model_type: &str) -> (Option<i32>, String) {
+    fail(&with_a("{T}/m"), |t| {
         let dir = t.join("m");
         copy_model("llama-tiny-a", &dir);
         let cfg = std::fs::read_to_string(dir.join("config.json")).expect("cfg");
-        std::fs::write(dir.join("config.json"), cfg.replace("LlamaForCausalLM", "MistralForCausalLM").replace("\"llama\"", "\"mistral\"")).expect("write");
-    });
+        let cfg = cfg.replace("LlamaForCausalLM", arch).replace("\"llama\"", &format!("\"{model_type}\""));
+        std::fs::write(dir.join("config.json"), cfg).expect("write");
+    })
+}
+
+#[test]
+fn architecture_mismatch() {
+    let (c, e) = relabelled_a("MistralForCausalLM", "mistral");
     assert_fails(c, &e, &["architecture mismatch", "mistral", "llama"]);
 }
 
 #[test]
 fn unsupported_architecture_lists_the_supported_ones() {
-    let (c, e) = fail(&with_a("{T}/m"), |t| {
-        let dir = t.join("m");
-        copy_model("llama-tiny-a", &dir);
-        let cfg = std::fs::read_to_string(dir.join("config.json")).expect("cfg");
-        std::fs::write(dir.join("config.json"), cfg.replace("LlamaForCausalLM", "GPT2LMHeadModel").replace("\"llama\"", "\"gpt2\"")).expect("write");
-    });
+    let (c, e) = relabelled_a("GPT2LMHeadModel", "gpt2");
     assert_fails(c, &e, &["GPT2LMHeadModel", "llama, mistral, qwen2, qwen3", "config.json"]);
 }
 

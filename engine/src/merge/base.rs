@@ -212,7 +212,7 @@ pub type ChunkSink<'a> = dyn FnMut(&[f32]) -> Result<(), String> + 'a;
 pub const STREAM_CHUNK: usize = 1 << 18;
 
 /// Streams an [`MergeMethod::elementwise`] method: read a chunk of every input, merge it, emit.
-pub fn stream_elementwise(m: &dyn MergeMethod, input: &StreamInput, scratch: &mut Scratch, sink: &mut ChunkSink) -> Result<(), String> {
+pub fn stream_elementwise<M: MergeMethod + ?Sized>(m: &M, input: &StreamInput, scratch: &mut Scratch, sink: &mut ChunkSink) -> Result<(), String> {
     let n = input.numel();
     let k = input.reader.count();
     let bufs = scratch.buffers(k + 1, STREAM_CHUNK.min(n.max(1)));
@@ -272,12 +272,9 @@ pub trait MergeMethod: Send + Sync + Debug {
         if !self.elementwise() {
             return Ok(false);
         }
-        stream_elementwise(self.as_dyn(), input, scratch, sink)?;
+        stream_elementwise(self, input, scratch, sink)?;
         Ok(true)
     }
-
-    /// `self` as a trait object (for the provided methods).
-    fn as_dyn(&self) -> &dyn MergeMethod;
 }
 
 /// Reusable f32 buffers (kept across tensors by the executor).

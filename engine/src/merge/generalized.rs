@@ -67,10 +67,6 @@ pub const PRESETS: [GeneralizedTaskArithmetic; 8] = [
 ];
 
 impl MergeMethod for GeneralizedTaskArithmetic {
-    fn as_dyn(&self) -> &dyn MergeMethod {
-        self
-    }
-
     fn name(&self) -> &'static str {
         self.name
     }

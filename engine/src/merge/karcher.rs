@@ -21,10 +21,6 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 }
 
 impl MergeMethod for Karcher {
-    fn as_dyn(&self) -> &dyn MergeMethod {
-        self
-    }
-
     fn name(&self) -> &'static str {
         "karcher"
     }

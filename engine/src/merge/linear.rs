@@ -13,10 +13,6 @@ use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
 pub struct Linear;
 
 impl MergeMethod for Linear {
-    fn as_dyn(&self) -> &dyn MergeMethod {
-        self
-    }
-
     fn name(&self) -> &'static str {
         "linear"
     }

@@ -30,10 +30,6 @@ fn interpolation(base: &[f32], ws: &[&[f32]]) -> f64 {
 }
 
 impl MergeMethod for ModelStock {
-    fn as_dyn(&self) -> &dyn MergeMethod {
-        self
-    }
-
     fn name(&self) -> &'static str {
         "model_stock"
     }

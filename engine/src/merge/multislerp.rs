@@ -17,10 +17,6 @@ fn norm(v: &[f64]) -> f64 {
 }
 
 impl MergeMethod for MultiSlerp {
-    fn as_dyn(&self) -> &dyn MergeMethod {
-        self
-    }
-
     fn name(&self) -> &'static str {
         "multislerp"
     }

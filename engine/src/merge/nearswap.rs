@@ -12,10 +12,6 @@ use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
 pub struct NearSwap;
 
 impl MergeMethod for NearSwap {
-    fn as_dyn(&self) -> &dyn MergeMethod {
-        self
-    }
-
     fn name(&self) -> &'static str {
         "nearswap"
     }

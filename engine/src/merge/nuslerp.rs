@@ -25,10 +25,6 @@ fn nuslerp_vec(t: f64, a: &[f32], b: &[f32], out: &mut [f32]) {
 }
 
 impl MergeMethod for NuSlerp {
-    fn as_dyn(&self) -> &dyn MergeMethod {
-        self
-    }
-
     fn name(&self) -> &'static str {
         "nuslerp"
     }

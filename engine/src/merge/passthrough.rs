@@ -7,10 +7,6 @@ use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
 pub struct Passthrough;
 
 impl MergeMethod for Passthrough {
-    fn as_dyn(&self) -> &dyn MergeMethod {
-        self
-    }
-
     fn name(&self) -> &'static str {
         "passthrough"
     }

@@ -16,10 +16,6 @@ use super::select::keep_rank_window;
 pub struct Sce;
 
 impl MergeMethod for Sce {
-    fn as_dyn(&self) -> &dyn MergeMethod {
-        self
-    }
-
     fn name(&self) -> &'static str {
         "sce"
     }

@@ -54,12 +54,11 @@ pub struct RankSearch {
     inside: Vec<u32>,
 }
 
-/// A resolved rank: the key, how many keys are smaller, how many equal it.
+/// A resolved rank: the key and how many keys are smaller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RankKey {
     pub key: u32,
     pub below: usize,
-    pub equal: usize,
 }
 
 impl RankSearch {
@@ -112,8 +111,7 @@ impl RankSearch {
         let (less, k, _) = self.inside.select_nth_unstable(self.r - self.below);
         let k = *k;
         let below = self.below + less.iter().filter(|&&b| b < k).count();
-        let equal = self.inside.iter().filter(|&&b| b == k).count();
-        Some(RankKey { key: k, below, equal })
+        Some(RankKey { key: k, below })
     }
 
     /// After a miss: widens the wrong side to the whole key range and resets the counts.

@@ -42,10 +42,6 @@ pub(crate) fn slerp_coefficients(t: f64, dot: f64, lerp_above: f64) -> (f64, f64
 }
 
 impl MergeMethod for Slerp {
-    fn as_dyn(&self) -> &dyn MergeMethod {
-        self
-    }
-
     fn name(&self) -> &'static str {
         "slerp"
     }
