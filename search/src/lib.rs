@@ -1,4 +1,31 @@
-//! evomerge-search: ask/tell optimizers (CMA-ES, NSGA-II, random search), the runner and its
-//! checkpoints. No ML dependencies: a genome is a `Vec<f64>` inside bounds.
+//! evomerge-search: ask/tell optimizers with state you can save, and nothing else.
 //!
-//! Not built yet (see the search-core issue).
+//! ```text
+//! SearchSpace (bounds, gene kinds) ──► Optimizer::ask() ──► Vec<Candidate{id, genome}>
+//!                                            ▲                      │ caller evaluates
+//!                                            └── Optimizer::tell(Vec<Evaluation{id, Outcome}>)
+//! ```
+//!
+//! A genome is a `Vec<f64>` inside the space's bounds; objectives are `f64`s that every
+//! optimizer **minimizes** ([`Direction::to_minimized`] is the one conversion). Optimizers never
+//! call the objective, accept evaluations in any order and in batches, and serialize their whole
+//! state — random generator included — so that a restored optimizer asks exactly the genomes an
+//! uninterrupted one would have ([`OptimizerState`]). No ML dependency: tests run on analytic
+//! functions ([`testfns`]) in milliseconds.
+//!
+//! Built so far: [`RandomSearch`], [`CmaEs`] (full and separable). NSGA-II, IPOP restarts and
+//! the runner follow (see the search-core issue).
+
+pub mod base;
+pub mod cmaes;
+pub mod error;
+pub mod random;
+pub mod rng;
+pub mod space;
+pub mod testfns;
+
+pub use base::{Candidate, Evaluation, Optimizer, OptimizerState, Outcome, StopReason};
+pub use cmaes::{CmaEs, CmaEsConfig};
+pub use error::SearchError;
+pub use random::RandomSearch;
+pub use space::{Direction, GeneKind, SearchSpace};

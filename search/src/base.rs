@@ -1,0 +1,161 @@
+//! The ask/tell contract shared by every optimizer, and the serializable checkpoint form.
+
+use serde::{Deserialize, Serialize};
+
+use crate::cmaes::CmaEs;
+use crate::error::SearchError;
+use crate::random::RandomSearch;
+use crate::space::SearchSpace;
+
+/// A genome to evaluate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// Unique over the optimizer's life (restarts included).
+    pub id: u64,
+    pub generation: u64,
+    /// Inside the space's bounds.
+    pub genome: Vec<f64>,
+}
+
+/// What became of a candidate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Objective values, already in minimization form (see [`crate::Direction`]).
+    Scored(Vec<f64>),
+    /// The candidate could not be evaluated (NaN logits, out of memory, ...).
+    Failed(String),
+}
+
+/// The result for one candidate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub id: u64,
+    pub outcome: Outcome,
+}
+
+impl Evaluation {
+    pub fn scored(id: u64, values: Vec<f64>) -> Self {
+        Self { id, outcome: Outcome::Scored(values) }
+    }
+
+    pub fn failed(id: u64, reason: impl Into<String>) -> Self {
+        Self { id, outcome: Outcome::Failed(reason.into()) }
+    }
+
+    /// The single objective (validated finite), or `None` for a failure.
+    pub(crate) fn single(&self, expected: usize) -> Result<Option<Vec<f64>>, SearchError> {
+        match &self.outcome {
+            Outcome::Failed(_) => Ok(None),
+            Outcome::Scored(v) => {
+                if v.len() != expected {
+                    return Err(SearchError::ObjectiveCount { id: self.id, got: v.len(), expected });
+                }
+                if let Some((index, &value)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+                    return Err(SearchError::NonFiniteObjective { id: self.id, index, value });
+                }
+                Ok(Some(v.clone()))
+            }
+        }
+    }
+}
+
+/// Why an optimizer considers itself finished.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StopReason {
+    /// Recent best values differ by less than `tol_fun`.
+    TolFun,
+    /// The search distribution is narrower than `tol_x` in every coordinate.
+    TolX,
+    /// The covariance condition number exceeded 1e14.
+    ConditionCov,
+    /// No improvement of the best value for many generations.
+    TolStagnation,
+}
+
+/// An ask/tell optimizer. All optimizers minimize.
+///
+/// - [`ask`](Self::ask) returns the candidates of the current generation that have not been
+///   told yet, creating the next generation when none is pending; asking twice without telling
+///   returns the same candidates (so a resumed run re-asks exactly what was pending).
+/// - [`tell`](Self::tell) accepts evaluations in any order and in batches; the generation is
+///   complete when all its candidates are told. Unknown ids and non-finite objectives are
+///   errors (nothing is applied from a batch with an error). **Failures** are ranked last: a
+///   failed candidate counts as worse than every scored one.
+pub trait Optimizer: std::fmt::Debug {
+    fn name(&self) -> &'static str;
+    fn space(&self) -> &SearchSpace;
+    fn ask(&mut self) -> Vec<Candidate>;
+    fn tell(&mut self, evaluations: Vec<Evaluation>) -> Result<(), SearchError>;
+    /// `Some` once a stopping criterion holds.
+    fn stop(&self) -> Option<StopReason>;
+    /// Best genome and (minimized) value told so far, single-objective optimizers.
+    fn best(&self) -> Option<(&[f64], f64)>;
+    /// Evaluations told so far.
+    fn evaluations(&self) -> u64;
+    /// Completed generations.
+    fn generation(&self) -> u64;
+    /// The whole state, for checkpoints.
+    fn state(&self) -> OptimizerState;
+}
+
+/// Checkpoint format version of [`OptimizerState`] JSON.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The serializable state of any optimizer (externally tagged: `{"cmaes": {…}}`; an internally
+/// tagged enum would buffer the state, which cannot hold the RNG's u128 counters).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerState {
+    Random(RandomSearch),
+    Cmaes(Box<CmaEs>),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    format: u32,
+    state: OptimizerState,
+}
+
+impl OptimizerState {
+    /// JSON with the format version (floats round-trip exactly).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&Envelope { format: FORMAT_VERSION, state: self.clone() }).unwrap_or_default()
+    }
+
+    /// Parses [`to_json`](Self::to_json) output, refusing other format versions.
+    pub fn from_json(text: &str) -> Result<Self, SearchError> {
+        // The version first (the state holds u128 RNG counters, which serde_json::Value cannot).
+        #[derive(Deserialize)]
+        struct Version {
+            format: Option<u32>,
+        }
+        let v: Version = serde_json::from_str(text).map_err(|e| SearchError::BadCheckpoint(format!("not a checkpoint: {e}")))?;
+        match v.format {
+            Some(FORMAT_VERSION) => {}
+            Some(f) => return Err(SearchError::BadCheckpoint(format!("format version {f}, this build reads {FORMAT_VERSION}"))),
+            None => return Err(SearchError::BadCheckpoint("no format version".into())),
+        }
+        let e: Envelope = serde_json::from_str(text).map_err(|e| SearchError::BadCheckpoint(e.to_string()))?;
+        Ok(e.state)
+    }
+
+    /// The optimizer's name (`random`, `cmaes`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            OptimizerState::Random(_) => "random",
+            OptimizerState::Cmaes(_) => "cmaes",
+        }
+    }
+
+    /// Restores an optimizer, requiring it to be `expected` (a checkpoint of another optimizer
+    /// is an error).
+    pub fn restore(self, expected: &str) -> Result<Box<dyn Optimizer>, SearchError> {
+        if self.name() != expected {
+            return Err(SearchError::BadCheckpoint(format!("checkpoint holds a '{}' optimizer, expected '{expected}'", self.name())));
+        }
+        Ok(match self {
+            OptimizerState::Random(r) => Box::new(r),
+            OptimizerState::Cmaes(c) => c,
+        })
+    }
+}

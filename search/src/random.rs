@@ -1,0 +1,101 @@
+//! Random search: every gene uniform in its bounds — the baseline every experiment can be
+//! compared with.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::base::{Candidate, Evaluation, Optimizer, OptimizerState, StopReason};
+use crate::error::SearchError;
+use crate::rng::Rng;
+use crate::space::SearchSpace;
+
+/// Uniform sampling in batches of `batch`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RandomSearch {
+    space: SearchSpace,
+    batch: usize,
+    objectives: usize,
+    rng: Rng,
+    next_id: u64,
+    generation: u64,
+    pending: BTreeMap<u64, Vec<f64>>,
+    told: u64,
+    best: Option<(Vec<f64>, f64)>,
+}
+
+impl RandomSearch {
+    pub fn new(space: SearchSpace, batch: usize, objectives: usize, seed: u64) -> Result<Self, SearchError> {
+        space.validate()?;
+        if batch == 0 || objectives == 0 {
+            return Err(SearchError::BadConfig("batch and objective count must be positive".into()));
+        }
+        Ok(Self { space, batch, objectives, rng: Rng::seeded(seed), next_id: 0, generation: 0, pending: BTreeMap::new(), told: 0, best: None })
+    }
+}
+
+impl Optimizer for RandomSearch {
+    fn name(&self) -> &'static str {
+        "random"
+    }
+
+    fn space(&self) -> &SearchSpace {
+        &self.space
+    }
+
+    fn ask(&mut self) -> Vec<Candidate> {
+        if self.pending.is_empty() {
+            for _ in 0..self.batch {
+                let g: Vec<f64> = (0..self.space.dim())
+                    .map(|i| self.space.lower[i] + (self.space.upper[i] - self.space.lower[i]) * self.rng.uniform())
+                    .collect();
+                self.pending.insert(self.next_id, g);
+                self.next_id += 1;
+            }
+        }
+        self.pending.iter().map(|(&id, g)| Candidate { id, generation: self.generation, genome: g.clone() }).collect()
+    }
+
+    fn tell(&mut self, evaluations: Vec<Evaluation>) -> Result<(), SearchError> {
+        let mut checked = Vec::with_capacity(evaluations.len());
+        for e in &evaluations {
+            if !self.pending.contains_key(&e.id) {
+                return Err(SearchError::UnknownCandidate(e.id));
+            }
+            checked.push((e.id, e.single(self.objectives)?));
+        }
+        for (id, v) in checked {
+            let Some(g) = self.pending.remove(&id) else { return Err(SearchError::UnknownCandidate(id)) };
+            self.told += 1;
+            if let Some(v) = v {
+                if self.best.as_ref().is_none_or(|(_, b)| v[0] < *b) {
+                    self.best = Some((g, v[0]));
+                }
+            }
+        }
+        if self.pending.is_empty() {
+            self.generation += 1;
+        }
+        Ok(())
+    }
+
+    fn stop(&self) -> Option<StopReason> {
+        None
+    }
+
+    fn best(&self) -> Option<(&[f64], f64)> {
+        self.best.as_ref().map(|(g, v)| (g.as_slice(), *v))
+    }
+
+    fn evaluations(&self) -> u64 {
+        self.told
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn state(&self) -> OptimizerState {
+        OptimizerState::Random(self.clone())
+    }
+}
