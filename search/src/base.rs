@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cmaes::CmaEs;
 use crate::error::SearchError;
+use crate::nsga2::Nsga2;
 use crate::random::RandomSearch;
 use crate::space::SearchSpace;
 
@@ -106,8 +107,9 @@ pub const FORMAT_VERSION: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OptimizerState {
-    Random(RandomSearch),
+    Random(Box<RandomSearch>),
     Cmaes(Box<CmaEs>),
+    Nsga2(Box<Nsga2>),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -144,6 +146,7 @@ impl OptimizerState {
         match self {
             OptimizerState::Random(_) => "random",
             OptimizerState::Cmaes(_) => "cmaes",
+            OptimizerState::Nsga2(_) => "nsga2",
         }
     }
 
@@ -154,8 +157,9 @@ impl OptimizerState {
             return Err(SearchError::BadCheckpoint(format!("checkpoint holds a '{}' optimizer, expected '{expected}'", self.name())));
         }
         Ok(match self {
-            OptimizerState::Random(r) => Box::new(r),
+            OptimizerState::Random(r) => r,
             OptimizerState::Cmaes(c) => c,
+            OptimizerState::Nsga2(n) => n,
         })
     }
 }

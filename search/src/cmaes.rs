@@ -31,6 +31,8 @@
 //! ConditionCov (`cond(C) > 1e14`), TolStagnation (no best-value improvement for
 //! `120 + 30n/λ` generations).
 
+#![allow(clippy::needless_range_loop)] // index-heavy linear algebra reads best with indices
+
 use std::collections::BTreeMap;
 
 use nalgebra::{DMatrix, SymmetricEigen};
@@ -98,8 +100,8 @@ pub struct CmaEs {
     told: u64,
     /// id → internal sample `y` (so that x = mean + σ y).
     pending: BTreeMap<u64, Vec<f64>>,
-    /// id → (y, minimized value; +∞ for a failure)
-    results: BTreeMap<u64, (Vec<f64>, f64)>,
+    /// id → (y, minimized value; `None` for a failure)
+    results: BTreeMap<u64, (Vec<f64>, Option<f64>)>,
     best_history: Vec<f64>,
     best: Option<(Vec<f64>, f64)>,
     best_generation: u64,
@@ -235,13 +237,15 @@ impl CmaEs {
     }
 
     fn update(&mut self) {
-        let mut res: Vec<(u64, Vec<f64>, f64)> = std::mem::take(&mut self.results).into_iter().map(|(id, (y, f))| (id, y, f)).collect();
+        // failures rank last (+∞)
+        let mut res: Vec<(u64, Vec<f64>, f64)> =
+            std::mem::take(&mut self.results).into_iter().map(|(id, (y, f))| (id, y, f.unwrap_or(f64::INFINITY))).collect();
         if res.iter().all(|r| r.2.is_infinite()) {
             return; // every candidate failed: keep the distribution
         }
         // rank by value, ties by id (deterministic)
         res.sort_by(|a, b| a.2.total_cmp(&b.2).then(a.0.cmp(&b.0)));
-        self.last_values = res.iter().map(|r| r.2).collect();
+        self.last_values = res.iter().map(|r| r.2).filter(|v| v.is_finite()).collect();
         self.best_history.push(res[0].2);
         let n = self.n;
         let mu = self.weights.len();
@@ -338,8 +342,8 @@ impl Optimizer for CmaEs {
         for (id, v) in checked {
             let Some(y) = self.pending.remove(&id) else { return Err(SearchError::UnknownCandidate(id)) };
             self.told += 1;
-            let f = v.map_or(f64::INFINITY, |v| v[0]);
-            if f.is_finite() && self.best.as_ref().is_none_or(|(_, b)| f < *b) {
+            let f = v.map(|v| v[0]);
+            if let Some(f) = f.filter(|f| self.best.as_ref().is_none_or(|(_, b)| f < b)) {
                 self.best = Some((self.genome(&y), f));
                 self.best_generation = self.generation;
             }
@@ -489,6 +493,11 @@ mod tests {
             other => panic!("{}", other.name()),
         };
         assert_eq!(c.clone().ask(), pending);
+        // and so does a half-told generation with a failure in it
+        let (first, rest) = pending.split_at(pending.len() / 2);
+        a.tell(first.iter().map(|c| if c.id % 2 == 0 { Evaluation::failed(c.id, "x") } else { Evaluation::scored(c.id, vec![1.0]) }).collect()).expect("tell");
+        let mut c = OptimizerState::from_json(&a.state().to_json()).expect("json").restore("cmaes").expect("cmaes");
+        assert_eq!(c.ask(), rest.to_vec());
     }
 
     #[test]

@@ -13,12 +13,14 @@
 //! uninterrupted one would have ([`OptimizerState`]). No ML dependency: tests run on analytic
 //! functions ([`testfns`]) in milliseconds.
 //!
-//! Built so far: [`RandomSearch`], [`CmaEs`] (full and separable). NSGA-II, IPOP restarts and
-//! the runner follow (see the search-core issue).
+//! Built so far: [`RandomSearch`], [`CmaEs`] (full and separable), [`Nsga2`] with exact
+//! hypervolume ([`pareto`]). IPOP restarts and the runner follow (see the search-core issue).
 
 pub mod base;
 pub mod cmaes;
 pub mod error;
+pub mod nsga2;
+pub mod pareto;
 pub mod random;
 pub mod rng;
 pub mod space;
@@ -27,5 +29,6 @@ pub mod testfns;
 pub use base::{Candidate, Evaluation, Optimizer, OptimizerState, Outcome, StopReason};
 pub use cmaes::{CmaEs, CmaEsConfig};
 pub use error::SearchError;
+pub use nsga2::{Nsga2, Nsga2Config};
 pub use random::RandomSearch;
 pub use space::{Direction, GeneKind, SearchSpace};

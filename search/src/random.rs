@@ -96,6 +96,6 @@ impl Optimizer for RandomSearch {
     }
 
     fn state(&self) -> OptimizerState {
-        OptimizerState::Random(self.clone())
+        OptimizerState::Random(Box::new(self.clone()))
     }
 }

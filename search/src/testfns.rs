@@ -24,3 +24,37 @@ pub fn rosenbrock(x: &[f64]) -> f64 {
 pub fn rastrigin(x: &[f64]) -> f64 {
     10.0 * x.len() as f64 + x.iter().map(|v| v * v - 10.0 * (2.0 * std::f64::consts::PI * v).cos()).sum::<f64>()
 }
+
+/// ZDT1 (genes in [0, 1]): f₁ = x₁, g = 1 + 9 Σᵢ₌₂ xᵢ/(n − 1), f₂ = g (1 − √(f₁/g)).
+pub fn zdt1(x: &[f64]) -> Vec<f64> {
+    let g = zdt_g(x);
+    vec![x[0], g * (1.0 - (x[0] / g).sqrt())]
+}
+
+/// ZDT2: f₂ = g (1 − (f₁/g)²) (concave front).
+pub fn zdt2(x: &[f64]) -> Vec<f64> {
+    let g = zdt_g(x);
+    vec![x[0], g * (1.0 - (x[0] / g).powi(2))]
+}
+
+/// ZDT3: f₂ = g (1 − √(f₁/g) − (f₁/g) sin(10π f₁)) (disconnected front).
+pub fn zdt3(x: &[f64]) -> Vec<f64> {
+    let g = zdt_g(x);
+    let h = 1.0 - (x[0] / g).sqrt() - (x[0] / g) * (10.0 * std::f64::consts::PI * x[0]).sin();
+    vec![x[0], g * h]
+}
+
+fn zdt_g(x: &[f64]) -> f64 {
+    1.0 + 9.0 * x[1..].iter().sum::<f64>() / (x.len() - 1) as f64
+}
+
+/// DTLZ2 with 3 objectives (genes in [0, 1]); the front is the unit sphere's positive octant.
+pub fn dtlz2(x: &[f64]) -> Vec<f64> {
+    let g: f64 = x[2..].iter().map(|v| (v - 0.5).powi(2)).sum();
+    let h = std::f64::consts::FRAC_PI_2;
+    vec![
+        (1.0 + g) * (x[0] * h).cos() * (x[1] * h).cos(),
+        (1.0 + g) * (x[0] * h).cos() * (x[1] * h).sin(),
+        (1.0 + g) * (x[0] * h).sin(),
+    ]
+}

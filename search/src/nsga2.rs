@@ -1,0 +1,412 @@
+//! NSGA-II (Deb, Pratap, Agarwal & Meyarivan, "A fast and elitist multiobjective genetic
+//! algorithm: NSGA-II", IEEE TEC 2002), constraint-free.
+//!
+//! Each generation: N offspring by binary tournament (lower rank wins, then larger crowding
+//! distance), then per pair **SBX** crossover (probability `crossover_prob`, each real gene
+//! with probability ½, distribution index η_c, bounded form of Deb's reference code) and
+//! **polynomial mutation** (each real gene with probability `1/n` by default, index η_m);
+//! **binary genes** get uniform crossover and bit flips instead (on = `upper`, off = `lower`).
+//! Parents and offspring (2N) are ranked by fast non-dominated sort; whole fronts fill the next
+//! population and the last front is cut by descending crowding distance (ties by id).
+//!
+//! **Failed candidates rank last:** they are given +∞ in every objective, so any scored
+//! candidate dominates them.
+
+#![allow(clippy::needless_range_loop)] // per-gene operators index several genomes at once
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::base::{Candidate, Evaluation, Optimizer, OptimizerState, StopReason};
+use crate::error::SearchError;
+use crate::pareto::{crowding_distance, nondominated_ranks};
+use crate::rng::Rng;
+use crate::space::{GeneKind, SearchSpace};
+
+/// Settings of [`Nsga2`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Nsga2Config {
+    /// Population size N (even; default 40).
+    pub population: usize,
+    pub objectives: usize,
+    pub crossover_prob: f64,
+    pub eta_c: f64,
+    pub eta_m: f64,
+    /// Per-gene mutation probability (default 1/n).
+    pub mutation_prob: Option<f64>,
+    pub seed: u64,
+}
+
+impl Default for Nsga2Config {
+    fn default() -> Self {
+        Self { population: 40, objectives: 2, crossover_prob: 0.9, eta_c: 15.0, eta_m: 20.0, mutation_prob: None, seed: 0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Member {
+    id: u64,
+    genome: Vec<f64>,
+    /// `None` = failed.
+    objectives: Option<Vec<f64>>,
+    rank: usize,
+    crowding: f64,
+}
+
+/// NSGA-II state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Nsga2 {
+    space: SearchSpace,
+    cfg: Nsga2Config,
+    rng: Rng,
+    parents: Vec<Member>,
+    pending: BTreeMap<u64, Vec<f64>>,
+    told: BTreeMap<u64, Member>,
+    next_id: u64,
+    generation: u64,
+    evaluations: u64,
+    best: Option<(Vec<f64>, f64)>,
+}
+
+impl Nsga2 {
+    pub fn new(space: SearchSpace, cfg: &Nsga2Config) -> Result<Self, SearchError> {
+        space.validate()?;
+        if cfg.population < 4 || cfg.population % 2 != 0 {
+            return Err(SearchError::BadConfig(format!("population {} must be even and ≥ 4", cfg.population)));
+        }
+        if cfg.objectives == 0 {
+            return Err(SearchError::BadConfig("at least one objective".into()));
+        }
+        if !(0.0..=1.0).contains(&cfg.crossover_prob) || cfg.eta_c < 0.0 || cfg.eta_m < 0.0 {
+            return Err(SearchError::BadConfig("crossover_prob in [0, 1], eta_c and eta_m ≥ 0".into()));
+        }
+        Ok(Self {
+            space,
+            cfg: cfg.clone(),
+            rng: Rng::seeded(cfg.seed),
+            parents: Vec::new(),
+            pending: BTreeMap::new(),
+            told: BTreeMap::new(),
+            next_id: 0,
+            generation: 0,
+            evaluations: 0,
+            best: None,
+        })
+    }
+
+    /// The current non-dominated set: `(genome, objectives)` of the rank-0 scored parents.
+    pub fn front(&self) -> Vec<(&[f64], &[f64])> {
+        self.parents
+            .iter()
+            .filter(|m| m.rank == 0)
+            .filter_map(|m| m.objectives.as_deref().map(|o| (m.genome.as_slice(), o)))
+            .collect()
+    }
+
+    fn random_genome(&mut self) -> Vec<f64> {
+        (0..self.space.dim())
+            .map(|i| {
+                let (lo, hi) = (self.space.lower[i], self.space.upper[i]);
+                match self.space.kinds[i] {
+                    GeneKind::Real => lo + (hi - lo) * self.rng.uniform(),
+                    GeneKind::Binary => {
+                        if self.rng.uniform() < 0.5 {
+                            hi
+                        } else {
+                            lo
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+
+    fn tournament(&mut self) -> usize {
+        let (a, b) = (self.rng.below(self.parents.len()), self.rng.below(self.parents.len()));
+        let (pa, pb) = (&self.parents[a], &self.parents[b]);
+        if pa.rank != pb.rank {
+            return if pa.rank < pb.rank { a } else { b };
+        }
+        if pa.crowding > pb.crowding { a } else { b }
+    }
+
+    fn offspring(&mut self) -> Vec<Vec<f64>> {
+        let n = self.space.dim();
+        let pm = self.cfg.mutation_prob.unwrap_or(1.0 / n as f64);
+        let mut kids = Vec::with_capacity(self.cfg.population);
+        while kids.len() < self.cfg.population {
+            let (a, b) = (self.tournament(), self.tournament());
+            let mut c1 = self.parents[a].genome.clone();
+            let mut c2 = self.parents[b].genome.clone();
+            if self.rng.uniform() < self.cfg.crossover_prob {
+                for i in 0..n {
+                    let swap = self.rng.uniform() < 0.5;
+                    match self.space.kinds[i] {
+                        GeneKind::Binary => {
+                            if swap {
+                                std::mem::swap(&mut c1[i], &mut c2[i]);
+                            }
+                        }
+                        GeneKind::Real => {
+                            if swap && (c1[i] - c2[i]).abs() > 1e-14 {
+                                let (x, y) = self.sbx(c1[i], c2[i], i);
+                                c1[i] = x;
+                                c2[i] = y;
+                            }
+                        }
+                    }
+                }
+            }
+            for c in [&mut c1, &mut c2] {
+                for i in 0..n {
+                    if self.rng.uniform() < pm {
+                        let (lo, hi) = (self.space.lower[i], self.space.upper[i]);
+                        c[i] = match self.space.kinds[i] {
+                            GeneKind::Binary => if c[i] > 0.0 { lo } else { hi },
+                            GeneKind::Real => self.mutate(c[i], lo, hi),
+                        };
+                    }
+                }
+            }
+            kids.push(c1);
+            kids.push(c2);
+        }
+        kids.truncate(self.cfg.population);
+        kids
+    }
+
+    /// Bounded SBX of Deb's reference implementation.
+    fn sbx(&mut self, x1: f64, x2: f64, i: usize) -> (f64, f64) {
+        let (lb, ub, eta) = (self.space.lower[i], self.space.upper[i], self.cfg.eta_c);
+        let (y1, y2) = (x1.min(x2), x1.max(x2));
+        let u = self.rng.uniform();
+        let betaq = |beta: f64| {
+            let alpha = 2.0 - beta.powf(-(eta + 1.0));
+            if u <= 1.0 / alpha { (u * alpha).powf(1.0 / (eta + 1.0)) } else { (1.0 / (2.0 - u * alpha)).powf(1.0 / (eta + 1.0)) }
+        };
+        let c1 = 0.5 * ((y1 + y2) - betaq(1.0 + 2.0 * (y1 - lb) / (y2 - y1)) * (y2 - y1));
+        let c2 = 0.5 * ((y1 + y2) + betaq(1.0 + 2.0 * (ub - y2) / (y2 - y1)) * (y2 - y1));
+        let (c1, c2) = (c1.clamp(lb, ub), c2.clamp(lb, ub));
+        if self.rng.uniform() < 0.5 { (c2, c1) } else { (c1, c2) }
+    }
+
+    /// Bounded polynomial mutation (Deb).
+    fn mutate(&mut self, y: f64, lb: f64, ub: f64) -> f64 {
+        let eta = self.cfg.eta_m;
+        let (d1, d2) = ((y - lb) / (ub - lb), (ub - y) / (ub - lb));
+        let r = self.rng.uniform();
+        let p = 1.0 / (eta + 1.0);
+        let dq = if r < 0.5 {
+            (2.0 * r + (1.0 - 2.0 * r) * (1.0 - d1).powf(eta + 1.0)).powf(p) - 1.0
+        } else {
+            1.0 - (2.0 * (1.0 - r) + 2.0 * (r - 0.5) * (1.0 - d2).powf(eta + 1.0)).powf(p)
+        };
+        (y + dq * (ub - lb)).clamp(lb, ub)
+    }
+
+    /// Environmental selection of `pool` down to N, setting ranks and crowding distances.
+    fn select(&mut self, mut pool: Vec<Member>) {
+        pool.sort_by_key(|m| m.id);
+        let m = self.cfg.objectives;
+        let objs: Vec<Vec<f64>> = pool.iter().map(|x| x.objectives.clone().unwrap_or_else(|| vec![f64::INFINITY; m])).collect();
+        let ranks = nondominated_ranks(&objs);
+        let max_rank = ranks.iter().copied().max().unwrap_or(0);
+        let mut next = Vec::with_capacity(self.cfg.population);
+        for r in 0..=max_rank {
+            let idx: Vec<usize> = (0..pool.len()).filter(|&i| ranks[i] == r).collect();
+            let refs: Vec<&[f64]> = idx.iter().map(|&i| objs[i].as_slice()).collect();
+            let cd = crowding_distance(&refs);
+            let mut members: Vec<(usize, f64)> = idx.into_iter().zip(cd).collect();
+            if next.len() + members.len() > self.cfg.population {
+                members.sort_by(|a, b| b.1.total_cmp(&a.1).then(pool[a.0].id.cmp(&pool[b.0].id)));
+                members.truncate(self.cfg.population - next.len());
+            }
+            for (i, c) in members {
+                let mut x = pool[i].clone();
+                x.rank = r;
+                // +∞ (boundary points) is stored as f64::MAX: same order, and JSON-safe
+                x.crowding = c.min(f64::MAX);
+                next.push(x);
+            }
+            if next.len() >= self.cfg.population {
+                break;
+            }
+        }
+        self.parents = next;
+    }
+}
+
+impl Optimizer for Nsga2 {
+    fn name(&self) -> &'static str {
+        "nsga2"
+    }
+
+    fn space(&self) -> &SearchSpace {
+        &self.space
+    }
+
+    fn ask(&mut self) -> Vec<Candidate> {
+        if self.pending.is_empty() && self.told.is_empty() {
+            let genomes: Vec<Vec<f64>> = if self.parents.is_empty() {
+                (0..self.cfg.population).map(|_| self.random_genome()).collect()
+            } else {
+                self.offspring()
+            };
+            for g in genomes {
+                self.pending.insert(self.next_id, g);
+                self.next_id += 1;
+            }
+        }
+        self.pending.iter().map(|(&id, g)| Candidate { id, generation: self.generation, genome: g.clone() }).collect()
+    }
+
+    fn tell(&mut self, evaluations: Vec<Evaluation>) -> Result<(), SearchError> {
+        let mut checked = Vec::with_capacity(evaluations.len());
+        for e in &evaluations {
+            if !self.pending.contains_key(&e.id) || checked.iter().any(|(id, _)| *id == e.id) {
+                return Err(SearchError::UnknownCandidate(e.id));
+            }
+            checked.push((e.id, e.single(self.cfg.objectives)?));
+        }
+        for (id, objectives) in checked {
+            let Some(genome) = self.pending.remove(&id) else { return Err(SearchError::UnknownCandidate(id)) };
+            self.evaluations += 1;
+            if let Some(o) = &objectives {
+                if self.best.as_ref().is_none_or(|(_, b)| o[0] < *b) {
+                    self.best = Some((genome.clone(), o[0]));
+                }
+            }
+            self.told.insert(id, Member { id, genome, objectives, rank: 0, crowding: 0.0 });
+        }
+        if self.pending.is_empty() {
+            let mut pool: Vec<Member> = std::mem::take(&mut self.parents);
+            pool.extend(std::mem::take(&mut self.told).into_values());
+            self.select(pool);
+            self.generation += 1;
+        }
+        Ok(())
+    }
+
+    fn stop(&self) -> Option<StopReason> {
+        None
+    }
+
+    /// Best value of the first objective (for logs); use [`Nsga2::front`] for the front.
+    fn best(&self) -> Option<(&[f64], f64)> {
+        self.best.as_ref().map(|(g, v)| (g.as_slice(), *v))
+    }
+
+    fn evaluations(&self) -> u64 {
+        self.evaluations
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn state(&self) -> OptimizerState {
+        OptimizerState::Nsga2(Box::new(self.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pareto::hypervolume;
+    use crate::testfns::{dtlz2, zdt1, zdt2, zdt3};
+
+    fn optimize(f: fn(&[f64]) -> Vec<f64>, n: usize, m: usize, pop: usize, gens: usize, seed: u64) -> Nsga2 {
+        let space = SearchSpace::uniform(n, 0.0, 1.0).expect("space");
+        let mut opt = Nsga2::new(space, &Nsga2Config { population: pop, objectives: m, seed, ..Default::default() }).expect("nsga2");
+        for _ in 0..gens {
+            let c = opt.ask();
+            opt.tell(c.iter().map(|c| Evaluation::scored(c.id, f(&c.genome))).collect()).expect("tell");
+        }
+        opt
+    }
+
+    /// Hypervolume of the true ZDT front (g = 1), from a dense sample of f₁ ∈ [0, 1].
+    fn zdt_optimum(f: fn(&[f64]) -> Vec<f64>, r: &[f64]) -> f64 {
+        let pts: Vec<Vec<f64>> = (0..=20_000).map(|i| {
+            let mut x = vec![0.0; 2];
+            x[0] = i as f64 / 20_000.0;
+            f(&x)
+        }).collect();
+        hypervolume(&pts, r)
+    }
+
+    fn front_hv(opt: &Nsga2, r: &[f64]) -> f64 {
+        let pts: Vec<Vec<f64>> = opt.front().into_iter().map(|(_, o)| o.to_vec()).collect();
+        hypervolume(&pts, r)
+    }
+
+    // Reference: NSGA-II (pymoo, N = 100, 200 generations) reaches ≥ 97–99 % of the optimal
+    // hypervolume on ZDT1-3 with 30 genes; the tests require 95 % with the same budget.
+    #[test]
+    fn zdt_fronts_reach_95_percent_of_the_optimal_hypervolume() {
+        let r = [1.1, 1.1];
+        for (name, f) in [("zdt1", zdt1 as fn(&[f64]) -> Vec<f64>), ("zdt2", zdt2), ("zdt3", zdt3)] {
+            let opt = optimize(f, 30, 2, 100, 200, 1);
+            let (got, best) = (front_hv(&opt, &r), zdt_optimum(f, &r));
+            assert!(got >= 0.95 * best, "{name}: hypervolume {got:.4} of optimal {best:.4}");
+        }
+    }
+
+    // NSGA-II's crowding distance spreads 3-objective fronts poorly (the reason NSGA-III
+    // exists); measured here: 87 % of the optimal hypervolume after 200 generations of 100.
+    #[test]
+    fn dtlz2_three_objectives() {
+        let r = [1.1, 1.1, 1.1];
+        let opt = optimize(dtlz2, 12, 3, 100, 200, 2);
+        let optimal = 1.1f64.powi(3) - std::f64::consts::PI / 6.0;
+        let got = front_hv(&opt, &r);
+        assert!(got >= 0.85 * optimal, "hypervolume {got:.4} of optimal {optimal:.4}");
+    }
+
+    #[test]
+    fn save_restore_continues_bit_for_bit() {
+        let mut a = optimize(zdt1, 10, 2, 20, 5, 3);
+        let mut b = OptimizerState::from_json(&a.state().to_json()).expect("json").restore("nsga2").expect("nsga2");
+        // a checkpoint taken halfway through telling a generation (with a failure) too
+        let half = a.ask();
+        let (first, _) = half.split_at(half.len() / 2);
+        let tell = |c: &Candidate| if c.id % 7 == 0 { Evaluation::failed(c.id, "x") } else { Evaluation::scored(c.id, zdt1(&c.genome)) };
+        assert_eq!(b.ask(), half);
+        a.tell(first.iter().map(tell).collect()).expect("tell");
+        b.tell(first.iter().map(tell).collect()).expect("tell");
+        let mut b = OptimizerState::from_json(&b.state().to_json()).expect("json").restore("nsga2").expect("nsga2");
+        let rest_a = a.ask();
+        a.tell(rest_a.iter().map(tell).collect()).expect("tell");
+        let rest_b = b.ask();
+        assert_eq!(rest_a, rest_b);
+        b.tell(rest_b.iter().map(tell).collect()).expect("tell");
+        for _ in 0..5 {
+            let (ca, cb) = (a.ask(), b.ask());
+            assert_eq!(ca, cb);
+            a.tell(ca.iter().map(|c| Evaluation::scored(c.id, zdt1(&c.genome))).collect()).expect("tell");
+            b.tell(cb.iter().map(|c| Evaluation::scored(c.id, zdt1(&c.genome))).collect()).expect("tell");
+        }
+    }
+
+    #[test]
+    fn binary_genes_stay_binary_and_failures_rank_last() {
+        let space = SearchSpace::new(
+            vec!["on".into(), "x".into()],
+            vec![-1.0, 0.0],
+            vec![1.0, 1.0],
+            vec![GeneKind::Binary, GeneKind::Real],
+        )
+        .expect("space");
+        let mut opt = Nsga2::new(space.clone(), &Nsga2Config { population: 8, objectives: 2, seed: 4, ..Default::default() }).expect("nsga2");
+        for _ in 0..10 {
+            let c = opt.ask();
+            assert!(c.iter().all(|c| (c.genome[0] == 1.0 || c.genome[0] == -1.0) && space.contains(&c.genome)));
+            // genomes with the bit off fail
+            opt.tell(c.iter().map(|c| if space.is_on(&c.genome, 0) { Evaluation::scored(c.id, vec![c.genome[1], 1.0 - c.genome[1]]) } else { Evaluation::failed(c.id, "off") }).collect()).expect("tell");
+        }
+        assert!(!opt.front().is_empty());
+        assert!(opt.front().iter().all(|(g, _)| g[0] == 1.0));
+    }
+}
