@@ -57,13 +57,65 @@ pub struct CmaEsConfig {
     pub separable: Option<bool>,
     pub tol_fun: f64,
     pub tol_x: f64,
+    /// IPOP: on a stopping criterion, restart from a random mean with the population doubled,
+    /// at most this many times (Auger & Hansen, CEC 2005). 0 = plain CMA-ES.
+    pub ipop_restarts: u32,
     pub seed: u64,
 }
 
 impl Default for CmaEsConfig {
     fn default() -> Self {
-        Self { population: None, sigma0: 0.3, x0: None, separable: None, tol_fun: 1e-12, tol_x: 1e-12, seed: 0 }
+        Self { population: None, sigma0: 0.3, x0: None, separable: None, tol_fun: 1e-12, tol_x: 1e-12, ipop_restarts: 0, seed: 0 }
     }
+}
+
+/// The strategy parameters for a dimension and population (tutorial defaults).
+struct Strategy {
+    weights: Vec<f64>,
+    mu_eff: f64,
+    c_sigma: f64,
+    d_sigma: f64,
+    c_c: f64,
+    c1: f64,
+    c_mu: f64,
+    chi_n: f64,
+}
+
+impl Strategy {
+    fn new(n: usize, lambda: usize, separable: bool) -> Self {
+        let mu = lambda / 2;
+        let raw: Vec<f64> = (1..=mu).map(|i| ((lambda as f64 + 1.0) / 2.0).ln() - (i as f64).ln()).collect();
+        let sum: f64 = raw.iter().sum();
+        let weights: Vec<f64> = raw.iter().map(|w| w / sum).collect();
+        let mu_eff = 1.0 / weights.iter().map(|w| w * w).sum::<f64>();
+        let nf = n as f64;
+        let c_sigma = (mu_eff + 2.0) / (nf + mu_eff + 5.0);
+        let d_sigma = 1.0 + 2.0 * (((mu_eff - 1.0) / (nf + 1.0)).sqrt() - 1.0).max(0.0) + c_sigma;
+        let c_c = (4.0 + mu_eff / nf) / (nf + 4.0 + 2.0 * mu_eff / nf);
+        let mut c1 = 2.0 / ((nf + 1.3).powi(2) + mu_eff);
+        let mut c_mu = (1.0 - c1).min(2.0 * (mu_eff - 2.0 + 1.0 / mu_eff) / ((nf + 2.0).powi(2) + mu_eff));
+        if separable {
+            c1 *= (nf + 2.0) / 3.0;
+            c_mu = (1.0 - c1).min(c_mu * (nf + 2.0) / 3.0);
+        }
+        let chi_n = nf.sqrt() * (1.0 - 1.0 / (4.0 * nf) + 1.0 / (21.0 * nf * nf));
+        Self { weights, mu_eff, c_sigma, d_sigma, c_c, c1, c_mu, chi_n }
+    }
+}
+
+/// `(C, B, D)` of the identity covariance.
+fn identity(n: usize, separable: bool) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let mut c = vec![0.0; if separable { n } else { n * n }];
+    let mut b = vec![0.0; if separable { 0 } else { n * n }];
+    for i in 0..n {
+        if separable {
+            c[i] = 1.0;
+        } else {
+            c[i * n + i] = 1.0;
+            b[i * n + i] = 1.0;
+        }
+    }
+    (c, b, vec![1.0; n])
 }
 
 /// CMA-ES state (everything, so that a restored instance continues bit for bit).
@@ -81,6 +133,11 @@ pub struct CmaEs {
     c_mu: f64,
     chi_n: f64,
     separable: bool,
+    ipop_restarts: u32,
+    /// Restarts done so far.
+    restarts: u32,
+    /// Set when a stopping criterion held after the last restart.
+    stop_reason: Option<StopReason>,
     tol_fun: f64,
     tol_x: f64,
     sigma0: f64,
@@ -133,46 +190,25 @@ impl CmaEs {
                 x0.iter().enumerate().map(|(i, x)| (x - space.lower[i]) / (space.upper[i] - space.lower[i])).collect()
             }
         };
-        let mu = lambda / 2;
-        let raw: Vec<f64> = (1..=mu).map(|i| ((lambda as f64 + 1.0) / 2.0).ln() - (i as f64).ln()).collect();
-        let sum: f64 = raw.iter().sum();
-        let weights: Vec<f64> = raw.iter().map(|w| w / sum).collect();
-        let mu_eff = 1.0 / weights.iter().map(|w| w * w).sum::<f64>();
-        let nf = n as f64;
-        let c_sigma = (mu_eff + 2.0) / (nf + mu_eff + 5.0);
-        let d_sigma = 1.0 + 2.0 * (((mu_eff - 1.0) / (nf + 1.0)).sqrt() - 1.0).max(0.0) + c_sigma;
-        let c_c = (4.0 + mu_eff / nf) / (nf + 4.0 + 2.0 * mu_eff / nf);
-        let mut c1 = 2.0 / ((nf + 1.3).powi(2) + mu_eff);
-        let mut c_mu = (1.0 - c1).min(2.0 * (mu_eff - 2.0 + 1.0 / mu_eff) / ((nf + 2.0).powi(2) + mu_eff));
         let separable = cfg.separable.unwrap_or(n > 100);
-        if separable {
-            c1 *= (nf + 2.0) / 3.0;
-            c_mu = (1.0 - c1).min(c_mu * (nf + 2.0) / 3.0);
-        }
-        let chi_n = nf.sqrt() * (1.0 - 1.0 / (4.0 * nf) + 1.0 / (21.0 * nf * nf));
-        let mut c = vec![0.0; if separable { n } else { n * n }];
-        let mut b = vec![0.0; if separable { 0 } else { n * n }];
-        for i in 0..n {
-            if separable {
-                c[i] = 1.0;
-            } else {
-                c[i * n + i] = 1.0;
-                b[i * n + i] = 1.0;
-            }
-        }
+        let st = Strategy::new(n, lambda, separable);
+        let (c, b, d) = identity(n, separable);
         Ok(Self {
             space,
             n,
             lambda,
-            weights,
-            mu_eff,
-            c_sigma,
-            d_sigma,
-            c_c,
-            c1,
-            c_mu,
-            chi_n,
+            weights: st.weights,
+            mu_eff: st.mu_eff,
+            c_sigma: st.c_sigma,
+            d_sigma: st.d_sigma,
+            c_c: st.c_c,
+            c1: st.c1,
+            c_mu: st.c_mu,
+            chi_n: st.chi_n,
             separable,
+            ipop_restarts: cfg.ipop_restarts,
+            restarts: 0,
+            stop_reason: None,
             tol_fun: cfg.tol_fun,
             tol_x: cfg.tol_x,
             sigma0: cfg.sigma0,
@@ -182,7 +218,7 @@ impl CmaEs {
             p_c: vec![0.0; n],
             c,
             b,
-            d: vec![1.0; n],
+            d,
             eigen_generation: 0,
             rng: Rng::seeded(cfg.seed),
             next_id: 0,
@@ -295,6 +331,13 @@ impl CmaEs {
         if !self.separable && self.generation - self.eigen_generation >= every {
             self.decompose();
         }
+        if let Some(reason) = self.criteria() {
+            if self.restarts < self.ipop_restarts {
+                self.restart();
+            } else {
+                self.stop_reason = Some(reason);
+            }
+        }
     }
 
     fn decompose(&mut self) {
@@ -356,6 +399,29 @@ impl Optimizer for CmaEs {
     }
 
     fn stop(&self) -> Option<StopReason> {
+        self.stop_reason.clone()
+    }
+
+    fn best(&self) -> Option<(&[f64], f64)> {
+        self.best.as_ref().map(|(g, v)| (g.as_slice(), *v))
+    }
+
+    fn evaluations(&self) -> u64 {
+        self.told
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn state(&self) -> OptimizerState {
+        OptimizerState::Cmaes(Box::new(self.clone()))
+    }
+}
+
+impl CmaEs {
+    /// The stopping criteria of the current run (see the module doc).
+    fn criteria(&self) -> Option<StopReason> {
         let n = self.n as f64;
         let window = 10 + (30.0 * n / self.lambda as f64).ceil() as usize;
         if self.best_history.len() >= window {
@@ -379,20 +445,27 @@ impl Optimizer for CmaEs {
         None
     }
 
-    fn best(&self) -> Option<(&[f64], f64)> {
-        self.best.as_ref().map(|(g, v)| (g.as_slice(), *v))
+    /// IPOP restart: population doubled, fresh uniform mean, initial σ, identity covariance.
+    fn restart(&mut self) {
+        self.restarts += 1;
+        self.lambda *= 2;
+        let st = Strategy::new(self.n, self.lambda, self.separable);
+        (self.weights, self.mu_eff, self.c_sigma, self.d_sigma) = (st.weights, st.mu_eff, st.c_sigma, st.d_sigma);
+        (self.c_c, self.c1, self.c_mu, self.chi_n) = (st.c_c, st.c1, st.c_mu, st.chi_n);
+        (self.c, self.b, self.d) = identity(self.n, self.separable);
+        self.mean = (0..self.n).map(|_| self.rng.uniform()).collect();
+        self.sigma = self.sigma0;
+        self.p_sigma = vec![0.0; self.n];
+        self.p_c = vec![0.0; self.n];
+        self.eigen_generation = self.generation;
+        self.best_generation = self.generation;
+        self.best_history.clear();
+        self.last_values.clear();
     }
 
-    fn evaluations(&self) -> u64 {
-        self.told
-    }
-
-    fn generation(&self) -> u64 {
-        self.generation
-    }
-
-    fn state(&self) -> OptimizerState {
-        OptimizerState::Cmaes(Box::new(self.clone()))
+    /// Restarts done (IPOP).
+    pub fn restarts(&self) -> u32 {
+        self.restarts
     }
 }
 
@@ -470,6 +543,22 @@ mod tests {
             opt.tell(cands.iter().map(|c| Evaluation::scored(c.id, vec![rosenbrock(&c.genome)])).collect()).expect("tell");
         }
         asked
+    }
+
+    #[test]
+    fn ipop_restarts_double_the_population_and_keep_ids_unique() {
+        let space = SearchSpace::uniform(3, -5.0, 5.0).expect("space");
+        let mut opt = CmaEs::new(space, &CmaEsConfig { ipop_restarts: 2, tol_fun: 1e-6, seed: 14, ..Default::default() }).expect("cmaes");
+        let lambda0 = opt.population();
+        let mut ids = std::collections::BTreeSet::new();
+        while opt.stop().is_none() && opt.evaluations() < 200_000 {
+            let c = opt.ask();
+            assert!(c.iter().all(|c| ids.insert(c.id)), "ids unique across restarts");
+            opt.tell(c.iter().map(|c| Evaluation::scored(c.id, vec![sphere(&c.genome)])).collect()).expect("tell");
+        }
+        assert_eq!(opt.restarts(), 2);
+        assert_eq!(opt.population(), 4 * lambda0);
+        assert!(opt.stop().is_some());
     }
 
     #[test]
