@@ -13,8 +13,9 @@
 //! uninterrupted one would have ([`OptimizerState`]). No ML dependency: tests run on analytic
 //! functions ([`testfns`]) in milliseconds.
 //!
-//! Built so far: [`RandomSearch`], [`CmaEs`] (full and separable), [`Nsga2`] with exact
-//! hypervolume ([`pareto`]). IPOP restarts and the runner follow (see the search-core issue).
+//! Optimizers: [`RandomSearch`], [`CmaEs`] (full, separable, IPOP restarts), [`Nsga2`] with
+//! exact hypervolume ([`pareto`]). The [`Runner`] owns the loop: budgets, observers,
+//! cancellation and atomic checkpoints.
 
 pub mod base;
 pub mod cmaes;
@@ -23,6 +24,7 @@ pub mod nsga2;
 pub mod pareto;
 pub mod random;
 pub mod rng;
+pub mod runner;
 pub mod space;
 pub mod testfns;
 
@@ -31,4 +33,5 @@ pub use cmaes::{CmaEs, CmaEsConfig};
 pub use error::SearchError;
 pub use nsga2::{Nsga2, Nsga2Config};
 pub use random::RandomSearch;
+pub use runner::{Budget, GenerationReport, Observer, Runner, Termination};
 pub use space::{Direction, GeneKind, SearchSpace};

@@ -1,0 +1,317 @@
+//! The run loop: budgets, termination, observers, cancellation and atomic checkpoints.
+//!
+//! The runner owns the loop; the optimizer only asks and tells, and the objective is a closure
+//! (the binary plugs merge + fitness in later). After every generation — and when cancelled
+//! (Ctrl-C / SIGTERM set the flag the caller passes) — the whole state is written atomically:
+//! `checkpoint.json.tmp` is written and fsynced, the current `checkpoint.json` becomes
+//! `checkpoint.prev.json`, and the temporary file is renamed into place (then the directory is
+//! fsynced). [`Runner::resume`] reads the checkpoint, falling back to the previous one (and
+//! saying so) when it is corrupt or truncated. Evaluations told before a cancellation are kept;
+//! candidates still pending are re-asked after a resume.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::base::{Candidate, Evaluation, Optimizer, OptimizerState, Outcome, StopReason};
+use crate::error::SearchError;
+
+/// Limits of a run (all optional; checked between generations, wall time also between
+/// evaluations).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Budget {
+    pub max_evaluations: Option<u64>,
+    pub max_generations: Option<u64>,
+    pub max_seconds: Option<f64>,
+}
+
+/// Why a run ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Termination {
+    Evaluations,
+    Generations,
+    WallTime,
+    /// The optimizer's own criterion.
+    Converged(StopReason),
+    /// The cancel flag was set (a checkpoint was written).
+    Interrupted,
+}
+
+/// What observers see after each generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationReport {
+    pub generation: u64,
+    pub evaluations: u64,
+    pub failures: u64,
+    pub best: Option<f64>,
+    pub seconds: f64,
+}
+
+/// Progress, logging and best-so-far hooks.
+pub trait Observer {
+    fn on_evaluation(&mut self, _candidate: &Candidate, _evaluation: &Evaluation) {}
+    fn on_generation(&mut self, _report: &GenerationReport) {}
+    /// A checkpoint could not be read and the previous one was used.
+    fn on_fallback(&mut self, _reason: &str) {}
+}
+
+/// Everything needed to continue a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct RunState {
+    optimizer: String,
+    failures: u64,
+    seconds: f64,
+}
+
+/// Drives an optimizer against an objective.
+pub struct Runner {
+    optimizer: Box<dyn Optimizer>,
+    budget: Budget,
+    checkpoint: Option<PathBuf>,
+    cancel: Arc<AtomicBool>,
+    failures: u64,
+    /// Seconds spent in earlier sessions of this run (resume).
+    seconds_before: f64,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner").field("optimizer", &self.optimizer.name()).field("budget", &self.budget).finish()
+    }
+}
+
+const PREV: &str = "prev.json";
+
+fn prev_path(p: &Path) -> PathBuf {
+    p.with_extension(PREV)
+}
+
+/// Writes `bytes` to `path` atomically, keeping the previous file as `*.prev.json`.
+pub fn write_checkpoint(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("json.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    if path.exists() {
+        std::fs::rename(path, prev_path(path))?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+impl Runner {
+    /// A new run; `checkpoint` is where state is written (none: no checkpoints).
+    pub fn new(optimizer: Box<dyn Optimizer>, budget: Budget, checkpoint: Option<PathBuf>, cancel: Arc<AtomicBool>) -> Self {
+        Self { optimizer, budget, checkpoint, cancel, failures: 0, seconds_before: 0.0 }
+    }
+
+    /// Continues the run saved at `checkpoint` (falling back to the previous checkpoint when the
+    /// latest is unreadable); `expected` is the optimizer the run must be using.
+    pub fn resume(checkpoint: PathBuf, expected: &str, budget: Budget, cancel: Arc<AtomicBool>, observer: &mut dyn Observer) -> Result<Self, SearchError> {
+        let read = |p: &Path| -> Result<(RunState, OptimizerState), SearchError> {
+            let text = std::fs::read_to_string(p).map_err(|e| SearchError::BadCheckpoint(format!("{}: {e}", p.display())))?;
+            let run: RunState = serde_json::from_str(&text).map_err(|e| SearchError::BadCheckpoint(format!("{}: {e}", p.display())))?;
+            let opt = OptimizerState::from_json(&run.optimizer).map_err(|e| SearchError::BadCheckpoint(format!("{}: {e}", p.display())))?;
+            Ok((run, opt))
+        };
+        let (run, state) = match read(&checkpoint) {
+            Ok(x) => x,
+            Err(first) => {
+                let prev = prev_path(&checkpoint);
+                let x = read(&prev).map_err(|second| SearchError::BadCheckpoint(format!("{first}; previous checkpoint: {second}")))?;
+                observer.on_fallback(&format!("{first}; continuing from {}", prev.display()));
+                x
+            }
+        };
+        let optimizer = state.restore(expected)?;
+        Ok(Self { optimizer, budget, checkpoint: Some(checkpoint), cancel, failures: run.failures, seconds_before: run.seconds })
+    }
+
+    pub fn optimizer(&self) -> &dyn Optimizer {
+        self.optimizer.as_ref()
+    }
+
+    fn save(&self, seconds: f64) -> Result<(), SearchError> {
+        let Some(path) = &self.checkpoint else { return Ok(()) };
+        let run = RunState { optimizer: self.optimizer.state().to_json(), failures: self.failures, seconds };
+        let text = serde_json::to_string(&run).map_err(|e| SearchError::BadCheckpoint(e.to_string()))?;
+        write_checkpoint(path, text.as_bytes()).map_err(|e| SearchError::BadCheckpoint(format!("writing {}: {e}", path.display())))
+    }
+
+    fn exhausted(&self, seconds: f64) -> Option<Termination> {
+        let o = &self.optimizer;
+        if self.budget.max_evaluations.is_some_and(|m| o.evaluations() >= m) {
+            return Some(Termination::Evaluations);
+        }
+        if self.budget.max_generations.is_some_and(|m| o.generation() >= m) {
+            return Some(Termination::Generations);
+        }
+        if self.budget.max_seconds.is_some_and(|m| seconds >= m) {
+            return Some(Termination::WallTime);
+        }
+        o.stop().map(Termination::Converged)
+    }
+
+    /// Runs until a budget, the optimizer's criterion or cancellation ends it.
+    pub fn run(&mut self, objective: &mut dyn FnMut(&Candidate) -> Outcome, observer: &mut dyn Observer) -> Result<Termination, SearchError> {
+        let start = Instant::now();
+        let elapsed = |s: &Self| s.seconds_before + start.elapsed().as_secs_f64();
+        loop {
+            if let Some(t) = self.exhausted(elapsed(self)) {
+                self.save(elapsed(self))?;
+                return Ok(t);
+            }
+            for c in self.optimizer.ask() {
+                if self.cancel.load(Ordering::Relaxed) {
+                    self.save(elapsed(self))?;
+                    return Ok(Termination::Interrupted);
+                }
+                let e = Evaluation { id: c.id, outcome: objective(&c) };
+                if matches!(e.outcome, Outcome::Failed(_)) {
+                    self.failures += 1;
+                }
+                observer.on_evaluation(&c, &e);
+                self.optimizer.tell(vec![e])?;
+            }
+            let report = GenerationReport {
+                generation: self.optimizer.generation(),
+                evaluations: self.optimizer.evaluations(),
+                failures: self.failures,
+                best: self.optimizer.best().map(|(_, v)| v),
+                seconds: elapsed(self),
+            };
+            self.save(report.seconds)?;
+            observer.on_generation(&report);
+        }
+    }
+}
+
+/// An observer that does nothing.
+#[derive(Debug, Default)]
+pub struct Silent;
+
+impl Observer for Silent {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testfns::rosenbrock;
+    use crate::{CmaEs, CmaEsConfig, SearchSpace};
+
+    fn cmaes() -> Box<dyn Optimizer> {
+        Box::new(CmaEs::new(SearchSpace::uniform(4, -3.0, 3.0).expect("space"), &CmaEsConfig { seed: 21, ..Default::default() }).expect("cmaes"))
+    }
+
+    /// Records every evaluation (id, genome, value).
+    #[derive(Default)]
+    struct Log(Vec<(u64, Vec<f64>, Outcome)>, Vec<String>);
+
+    impl Observer for Log {
+        fn on_evaluation(&mut self, c: &Candidate, e: &Evaluation) {
+            self.0.push((c.id, c.genome.clone(), e.outcome.clone()));
+        }
+        fn on_fallback(&mut self, reason: &str) {
+            self.1.push(reason.to_string());
+        }
+    }
+
+    fn objective(c: &Candidate) -> Outcome {
+        Outcome::Scored(vec![rosenbrock(&c.genome)])
+    }
+
+    fn gens(n: u64) -> Budget {
+        Budget { max_generations: Some(n), ..Default::default() }
+    }
+
+    #[test]
+    fn killed_and_resumed_equals_uninterrupted() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut whole = Log::default();
+        Runner::new(cmaes(), gens(12), None, flag.clone()).run(&mut objective, &mut whole).expect("run");
+        for stop_after in [1u64, 5, 11] {
+            let ck = dir.path().join(format!("ck{stop_after}.json"));
+            let mut log = Log::default();
+            let t = Runner::new(cmaes(), gens(stop_after), Some(ck.clone()), flag.clone()).run(&mut objective, &mut log).expect("run");
+            assert_eq!(t, Termination::Generations);
+            // the process "dies" here; a new one resumes from the file
+            let mut r = Runner::resume(ck, "cmaes", gens(12), flag.clone(), &mut log).expect("resume");
+            r.run(&mut objective, &mut log).expect("run");
+            assert_eq!(log.0, whole.0, "stopped after {stop_after} generations");
+        }
+    }
+
+    #[test]
+    fn cancellation_mid_generation_checkpoints_and_resumes_exactly() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ck = dir.path().join("checkpoint.json");
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut whole = Log::default();
+        Runner::new(cmaes(), gens(6), None, Arc::new(AtomicBool::new(false))).run(&mut objective, &mut whole).expect("run");
+        let mut log = Log::default();
+        let mut count = 0;
+        let f2 = flag.clone();
+        let mut cancelling = |c: &Candidate| {
+            count += 1;
+            if count == 17 {
+                f2.store(true, Ordering::Relaxed); // Ctrl-C during evaluation 17
+            }
+            objective(c)
+        };
+        let t = Runner::new(cmaes(), gens(6), Some(ck.clone()), flag.clone()).run(&mut cancelling, &mut log).expect("run");
+        assert_eq!(t, Termination::Interrupted);
+        assert_eq!(log.0.len(), 17, "the evaluation in flight completes and is kept");
+        flag.store(false, Ordering::Relaxed);
+        Runner::resume(ck, "cmaes", gens(6), flag, &mut log).expect("resume").run(&mut objective, &mut log).expect("run");
+        assert_eq!(log.0, whole.0);
+    }
+
+    #[test]
+    fn corrupt_checkpoint_falls_back_to_the_previous_one() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ck = dir.path().join("checkpoint.json");
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut log = Log::default();
+        Runner::new(cmaes(), gens(3), Some(ck.clone()), flag.clone()).run(&mut objective, &mut log).expect("run");
+        assert!(prev_path(&ck).is_file());
+        let text = std::fs::read_to_string(&ck).expect("read");
+        std::fs::write(&ck, &text[..text.len() / 2]).expect("truncate");
+        let r = Runner::resume(ck.clone(), "cmaes", gens(5), flag.clone(), &mut log).expect("fallback");
+        assert_eq!(log.1.len(), 1, "the fallback is reported");
+        assert!(r.optimizer().generation() >= 2);
+        std::fs::write(prev_path(&ck), "{").expect("break prev");
+        let e = Runner::resume(ck, "cmaes", gens(5), flag.clone(), &mut log).expect_err("both broken");
+        assert!(e.to_string().contains("previous checkpoint"), "{e}");
+        let missing = Runner::resume(dir.path().join("none.json"), "cmaes", gens(1), flag, &mut log).expect_err("missing");
+        assert!(matches!(missing, SearchError::BadCheckpoint(_)));
+    }
+
+    #[test]
+    fn budgets_and_failures_are_respected() {
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut r = Runner::new(cmaes(), Budget { max_evaluations: Some(25), ..Default::default() }, None, flag);
+        let mut n = 0;
+        let t = r
+            .run(&mut |c: &Candidate| {
+                n += 1;
+                if n % 5 == 0 { Outcome::Failed("nan".into()) } else { objective(c) }
+            }, &mut Silent)
+            .expect("run");
+        assert_eq!(t, Termination::Evaluations);
+        let evals = r.optimizer().evaluations();
+        assert!((25..25 + 8).contains(&evals), "stops at the first generation boundary past the budget: {evals}");
+        assert_eq!(r.failures, evals / 5);
+    }
+}
