@@ -514,6 +514,16 @@ mod tests {
         assert!(e.is_some_and(|e| e <= 12_000), "{e:?}");
     }
 
+    // IPOP-CMA-ES (Auger & Hansen 2005) solves 10-D Rastrigin in ≈ 1e5 evaluations.
+    #[test]
+    fn ipop_solves_rastrigin_10d() {
+        let space = SearchSpace::uniform(10, -5.0, 5.0).expect("space");
+        let cfg = CmaEsConfig { x0: Some(vec![3.0; 10]), sigma0: 0.2, seed: 1, ipop_restarts: 9, ..Default::default() };
+        let mut opt = CmaEs::new(space, &cfg).expect("cmaes");
+        let e = evals_to(&mut opt, crate::testfns::rastrigin, 1e-8, 400_000);
+        assert!(e.is_some_and(|e| e <= 250_000), "{e:?} after {} restarts", opt.restarts());
+    }
+
     #[test]
     fn separable_cmaes_solves_a_200d_separable_ellipsoid() {
         let mut opt = cmaes(200, 4, None);

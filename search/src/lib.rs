@@ -22,6 +22,8 @@ pub mod cmaes;
 pub mod error;
 pub mod nsga2;
 pub mod pareto;
+#[cfg(test)]
+mod props;
 pub mod random;
 pub mod rng;
 pub mod runner;

@@ -57,6 +57,12 @@ impl SearchSpace {
             if !lo.is_finite() || !hi.is_finite() || lo >= hi {
                 return Err(SearchError::BadSpace(format!("gene '{}': bounds [{lo}, {hi}] are not finite with lower < upper", self.names[i])));
             }
+            if self.kinds[i] == GeneKind::Binary && !(lo <= 0.0 && hi > 0.0) {
+                return Err(SearchError::BadSpace(format!(
+                    "binary gene '{}': bounds [{lo}, {hi}] must contain off (≤ 0) and on (> 0)",
+                    self.names[i]
+                )));
+            }
         }
         Ok(())
     }
@@ -106,6 +112,8 @@ mod tests {
         let e = SearchSpace::new(vec!["a".into()], vec![2.0], vec![1.0], vec![GeneKind::Real]).expect_err("lo > hi");
         assert!(e.to_string().contains("'a'"), "{e}");
         assert!(SearchSpace::new(vec!["a".into()], vec![0.0, 1.0], vec![1.0], vec![GeneKind::Real]).is_err());
+        let e = SearchSpace::new(vec!["on".into()], vec![0.5], vec![1.0], vec![GeneKind::Binary]).expect_err("always on");
+        assert!(e.to_string().contains("binary gene 'on'"), "{e}");
     }
 
     #[test]
