@@ -211,29 +211,46 @@ pub type ChunkSink<'a> = dyn FnMut(&[f32]) -> Result<(), String> + 'a;
 /// cache and never needs fresh memory, large enough to amortize the parallel split.
 pub const STREAM_CHUNK: usize = 1 << 18;
 
-/// Streams an [`MergeMethod::elementwise`] method: read a chunk of every input, merge it, emit.
+/// Elements per sub-chunk of [`stream_elementwise`]: the inputs' slices of one sub-chunk stay
+/// in L2.
+const SUB_CHUNK: usize = 1 << 14;
+
+thread_local! {
+    /// Per-thread decoded input slices of one sub-chunk.
+    static SUB_INPUTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Streams an [`MergeMethod::elementwise`] method: per chunk, every sub-chunk is decoded from
+/// all inputs into per-thread buffers and merged straight into the output chunk (one parallel
+/// pass, working set in L2), then the chunk is emitted.
 pub fn stream_elementwise<M: MergeMethod + ?Sized>(m: &M, input: &StreamInput, scratch: &mut Scratch, sink: &mut ChunkSink) -> Result<(), String> {
+    use rayon::prelude::*;
     let n = input.numel();
     let k = input.reader.count();
-    let bufs = scratch.buffers(k + 1, STREAM_CHUNK.min(n.max(1)));
-    let (ins, out) = bufs.split_at_mut(k);
+    let out = &mut scratch.buffers(1, STREAM_CHUNK.min(n.max(1)))[0];
     let mut start = 0;
     while start < n {
         let len = STREAM_CHUNK.min(n - start);
-        for (i, b) in ins.iter_mut().enumerate() {
-            input.reader.read(i, start, &mut b[..len]);
-        }
-        let chunk = MergeInput {
-            tensor: input.tensor,
-            shape: &[len],
-            tensors: ins.iter().map(|b| &b[..len]).collect(),
-            base: input.base,
-            model_params: input.model_params.to_vec(),
-            params: input.params.clone(),
-            seed: input.seed,
-        };
-        m.merge(&chunk, &mut Scratch::default(), &mut out[0][..len])?;
-        sink(&out[0][..len])?;
+        out[..len].par_chunks_mut(SUB_CHUNK).enumerate().try_for_each(|(c, o)| {
+            SUB_INPUTS.with_borrow_mut(|buf| {
+                buf.resize(k * SUB_CHUNK, 0.0);
+                let from = start + c * SUB_CHUNK;
+                for (i, b) in buf.chunks_mut(SUB_CHUNK).enumerate() {
+                    input.reader.read(i, from, &mut b[..o.len()]);
+                }
+                let sub = MergeInput {
+                    tensor: input.tensor,
+                    shape: &[o.len()],
+                    tensors: buf.chunks(SUB_CHUNK).map(|b| &b[..o.len()]).collect(),
+                    base: input.base,
+                    model_params: input.model_params.to_vec(),
+                    params: input.params.clone(),
+                    seed: input.seed,
+                };
+                m.merge(&sub, &mut Scratch::default(), o)
+            })
+        })?;
+        sink(&out[..len])?;
         start += len;
     }
     Ok(())
