@@ -1,8 +1,10 @@
 //! Running a [`MergePlan`]: tensor by tensor, streamed to disk or collected in memory.
 //!
-//! Each task decodes its inputs to f32 (parallel, from the memory map), runs the method's
-//! kernel (parallel inside the tensor) and encodes the result to the output dtype; only the
-//! inputs and output of the tensor in flight are in memory. The output directory is written
+//! Each task is first offered to the method's [`crate::merge::MergeMethod::merge_streaming`], which reads the
+//! inputs chunk by chunk from the memory map ([`InputReader`]) and hands output chunks to a
+//! writer thread (encoded into a small pool of recycled buffers); methods that need whole
+//! tensors (SLERP, model stock, ...) decode them into reused f32 buffers instead. Either way
+//! only the tensor in flight is in memory. The output directory is written
 //! atomically ([`OutputDir`]): config (the donor's, with layer count and dtype updated),
 //! tokenizer and generation files copied from the donor, the recipe (`mergekit_config.yml`)
 //! and a model card.
@@ -189,7 +191,7 @@ impl InputReader for RawReader<'_> {
     }
 }
 
-/// Streams a task through [`MergeMethod::merge_streaming`]; `Ok(None)` when the method
+/// Streams a task through [`crate::merge::MergeMethod::merge_streaming`]; `Ok(None)` when the method
 /// declines (use the whole-tensor path), `Ok(Some(false))` when the writer stopped.
 fn stream_task(plan: &MergePlan, task: &TensorTask, ws: &mut Workspace, out: &PartSender) -> Result<Option<bool>> {
     let reader = RawReader {

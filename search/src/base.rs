@@ -60,6 +60,46 @@ impl Evaluation {
     }
 }
 
+/// Told candidates: `(id, what was pending for it, objectives or None for a failure)`.
+pub(crate) type Told<T> = Vec<(u64, T, Option<Vec<f64>>)>;
+
+/// Validates a batch of tells against the pending candidates and removes the told ones:
+/// `(id, pending value, objectives or None for a failure)`. Unknown or repeated ids and bad
+/// objectives are errors, and then nothing is removed.
+pub(crate) fn take_told<T>(
+    pending: &mut std::collections::BTreeMap<u64, T>,
+    evaluations: &[Evaluation],
+    objectives: usize,
+) -> Result<Told<T>, SearchError> {
+    let mut checked: Vec<(u64, Option<Vec<f64>>)> = Vec::with_capacity(evaluations.len());
+    for e in evaluations {
+        if !pending.contains_key(&e.id) || checked.iter().any(|(id, _)| *id == e.id) {
+            return Err(SearchError::UnknownCandidate(e.id));
+        }
+        checked.push((e.id, e.single(objectives)?));
+    }
+    Ok(checked.into_iter().filter_map(|(id, v)| pending.remove(&id).map(|t| (id, t, v))).collect())
+}
+
+/// The best genome and value of the first objective told so far.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BestSoFar(Option<(Vec<f64>, f64)>);
+
+impl BestSoFar {
+    /// Records `value` if it improves on the best; the genome is built only then.
+    pub(crate) fn offer(&mut self, value: f64, genome: impl FnOnce() -> Vec<f64>) -> bool {
+        if self.0.as_ref().is_some_and(|(_, b)| value >= *b) {
+            return false;
+        }
+        self.0 = Some((genome(), value));
+        true
+    }
+
+    pub fn get(&self) -> Option<(&[f64], f64)> {
+        self.0.as_ref().map(|(g, v)| (g.as_slice(), *v))
+    }
+}
+
 /// Why an optimizer considers itself finished.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StopReason {

@@ -38,7 +38,7 @@ use std::collections::BTreeMap;
 use nalgebra::{DMatrix, SymmetricEigen};
 use serde::{Deserialize, Serialize};
 
-use crate::base::{Candidate, Evaluation, Optimizer, OptimizerState, StopReason};
+use crate::base::{BestSoFar, Candidate, Evaluation, Optimizer, OptimizerState, StopReason, take_told};
 use crate::error::SearchError;
 use crate::rng::Rng;
 use crate::space::SearchSpace;
@@ -160,7 +160,7 @@ pub struct CmaEs {
     /// id → (y, minimized value; `None` for a failure)
     results: BTreeMap<u64, (Vec<f64>, Option<f64>)>,
     best_history: Vec<f64>,
-    best: Option<(Vec<f64>, f64)>,
+    best: BestSoFar,
     best_generation: u64,
     last_values: Vec<f64>,
 }
@@ -227,7 +227,7 @@ impl CmaEs {
             pending: BTreeMap::new(),
             results: BTreeMap::new(),
             best_history: Vec::new(),
-            best: None,
+            best: BestSoFar::default(),
             best_generation: 0,
             last_values: Vec::new(),
         })
@@ -375,20 +375,14 @@ impl Optimizer for CmaEs {
     }
 
     fn tell(&mut self, evaluations: Vec<Evaluation>) -> Result<(), SearchError> {
-        let mut checked = Vec::with_capacity(evaluations.len());
-        for e in &evaluations {
-            if !self.pending.contains_key(&e.id) || checked.iter().any(|(id, _)| *id == e.id) {
-                return Err(SearchError::UnknownCandidate(e.id));
-            }
-            checked.push((e.id, e.single(1)?));
-        }
-        for (id, v) in checked {
-            let Some(y) = self.pending.remove(&id) else { return Err(SearchError::UnknownCandidate(id)) };
+        for (id, y, v) in take_told(&mut self.pending, &evaluations, 1)? {
             self.told += 1;
             let f = v.map(|v| v[0]);
-            if let Some(f) = f.filter(|f| self.best.as_ref().is_none_or(|(_, b)| f < b)) {
-                self.best = Some((self.genome(&y), f));
-                self.best_generation = self.generation;
+            if let Some(f) = f {
+                let genome = self.genome(&y);
+                if self.best.offer(f, || genome) {
+                    self.best_generation = self.generation;
+                }
             }
             self.results.insert(id, (y, f));
         }
@@ -403,7 +397,7 @@ impl Optimizer for CmaEs {
     }
 
     fn best(&self) -> Option<(&[f64], f64)> {
-        self.best.as_ref().map(|(g, v)| (g.as_slice(), *v))
+        self.best.get()
     }
 
     fn evaluations(&self) -> u64 {

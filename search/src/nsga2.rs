@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::base::{Candidate, Evaluation, Optimizer, OptimizerState, StopReason};
+use crate::base::{BestSoFar, Candidate, Evaluation, Optimizer, OptimizerState, StopReason, take_told};
 use crate::error::SearchError;
 use crate::pareto::{crowding_distance, nondominated_ranks};
 use crate::rng::Rng;
@@ -67,7 +67,7 @@ pub struct Nsga2 {
     next_id: u64,
     generation: u64,
     evaluations: u64,
-    best: Option<(Vec<f64>, f64)>,
+    best: BestSoFar,
 }
 
 impl Nsga2 {
@@ -92,7 +92,7 @@ impl Nsga2 {
             next_id: 0,
             generation: 0,
             evaluations: 0,
-            best: None,
+            best: BestSoFar::default(),
         })
     }
 
@@ -263,20 +263,10 @@ impl Optimizer for Nsga2 {
     }
 
     fn tell(&mut self, evaluations: Vec<Evaluation>) -> Result<(), SearchError> {
-        let mut checked = Vec::with_capacity(evaluations.len());
-        for e in &evaluations {
-            if !self.pending.contains_key(&e.id) || checked.iter().any(|(id, _)| *id == e.id) {
-                return Err(SearchError::UnknownCandidate(e.id));
-            }
-            checked.push((e.id, e.single(self.cfg.objectives)?));
-        }
-        for (id, objectives) in checked {
-            let Some(genome) = self.pending.remove(&id) else { return Err(SearchError::UnknownCandidate(id)) };
+        for (id, genome, objectives) in take_told(&mut self.pending, &evaluations, self.cfg.objectives)? {
             self.evaluations += 1;
             if let Some(o) = &objectives {
-                if self.best.as_ref().is_none_or(|(_, b)| o[0] < *b) {
-                    self.best = Some((genome.clone(), o[0]));
-                }
+                self.best.offer(o[0], || genome.clone());
             }
             self.told.insert(id, Member { id, genome, objectives, rank: 0, crowding: 0.0 });
         }
@@ -295,7 +285,7 @@ impl Optimizer for Nsga2 {
 
     /// Best value of the first objective (for logs); use [`Nsga2::front`] for the front.
     fn best(&self) -> Option<(&[f64], f64)> {
-        self.best.as_ref().map(|(g, v)| (g.as_slice(), *v))
+        self.best.get()
     }
 
     fn evaluations(&self) -> u64 {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::base::{Candidate, Evaluation, Optimizer, OptimizerState, StopReason};
+use crate::base::{BestSoFar, Candidate, Evaluation, Optimizer, OptimizerState, StopReason, take_told};
 use crate::error::SearchError;
 use crate::rng::Rng;
 use crate::space::SearchSpace;
@@ -21,7 +21,7 @@ pub struct RandomSearch {
     generation: u64,
     pending: BTreeMap<u64, Vec<f64>>,
     told: u64,
-    best: Option<(Vec<f64>, f64)>,
+    best: BestSoFar,
 }
 
 impl RandomSearch {
@@ -30,7 +30,7 @@ impl RandomSearch {
         if batch == 0 || objectives == 0 {
             return Err(SearchError::BadConfig("batch and objective count must be positive".into()));
         }
-        Ok(Self { space, batch, objectives, rng: Rng::seeded(seed), next_id: 0, generation: 0, pending: BTreeMap::new(), told: 0, best: None })
+        Ok(Self { space, batch, objectives, rng: Rng::seeded(seed), next_id: 0, generation: 0, pending: BTreeMap::new(), told: 0, best: BestSoFar::default() })
     }
 }
 
@@ -57,20 +57,10 @@ impl Optimizer for RandomSearch {
     }
 
     fn tell(&mut self, evaluations: Vec<Evaluation>) -> Result<(), SearchError> {
-        let mut checked = Vec::with_capacity(evaluations.len());
-        for e in &evaluations {
-            if !self.pending.contains_key(&e.id) {
-                return Err(SearchError::UnknownCandidate(e.id));
-            }
-            checked.push((e.id, e.single(self.objectives)?));
-        }
-        for (id, v) in checked {
-            let Some(g) = self.pending.remove(&id) else { return Err(SearchError::UnknownCandidate(id)) };
+        for (_, g, v) in take_told(&mut self.pending, &evaluations, self.objectives)? {
             self.told += 1;
             if let Some(v) = v {
-                if self.best.as_ref().is_none_or(|(_, b)| v[0] < *b) {
-                    self.best = Some((g, v[0]));
-                }
+                self.best.offer(v[0], || g);
             }
         }
         if self.pending.is_empty() {
@@ -84,7 +74,7 @@ impl Optimizer for RandomSearch {
     }
 
     fn best(&self) -> Option<(&[f64], f64)> {
-        self.best.as_ref().map(|(g, v)| (g.as_slice(), *v))
+        self.best.get()
     }
 
     fn evaluations(&self) -> u64 {
