@@ -1,5 +1,17 @@
-//! evomerge-fitness: evaluation tasks and lightweight fitness estimators.
+//! evomerge-fitness: lightweight fitness estimation (and, later, the evaluation tasks).
 //!
-//! Not built yet (see the fitness issue): tasks (multiple-choice log-likelihood, generation +
-//! exact match, perplexity), subset / anchor-point / IRT estimators and the per-item score cache
-//! will live here. The crate exists so the workspace layout of `DESIGN.md` is in place.
+//! ```text
+//! item-level results of the source models (+ calibration candidates)
+//!        │ fit: irt::Irt (2PL, d dims)            anchor::AnchorPoints (k-means on items)
+//!        ▼
+//! a candidate scored on a small item subset ──► estimators::Estimate {value, std_error}
+//!        random subset │ anchor points │ IRT │ p-IRT │ gp-IRT   (tinyBenchmarks, Polo et al. 2024)
+//! ```
+//!
+//! Built so far: the estimators on response matrices (simulated data in tests and in
+//! `examples/bench_estimators.rs`). Tasks, the score cache and `evomerge eval` come with the
+//! model runtime (see the fitness issue).
+
+pub mod estimators;
+
+pub use estimators::{AnchorPoints, Estimate, Irt, IrtConfig, Responses};
