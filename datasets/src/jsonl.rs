@@ -1,0 +1,223 @@
+//! JSON Lines datasets with a declarative field mapping.
+//!
+//! ```toml
+//! [fields]            # FieldMap, e.g. for ARC-style rows
+//! id = "id"
+//! question = "question"
+//! choices = "choices.text"   # dotted paths reach into nested objects
+//! gold = "answerKey"
+//! gold_kind = "letter"       # index | letter | text | choice_text
+//! ```
+//!
+//! Every bad row is reported with its file and line; [`OnError::Skip`] collects them and goes
+//! on, [`OnError::Stop`] returns the first. A gold answer that cannot be parsed (a letter past the
+//! choices, an index out of range) is a bad row, never a silently wrong item.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::item::{Gold, Item};
+
+/// How the gold field encodes the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GoldKind {
+    /// 0-based index into the choices (a number or a numeric string).
+    Index,
+    /// "A", "B", ... (or "1", "2", ... as some datasets write them: 1-based).
+    Letter,
+    /// Free text answer (generation).
+    Text,
+    /// The text of the correct choice.
+    ChoiceText,
+}
+
+/// Which JSON field holds what (dotted paths for nested fields).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldMap {
+    /// Defaults to the 1-based line number.
+    #[serde(default)]
+    pub id: Option<String>,
+    pub question: String,
+    /// An array of strings; absent for generation tasks.
+    #[serde(default)]
+    pub choices: Option<String>,
+    pub gold: String,
+    pub gold_kind: GoldKind,
+}
+
+/// What to do with a bad row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    Skip,
+    Stop,
+}
+
+/// A row that could not become an item.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}:{line}: {reason}")]
+pub struct RowError {
+    pub path: PathBuf,
+    pub line: usize,
+    pub reason: String,
+}
+
+/// Errors of the dataset readers.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error(transparent)]
+    Row(#[from] RowError),
+    #[error("{0}: no items")]
+    Empty(PathBuf),
+}
+
+fn lookup<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(v, |v, k| v.get(k))
+}
+
+fn as_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Builds an item from one parsed row.
+pub fn item_from_row(row: &Value, map: &FieldMap, line: usize) -> Result<Item, String> {
+    let field = |p: &str| lookup(row, p).ok_or_else(|| format!("missing field '{p}'"));
+    let question = as_text(field(&map.question)?).ok_or_else(|| format!("field '{}' is not text", map.question))?;
+    let choices: Vec<String> = match &map.choices {
+        None => vec![],
+        Some(p) => field(p)?
+            .as_array()
+            .ok_or_else(|| format!("field '{p}' is not an array"))?
+            .iter()
+            .map(|c| as_text(c).ok_or_else(|| format!("a choice in '{p}' is not text")))
+            .collect::<Result<_, _>>()?,
+    };
+    let raw = as_text(field(&map.gold)?).ok_or_else(|| format!("field '{}' is not text or a number", map.gold))?;
+    let in_range = |i: usize| {
+        if i < choices.len() { Ok(Gold::Choice(i)) } else { Err(format!("gold '{raw}' is past the {} choices", choices.len())) }
+    };
+    let gold = match map.gold_kind {
+        GoldKind::Text => Gold::Text(raw.clone()),
+        GoldKind::Index => in_range(raw.trim().parse::<usize>().map_err(|_| format!("gold '{raw}' is not an index"))?)?,
+        GoldKind::Letter => {
+            let t = raw.trim();
+            let i = match (t.len(), t.chars().next()) {
+                (1, Some(c)) if c.is_ascii_uppercase() => c as usize - 'A' as usize,
+                _ => t.parse::<usize>().ok().and_then(|n| n.checked_sub(1)).ok_or_else(|| format!("gold '{raw}' is not a letter"))?,
+            };
+            in_range(i)?
+        }
+        GoldKind::ChoiceText => in_range(choices.iter().position(|c| c == &raw).ok_or_else(|| format!("gold '{raw}' is not one of the choices"))?)?,
+    };
+    if map.choices.is_some() && choices.is_empty() {
+        return Err("no choices".into());
+    }
+    let id = match &map.id {
+        Some(p) => as_text(field(p)?).ok_or_else(|| format!("field '{p}' is not text"))?,
+        None => line.to_string(),
+    };
+    Ok(Item { id, question, choices, gold })
+}
+
+/// Reads a JSONL file; returns the items and (with [`OnError::Skip`]) the skipped rows.
+pub fn read_jsonl(path: &Path, map: &FieldMap, on_error: OnError) -> Result<(Vec<Item>, Vec<RowError>), DatasetError> {
+    let f = std::fs::File::open(path).map_err(|err| DatasetError::Io { path: path.to_path_buf(), err })?;
+    let mut items = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, line) in BufReader::new(f).lines().enumerate() {
+        let line_no = i + 1;
+        let text = line.map_err(|err| DatasetError::Io { path: path.to_path_buf(), err })?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let parsed = serde_json::from_str::<Value>(&text)
+            .map_err(|e| format!("invalid JSON: {e}"))
+            .and_then(|row| item_from_row(&row, map, line_no));
+        match parsed {
+            Ok(item) => items.push(item),
+            Err(reason) => {
+                let e = RowError { path: path.to_path_buf(), line: line_no, reason };
+                match on_error {
+                    OnError::Stop => return Err(e.into()),
+                    OnError::Skip => skipped.push(e),
+                }
+            }
+        }
+    }
+    if items.is_empty() {
+        return Err(DatasetError::Empty(path.to_path_buf()));
+    }
+    Ok((items, skipped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(kind: GoldKind, choices: Option<&str>) -> FieldMap {
+        FieldMap { id: Some("id".into()), question: "q".into(), choices: choices.map(String::from), gold: "a".into(), gold_kind: kind }
+    }
+
+    fn write(lines: &[&str]) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().expect("tmp");
+        std::fs::write(f.path(), lines.join("\n")).expect("write");
+        f
+    }
+
+    #[test]
+    fn reads_every_gold_kind() {
+        let f = write(&[
+            r#"{"id": "1", "q": "2+2?", "c": {"text": ["3", "4"]}, "a": "B"}"#,
+            r#"{"id": 2, "q": "1+1?", "c": {"text": ["2", "5"]}, "a": "1"}"#,
+        ]);
+        let (items, skipped) = read_jsonl(f.path(), &map(GoldKind::Letter, Some("c.text")), OnError::Stop).expect("read");
+        assert!(skipped.is_empty());
+        assert_eq!(items[0].gold, Gold::Choice(1));
+        assert_eq!(items[1].gold, Gold::Choice(0), "numeric letters are 1-based");
+        assert_eq!(items[1].id, "2");
+        let f = write(&[r#"{"id": "x", "q": "2+2?", "c": ["3", "4"], "a": "4"}"#]);
+        let (items, _) = read_jsonl(f.path(), &map(GoldKind::ChoiceText, Some("c")), OnError::Stop).expect("read");
+        assert_eq!(items[0].gold, Gold::Choice(1));
+        let (items, _) = read_jsonl(f.path(), &map(GoldKind::Text, None), OnError::Stop).expect("read");
+        assert_eq!(items[0].gold, Gold::Text("4".into()));
+    }
+
+    #[test]
+    fn bad_rows_name_file_and_line() {
+        let f = write(&[
+            r#"{"id": "1", "q": "ok", "c": ["a", "b"], "a": 1}"#,
+            r#"{"id": "2", "q": "bad gold", "c": ["a", "b"], "a": 5}"#,
+            r#"not json"#,
+            r#"{"id": "4", "c": ["a"], "a": 0}"#,
+        ]);
+        let m = map(GoldKind::Index, Some("c"));
+        let (items, skipped) = read_jsonl(f.path(), &m, OnError::Skip).expect("skip");
+        assert_eq!(items.len(), 1);
+        let lines: Vec<usize> = skipped.iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec![2, 3, 4]);
+        assert!(skipped[0].reason.contains("past the 2 choices"), "{}", skipped[0]);
+        assert!(skipped[2].reason.contains("missing field 'q'"), "{}", skipped[2]);
+        let err = read_jsonl(f.path(), &m, OnError::Stop).expect_err("stop").to_string();
+        assert!(err.contains(&format!("{}:2:", f.path().display())), "{err}");
+    }
+
+    #[test]
+    fn empty_files_and_unknown_mapping_keys_are_errors() {
+        let f = write(&[""]);
+        assert!(matches!(read_jsonl(f.path(), &map(GoldKind::Text, None), OnError::Skip), Err(DatasetError::Empty(_))));
+        let e = toml::from_str::<FieldMap>("question = 'q'\ngold = 'a'\ngold_kind = 'text'\nchoises = 'c'\n").expect_err("typo");
+        assert!(e.to_string().contains("choises"), "{e}");
+    }
+}
