@@ -70,6 +70,7 @@ impl Default for CmaEsConfig {
 }
 
 /// The strategy parameters for a dimension and population (tutorial defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Strategy {
     weights: Vec<f64>,
     mu_eff: f64,
@@ -124,14 +125,8 @@ pub struct CmaEs {
     space: SearchSpace,
     n: usize,
     lambda: usize,
-    weights: Vec<f64>,
-    mu_eff: f64,
-    c_sigma: f64,
-    d_sigma: f64,
-    c_c: f64,
-    c1: f64,
-    c_mu: f64,
-    chi_n: f64,
+    /// Derived from (n, λ, separable); replaced on an IPOP restart.
+    st: Strategy,
     separable: bool,
     ipop_restarts: u32,
     /// Restarts done so far.
@@ -197,14 +192,7 @@ impl CmaEs {
             space,
             n,
             lambda,
-            weights: st.weights,
-            mu_eff: st.mu_eff,
-            c_sigma: st.c_sigma,
-            d_sigma: st.d_sigma,
-            c_c: st.c_c,
-            c1: st.c1,
-            c_mu: st.c_mu,
-            chi_n: st.chi_n,
+            st,
             separable,
             ipop_restarts: cfg.ipop_restarts,
             restarts: 0,
@@ -284,48 +272,48 @@ impl CmaEs {
         self.last_values = res.iter().map(|r| r.2).filter(|v| v.is_finite()).collect();
         self.best_history.push(res[0].2);
         let n = self.n;
-        let mu = self.weights.len();
+        let mu = self.st.weights.len();
         let mut y_w = vec![0.0; n];
-        for (w, r) in self.weights.iter().zip(&res[..mu]) {
+        for (w, r) in self.st.weights.iter().zip(&res[..mu]) {
             y_w.iter_mut().zip(&r.1).for_each(|(a, y)| *a += w * y);
         }
         for i in 0..n {
             self.mean[i] += self.sigma * y_w[i];
         }
-        let cs = self.c_sigma;
+        let cs = self.st.c_sigma;
         let inv = self.inv_sqrt_c(&y_w);
-        let k = (cs * (2.0 - cs) * self.mu_eff).sqrt();
+        let k = (cs * (2.0 - cs) * self.st.mu_eff).sqrt();
         for i in 0..n {
             self.p_sigma[i] = (1.0 - cs) * self.p_sigma[i] + k * inv[i];
         }
         let ps_norm = self.p_sigma.iter().map(|x| x * x).sum::<f64>().sqrt();
         let g = (self.generation + 1) as f64;
-        let h_sigma = ps_norm / (1.0 - (1.0 - cs).powf(2.0 * g)).sqrt() < (1.4 + 2.0 / (n as f64 + 1.0)) * self.chi_n;
+        let h_sigma = ps_norm / (1.0 - (1.0 - cs).powf(2.0 * g)).sqrt() < (1.4 + 2.0 / (n as f64 + 1.0)) * self.st.chi_n;
         let hs = if h_sigma { 1.0 } else { 0.0 };
-        let cc = self.c_c;
-        let kc = (cc * (2.0 - cc) * self.mu_eff).sqrt();
+        let cc = self.st.c_c;
+        let kc = (cc * (2.0 - cc) * self.st.mu_eff).sqrt();
         for i in 0..n {
             self.p_c[i] = (1.0 - cc) * self.p_c[i] + hs * kc * y_w[i];
         }
-        let (c1, cmu) = (self.c1, self.c_mu);
+        let (c1, cmu) = (self.st.c1, self.st.c_mu);
         let keep = 1.0 - c1 - cmu + (1.0 - hs) * c1 * cc * (2.0 - cc);
         if self.separable {
             for i in 0..n {
-                let rank_mu: f64 = self.weights.iter().zip(&res[..mu]).map(|(w, r)| w * r.1[i] * r.1[i]).sum();
+                let rank_mu: f64 = self.st.weights.iter().zip(&res[..mu]).map(|(w, r)| w * r.1[i] * r.1[i]).sum();
                 self.c[i] = keep * self.c[i] + c1 * self.p_c[i] * self.p_c[i] + cmu * rank_mu;
                 self.d[i] = self.c[i].max(1e-300).sqrt();
             }
         } else {
             for i in 0..n {
                 for j in 0..=i {
-                    let rank_mu: f64 = self.weights.iter().zip(&res[..mu]).map(|(w, r)| w * r.1[i] * r.1[j]).sum();
+                    let rank_mu: f64 = self.st.weights.iter().zip(&res[..mu]).map(|(w, r)| w * r.1[i] * r.1[j]).sum();
                     let v = keep * self.c[i * n + j] + c1 * self.p_c[i] * self.p_c[j] + cmu * rank_mu;
                     self.c[i * n + j] = v;
                     self.c[j * n + i] = v;
                 }
             }
         }
-        self.sigma *= ((cs / self.d_sigma) * (ps_norm / self.chi_n - 1.0)).exp();
+        self.sigma *= ((cs / self.st.d_sigma) * (ps_norm / self.st.chi_n - 1.0)).exp();
         self.generation += 1;
         let every = ((1.0 / ((c1 + cmu) * n as f64 * 10.0)).floor() as u64).max(1);
         if !self.separable && self.generation - self.eigen_generation >= every {
@@ -443,9 +431,7 @@ impl CmaEs {
     fn restart(&mut self) {
         self.restarts += 1;
         self.lambda *= 2;
-        let st = Strategy::new(self.n, self.lambda, self.separable);
-        (self.weights, self.mu_eff, self.c_sigma, self.d_sigma) = (st.weights, st.mu_eff, st.c_sigma, st.d_sigma);
-        (self.c_c, self.c1, self.c_mu, self.chi_n) = (st.c_c, st.c1, st.c_mu, st.chi_n);
+        self.st = Strategy::new(self.n, self.lambda, self.separable);
         (self.c, self.b, self.d) = identity(self.n, self.separable);
         self.mean = (0..self.n).map(|_| self.rng.uniform()).collect();
         self.sigma = self.sigma0;
