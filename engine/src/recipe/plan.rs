@@ -17,6 +17,7 @@ use crate::dtype::DType;
 use crate::error::{EngineError, Result};
 use crate::io::{Checkpoint, resolve_model};
 use crate::merge::{self, BaseRole, MergeMethod, ParamSpec, Params, Scope};
+use crate::source::TensorSource;
 
 /// One output tensor: its inputs and resolved parameters.
 #[derive(Debug, Clone)]
@@ -276,16 +277,18 @@ impl TaskCtx<'_> {
         optional: bool,
     ) -> Result<()> {
         let names: Vec<String> = slice.sources.iter().map(&src_name).collect();
-        let present: Vec<bool> = slice.sources.iter().zip(&names).map(|(s, n)| self.models[s.model].meta_of(n).is_some()).collect();
-        if optional && present.iter().all(|p| !p) {
+        // one lookup per source: the shape, or None when absent (or of an unsupported dtype)
+        let shapes: Vec<Option<Vec<usize>>> =
+            slice.sources.iter().zip(&names).map(|(s, n)| self.models[s.model].meta(n).map(|(shape, _)| shape)).collect();
+        if optional && shapes.iter().all(Option::is_none) {
             return Ok(());
         }
-        if let Some(i) = present.iter().position(|p| !p) {
+        if let Some(i) = shapes.iter().position(Option::is_none) {
             return Err(EngineError::MissingTensor { model: self.refs[slice.sources[i].model].clone(), tensor: names[i].clone() });
         }
-        let shape = self.models[slice.sources[0].model].meta_of(&names[0]).unwrap_or_default();
-        for (s, n) in slice.sources.iter().zip(&names).skip(1) {
-            let got = self.models[s.model].meta_of(n).unwrap_or_default();
+        let shapes: Vec<Vec<usize>> = shapes.into_iter().flatten().collect();
+        let shape = shapes[0].clone();
+        for ((s, n), got) in slice.sources.iter().zip(&names).zip(shapes).skip(1) {
             if got != shape {
                 return Err(EngineError::ShapeMismatch {
                     tensor: n.clone(),
@@ -337,12 +340,5 @@ impl TaskCtx<'_> {
             model_params,
         });
         Ok(())
-    }
-}
-
-impl Checkpoint {
-    /// Shape of a tensor, if present.
-    pub fn meta_of(&self, name: &str) -> Option<Vec<usize>> {
-        self.raw(name).ok().map(|(_, s, _)| s.to_vec())
     }
 }
