@@ -206,6 +206,11 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(|e| EngineError::io(path, e))
 }
 
+/// Whether `dir` holds anything (an unreadable directory counts as occupied).
+fn occupied(dir: &Path) -> bool {
+    std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true)
+}
+
 /// An output directory that appears atomically on [`commit`](Self::commit).
 #[derive(Debug)]
 pub struct OutputDir {
@@ -221,11 +226,10 @@ impl OutputDir {
     pub fn create(target: &Path, overwrite: bool) -> Result<Self> {
         let err = |reason: String| EngineError::Output { path: target.to_path_buf(), reason };
         if target.exists() {
-            let non_empty = std::fs::read_dir(target).map(|mut d| d.next().is_some()).unwrap_or(true);
             if !target.is_dir() {
                 return Err(err("exists and is not a directory".into()));
             }
-            if non_empty && !overwrite {
+            if occupied(target) && !overwrite {
                 return Err(err("exists and is not empty (pass --force to replace it)".into()));
             }
         }
@@ -268,7 +272,7 @@ impl OutputDir {
             let _ = d.sync_all();
         }
         if self.target.exists() {
-            if !self.overwrite && std::fs::read_dir(&self.target).map(|mut d| d.next().is_some()).unwrap_or(true) {
+            if !self.overwrite && occupied(&self.target) {
                 return Err(EngineError::Output { path: self.target.clone(), reason: "appeared while writing".into() });
             }
             let old = self.staging.with_extension("old");
