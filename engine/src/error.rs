@@ -21,6 +21,9 @@ pub enum EngineError {
     /// The model's architecture is not in the architecture table.
     #[error("{path}: unsupported architecture '{arch}' (supported: {supported})")]
     UnsupportedArchitecture { path: PathBuf, arch: String, supported: String },
+    /// A checkpoint cannot be run by the model runtime (activation, incompatible layer shapes).
+    #[error("model '{model}': {reason}")]
+    UnsupportedModel { model: String, reason: String },
     /// A tensor the recipe or architecture needs is not in the checkpoint.
     #[error("model '{model}' has no tensor '{tensor}'")]
     MissingTensor { model: String, tensor: String },
@@ -48,6 +51,20 @@ pub enum EngineError {
     /// The user interrupted the operation (Ctrl-C / SIGTERM); nothing was left half-written.
     #[error("interrupted")]
     Interrupted,
+    /// A device that does not exist or was not compiled into this binary.
+    #[error("device '{device}': {reason}")]
+    Device { device: String, reason: String },
+    /// A tokenizer file could not be loaded or used.
+    #[error("{path}: tokenizer: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+    /// A model cannot run this input (token id out of vocabulary, sequence longer than the
+    /// context, an empty sequence, a layer path that names a missing layer, ...).
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The forward pass produced NaN or infinite values. Candidate-scoped: a search marks the
+    /// candidate failed and goes on.
+    #[error("non-finite values (NaN or inf) in the {what} of model '{model}'")]
+    NonFinite { model: String, what: String },
     /// The output location is unusable.
     #[error("output {path}: {reason}")]
     Output { path: PathBuf, reason: String },
@@ -57,6 +74,11 @@ impl EngineError {
     /// Wraps an `std::io::Error` with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io { path: path.into(), err: source }
+    }
+
+    /// Whether the error belongs to one candidate (the search goes on) rather than the run.
+    pub fn is_candidate_scoped(&self) -> bool {
+        matches!(self, Self::NonFinite { .. } | Self::Merge { .. })
     }
 
     /// A recipe error with a context (file, key) and reason.

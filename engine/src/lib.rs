@@ -13,7 +13,8 @@
 //!              io::ShardedWriter (streamed shards) inside io::OutputDir (atomic rename)
 //! ```
 //!
-//! Later issues add the model runtime (burn) and the genome ↔ plan mapping here.
+//! The model runtime ([`model`]) runs checkpoints or merged tensors with burn: a forward pass
+//! that follows data-flow layer paths, batched log-likelihood scoring and greedy generation.
 
 pub mod arch;
 pub mod buffer;
@@ -22,6 +23,7 @@ pub mod error;
 pub mod executor;
 pub mod io;
 pub mod merge;
+pub mod model;
 pub mod recipe;
 pub mod source;
 

@@ -5,3 +5,4 @@ mod cli;
 mod common;
 mod merge_parity;
 mod merge_props;
+mod model_parity;

@@ -1,0 +1,171 @@
+//! The model runtime: a decoder-only transformer forward pass that agrees with Hugging Face
+//! transformers, follows data-flow [`LayerPath`]s, scores log-likelihoods in batches and
+//! generates greedily with a KV cache.
+//!
+//! ```text
+//! ModelSpec (config + architecture + TensorSource: checkpoint dir or merged tensors in memory)
+//!     │ open(DeviceSpec, &[ModelSpec])        weights uploaded once, linear weights stored
+//!     ▼                                        transposed ([in, out]) and fused (qkv, gate|up)
+//! Box<dyn LanguageModel>  ── Runtime<B: burn Backend> (ndarray on CPU, burn-cuda on NVIDIA)
+//!     │ set_path(LayerPath)                    hops (model, layer, scale) over all loaded models
+//!     ▼
+//! logits / score (context, continuation) / generate (prompts, KV cache, stops)
+//! ```
+//!
+//! One implementation serves Llama, Mistral (sliding-window attention), Qwen2 (q/k/v biases,
+//! tied embeddings) and Qwen3 (per-head q/k RMSNorm): the differences are read from the config
+//! and from which tensors the checkpoint holds. The backend generic stays in this module;
+//! callers hold a `Box<dyn LanguageModel>`.
+
+mod device;
+mod path;
+pub mod rope;
+mod runtime;
+mod spec;
+mod tokenizer;
+
+use std::path::Path;
+
+pub use device::DeviceSpec;
+pub use path::{Hop, LayerPath};
+pub use spec::{Dims, ModelSpec};
+pub use tokenizer::Tokenizer;
+
+use crate::error::{EngineError, Result};
+use crate::source::TensorSource;
+
+/// One log-likelihood request: score `continuation` given `context` (lm-eval-harness
+/// `loglikelihood`). The context must hold at least one token (BOS where the model uses one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScoreRequest {
+    pub context: Vec<u32>,
+    pub continuation: Vec<u32>,
+}
+
+/// The answer to a [`ScoreRequest`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreResult {
+    /// log P(continuation[i] | context, continuation[..i]), natural log.
+    pub logprobs: Vec<f64>,
+    /// Sum of `logprobs`.
+    pub sum: f64,
+    /// Every continuation token was the argmax at its position (lm-eval's `is_greedy`).
+    pub greedy: bool,
+}
+
+/// Settings of greedy generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    /// Token ids that end a generation (kept out of the output).
+    pub eos: Vec<u32>,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Eos,
+    MaxTokens,
+    /// The caller's stop test (stop sequences) said so.
+    Stop,
+    /// The model's context is full.
+    ContextFull,
+}
+
+/// One generated continuation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub reason: StopReason,
+}
+
+/// What a loaded model is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// One label per loaded model (index = `Hop::model`).
+    pub labels: Vec<String>,
+    /// Layer count of each loaded model.
+    pub layers: Vec<usize>,
+    pub dims: Dims,
+    /// Longest sequence (positions) the model accepts.
+    pub max_context: usize,
+    pub device: DeviceSpec,
+}
+
+/// A runnable language model, object-safe so that callers do not see the backend.
+pub trait LanguageModel: Send {
+    fn info(&self) -> &ModelInfo;
+
+    /// The layer path the forward pass follows.
+    fn path(&self) -> &LayerPath;
+
+    /// Follows `path` from now on (validated against the loaded models; no weights move).
+    fn set_path(&mut self, path: LayerPath) -> Result<()>;
+
+    /// Full next-token logits of one sequence, row-major `[tokens.len(), vocab]`.
+    fn logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+
+    /// Log-likelihoods of continuations, `batch_size` sequences per forward pass (sorted by
+    /// length so that padding is small). Results are in request order.
+    fn score(&mut self, requests: &[ScoreRequest], batch_size: usize) -> Result<Vec<ScoreResult>>;
+
+    /// Greedy continuations of a batch of prompts (left-padded, KV cache). `stop(i, tokens)` is
+    /// asked after every new token of prompt `i`; returning true ends that generation
+    /// (text-level stop sequences live there).
+    fn generate(
+        &mut self,
+        prompts: &[Vec<u32>],
+        opts: &GenerateOptions,
+        stop: &dyn Fn(usize, &[u32]) -> bool,
+    ) -> Result<Vec<Generation>>;
+
+    /// Replaces the weights of loaded model `model` by those of `source` (same shapes), tensor
+    /// by tensor, keeping everything else (other models, path, tables) in place.
+    fn load_weights(&mut self, model: usize, source: &dyn TensorSource) -> Result<()>;
+}
+
+/// Opens `models` on `device`; the path starts as the identity path of model 0.
+pub fn open(device: DeviceSpec, models: &[ModelSpec<'_>]) -> Result<Box<dyn LanguageModel>> {
+    if models.is_empty() {
+        return Err(EngineError::InvalidInput("no model to open".into()));
+    }
+    match device {
+        DeviceSpec::Cpu => {
+            let rt = runtime::Runtime::<burn::backend::NdArray<f32>>::new(Default::default(), device, models)?;
+            Ok(Box::new(rt))
+        }
+        DeviceSpec::Cuda(index) => open_cuda(index, models),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(index: usize, models: &[ModelSpec<'_>]) -> Result<Box<dyn LanguageModel>> {
+    use burn::backend::Cuda;
+    use burn::backend::cuda::CudaDevice;
+    use burn::tensor::{bf16, f16};
+
+    use crate::dtype::DType;
+    let dev = CudaDevice::new(index);
+    let spec = DeviceSpec::Cuda(index);
+    // Keep the checkpoint dtype on the GPU (halves memory traffic for bf16/f16 checkpoints).
+    Ok(match models[0].config.dtype {
+        Some(DType::BF16) => Box::new(runtime::Runtime::<Cuda<bf16, i32>>::new(dev, spec, models)?),
+        Some(DType::F16) => Box::new(runtime::Runtime::<Cuda<f16, i32>>::new(dev, spec, models)?),
+        _ => Box::new(runtime::Runtime::<Cuda<f32, i32>>::new(dev, spec, models)?),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(index: usize, _models: &[ModelSpec<'_>]) -> Result<Box<dyn LanguageModel>> {
+    Err(EngineError::Device {
+        device: DeviceSpec::Cuda(index).to_string(),
+        reason: "this evomerge was built without CUDA support; rebuild with `--features cuda`".into(),
+    })
+}
+
+/// Opens one checkpoint directory (the common case: `evomerge score --model DIR`).
+pub fn open_dir(device: DeviceSpec, dir: &Path) -> Result<Box<dyn LanguageModel>> {
+    let ck = crate::io::Checkpoint::open(dir, dir.display().to_string())?;
+    open(device, &[ModelSpec::from_checkpoint(&ck)])
+}
