@@ -18,6 +18,7 @@
 //! callers hold a `Box<dyn LanguageModel>`.
 
 mod device;
+mod kernels;
 mod path;
 pub mod rope;
 mod runtime;

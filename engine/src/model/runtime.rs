@@ -22,6 +22,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType as BurnDType, Element, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
+use super::kernels::Kernels;
 use super::path::LayerPath;
 use super::rope::Rope;
 use super::spec::{Dims, ModelSpec, check_supported, sliding_window};
@@ -128,8 +129,8 @@ fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, w: &Tensor<B, 1>, eps: 
     x * (var + eps).sqrt().recip() * w.clone().unsqueeze::<D>()
 }
 
-fn linear<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>, b: Option<&Tensor<B, 1>>) -> Tensor<B, 2> {
-    let y = x.matmul(w.clone());
+fn linear<B: Kernels>(x: Tensor<B, 2>, w: &Tensor<B, 2>, b: Option<&Tensor<B, 1>>) -> Tensor<B, 2> {
+    let y = <B as Kernels>::linear(x, w);
     match b {
         Some(b) => y + b.clone().unsqueeze::<2>(),
         None => y,
@@ -156,7 +157,7 @@ struct Step<'a> {
     key_valid: Option<&'a [bool]>,
 }
 
-impl<B: Backend> Runtime<B> {
+impl<B: Kernels> Runtime<B> {
     pub(crate) fn new(device: B::Device, spec: DeviceSpec, models: &[ModelSpec<'_>]) -> Result<Self> {
         let dims = Dims::of(models[0].config);
         let mut loaded = Vec::with_capacity(models.len());
@@ -311,7 +312,7 @@ impl<B: Backend> Runtime<B> {
     /// Final norm + LM head on selected rows `[n, hidden]` → logits `[n, vocab]`.
     fn head(&self, h: Tensor<B, 2>) -> Tensor<B, 2> {
         let m = &self.models[self.path.head_model];
-        rms_norm(h, &m.norm, m.eps).matmul(m.head.clone())
+        linear(rms_norm(h, &m.norm, m.eps), &m.head, None)
     }
 
     fn rows(&self, idx: Vec<i64>) -> Tensor<B, 1, Int> {
@@ -502,7 +503,7 @@ fn load_model<B: Backend>(spec: &ModelSpec<'_>, device: &B::Device) -> Result<Mo
     })
 }
 
-impl<B: Backend> LanguageModel for Runtime<B> {
+impl<B: Kernels> LanguageModel for Runtime<B> {
     fn info(&self) -> &ModelInfo {
         &self.info
     }

@@ -1,0 +1,99 @@
+//! Backend-specific fast paths of the forward pass.
+//!
+//! burn-ndarray multiplies through `matrixmultiply`, which packs the whole right-hand matrix
+//! on every call and splits work by rows: for decoding (one to a few rows against a weight
+//! matrix) that means a single thread re-copying every weight. [`Kernels::linear`] gives the CPU
+//! backend a row-streaming kernel for that case: each thread owns a band of output columns
+//! and reads each weight row segment once for all input rows. Measured in
+//! `scripts/bench-forward` (BENCHMARKS.md).
+
+use burn::backend::NdArray;
+use burn::backend::ndarray::NdArrayTensor;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use rayon::prelude::*;
+
+/// Largest row count the small-`m` kernel takes; above it the backend's GEMM is faster.
+const SMALL_M: usize = 8;
+
+/// Backends with optional fast paths; the defaults are plain burn ops.
+pub(crate) trait Kernels: Backend {
+    /// `x [m, k] · w [k, n]`.
+    fn linear(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
+        x.matmul(w.clone())
+    }
+}
+
+impl Kernels for NdArray<f32> {
+    fn linear(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let [m, k] = x.dims();
+        let n = w.dims()[1];
+        if m > SMALL_M {
+            return x.matmul(w.clone());
+        }
+        let prim = w.clone().into_primitive().tensor();
+        let NdArrayTensor::F32(storage) = &prim else { return x.matmul(w.clone()) };
+        let view = storage.view();
+        let Some(ws) = view.as_slice() else { return x.matmul(w.clone()) };
+        let device = x.device();
+        #[allow(clippy::expect_used)] // a float tensor always converts to f32
+        let xs = x.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
+        let y = small_m_matmul(&xs, m, k, ws, n);
+        Tensor::from_data(TensorData::new(y, [m, n]), &device)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl<F: burn::tensor::FloatElement, I: burn::tensor::IntElement> Kernels for burn::backend::Cuda<F, I> {}
+
+/// `y = x · w` for few rows: `x [m, k]`, `w [k, n]`, both row-major. Column bands in parallel;
+/// within a band, each weight row segment is read once and applied to every row of `x`.
+pub(crate) fn small_m_matmul(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let threads = rayon::current_num_threads().max(1);
+    let band = (n.div_ceil(4 * threads)).next_multiple_of(16).clamp(16, 1024);
+    let bands: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(band))
+        .into_par_iter()
+        .map(|b| {
+            let (c0, c1) = (b * band, ((b + 1) * band).min(n));
+            let width = c1 - c0;
+            let mut acc = vec![0f32; m * width];
+            for kk in 0..k {
+                let seg = &w[kk * n + c0..kk * n + c1];
+                for r in 0..m {
+                    let xv = x[r * k + kk];
+                    for (a, &wv) in acc[r * width..(r + 1) * width].iter_mut().zip(seg) {
+                        *a += xv * wv;
+                    }
+                }
+            }
+            (c0, acc)
+        })
+        .collect();
+    let mut y = vec![0f32; m * n];
+    for (c0, acc) in bands {
+        let width = acc.len() / m.max(1);
+        for r in 0..m {
+            y[r * n + c0..r * n + c0 + width].copy_from_slice(&acc[r * width..(r + 1) * width]);
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_m_matches_naive() {
+        let (m, k, n) = (3, 37, 1100);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| ((i * 11 % 17) as f32 - 8.0) / 9.0).collect();
+        let y = small_m_matmul(&x, m, k, &w, n);
+        for r in 0..m {
+            for c in 0..n {
+                let want: f64 = (0..k).map(|kk| f64::from(x[r * k + kk]) * f64::from(w[kk * n + c])).sum();
+                assert!((f64::from(y[r * n + c]) - want).abs() < 1e-4, "({r},{c})");
+            }
+        }
+    }
+}
