@@ -9,7 +9,8 @@ mod commands;
 mod exit;
 
 /// Evolutionary model-merge search for LLMs: merge Hugging Face checkpoints the way mergekit
-/// does, much faster (and, in later releases, search merge recipes overnight).
+/// does, much faster, and run them (score, generate) with a forward pass that matches
+/// transformers (search over merge recipes comes in later releases).
 #[derive(Debug, Parser)]
 #[command(name = "evomerge", version, about, long_about = None, propagate_version = true)]
 struct Cli {
@@ -27,6 +28,10 @@ struct Cli {
 enum Command {
     /// Merge models from a mergekit YAML recipe into a new Hugging Face checkpoint.
     Merge(commands::merge::MergeArgs),
+    /// Score a text or token ids with a model: per-token log-probs and the top next token.
+    Score(commands::run_model::ScoreArgs),
+    /// Continue a prompt greedily with a model.
+    Generate(commands::run_model::GenerateArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +49,8 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Merge(args) => commands::merge::run(args),
+        Command::Score(args) => commands::run_model::score(args),
+        Command::Generate(args) => commands::run_model::generate(args),
     };
     exit::report(result)
 }

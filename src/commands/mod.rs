@@ -2,3 +2,4 @@
 
 pub mod merge;
 pub mod progress;
+pub mod run_model;

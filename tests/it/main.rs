@@ -6,3 +6,4 @@ mod common;
 mod merge_parity;
 mod merge_props;
 mod model_parity;
+mod model_ref;
