@@ -5,5 +5,6 @@ mod cli;
 mod common;
 mod merge_parity;
 mod merge_props;
+mod model_cli;
 mod model_parity;
 mod model_ref;

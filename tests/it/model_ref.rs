@@ -132,7 +132,7 @@ fn reference(models: &[RefModel], path: &LayerPath, ids: &[u32], window: Option<
 }
 
 /// Writes a variant of a fixture model: config edits plus extra/removed tensors.
-fn variant(src: &str, dst: &Path, edit: impl Fn(&mut serde_json::Map<String, Value>), extra: &[(&str, usize, f32)], drop: &[&str]) {
+pub fn variant(src: &str, dst: &Path, edit: impl Fn(&mut serde_json::Map<String, Value>), extra: &[(&str, usize, f32)], drop: &[&str]) {
     std::fs::create_dir_all(dst).expect("mkdir");
     let dir = fixtures().join("models").join(src);
     let mut cfg: serde_json::Map<String, Value> =
