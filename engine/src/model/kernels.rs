@@ -44,7 +44,11 @@ impl Kernels for NdArray<f32> {
 }
 
 #[cfg(feature = "cuda")]
-impl<F: burn::tensor::FloatElement, I: burn::tensor::IntElement> Kernels for burn::backend::Cuda<F, I> {}
+impl Kernels for burn::backend::Cuda<f32, i32> {}
+#[cfg(feature = "cuda")]
+impl Kernels for burn::backend::Cuda<burn::tensor::bf16, i32> {}
+#[cfg(feature = "cuda")]
+impl Kernels for burn::backend::Cuda<burn::tensor::f16, i32> {}
 
 /// `y = x · w` for few rows: `x [m, k]`, `w [k, n]`, both row-major. Column bands in parallel;
 /// within a band, each weight row segment is read once and applied to every row of `x`.
