@@ -8,6 +8,10 @@ use clap::{Parser, Subcommand};
 mod commands;
 mod exit;
 
+// Keeps freed memory for reuse: see evomerge_engine::alloc (measured there).
+#[global_allocator]
+static GLOBAL: evomerge_engine::alloc::Allocator = evomerge_engine::alloc::Allocator;
+
 /// Evolutionary model-merge search for LLMs: merge Hugging Face checkpoints the way mergekit
 /// does, much faster, and run them (score, generate) with a forward pass that matches
 /// transformers (search over merge recipes comes in later releases).
@@ -35,6 +39,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    evomerge_engine::alloc::keep_freed_memory();
     let cli = Cli::parse();
     let filter = std::env::var("EVOMERGE_LOG").unwrap_or_else(|_| cli.log.clone());
     tracing_subscriber::fmt()

@@ -8,6 +8,9 @@
 
 use std::time::Instant;
 
+#[global_allocator]
+static GLOBAL: evomerge_engine::alloc::Allocator = evomerge_engine::alloc::Allocator;
+
 use evomerge_engine::model::{self, DeviceSpec, GenerateOptions, ScoreRequest};
 
 const REF_SCORE: f64 = 46.6;
@@ -20,9 +23,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    evomerge_engine::alloc::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let dir = std::path::PathBuf::from(args.get(1).ok_or("usage: bench_forward MODEL_DIR [REPS]")?);
     let reps: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(3);
+    // Profiling aid: BENCH_ONLY=score or BENCH_ONLY=decode runs one workload.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let t = Instant::now();
     let mut m = model::open_dir(DeviceSpec::Cpu, &dir)?;
     println!("load: {:.2} s ({} layers, vocab {})", t.elapsed().as_secs_f64(), m.info().layers[0], m.info().dims.vocab);
@@ -43,8 +49,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     let tokens = 8.0 * 128.0;
-    let mut score_t = Vec::new();
-    for r in 0..=reps {
+    let mut score_t = vec![f64::NAN];
+    for r in 0..=if only == "decode" { 0 } else { reps } {
         let t = Instant::now();
         let out = m.score(&reqs, 8)?;
         let s = t.elapsed().as_secs_f64();
@@ -52,12 +58,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if r > 0 {
             score_t.push(s); // the first run warms allocations and page tables
         }
+        if only == "decode" {
+            break;
+        }
+    }
+    if score_t.len() > 1 {
+        score_t.remove(0);
     }
     let score_tps = tokens / median(score_t);
     let prompt: Vec<u32> = (0..8).map(|_| next()).collect();
     let opts = GenerateOptions { max_new_tokens: 32, eos: vec![] };
     let (mut total, mut prefill) = (Vec::new(), Vec::new());
-    for r in 0..=reps.min(3) {
+    for r in 0..=if only == "score" { 0 } else { reps.min(3) } {
         let t = Instant::now();
         let g = m.generate(std::slice::from_ref(&prompt), &GenerateOptions { max_new_tokens: 1, eos: vec![] }, &|_, _| false)?;
         let p = t.elapsed().as_secs_f64();
@@ -70,6 +82,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             total.push(s);
             prefill.push(p);
         }
+    }
+    if total.is_empty() {
+        total.push(f64::NAN);
+        prefill.push(f64::NAN);
     }
     let (total, prefill) = (median(total), median(prefill));
     let decode_tps = 32.0 / total;

@@ -16,6 +16,7 @@
 //! The model runtime ([`model`]) runs checkpoints or merged tensors with burn: a forward pass
 //! that follows data-flow layer paths, batched log-likelihood scoring and greedy generation.
 
+pub mod alloc;
 pub mod arch;
 pub mod buffer;
 pub mod dtype;
