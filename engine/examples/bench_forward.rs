@@ -30,8 +30,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Profiling aid: BENCH_ONLY=score or BENCH_ONLY=decode runs one workload.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let t = Instant::now();
-    let mut m = model::open_dir(DeviceSpec::Cpu, &dir)?;
+    let ck = evomerge_engine::Checkpoint::open(&dir, dir.display().to_string())?;
+    let mut m = model::open(DeviceSpec::Cpu, &[model::ModelSpec::from_checkpoint(&ck)])?;
     println!("load: {:.2} s ({} layers, vocab {})", t.elapsed().as_secs_f64(), m.info().layers[0], m.info().dims.vocab);
+    // A weight swap (what a search does per candidate): decode + transpose + upload in place.
+    let mut swaps = Vec::new();
+    for _ in 0..reps.min(3) {
+        let t = Instant::now();
+        m.load_weights(0, &ck)?;
+        swaps.push(t.elapsed().as_secs_f64());
+    }
+    let params = ck.raw_bytes() as f64 / 2.0;
+    let swap = median(swaps);
+    println!("weight swap: {swap:.2} s ({:.2} GB/s of f32 weights written)", params * 4.0 / swap / 1e9);
     let vocab = m.info().dims.vocab as u64;
     // Deterministic pseudo-random ids (SplitMix64).
     let mut state = 0x9E37_79B9_7F4A_7C15u64;

@@ -317,4 +317,12 @@ fn load_weights_swaps_one_model_in_place() {
     let mut alone = model::open_dir(DeviceSpec::Cpu, &f.join("llama-tiny-base")).expect("open");
     assert_eq!(two.logits(&IDS).expect("swapped"), alone.logits(&IDS).expect("alone"));
     assert!(two.load_weights(5, &base).is_err());
+    // A source that lacks a tensor is refused before anything is released: the model still runs.
+    let mut partial = evomerge_engine::MemorySource::new("partial");
+    for n in base.tensor_names().into_iter().filter(|n| !n.contains("layers.3.mlp")) {
+        partial.insert(n.clone(), base.read_f32(&n).expect("read"));
+    }
+    let err = two.load_weights(1, &partial).expect_err("incomplete source");
+    assert!(err.to_string().contains("model.layers.3.mlp"), "{err}");
+    assert_eq!(two.logits(&IDS).expect("still usable"), alone.logits(&IDS).expect("alone"));
 }

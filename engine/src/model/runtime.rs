@@ -50,6 +50,19 @@ struct LayerW<B: Backend> {
     window: Option<usize>,
 }
 
+impl<B: Backend> ModelW<B> {
+    /// Drops every weight (replaced by empty tensors) so their memory can be reused.
+    fn release(&mut self) {
+        let dev = self.embed.device();
+        let e1 = || Tensor::<B, 1>::empty([0], &dev);
+        let e2 = || Tensor::<B, 2>::empty([0, 0], &dev);
+        self.embed = e2();
+        self.head = e2();
+        self.norm = e1();
+        self.layers.clear();
+    }
+}
+
 struct ModelW<B: Backend> {
     label: String,
     config: ModelConfig,
@@ -78,6 +91,8 @@ pub(crate) struct Runtime<B: Backend> {
     path: LayerPath,
     info: ModelInfo,
     mask_value: f32,
+    /// Set when a weight swap failed after the old weights were released.
+    poisoned: Option<String>,
 }
 
 fn upload<B: Backend, const D: usize>(data: Vec<f32>, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
@@ -189,7 +204,7 @@ impl<B: Kernels> Runtime<B> {
             _ => -1e30,
         };
         let path = LayerPath::identity(0, loaded[0].layers.len());
-        Ok(Self { device, models: loaded, path, info, mask_value })
+        Ok(Self { device, models: loaded, path, info, mask_value, poisoned: None })
     }
 
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
@@ -376,11 +391,30 @@ impl<B: Kernels> Runtime<B> {
     }
 
     /// Swaps model `index` for the tensors of `spec`; other models, the path and the tables
-    /// stay. Peak memory: one extra copy of this model while the new weights upload.
+    /// stay. Shapes are checked from metadata first; then the old weights are released before
+    /// the new ones upload, so peak memory stays at one copy and the allocator (mimalloc with
+    /// purging off; burn-cuda's pool on GPU) hands the same memory back. If reading a tensor
+    /// fails after that, the runtime refuses further work rather than run a half-loaded model.
     fn replace_model(&mut self, index: usize, spec: &ModelSpec<'_>) -> Result<()> {
-        let fresh = load_model::<B>(spec, &self.device)?;
-        self.models[index] = fresh;
-        Ok(())
+        check_tensors(spec)?;
+        self.models[index].release();
+        match load_model::<B>(spec, &self.device) {
+            Ok(fresh) => {
+                self.models[index] = fresh;
+                Ok(())
+            }
+            Err(e) => {
+                self.poisoned = Some(format!("loading weights from '{}' failed half way: {e}", spec.label));
+                Err(e)
+            }
+        }
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(why) => Err(EngineError::InvalidInput(format!("model unusable: {why}; load weights again"))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -407,29 +441,81 @@ fn matrix_t<B: Backend>(parts: &[HostTensor], name: &str, device: &B::Device) ->
     Ok(upload(data, [inn, out], device))
 }
 
-fn load_model<B: Backend>(spec: &ModelSpec<'_>, device: &B::Device) -> Result<ModelW<B>> {
+/// Checks, from metadata only, that `spec` holds every tensor the forward pass needs with the
+/// shapes its config implies (and optional groups complete), so that loading cannot fail half
+/// way for a shape reason.
+fn check_tensors(spec: &ModelSpec<'_>) -> Result<()> {
     let cfg = spec.config;
     let d = Dims::of(cfg);
-    let expect = |t: &HostTensor, name: &str, shape: &[usize]| -> Result<()> {
-        if t.shape != shape {
-            return Err(EngineError::ShapeMismatch {
+    let src = spec.tensors;
+    let need = |name: &str, shape: &[usize]| -> Result<()> {
+        match src.meta(name) {
+            None => Err(EngineError::MissingTensor { model: spec.label.to_string(), tensor: name.to_string() }),
+            Some((got, _)) if got != shape => Err(EngineError::ShapeMismatch {
                 tensor: name.to_string(),
                 model: spec.label.to_string(),
-                got: t.shape.clone(),
-                reference: "config.json".into(),
+                got,
+                reference: "its config.json".into(),
                 expected: shape.to_vec(),
-            });
+            }),
+            Some(_) => Ok(()),
         }
-        Ok(())
     };
+    let (q, kv) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
+    need("model.embed_tokens.weight", &[d.vocab, d.hidden])?;
+    need("model.norm.weight", &[d.hidden])?;
+    if !cfg.tie_word_embeddings || src.meta("lm_head.weight").is_some() {
+        need("lm_head.weight", &[d.vocab, d.hidden])?;
+    }
+    let unsupported = |reason: String| EngineError::UnsupportedModel { model: spec.label.to_string(), reason };
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}.");
+        for (n, shape) in [
+            ("self_attn.q_proj.weight", vec![q, d.hidden]),
+            ("self_attn.k_proj.weight", vec![kv, d.hidden]),
+            ("self_attn.v_proj.weight", vec![kv, d.hidden]),
+            ("self_attn.o_proj.weight", vec![d.hidden, q]),
+            ("mlp.gate_proj.weight", vec![d.intermediate, d.hidden]),
+            ("mlp.up_proj.weight", vec![d.intermediate, d.hidden]),
+            ("mlp.down_proj.weight", vec![d.hidden, d.intermediate]),
+            ("input_layernorm.weight", vec![d.hidden]),
+            ("post_attention_layernorm.weight", vec![d.hidden]),
+        ] {
+            need(&format!("{p}{n}"), &shape)?;
+        }
+        let has = |n: &str| src.meta(&format!("{p}{n}")).is_some();
+        let biases = [has("self_attn.q_proj.bias"), has("self_attn.k_proj.bias"), has("self_attn.v_proj.bias")];
+        if biases.contains(&true) {
+            if biases.contains(&false) {
+                return Err(unsupported(format!("layer {l} has biases on only some of q/k/v")));
+            }
+            need(&format!("{p}self_attn.q_proj.bias"), &[q])?;
+            need(&format!("{p}self_attn.k_proj.bias"), &[kv])?;
+            need(&format!("{p}self_attn.v_proj.bias"), &[kv])?;
+        }
+        if has("self_attn.o_proj.bias") {
+            need(&format!("{p}self_attn.o_proj.bias"), &[d.hidden])?;
+        }
+        match (has("self_attn.q_norm.weight"), has("self_attn.k_norm.weight")) {
+            (true, true) => {
+                need(&format!("{p}self_attn.q_norm.weight"), &[d.head_dim])?;
+                need(&format!("{p}self_attn.k_norm.weight"), &[d.head_dim])?;
+            }
+            (false, false) => {}
+            _ => return Err(unsupported(format!("layer {l} has only one of q_norm / k_norm"))),
+        }
+    }
+    Ok(())
+}
+
+fn load_model<B: Backend>(spec: &ModelSpec<'_>, device: &B::Device) -> Result<ModelW<B>> {
+    check_tensors(spec)?;
+    let cfg = spec.config;
+    let d = Dims::of(cfg);
     let embed_name = "model.embed_tokens.weight";
     let embed_h = read(spec, embed_name)?;
-    expect(&embed_h, embed_name, &[d.vocab, d.hidden])?;
     let head = match (cfg.tie_word_embeddings, read_opt(spec, "lm_head.weight")?) {
-        (false, Some(h)) | (true, Some(h)) => {
-            expect(&h, "lm_head.weight", &[d.vocab, d.hidden])?;
-            matrix_t::<B>(&[h], "lm_head.weight", device)?
-        }
+        (_, Some(h)) => matrix_t::<B>(&[h], "lm_head.weight", device)?,
         (true, None) => matrix_t::<B>(std::slice::from_ref(&embed_h), embed_name, device)?,
         (false, None) => {
             return Err(EngineError::MissingTensor { model: spec.label.to_string(), tensor: "lm_head.weight".into() });
@@ -444,9 +530,6 @@ fn load_model<B: Backend>(spec: &ModelSpec<'_>, device: &B::Device) -> Result<Mo
         let r = |n: &str| read(spec, &format!("{p}{n}"));
         let ro = |n: &str| read_opt(spec, &format!("{p}{n}"));
         let (q, k, v) = (r("self_attn.q_proj.weight")?, r("self_attn.k_proj.weight")?, r("self_attn.v_proj.weight")?);
-        expect(&q, "q_proj", &[d.heads * d.head_dim, d.hidden])?;
-        expect(&k, "k_proj", &[d.kv_heads * d.head_dim, d.hidden])?;
-        expect(&v, "v_proj", &[d.kv_heads * d.head_dim, d.hidden])?;
         let wqkv = matrix_t::<B>(&[q, k, v], &format!("{p}self_attn.qkv"), device)?;
         let bqkv = match (ro("self_attn.q_proj.bias")?, ro("self_attn.k_proj.bias")?, ro("self_attn.v_proj.bias")?) {
             (Some(bq), Some(bk), Some(bv)) => {
@@ -454,27 +537,11 @@ fn load_model<B: Backend>(spec: &ModelSpec<'_>, device: &B::Device) -> Result<Mo
                 let n = data.len();
                 Some(upload::<B, 1>(data, [n], device))
             }
-            (None, None, None) => None,
-            _ => {
-                return Err(EngineError::UnsupportedModel {
-                    model: spec.label.to_string(),
-                    reason: format!("layer {l} has biases on only some of q/k/v"),
-                });
-            }
+            _ => None, // check_tensors: all three or none
         };
         let o = r("self_attn.o_proj.weight")?;
-        expect(&o, "o_proj", &[d.hidden, d.heads * d.head_dim])?;
         let (gate, up, down) = (r("mlp.gate_proj.weight")?, r("mlp.up_proj.weight")?, r("mlp.down_proj.weight")?);
-        expect(&gate, "gate_proj", &[d.intermediate, d.hidden])?;
-        expect(&up, "up_proj", &[d.intermediate, d.hidden])?;
-        expect(&down, "down_proj", &[d.hidden, d.intermediate])?;
         let (q_norm, k_norm) = (ro("self_attn.q_norm.weight")?, ro("self_attn.k_norm.weight")?);
-        if q_norm.is_some() != k_norm.is_some() {
-            return Err(EngineError::UnsupportedModel {
-                model: spec.label.to_string(),
-                reason: format!("layer {l} has only one of q_norm / k_norm"),
-            });
-        }
         layers.push(LayerW {
             in_norm: vector::<B>(r("input_layernorm.weight")?, device),
             post_norm: vector::<B>(r("post_attention_layernorm.weight")?, device),
@@ -519,6 +586,7 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
     }
 
     fn logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check_usable()?;
         if tokens.is_empty() {
             return Err(EngineError::InvalidInput("no tokens to score".into()));
         }
@@ -533,6 +601,7 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
     }
 
     fn score(&mut self, requests: &[ScoreRequest], batch_size: usize) -> Result<Vec<ScoreResult>> {
+        self.check_usable()?;
         for (i, r) in requests.iter().enumerate() {
             if r.context.is_empty() || r.continuation.is_empty() {
                 return Err(EngineError::InvalidInput(format!(
@@ -559,6 +628,7 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
         opts: &GenerateOptions,
         stop: &dyn Fn(usize, &[u32]) -> bool,
     ) -> Result<Vec<Generation>> {
+        self.check_usable()?;
         if prompts.is_empty() {
             return Ok(vec![]);
         }
@@ -646,6 +716,7 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
             return Err(EngineError::InvalidInput(format!("load_weights: no loaded model {model}")));
         }
         // The config and architecture stay those of the loaded model; only tensors change.
+        self.poisoned = None;
         let (config, arch) = (self.models[model].config.clone(), self.models[model].arch);
         let spec = ModelSpec { label: source.label(), config: &config, arch, tensors: source };
         self.replace_model(model, &spec)
