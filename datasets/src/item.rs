@@ -1,5 +1,7 @@
 //! One evaluation item.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// The reference answer.
@@ -18,4 +20,21 @@ pub struct Item {
     pub question: String,
     pub choices: Vec<String>,
     pub gold: Gold,
+    /// Further text fields a prompt template may use (`FieldMap::extra`: subject, context, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fields: BTreeMap<String, String>,
+}
+
+impl Item {
+    /// A text field by template name: `question`, `gold` (text answers), or an extra field.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        match name {
+            "question" => Some(&self.question),
+            "gold" | "answer" => match &self.gold {
+                Gold::Text(t) => Some(t),
+                Gold::Choice(i) => self.choices.get(*i).map(String::as_str),
+            },
+            other => self.fields.get(other).map(String::as_str),
+        }
+    }
 }

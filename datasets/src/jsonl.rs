@@ -48,6 +48,9 @@ pub struct FieldMap {
     pub choices: Option<String>,
     pub gold: String,
     pub gold_kind: GoldKind,
+    /// More fields to keep for prompt templates (dotted paths; the template name is the path).
+    #[serde(default)]
+    pub extra: Vec<String>,
 }
 
 /// What to do with a bad row.
@@ -76,6 +79,36 @@ pub enum DatasetError {
     Row(#[from] RowError),
     #[error("{0}: no items")]
     Empty(PathBuf),
+    #[error("{path}: {reason}")]
+    Format { path: PathBuf, reason: String },
+}
+
+/// Collects items from numbered rows, applying `on_error` (shared by the JSONL and parquet
+/// readers; `line` is the 1-based line or row number).
+pub(crate) fn collect_rows(
+    path: &Path,
+    rows: impl Iterator<Item = (usize, Result<Value, String>)>,
+    map: &FieldMap,
+    on_error: OnError,
+) -> Result<(Vec<Item>, Vec<RowError>), DatasetError> {
+    let mut items = Vec::new();
+    let mut skipped = Vec::new();
+    for (line, row) in rows {
+        match row.and_then(|r| item_from_row(&r, map, line)) {
+            Ok(item) => items.push(item),
+            Err(reason) => {
+                let e = RowError { path: path.to_path_buf(), line, reason };
+                match on_error {
+                    OnError::Stop => return Err(e.into()),
+                    OnError::Skip => skipped.push(e),
+                }
+            }
+        }
+    }
+    if items.is_empty() {
+        return Err(DatasetError::Empty(path.to_path_buf()));
+    }
+    Ok((items, skipped))
 }
 
 fn lookup<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
@@ -128,38 +161,25 @@ pub fn item_from_row(row: &Value, map: &FieldMap, line: usize) -> Result<Item, S
         Some(p) => as_text(field(p)?).ok_or_else(|| format!("field '{p}' is not text"))?,
         None => line.to_string(),
     };
-    Ok(Item { id, question, choices, gold })
+    let mut fields = std::collections::BTreeMap::new();
+    for p in &map.extra {
+        let v = as_text(field(p)?).ok_or_else(|| format!("field '{p}' is not text"))?;
+        fields.insert(p.clone(), v);
+    }
+    Ok(Item { id, question, choices, gold, fields })
 }
 
 /// Reads a JSONL file; returns the items and (with [`OnError::Skip`]) the skipped rows.
 pub fn read_jsonl(path: &Path, map: &FieldMap, on_error: OnError) -> Result<(Vec<Item>, Vec<RowError>), DatasetError> {
     let f = std::fs::File::open(path).map_err(|err| DatasetError::Io { path: path.to_path_buf(), err })?;
-    let mut items = Vec::new();
-    let mut skipped = Vec::new();
+    let mut lines = Vec::new();
     for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line_no = i + 1;
         let text = line.map_err(|err| DatasetError::Io { path: path.to_path_buf(), err })?;
-        if text.trim().is_empty() {
-            continue;
-        }
-        let parsed = serde_json::from_str::<Value>(&text)
-            .map_err(|e| format!("invalid JSON: {e}"))
-            .and_then(|row| item_from_row(&row, map, line_no));
-        match parsed {
-            Ok(item) => items.push(item),
-            Err(reason) => {
-                let e = RowError { path: path.to_path_buf(), line: line_no, reason };
-                match on_error {
-                    OnError::Stop => return Err(e.into()),
-                    OnError::Skip => skipped.push(e),
-                }
-            }
+        if !text.trim().is_empty() {
+            lines.push((i + 1, serde_json::from_str::<Value>(&text).map_err(|e| format!("invalid JSON: {e}"))));
         }
     }
-    if items.is_empty() {
-        return Err(DatasetError::Empty(path.to_path_buf()));
-    }
-    Ok((items, skipped))
+    collect_rows(path, lines.into_iter(), map, on_error)
 }
 
 #[cfg(test)]
@@ -167,7 +187,14 @@ mod tests {
     use super::*;
 
     fn map(kind: GoldKind, choices: Option<&str>) -> FieldMap {
-        FieldMap { id: Some("id".into()), question: "q".into(), choices: choices.map(String::from), gold: "a".into(), gold_kind: kind }
+        FieldMap {
+            id: Some("id".into()),
+            question: "q".into(),
+            choices: choices.map(String::from),
+            gold: "a".into(),
+            gold_kind: kind,
+            extra: vec![],
+        }
     }
 
     fn write(lines: &[&str]) -> tempfile::NamedTempFile {

@@ -8,10 +8,11 @@
 //!        random subset │ anchor points │ IRT │ p-IRT │ gp-IRT   (tinyBenchmarks, Polo et al. 2024)
 //! ```
 //!
-//! Built so far: the estimators on response matrices (simulated data in tests and in
-//! `examples/bench_estimators.rs`). Tasks, the score cache and `evomerge eval` come with the
-//! model runtime (see the fitness issue).
+//! Tasks ([`tasks`]) score a real model with lm-eval-harness's conventions (multiple choice,
+//! generation + exact match, perplexity) from TOML specs or presets; the estimators work on
+//! the resulting item-level response matrices.
 
 pub mod estimators;
+pub mod tasks;
 
 pub use estimators::{AnchorPoints, Estimate, Irt, IrtConfig, Responses};

@@ -1,0 +1,451 @@
+//! Evaluation tasks on a real model: multiple choice by log-likelihood, generation with answer
+//! extraction, and log-likelihood of reference text — with lm-eval-harness's conventions.
+//!
+//! ```text
+//! TaskSpec (TOML / preset) ─► Task::load: items (JSONL / parquet), few-shot pool, templates
+//!        │ evaluate(model, tokenizer)
+//!        ▼
+//! requests: MC → (context, " " + choice) pairs, scored in length-sorted batches
+//!           generation → prompts, greedy with stop strings, extract → exact match
+//!           perplexity → (prefix token, text) rolling windows
+//!        ▼
+//! TaskResult { metric, value, stderr, items: per-item results (replayable record) }
+//! ```
+//!
+//! lm-eval details kept: the context's trailing whitespace moves to the continuation before
+//! tokenizing, and the continuation's tokens are those of `encode(context + continuation)`
+//! past `encode(context)`; an empty context is the prefix token (BOS, else EOS); BOS is added
+//! only when the spec says `add_bos`; `acc_norm` divides by the choice's length in characters;
+//! argmax ties go to the first choice; the standard error is the sample standard deviation
+//! (n − 1) over √n. Deviation: few-shot examples are drawn with evomerge's seeded generator,
+//! not Python's `random.sample`, so the examples differ from lm-eval's for the same seed.
+
+pub mod extract;
+pub mod spec;
+pub mod template;
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use evomerge_datasets::{Gold, Item, RowError, read_items};
+use evomerge_engine::EngineError;
+use evomerge_engine::model::{GenerateOptions, LanguageModel, ScoreRequest, Tokenizer};
+use rand_chacha::ChaCha8Rng;
+use rand_core::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+pub use extract::{Extract, Extractor, Normalize, Normalizer};
+pub use spec::{Kind, Metric, PRESETS, TaskSpec};
+use template::{ChoiceCtx, Template};
+
+/// Errors of task loading and evaluation.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("task '{task}': {reason}")]
+    Spec { task: String, reason: String },
+    #[error(transparent)]
+    Data(#[from] evomerge_datasets::DatasetError),
+    #[error(transparent)]
+    Model(#[from] EngineError),
+}
+
+/// A loaded task: spec, items, few-shot pool, compiled templates and extractors.
+#[derive(Debug)]
+pub struct Task {
+    pub spec: TaskSpec,
+    pub items: Vec<Item>,
+    /// Rows skipped under `on_error = "skip"`.
+    pub skipped: Vec<RowError>,
+    fewshot_pool: Vec<Item>,
+    /// Whether the pool is the evaluated data (then an item never serves as its own example).
+    pool_is_data: bool,
+    template: Template,
+    choice: Template,
+    target: Option<Template>,
+    extractor: Extractor,
+    normalizer: Normalizer,
+}
+
+/// One item's outcome: the metric's per-item value plus what produced it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ItemResult {
+    pub id: String,
+    /// Per-item metric value (0/1 for accuracies, the log-likelihood for perplexity tasks).
+    pub score: f64,
+    /// The model's answer: chosen index, extracted text.
+    pub prediction: String,
+    /// Multiple choice: log-likelihood of each choice.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logliks: Vec<f64>,
+    /// Perplexity tasks: tokens and UTF-8 bytes of the scored text.
+    #[serde(default)]
+    pub tokens: usize,
+    #[serde(default)]
+    pub bytes: usize,
+}
+
+/// A task's score.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub task: String,
+    pub metric: String,
+    pub value: f64,
+    /// Standard error of `value` (none for corpus-level perplexity).
+    pub stderr: Option<f64>,
+    pub higher_is_better: bool,
+    pub n: usize,
+    /// Tokens the model processed (prompts + continuations + generated).
+    pub tokens: usize,
+    pub seconds: f64,
+    pub items: Vec<ItemResult>,
+}
+
+/// Evaluation settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvalOptions {
+    /// Only the first `limit` items (lm-eval `--limit`).
+    pub limit: Option<usize>,
+    /// Sequences per forward pass.
+    pub batch_size: usize,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self { limit: None, batch_size: 8 }
+    }
+}
+
+/// Mean and standard error (sample std, n − 1, over √n) of per-item scores.
+pub fn mean_stderr(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    if xs.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (mean, f64::NAN);
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, (var / n).sqrt())
+}
+
+/// Index of the largest value; ties go to the first (numpy's argmax).
+fn argmax(xs: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// lm-eval's `_encode_pair`: trailing whitespace of the context moves to the continuation;
+/// continuation tokens are `encode(context + continuation)` past `encode(context)`. An empty
+/// context becomes `[prefix]`.
+pub fn encode_pair(
+    tok: &Tokenizer,
+    context: &str,
+    continuation: &str,
+    add_bos: bool,
+    prefix: u32,
+) -> Result<(Vec<u32>, Vec<u32>), EngineError> {
+    let trimmed = context.trim_end();
+    let (ctx, cont) = (trimmed, format!("{}{continuation}", &context[trimmed.len()..]));
+    if ctx.is_empty() {
+        return Ok((vec![prefix], tok.encode(&cont, add_bos)?));
+    }
+    let whole = tok.encode(&format!("{ctx}{cont}"), add_bos)?;
+    let c = tok.encode(ctx, add_bos)?;
+    let split = c.len().min(whole.len());
+    Ok((c, whole[split..].to_vec()))
+}
+
+impl Task {
+    /// Loads the spec's data (`data` overrides the spec's path), few-shot pool and templates,
+    /// and renders every prompt once so that template errors surface now.
+    pub fn load(spec: TaskSpec, data: Option<&std::path::Path>, fewshot_data: Option<&std::path::Path>) -> Result<Self, TaskError> {
+        let name = spec.name.clone();
+        let err = |reason: String| TaskError::Spec { task: name.clone(), reason };
+        let path = data.map(std::path::Path::to_path_buf).or_else(|| spec.data.path.clone()).ok_or_else(|| {
+            err("no data file: give `--data FILE` (or data.path in the task file)".into())
+        })?;
+        let (items, skipped) = read_items(&path, &spec.data.fields, spec.data.on_error)?;
+        let fs_path = fewshot_data.map(std::path::Path::to_path_buf).or_else(|| spec.data.fewshot_path.clone());
+        let (fewshot_pool, pool_is_data) = match (&fs_path, spec.prompt.fewshot) {
+            (_, 0) => (vec![], false),
+            (Some(p), _) => (read_items(p, &spec.data.fields, spec.data.on_error)?.0, false),
+            (None, _) => (items.clone(), true),
+        };
+        let need = spec.prompt.fewshot + usize::from(pool_is_data);
+        if spec.prompt.fewshot > 0 && fewshot_pool.len() < need {
+            return Err(err(format!("{} few-shot examples asked, {} available", spec.prompt.fewshot, fewshot_pool.len())));
+        }
+        let template = Template::parse(&spec.prompt.template).map_err(&err)?;
+        let choice = Template::parse(&spec.prompt.choice).map_err(&err)?;
+        let target = spec.prompt.target.as_deref().map(Template::parse).transpose().map_err(&err)?;
+        let extractor = Extractor::new(&spec.generation.extract).map_err(&err)?;
+        let normalizer = Normalizer::new(&spec.metric.normalize).map_err(&err)?;
+        let task = Self { spec, items, skipped, fewshot_pool, pool_is_data, template, choice, target, extractor, normalizer };
+        for (i, item) in task.items.iter().enumerate() {
+            task.context(i, item).map_err(&err)?;
+            if task.spec.kind == Kind::MultipleChoice {
+                task.continuations(item).map_err(&err)?;
+            }
+            if task.spec.kind == Kind::Generation && !matches!(item.gold, Gold::Text(_)) {
+                return Err(err(format!("item '{}': a generation task needs a text gold answer (gold_kind = \"text\")", item.id)));
+            }
+        }
+        Ok(task)
+    }
+
+    /// Continuation text of each choice (target delimiter + choice template) and the raw
+    /// choice strings (for acc_norm lengths).
+    fn continuations(&self, item: &Item) -> Result<Vec<(String, String)>, String> {
+        item.choices
+            .iter()
+            .enumerate()
+            .map(|(index, c)| {
+                let raw = self.choice.render(item, Some(ChoiceCtx { choice: c, index }))?;
+                Ok((format!("{}{raw}", self.spec.prompt.target_delimiter), raw))
+            })
+            .collect()
+    }
+
+    /// The answer text a few-shot example shows.
+    fn target_text(&self, ex: &Item) -> Result<String, String> {
+        match (&self.target, &ex.gold) {
+            (Some(t), _) => t.render(ex, None),
+            (None, Gold::Choice(i)) => {
+                let c = ex.choices.get(*i).ok_or("gold choice out of range")?;
+                self.choice.render(ex, Some(ChoiceCtx { choice: c, index: *i }))
+            }
+            (None, Gold::Text(t)) => Ok(t.clone()),
+        }
+    }
+
+    /// Description + few-shot examples + this item's prompt (lm-eval `fewshot_context`).
+    fn context(&self, index: usize, item: &Item) -> Result<String, String> {
+        let p = &self.spec.prompt;
+        let mut out = p.description.clone();
+        if p.fewshot > 0 {
+            // Seeded per item, so that results do not depend on evaluation order or --limit.
+            let mut rng = ChaCha8Rng::seed_from_u64(p.fewshot_seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut chosen: Vec<usize> = Vec::with_capacity(p.fewshot);
+            while chosen.len() < p.fewshot {
+                let j = (rng.next_u64() % self.fewshot_pool.len() as u64) as usize;
+                let is_self = self.pool_is_data && self.fewshot_pool[j].id == item.id;
+                if !is_self && !chosen.contains(&j) {
+                    chosen.push(j);
+                }
+            }
+            for j in chosen {
+                let ex = &self.fewshot_pool[j];
+                out.push_str(&self.template.render(ex, None)?);
+                out.push_str(&p.target_delimiter);
+                out.push_str(&self.target_text(ex)?);
+                out.push_str(&p.fewshot_delimiter);
+            }
+        }
+        out.push_str(&self.template.render(item, None)?);
+        Ok(out)
+    }
+
+    /// Runs the task on `model` (the first `limit` items).
+    pub fn evaluate(&self, model: &mut dyn LanguageModel, tok: &Tokenizer, prefix: u32, opts: &EvalOptions) -> Result<TaskResult, TaskError> {
+        let t0 = Instant::now();
+        let n = opts.limit.map_or(self.items.len(), |l| l.min(self.items.len()));
+        let items = &self.items[..n];
+        let spec_err = |reason: String| TaskError::Spec { task: self.spec.name.clone(), reason };
+        let add_bos = self.spec.prompt.add_bos;
+        let mut tokens = 0usize;
+        let results: Vec<ItemResult> = match self.spec.kind {
+            Kind::MultipleChoice => {
+                let mut reqs = Vec::new();
+                let mut spans = Vec::with_capacity(n);
+                for (i, item) in items.iter().enumerate() {
+                    let ctx = self.context(i, item).map_err(spec_err)?;
+                    let conts = self.continuations(item).map_err(spec_err)?;
+                    spans.push((reqs.len(), conts.iter().map(|(_, raw)| raw.chars().count().max(1) as f64).collect::<Vec<_>>()));
+                    for (cont, _) in &conts {
+                        let (context, continuation) = encode_pair(tok, &ctx, cont, add_bos, prefix)?;
+                        tokens += context.len() + continuation.len();
+                        reqs.push(ScoreRequest { context, continuation });
+                    }
+                }
+                let scored = model.score(&reqs, opts.batch_size)?;
+                items
+                    .iter()
+                    .zip(spans)
+                    .map(|(item, (start, lens))| {
+                        let lls: Vec<f64> = scored[start..start + lens.len()].iter().map(|r| r.sum).collect();
+                        let pick = match self.spec.metric.name {
+                            Metric::AccNorm => argmax(&lls.iter().zip(&lens).map(|(l, n)| l / n).collect::<Vec<_>>()),
+                            _ => argmax(&lls),
+                        };
+                        let gold = match item.gold {
+                            Gold::Choice(g) => g,
+                            Gold::Text(_) => usize::MAX,
+                        };
+                        ItemResult {
+                            id: item.id.clone(),
+                            score: f64::from(u8::from(pick == gold)),
+                            prediction: pick.to_string(),
+                            logliks: lls,
+                            tokens: 0,
+                            bytes: 0,
+                        }
+                    })
+                    .collect()
+            }
+            Kind::Generation => {
+                let g = &self.spec.generation;
+                let mut out = Vec::with_capacity(n);
+                let eos: Vec<u32> = vec![];
+                let gen_opts = GenerateOptions { max_new_tokens: g.max_new_tokens, eos };
+                let prompts: Vec<Vec<u32>> = items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| {
+                        let ctx = self.context(i, item).map_err(spec_err)?;
+                        Ok(tok.encode(&ctx, add_bos)?)
+                    })
+                    .collect::<Result<_, TaskError>>()?;
+                let until = &g.until;
+                let hit = |ids: &[u32]| !until.is_empty() && tok.decode(ids, false).is_ok_and(|t| until.iter().any(|s| t.contains(s.as_str())));
+                for (chunk_i, chunk) in prompts.chunks(opts.batch_size.max(1)).enumerate() {
+                    let gens = model.generate(chunk, &gen_opts, &|_, ids| hit(ids))?;
+                    for (k, (p, generation)) in chunk.iter().zip(gens).enumerate() {
+                        let item = &items[chunk_i * opts.batch_size.max(1) + k];
+                        tokens += p.len() + generation.tokens.len();
+                        let mut text = tok.decode(&generation.tokens, true)?;
+                        if let Some(cut) = until.iter().filter_map(|s| text.find(s.as_str())).min() {
+                            text.truncate(cut);
+                        }
+                        let pred = self.extractor.apply(&text);
+                        let gold = item.field("answer").unwrap_or_default();
+                        out.push(ItemResult {
+                            id: item.id.clone(),
+                            score: self.normalizer.exact_match(&pred, gold),
+                            prediction: pred,
+                            logliks: vec![],
+                            tokens: 0,
+                            bytes: 0,
+                        });
+                    }
+                }
+                out
+            }
+            Kind::Perplexity => {
+                let window = model.info().max_context.saturating_sub(1).max(1);
+                let mut reqs = Vec::new();
+                let mut spans = Vec::with_capacity(n);
+                for (i, item) in items.iter().enumerate() {
+                    let text = self.context(i, item).map_err(spec_err)?;
+                    let ids = tok.encode(&text, false)?;
+                    if ids.is_empty() {
+                        return Err(spec_err(format!("item '{}': the text encodes to zero tokens", item.id)));
+                    }
+                    // Disjoint windows, each conditioned on the token before it (the first on
+                    // the prefix token): lm-eval's rolling windows with context length 1.
+                    let start = reqs.len();
+                    for w in (0..ids.len()).step_by(window) {
+                        let context = if w == 0 { vec![prefix] } else { vec![ids[w - 1]] };
+                        let continuation = ids[w..(w + window).min(ids.len())].to_vec();
+                        reqs.push(ScoreRequest { context, continuation });
+                    }
+                    tokens += ids.len() + 1;
+                    spans.push((start, reqs.len(), ids.len(), text.len()));
+                }
+                let scored = model.score(&reqs, opts.batch_size)?;
+                items
+                    .iter()
+                    .zip(spans)
+                    .map(|(item, (a, b, ntok, nbytes))| {
+                        let ll: f64 = scored[a..b].iter().map(|r| r.sum).sum();
+                        ItemResult { id: item.id.clone(), score: ll, prediction: String::new(), logliks: vec![], tokens: ntok, bytes: nbytes }
+                    })
+                    .collect()
+            }
+        };
+        let metric = self.spec.metric.name;
+        let (value, stderr) = match metric {
+            Metric::Perplexity | Metric::BitsPerByte => {
+                let ll: f64 = results.iter().map(|r| r.score).sum();
+                let toks: usize = results.iter().map(|r| r.tokens).sum();
+                let bytes: usize = results.iter().map(|r| r.bytes).sum();
+                let v = if metric == Metric::Perplexity {
+                    (-ll / toks.max(1) as f64).exp()
+                } else {
+                    -ll / (bytes.max(1) as f64 * std::f64::consts::LN_2)
+                };
+                (v, None)
+            }
+            _ => {
+                let scores: Vec<f64> = results.iter().map(|r| r.score).collect();
+                let (m, se) = mean_stderr(&scores);
+                (m, Some(se))
+            }
+        };
+        Ok(TaskResult {
+            task: self.spec.name.clone(),
+            metric: metric.name().into(),
+            value,
+            stderr,
+            higher_is_better: metric.higher_is_better(),
+            n,
+            tokens,
+            seconds: t0.elapsed().as_secs_f64(),
+            items: results,
+        })
+    }
+}
+
+/// Per-(model fingerprint, task, item) results, so that no item is scored twice for the same
+/// weights; serializable as the replayable record a run keeps.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ResultCache {
+    entries: HashMap<String, ItemResult>,
+}
+
+impl ResultCache {
+    fn key(fingerprint: &str, task: &str, item: &str) -> String {
+        format!("{fingerprint}\u{1f}{task}\u{1f}{item}")
+    }
+
+    pub fn get(&self, fingerprint: &str, task: &str, item: &str) -> Option<&ItemResult> {
+        self.entries.get(&Self::key(fingerprint, task, item))
+    }
+
+    pub fn insert(&mut self, fingerprint: &str, task: &str, r: ItemResult) {
+        self.entries.insert(Self::key(fingerprint, task, &r.id), r);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stderr_is_sample_std_over_sqrt_n() {
+        let (m, se) = mean_stderr(&[1.0, 0.0, 1.0, 1.0]);
+        assert_eq!(m, 0.75);
+        // sample variance 0.25 → se = sqrt(0.25 / 4)
+        assert!((se - 0.25).abs() < 1e-12);
+        assert!(mean_stderr(&[1.0]).1.is_nan());
+    }
+
+    #[test]
+    fn argmax_ties_go_first() {
+        assert_eq!(argmax(&[-1.0, -0.5, -0.5]), 1);
+        assert_eq!(argmax(&[2.0]), 0);
+    }
+}

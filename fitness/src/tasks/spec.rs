@@ -1,0 +1,278 @@
+//! Task specifications in TOML, strict (unknown keys are errors), and the built-in presets.
+//!
+//! ```toml
+//! name = "arc_challenge"
+//! kind = "multiple_choice"            # multiple_choice | generation | perplexity
+//! [data]
+//! path = "ARC-Challenge/test.jsonl"   # .jsonl or .parquet, relative to this file
+//! on_error = "stop"                   # or "skip" (bad rows reported with file:line)
+//! [data.fields]                       # evomerge_datasets::FieldMap
+//! question = "question"
+//! choices = "choices.text"
+//! gold = "answerKey"
+//! gold_kind = "letter"
+//! [prompt]
+//! template = "Question: {question}\nAnswer:"
+//! choice = "{choice}"                 # continuation text of each choice
+//! target_delimiter = " "
+//! fewshot = 0                         # examples drawn (seeded) from fewshot_path or the data
+//! [metric]
+//! name = "acc_norm"                   # acc | acc_norm | exact_match | perplexity | bits_per_byte
+//! ```
+//! Presets reproduce lm-eval-harness's prompt formats; the user supplies the data file.
+
+use std::path::{Path, PathBuf};
+
+use evomerge_datasets::{FieldMap, OnError};
+use serde::{Deserialize, Serialize};
+
+use super::extract::{Extract, Normalize};
+
+/// What the task measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// Log-likelihood of each choice as continuation of the prompt (lm-eval `multiple_choice`).
+    MultipleChoice,
+    /// Greedy generation, answer extraction, exact match (lm-eval `generate_until`).
+    Generation,
+    /// Log-likelihood of the item's text itself (label-free; lm-eval `loglikelihood_rolling`).
+    Perplexity,
+}
+
+/// The task's metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    /// Choice with the highest log-likelihood is the gold one.
+    Acc,
+    /// Same with log-likelihood divided by the choice's length in characters.
+    AccNorm,
+    ExactMatch,
+    /// exp(−Σ log p / Σ tokens).
+    Perplexity,
+    /// −Σ log₂ p / Σ UTF-8 bytes.
+    BitsPerByte,
+}
+
+impl Metric {
+    /// Whether larger is better.
+    pub fn higher_is_better(self) -> bool {
+        matches!(self, Metric::Acc | Metric::AccNorm | Metric::ExactMatch)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Acc => "acc",
+            Metric::AccNorm => "acc_norm",
+            Metric::ExactMatch => "exact_match",
+            Metric::Perplexity => "perplexity",
+            Metric::BitsPerByte => "bits_per_byte",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Dataset file; relative paths are relative to the spec file (or the current directory
+    /// for presets). `evomerge eval --data` overrides it.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    pub fields: FieldMap,
+    #[serde(default = "stop")]
+    pub on_error: OnError,
+    /// Where few-shot examples come from (default: the data itself, never the item asked).
+    #[serde(default)]
+    pub fewshot_path: Option<PathBuf>,
+}
+
+fn stop() -> OnError {
+    OnError::Stop
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptSpec {
+    #[serde(default = "question")]
+    pub template: String,
+    /// Continuation of each choice (multiple choice).
+    #[serde(default = "choice")]
+    pub choice: String,
+    /// Answer text of few-shot examples (default: the gold choice, or the gold text).
+    #[serde(default)]
+    pub target: Option<String>,
+    #[serde(default = "space")]
+    pub target_delimiter: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub fewshot: usize,
+    #[serde(default = "fewshot_seed")]
+    pub fewshot_seed: u64,
+    #[serde(default = "two_newlines")]
+    pub fewshot_delimiter: String,
+    /// Prepend the tokenizer's special tokens (BOS) to every context. lm-eval's HF models
+    /// default to no (`add_bos_token=False`); models trained with BOS want yes.
+    #[serde(default)]
+    pub add_bos: bool,
+}
+
+fn question() -> String {
+    "{question}".into()
+}
+fn choice() -> String {
+    "{choice}".into()
+}
+fn space() -> String {
+    " ".into()
+}
+fn fewshot_seed() -> u64 {
+    1234
+}
+fn two_newlines() -> String {
+    "\n\n".into()
+}
+
+impl Default for PromptSpec {
+    fn default() -> Self {
+        Self {
+            template: question(),
+            choice: choice(),
+            target: None,
+            target_delimiter: space(),
+            description: String::new(),
+            fewshot: 0,
+            fewshot_seed: fewshot_seed(),
+            fewshot_delimiter: two_newlines(),
+            add_bos: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationSpec {
+    #[serde(default = "max_new")]
+    pub max_new_tokens: usize,
+    /// Stop strings (the output is cut before the first).
+    #[serde(default)]
+    pub until: Vec<String>,
+    #[serde(default = "no_extract")]
+    pub extract: Extract,
+}
+
+fn max_new() -> usize {
+    256
+}
+fn no_extract() -> Extract {
+    Extract::None
+}
+
+impl Default for GenerationSpec {
+    fn default() -> Self {
+        Self { max_new_tokens: max_new(), until: vec![], extract: no_extract() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricSpec {
+    pub name: Metric,
+    #[serde(default, flatten)]
+    pub normalize: Normalize,
+}
+
+/// A whole task file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    pub name: String,
+    pub kind: Kind,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub prompt: PromptSpec,
+    #[serde(default)]
+    pub generation: GenerationSpec,
+    pub metric: MetricSpec,
+}
+
+/// Built-in presets: lm-eval-harness's prompt formats (v0.4 task YAMLs).
+pub const PRESETS: &[(&str, &str)] = &[
+    ("arc_challenge", include_str!("../../tasks/arc_challenge.toml")),
+    ("arc_easy", include_str!("../../tasks/arc_easy.toml")),
+    ("mmlu", include_str!("../../tasks/mmlu.toml")),
+    ("hellaswag", include_str!("../../tasks/hellaswag.toml")),
+    ("gsm8k", include_str!("../../tasks/gsm8k.toml")),
+];
+
+impl TaskSpec {
+    /// Parses TOML text; `base` resolves relative data paths.
+    pub fn parse(text: &str, base: Option<&Path>) -> Result<Self, String> {
+        let mut s: TaskSpec = toml::from_str(text).map_err(|e| e.to_string())?;
+        if let Some(b) = base {
+            for p in [&mut s.data.path, &mut s.data.fewshot_path].into_iter().flatten() {
+                if p.is_relative() {
+                    *p = b.join(&*p);
+                }
+            }
+        }
+        s.check()?;
+        Ok(s)
+    }
+
+    /// A preset by name, or a TOML file by path.
+    pub fn load(name_or_path: &str) -> Result<Self, String> {
+        if let Some((_, text)) = PRESETS.iter().find(|(n, _)| *n == name_or_path) {
+            return Self::parse(text, None).map_err(|e| format!("preset '{name_or_path}': {e}"));
+        }
+        let path = Path::new(name_or_path);
+        if !path.is_file() {
+            let names: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+            return Err(format!("task '{name_or_path}' is neither a file nor a preset ({})", names.join(", ")));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&text, path.parent()).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let ok = match self.kind {
+            Kind::MultipleChoice => matches!(self.metric.name, Metric::Acc | Metric::AccNorm),
+            Kind::Generation => self.metric.name == Metric::ExactMatch,
+            Kind::Perplexity => matches!(self.metric.name, Metric::Perplexity | Metric::BitsPerByte),
+        };
+        if !ok {
+            return Err(format!("metric '{}' does not apply to a {:?} task", self.metric.name.name(), self.kind));
+        }
+        if self.kind == Kind::MultipleChoice && self.data.fields.choices.is_none() {
+            return Err("a multiple_choice task needs data.fields.choices".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_parses() {
+        for (name, _) in PRESETS {
+            let s = TaskSpec::load(name).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(&s.name, name);
+        }
+    }
+
+    #[test]
+    fn strict_keys_and_metric_kind_agreement() {
+        let base = "name = 't'\nkind = 'generation'\n[data.fields]\nquestion = 'q'\ngold = 'a'\ngold_kind = 'text'\n";
+        assert!(TaskSpec::parse(&format!("{base}[metric]\nname = 'exact_match'\n"), None).is_ok());
+        let e = TaskSpec::parse(&format!("{base}[metric]\nname = 'acc'\n"), None).expect_err("acc on generation");
+        assert!(e.contains("does not apply"), "{e}");
+        let e = TaskSpec::parse(&format!("{base}[metric]\nname = 'exact_match'\n[prompt]\ntemplat = 'x'\n"), None)
+            .expect_err("typo");
+        assert!(e.contains("templat"), "{e}");
+        let e = TaskSpec::load("arc_challeng").expect_err("unknown");
+        assert!(e.contains("arc_challenge"), "{e}");
+    }
+}
