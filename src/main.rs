@@ -36,6 +36,8 @@ enum Command {
     Score(commands::run_model::ScoreArgs),
     /// Continue a prompt greedily with a model.
     Generate(commands::run_model::GenerateArgs),
+    /// Evaluate a model on a task (preset or TOML file): metric ± standard error.
+    Eval(commands::eval::EvalArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
         Command::Merge(args) => commands::merge::run(args),
         Command::Score(args) => commands::run_model::score(args),
         Command::Generate(args) => commands::run_model::generate(args),
+        Command::Eval(args) => commands::eval::run(args),
     };
     exit::report(result)
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod eval;
 pub mod merge;
 pub mod progress;
 pub mod run_model;

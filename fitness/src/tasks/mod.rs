@@ -17,7 +17,8 @@
 //! past `encode(context)`; an empty context is the prefix token (BOS, else EOS); BOS is added
 //! only when the spec says `add_bos`; `acc_norm` divides by the choice's length in characters;
 //! argmax ties go to the first choice; the standard error is the sample standard deviation
-//! (n − 1) over √n. Deviation: few-shot examples are drawn with evomerge's seeded generator,
+//! (n − 1) over √n; inputs longer than the model's context lose tokens from the left (the
+//! context keeps at least one; generation prompts leave room for `max_new_tokens`). Deviation: few-shot examples are drawn with evomerge's seeded generator,
 //! not Python's `random.sample`, so the examples differ from lm-eval's for the same seed.
 
 pub mod extract;
@@ -258,6 +259,7 @@ impl Task {
         let items = &self.items[..n];
         let spec_err = |reason: String| TaskError::Spec { task: self.spec.name.clone(), reason };
         let add_bos = self.spec.prompt.add_bos;
+        let max_ctx = model.info().max_context;
         let mut tokens = 0usize;
         let results: Vec<ItemResult> = match self.spec.kind {
             Kind::MultipleChoice => {
@@ -268,7 +270,9 @@ impl Task {
                     let conts = self.continuations(item).map_err(spec_err)?;
                     spans.push((reqs.len(), conts.iter().map(|(_, raw)| raw.chars().count().max(1) as f64).collect::<Vec<_>>()));
                     for (cont, _) in &conts {
-                        let (context, continuation) = encode_pair(tok, &ctx, cont, add_bos, prefix)?;
+                        let (mut context, continuation) = encode_pair(tok, &ctx, cont, add_bos, prefix)?;
+                        let excess = (context.len() + continuation.len()).saturating_sub(max_ctx);
+                        context.drain(..excess.min(context.len() - 1));
                         tokens += context.len() + continuation.len();
                         reqs.push(ScoreRequest { context, continuation });
                     }
@@ -308,7 +312,10 @@ impl Task {
                     .enumerate()
                     .map(|(i, item)| {
                         let ctx = self.context(i, item).map_err(spec_err)?;
-                        Ok(tok.encode(&ctx, add_bos)?)
+                        let mut ids = tok.encode(&ctx, add_bos)?;
+                        let keep = max_ctx.saturating_sub(g.max_new_tokens).max(1);
+                        ids.drain(..ids.len().saturating_sub(keep));
+                        Ok(ids)
                     })
                     .collect::<Result<_, TaskError>>()?;
                 let until = &g.until;

@@ -1,0 +1,164 @@
+//! `evomerge eval` and the fitness tasks on the fixture models: multiple-choice scoring equals
+//! the transformers references, presets run on real-format samples (JSONL and parquet give the
+//! same result), perplexity equals the runtime's own log-likelihoods, bad task input is a
+//! clear error.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use evomerge_engine::model::{self, DeviceSpec, ScoreRequest, Tokenizer};
+use evomerge_fitness::tasks::{EvalOptions, Task, TaskSpec};
+use serde_json::Value;
+
+use crate::common::{bin, fixtures};
+
+fn data(name: &str) -> PathBuf {
+    fixtures().join("datasets").join(name)
+}
+
+fn model_dir(name: &str) -> PathBuf {
+    fixtures().join("models").join(name)
+}
+
+fn eval_json(args: &[&str]) -> Value {
+    let o = Command::new(bin()).arg("eval").args(args).arg("--json").output().expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    serde_json::from_slice(&o.stdout).expect("one JSON object")
+}
+
+const FIXTURE_MC: &str = r#"
+name = "fixture_mc"
+kind = "multiple_choice"
+[data.fields]
+id = "id"
+question = "context"
+choices = "choices"
+gold = "label"
+gold_kind = "index"
+[prompt]
+template = "{question}"
+add_bos = true
+[metric]
+name = "acc"
+"#;
+
+#[test]
+fn multiple_choice_log_likelihoods_equal_the_transformers_references() {
+    let spec = TaskSpec::parse(FIXTURE_MC, None).expect("spec");
+    let task = Task::load(spec, Some(&data("fixture_mc.jsonl")), None).expect("task");
+    let dir = model_dir("llama-tiny-a");
+    let mut m = model::open_dir(DeviceSpec::Cpu, &dir).expect("model");
+    let tok = Tokenizer::from_dir(&dir).expect("tokenizer");
+    let r = task.evaluate(m.as_mut(), &tok, 1, &EvalOptions::default()).expect("eval");
+    let refs: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("refs/llama-tiny-a.json")).expect("refs")).expect("json");
+    for (item, mc) in r.items.iter().zip(refs["multiple_choice"].as_array().expect("mc")) {
+        for (got, c) in item.logliks.iter().zip(mc["choices"].as_array().expect("choices")) {
+            let want = c["sum_logprob"].as_f64().expect("sum");
+            assert!((got - want).abs() < 1e-4, "{}: {got} vs {want}", c["text"]);
+        }
+    }
+    assert_eq!(r.value, 1.0, "label = the reference's best choice");
+    assert_eq!(r.n, 2);
+}
+
+#[test]
+fn arc_preset_reads_jsonl_and_parquet_alike() {
+    let m = model_dir("llama-tiny-a").display().to_string();
+    let j = eval_json(&["--model", &m, "--task", "arc_challenge", "--data", &data("arc_sample.jsonl").display().to_string()]);
+    let p = eval_json(&["--model", &m, "--task", "arc_challenge", "--data", &data("arc_sample.parquet").display().to_string()]);
+    assert_eq!(j["metric"], "acc_norm");
+    assert_eq!(j["n"], 8);
+    assert_eq!(j["items"], p["items"], "parquet rows == JSONL rows");
+    let v = j["value"].as_f64().expect("value");
+    assert!((0.0..=1.0).contains(&v));
+    let correct = j["items"].as_array().expect("items").iter().filter(|i| i["score"] == 1.0).count();
+    assert_eq!(v, correct as f64 / 8.0);
+    assert!(j["stderr"].as_f64().expect("stderr") > 0.0 || correct == 0 || correct == 8);
+    // --limit takes the first items.
+    let l = eval_json(&["--model", &m, "--task", "arc_challenge", "--data", &data("arc_sample.jsonl").display().to_string(), "--limit", "3"]);
+    assert_eq!(l["n"], 3);
+    assert_eq!(l["items"].as_array().expect("items")[..], j["items"].as_array().expect("items")[..3]);
+}
+
+#[test]
+fn gsm8k_preset_generates_extracts_and_matches() {
+    let m = model_dir("llama-tiny-b").display().to_string();
+    let r = eval_json(&[
+        "--model", &m, "--task", "gsm8k", "--data", &data("gsm8k_sample.jsonl").display().to_string(), "--limit", "2",
+    ]);
+    assert_eq!(r["metric"], "exact_match");
+    assert_eq!(r["n"], 2);
+    // A random tiny model does not write "#### N": lm-eval's "[invalid]", scored 0.
+    for item in r["items"].as_array().expect("items") {
+        assert_eq!(item["prediction"], "[invalid]");
+        assert_eq!(item["score"], 0.0);
+    }
+}
+
+#[test]
+fn perplexity_equals_the_runtime_log_likelihoods() {
+    let spec = TaskSpec::parse(
+        "name = 'ppl'\nkind = 'perplexity'\n[data.fields]\nid = 'id'\nquestion = 'text'\ngold = 'text'\ngold_kind = 'text'\n[metric]\nname = 'perplexity'\n",
+        None,
+    )
+    .expect("spec");
+    let task = Task::load(spec, Some(&data("text_sample.jsonl")), None).expect("task");
+    let dir = model_dir("llama-tiny-base");
+    let mut m = model::open_dir(DeviceSpec::Cpu, &dir).expect("model");
+    let tok = Tokenizer::from_dir(&dir).expect("tok");
+    let r = task.evaluate(m.as_mut(), &tok, 1, &EvalOptions::default()).expect("eval");
+    let (mut ll, mut n) = (0.0, 0usize);
+    for item in &task.items {
+        let ids = tok.encode(&item.question, false).expect("encode");
+        n += ids.len();
+        ll += m.score(&[ScoreRequest { context: vec![1], continuation: ids }], 1).expect("score")[0].sum;
+    }
+    assert!((r.value - (-ll / n as f64).exp()).abs() < 1e-6 * r.value, "{} vs {}", r.value, (-ll / n as f64).exp());
+    assert!(!r.higher_is_better && r.stderr.is_none());
+}
+
+#[test]
+fn bad_task_input_is_a_clear_error() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let run = |args: &[&str]| {
+        let o = Command::new(bin()).arg("eval").args(args).output().expect("run");
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!err.contains("panicked"), "{err}");
+        (o.status.code(), err)
+    };
+    let m = model_dir("llama-tiny-a").display().to_string();
+    let arc = data("arc_sample.jsonl").display().to_string();
+    // Unknown field in a template.
+    let spec = tmp.path().join("t.toml");
+    std::fs::write(&spec, FIXTURE_MC.replace("template = \"{question}\"", "template = \"{questoin}\"")).expect("write");
+    let (c, e) = run(&["-m", &m, "-t", &spec.display().to_string(), "--data", &data("fixture_mc.jsonl").display().to_string()]);
+    assert_eq!(c, Some(2));
+    assert!(e.contains("no field 'questoin'"), "{e}");
+    // No data given.
+    let (c, e) = run(&["-m", &m, "-t", "arc_challenge"]);
+    assert_eq!(c, Some(2));
+    assert!(e.contains("--data"), "{e}");
+    // Unknown preset.
+    let (c, e) = run(&["-m", &m, "-t", "arc_chalenge", "--data", &arc]);
+    assert_eq!(c, Some(2));
+    assert!(e.contains("neither a file nor a preset"), "{e}");
+    // A gold answer that cannot be parsed: file and line named.
+    let bad = tmp.path().join("bad.jsonl");
+    let mut text = std::fs::read_to_string(data("arc_sample.jsonl")).expect("read");
+    text = text.replacen("\"answerKey\": \"C\"", "\"answerKey\": \"Q\"", 1);
+    std::fs::write(&bad, text).expect("write");
+    let (c, e) = run(&["-m", &m, "-t", "arc_challenge", "--data", &bad.display().to_string()]);
+    assert_eq!(c, Some(2));
+    assert!(e.contains(&format!("{}:1:", bad.display())) && e.contains("past the 4 choices"), "{e}");
+    // Empty dataset.
+    let empty = tmp.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n").expect("write");
+    let (c, e) = run(&["-m", &m, "-t", "arc_challenge", "--data", &empty.display().to_string()]);
+    assert_eq!(c, Some(2));
+    assert!(e.contains("no items"), "{e}");
+    // Too many few-shot examples for the data.
+    let (c, e) = run(&["-m", &m, "-t", "gsm8k", "--data", &data("fixture_mc.jsonl").display().to_string()]);
+    assert_eq!(c, Some(2), "{e}");
+}
