@@ -12,7 +12,9 @@
 //! generation + exact match, perplexity) from TOML specs or presets; the estimators work on
 //! the resulting item-level response matrices.
 
+pub mod estimator;
 pub mod estimators;
 pub mod tasks;
 
+pub use estimator::{Direction, Fitness, FitnessEstimator, Method, Objective, TaskEstimator, successive_halving};
 pub use estimators::{AnchorPoints, Estimate, Irt, IrtConfig, Responses};

@@ -3,6 +3,7 @@
 mod bad_input;
 mod cli;
 mod common;
+mod estimate;
 mod eval;
 mod merge_parity;
 mod merge_props;
