@@ -16,19 +16,13 @@
 use std::time::Instant;
 
 use evomerge_engine::model::{LanguageModel, Tokenizer};
+/// Objective directions are the search's own type: minimization is applied in one place.
+pub use evomerge_search::Direction;
 use serde::{Deserialize, Serialize};
 
 use crate::estimators::sim::random_items;
 use crate::estimators::{AnchorPoints, Estimate, Irt, IrtConfig, Responses, weighted_mean};
 use crate::tasks::{ItemResult, Kind, ResultCache, Task, TaskError};
-
-/// Whether an objective is maximized or minimized.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    Maximize,
-    Minimize,
-}
 
 /// A named objective.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
