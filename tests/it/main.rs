@@ -5,6 +5,7 @@ mod cli;
 mod common;
 mod estimate;
 mod eval;
+mod genome;
 mod merge_parity;
 mod merge_props;
 mod model_cli;

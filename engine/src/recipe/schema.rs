@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::param::ParamSetting;
 use crate::error::{EngineError, Result};
@@ -23,59 +23,59 @@ use crate::error::{EngineError, Result};
 pub type ParamMap = BTreeMap<String, ParamSetting>;
 
 /// A whole recipe.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Recipe {
     pub merge_method: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slices: Option<Vec<OutputSlice>>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<Vec<InputModel>>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "ParamMap::is_empty")]
     pub parameters: ParamMap,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_model: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub out_dtype: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer_source: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<serde_norway::Value>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
 }
 
 /// An entry of `models:`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InputModel {
     pub model: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "ParamMap::is_empty")]
     pub parameters: ParamMap,
 }
 
 /// An entry of `slices:`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSlice {
     pub sources: Vec<InputSlice>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_model: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "ParamMap::is_empty")]
     pub parameters: ParamMap,
 }
 
 /// A source of a slice: layers `[start, end)` of a model.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InputSlice {
     pub model: String,
     pub layer_range: [usize; 2],
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "ParamMap::is_empty")]
     pub parameters: ParamMap,
 }
 
