@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod commands;
 mod exit;
+mod experiment;
 
 // Keeps freed memory for reuse: see evomerge_engine::alloc (measured there).
 #[global_allocator]
@@ -38,6 +39,10 @@ enum Command {
     Generate(commands::run_model::GenerateArgs),
     /// Evaluate a model on a task (preset or TOML file): metric ± standard error.
     Eval(commands::eval::EvalArgs),
+    /// Search merge recipes: an experiment TOML → a run directory (checkpointed, resumable).
+    Search(commands::search::SearchArgs),
+    /// Continue a checkpointed run (already-scored candidates are replayed, not recomputed).
+    Resume(commands::search::ResumeArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +64,8 @@ fn main() -> ExitCode {
         Command::Score(args) => commands::run_model::score(args),
         Command::Generate(args) => commands::run_model::generate(args),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Search(args) => commands::search::search(args),
+        Command::Resume(args) => commands::search::resume(args),
     };
     exit::report(result)
 }

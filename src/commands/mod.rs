@@ -4,3 +4,4 @@ pub mod eval;
 pub mod merge;
 pub mod progress;
 pub mod run_model;
+pub mod search;

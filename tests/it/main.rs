@@ -9,5 +9,6 @@ mod genome;
 mod merge_parity;
 mod merge_props;
 mod model_cli;
+mod search;
 mod model_parity;
 mod model_ref;

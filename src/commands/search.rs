@@ -1,0 +1,352 @@
+//! `evomerge search EXPERIMENT.toml` and `evomerge resume RUN_DIR`: the search loop.
+//!
+//! Per candidate: genome → recipe (engine::genome) → merge in memory → weights swapped into the
+//! resident model → every objective's estimator → one line of `evaluations.jsonl`. The run
+//! directory holds `config.resolved.toml`, `checkpoint.json` (+ `.prev.json`, written after
+//! every generation and on Ctrl-C), `evaluations.jsonl` (append-only) and `best.yaml` (the best
+//! candidate as a mergekit recipe, runnable with `evomerge merge`). Resume restores the
+//! optimizer from the checkpoint and replays already-scored candidates from
+//! `evaluations.jsonl` instead of scoring them again.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use evomerge_engine::executor::merge_to_memory;
+use evomerge_engine::genome::GenomeLayout;
+use evomerge_engine::io::resolve_model;
+use evomerge_engine::model::{self, DeviceSpec, LanguageModel, ModelSpec, Tokenizer};
+use evomerge_engine::recipe::MergePlan;
+use evomerge_engine::{Checkpoint, TensorSource};
+use evomerge_fitness::tasks::{Task, TaskSpec};
+use evomerge_fitness::{FitnessEstimator, Method, TaskEstimator};
+use evomerge_search::{
+    Candidate, CmaEs, CmaEsConfig, GeneKind, GenerationReport, Nsga2, Nsga2Config, Observer, Optimizer, Outcome,
+    RandomSearch, Runner, SearchSpace, Termination,
+};
+use serde_json::json;
+
+use crate::experiment::{Experiment, OptimizerKind};
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  evomerge search experiments/ties-tiny.toml --run-dir runs/try1\n\n\
+The experiment file format is documented in experiments/README.md. Ctrl-C writes a checkpoint;\n\
+`evomerge resume RUN_DIR` continues the run.")]
+pub struct SearchArgs {
+    /// Experiment TOML file.
+    pub experiment: PathBuf,
+    /// Run directory to create (default: <run_root>/<timestamp>-<name>).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Override the experiment's seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Override the experiment's device (cpu, cuda:N).
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+    /// Check the experiment (models, genome, tasks) and print the genome size; run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// A run directory written by `evomerge search`.
+    pub run_dir: PathBuf,
+}
+
+const CONFIG: &str = "config.resolved.toml";
+const CHECKPOINT: &str = "checkpoint.json";
+const EVALS: &str = "evaluations.jsonl";
+
+/// Everything a run needs, built from an experiment.
+struct Setup {
+    exp: Experiment,
+    layout: GenomeLayout,
+    space: SearchSpace,
+    estimators: Vec<TaskEstimator>,
+    runtime: Box<dyn LanguageModel>,
+    base_dir: PathBuf,
+}
+
+fn setup(exp: Experiment) -> Result<Setup> {
+    let refs: Vec<String> = exp.merge.models.clone();
+    let base_ref = exp.merge.base_model.clone().unwrap_or_else(|| refs[0].clone());
+    let base_dir = resolve_model(&base_ref, None)?;
+    let base = Checkpoint::open(&base_dir, base_ref.clone())?;
+    let layout = GenomeLayout::new(
+        &exp.merge.method,
+        refs.clone(),
+        exp.merge.base_model.clone(),
+        base.arch,
+        base.num_layers(),
+        &exp.genome,
+    )?;
+    let genes = layout.genes();
+    let space = SearchSpace::new(
+        genes.iter().map(|g| g.name.clone()).collect(),
+        genes.iter().map(|g| g.lower).collect(),
+        genes.iter().map(|g| g.upper).collect(),
+        vec![GeneKind::Real; genes.len()],
+    )?;
+    if exp.objectives.len() > 1 && exp.optimizer.kind == OptimizerKind::Cmaes {
+        bail!("CMA-ES optimizes one objective; use optimizer.kind = \"nsga2\" (or \"random\") for {}", exp.objectives.len());
+    }
+    let prefix = base.config.bos_token_id.or_else(|| base.config.eos_token_ids.first().copied()).unwrap_or(0);
+    // Calibration (anchor / IRT estimators): the source models' own item results.
+    let needs_cal = exp.objectives.iter().any(|o| !matches!(o.estimator, Method::Full | Method::Random { .. }));
+    let mut sources: Vec<Box<dyn LanguageModel>> = Vec::new();
+    if needs_cal {
+        for r in refs.iter().chain(exp.merge.base_model.as_ref()) {
+            sources.push(model::open_dir(exp.device, &resolve_model(r, None)?)?);
+        }
+    }
+    let mut estimators = Vec::new();
+    for o in &exp.objectives {
+        let spec = TaskSpec::load(&o.task).map_err(anyhow::Error::msg)?;
+        let task = Task::load(spec, o.data.as_deref(), o.fewshot_data.as_deref())?;
+        let cal = if matches!(o.estimator, Method::Full | Method::Random { .. }) {
+            None
+        } else {
+            let t = Tokenizer::from_dir(&base_dir)?;
+            Some(TaskEstimator::responses(&task, &t, prefix, &mut sources)?)
+        };
+        estimators.push(TaskEstimator::new(task, Tokenizer::from_dir(&base_dir)?, prefix, o.estimator, cal.as_ref())?);
+    }
+    let runtime = model::open(exp.device, &[ModelSpec::from_checkpoint(&base)])?;
+    Ok(Setup { exp, layout, space, estimators, runtime, base_dir })
+}
+
+fn optimizer(s: &Setup) -> Result<Box<dyn Optimizer>> {
+    let o = &s.exp.optimizer;
+    let n_obj = s.exp.objectives.len();
+    let x0: Vec<f64> = s.layout.genes().iter().map(|g| (g.init - g.lower) / (g.upper - g.lower)).collect();
+    Ok(match o.kind {
+        OptimizerKind::Cmaes => Box::new(CmaEs::new(
+            s.space.clone(),
+            &CmaEsConfig { population: o.population, sigma0: o.sigma0, x0: Some(x0), seed: s.exp.seed, ..Default::default() },
+        )?),
+        OptimizerKind::Nsga2 => Box::new(Nsga2::new(
+            s.space.clone(),
+            &Nsga2Config { population: o.population.unwrap_or(40), objectives: n_obj, seed: s.exp.seed, ..Default::default() },
+        )?),
+        OptimizerKind::Random => Box::new(RandomSearch::new(s.space.clone(), o.population.unwrap_or(8), n_obj, s.exp.seed)?),
+    })
+}
+
+/// Progress lines on stderr, one per generation.
+struct Progress {
+    start: Instant,
+}
+
+impl Observer for Progress {
+    fn on_generation(&mut self, r: &GenerationReport) {
+        let per_hour = r.evaluations as f64 / self.start.elapsed().as_secs_f64().max(1e-9) * 3600.0;
+        eprintln!(
+            "generation {:>3}: {} evaluations ({} failed), best (minimized) {}, {:.0} candidates/hour",
+            r.generation,
+            r.evaluations,
+            r.failures,
+            r.best.map_or("-".into(), |b| format!("{b:.4}")),
+            per_hour
+        );
+    }
+
+    fn on_fallback(&mut self, reason: &str) {
+        eprintln!("warning: {reason}");
+    }
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Candidates already scored in an earlier session (id → outcome).
+fn replayed(run_dir: &Path) -> Result<HashMap<u64, Outcome>> {
+    let path = run_dir.join(EVALS);
+    let mut out = HashMap::new();
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(out) };
+    for line in text.lines() {
+        // A line cut by a crash (kill -9 while appending) was never told to the optimizer: the
+        // candidate is scored again and recorded on a new line.
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let id = v["id"].as_u64().context("evaluation record without id")?;
+        let outcome = match v["failure"].as_str() {
+            Some(f) => Outcome::Failed(f.to_string()),
+            None => Outcome::Scored(
+                v["minimized"].as_array().context("record without minimized values")?.iter().filter_map(|x| x.as_f64()).collect(),
+            ),
+        };
+        out.insert(id, outcome);
+    }
+    Ok(out)
+}
+
+fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner) -> Result<()> {
+    let replay = replayed(run_dir)?;
+    let evals_path = run_dir.join(EVALS);
+    let cut = std::fs::read(&evals_path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n'));
+    let mut evals = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&evals_path)
+        .with_context(|| format!("opening {}", evals_path.display()))?;
+    if cut {
+        // End the line a crash cut short, so the next record starts on its own line.
+        writeln!(evals).with_context(|| format!("appending to {}", evals_path.display()))?;
+    }
+    let directions: Vec<_> = s.estimators.iter().map(|e| e.objectives()[0].clone()).collect();
+    // The best so far includes earlier sessions (their best.yaml is already on disk).
+    let mut best: Option<f64> = replay
+        .values()
+        .filter_map(|o| match o {
+            Outcome::Scored(v) if v.len() == 1 => Some(v[0]),
+            _ => None,
+        })
+        .reduce(f64::min);
+    let seed = s.exp.seed;
+    let mut write_err: Option<anyhow::Error> = None;
+    let Setup { layout, estimators, runtime, .. } = &mut s;
+    let mut objective = |c: &Candidate| -> Outcome {
+        if let Some(o) = replay.get(&c.id) {
+            return o.clone();
+        }
+        let t0 = Instant::now();
+        let fingerprint = c.genome.iter().map(|x| format!("{:016x}", x.to_bits())).collect::<String>();
+        let result = (|| -> Result<(Vec<f64>, Vec<f64>, usize, usize, String)> {
+            let recipe = layout.decode(&c.genome)?;
+            let yaml = serde_norway::to_string(&recipe)?;
+            let plan = MergePlan::build(&recipe, yaml.clone(), None, seed)?;
+            let merged = merge_to_memory(&plan)?;
+            runtime.load_weights(0, &merged as &dyn TensorSource)?;
+            let (mut values, mut ses, mut items, mut tokens) = (vec![], vec![], 0, 0);
+            for e in estimators.iter_mut() {
+                let f = e.evaluate(runtime.as_mut(), &fingerprint)?;
+                values.extend(&f.values);
+                ses.extend(&f.std_errors);
+                items += f.items;
+                tokens += f.tokens;
+            }
+            Ok((values, ses, items, tokens, yaml))
+        })();
+        let (record, outcome) = match result {
+            Ok((values, ses, items, tokens, yaml)) => {
+                let minimized: Vec<f64> = values.iter().zip(&directions).map(|(v, o)| o.direction.to_minimized(*v)).collect();
+                if minimized.len() == 1 && best.is_none_or(|b| minimized[0] < b) {
+                    best = Some(minimized[0]);
+                    if let Err(e) = write_atomic(&run_dir.join("best.yaml"), &yaml) {
+                        write_err.get_or_insert(e);
+                    }
+                }
+                let objectives: serde_json::Map<String, serde_json::Value> =
+                    directions.iter().zip(&values).map(|(o, v)| (o.name.clone(), json!(v))).collect();
+                (
+                    json!({"id": c.id, "generation": c.generation, "genome": c.genome, "objectives": objectives,
+                           "std_errors": ses, "minimized": minimized, "items": items, "tokens": tokens,
+                           "seconds": t0.elapsed().as_secs_f64(), "failure": null}),
+                    Outcome::Scored(minimized),
+                )
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                (
+                    json!({"id": c.id, "generation": c.generation, "genome": c.genome, "failure": msg,
+                           "seconds": t0.elapsed().as_secs_f64()}),
+                    Outcome::Failed(msg),
+                )
+            }
+        };
+        if let Err(e) = writeln!(evals, "{record}").and_then(|()| evals.sync_data()) {
+            write_err.get_or_insert(anyhow::Error::from(e).context("appending to evaluations.jsonl"));
+        }
+        outcome
+    };
+    let mut progress = Progress { start: Instant::now() };
+    let end = runner.run(&mut objective, &mut progress)?;
+    if let Some(e) = write_err {
+        return Err(e);
+    }
+    match end {
+        Termination::Interrupted => {
+            eprintln!("interrupted: checkpoint written; continue with `evomerge resume {}`", run_dir.display());
+            std::process::exit(i32::from(crate::exit::INTERRUPTED));
+        }
+        t => {
+            let best = runner.optimizer().best().map(|(g, v)| (g.to_vec(), v));
+            println!("run finished ({t:?}): {} evaluations in {}", runner.optimizer().evaluations(), run_dir.display());
+            if let Some((_, v)) = best {
+                println!("best (minimized objective): {v:.6}; recipe: {}", run_dir.join("best.yaml").display());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cancel_flag() -> Result<Arc<AtomicBool>> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed)).context("installing the Ctrl-C handler")?;
+    Ok(cancel)
+}
+
+pub fn search(args: SearchArgs) -> Result<()> {
+    let mut exp = Experiment::load(&args.experiment)?;
+    if let Some(s) = args.seed {
+        exp.seed = s;
+    }
+    if let Some(d) = args.device {
+        exp.device = d;
+    }
+    let s = setup(exp)?;
+    if args.dry_run {
+        println!(
+            "{}: {} genes, {} objective(s), model {} ({} layers); nothing run",
+            s.exp.name,
+            s.space.dim(),
+            s.estimators.len(),
+            s.base_dir.display(),
+            s.layout.groups().last().map_or(0, |g| g.1)
+        );
+        return Ok(());
+    }
+    let run_dir = match args.run_dir {
+        Some(d) => d,
+        None => {
+            let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            s.exp.run_root.join(format!("{stamp}-{}", s.exp.name))
+        }
+    };
+    if run_dir.join(CONFIG).exists() {
+        bail!("{} already holds a run; continue it with `evomerge resume {}`", run_dir.display(), run_dir.display());
+    }
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    write_atomic(&run_dir.join(CONFIG), &s.exp.to_toml()?)?;
+    eprintln!("run directory: {}", run_dir.display());
+    let runner = Runner::new(optimizer(&s)?, s.exp.budget.clone(), Some(run_dir.join(CHECKPOINT)), cancel_flag()?);
+    drive(s, &run_dir, runner)
+}
+
+pub fn resume(args: ResumeArgs) -> Result<()> {
+    let cfg = args.run_dir.join(CONFIG);
+    let text = std::fs::read_to_string(&cfg).with_context(|| format!("{} is not a run directory", args.run_dir.display()))?;
+    let exp: Experiment = toml::from_str(&text).with_context(|| format!("{}", cfg.display()))?;
+    let s = setup(exp)?;
+    let fresh = optimizer(&s)?;
+    let ckpt = args.run_dir.join(CHECKPOINT);
+    let runner = if !ckpt.exists() && !ckpt.with_extension("prev.json").exists() {
+        // Stopped during the first generation: the optimizer's start state follows from the
+        // config and seed, and the candidates already scored are replayed.
+        Runner::new(fresh, s.exp.budget.clone(), Some(ckpt), cancel_flag()?)
+    } else {
+        Runner::resume(ckpt, fresh.name(), s.exp.budget.clone(), cancel_flag()?, &mut Progress { start: Instant::now() })?
+    };
+    drive(s, &args.run_dir, runner)
+}

@@ -1,0 +1,167 @@
+//! Experiment files (`evomerge search EXPERIMENT.toml`), strict TOML: unknown keys are errors.
+//!
+//! ```toml
+//! name = "ties-tiny"
+//! seed = 0
+//! device = "cpu"
+//! run_root = "runs"                  # run directories go to <run_root>/<timestamp>-<name>
+//!
+//! [merge]
+//! method = "ties"
+//! base_model = "models/base"         # paths relative to this file, or hub ids in the cache
+//! models = ["models/a", "models/b"]
+//!
+//! [genome]                           # evomerge_engine::genome::GenomeConfig
+//! search = ["weight", "density"]
+//! layers_per_group = 2
+//! fixed = { normalize = 1.0 }
+//!
+//! [[objectives]]
+//! task = "arc_challenge"             # preset or task TOML
+//! data = "data/arc.jsonl"
+//! estimator = { method = "random", k = 50, seed = 0 }
+//!
+//! [optimizer]
+//! kind = "cmaes"                     # cmaes | nsga2 | random
+//! population = 8
+//!
+//! [budget]
+//! max_evaluations = 64
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use evomerge_engine::genome::GenomeConfig;
+use evomerge_engine::model::DeviceSpec;
+use evomerge_fitness::Method;
+use evomerge_search::Budget;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    pub name: String,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub device: DeviceSpec,
+    #[serde(default = "runs")]
+    pub run_root: PathBuf,
+    pub merge: MergeSection,
+    pub genome: GenomeConfig,
+    pub objectives: Vec<ObjectiveSpec>,
+    #[serde(default)]
+    pub optimizer: OptimizerSpec,
+    #[serde(default)]
+    pub budget: Budget,
+}
+
+fn runs() -> PathBuf {
+    PathBuf::from("runs")
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeSection {
+    pub method: String,
+    #[serde(default)]
+    pub base_model: Option<String>,
+    pub models: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectiveSpec {
+    /// Preset name or task TOML path.
+    pub task: String,
+    #[serde(default)]
+    pub data: Option<PathBuf>,
+    #[serde(default)]
+    pub fewshot_data: Option<PathBuf>,
+    #[serde(default = "full")]
+    pub estimator: Method,
+}
+
+fn full() -> Method {
+    Method::Full
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Cmaes,
+    Nsga2,
+    Random,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSpec {
+    pub kind: OptimizerKind,
+    /// Candidates per generation (CMA-ES: λ, default 4 + ⌊3 ln n⌋; NSGA-II: even, default 40;
+    /// random: default 8).
+    #[serde(default)]
+    pub population: Option<usize>,
+    /// CMA-ES initial step, as a fraction of each gene's range.
+    #[serde(default = "sigma0")]
+    pub sigma0: f64,
+}
+
+fn sigma0() -> f64 {
+    0.3
+}
+
+impl Default for OptimizerSpec {
+    fn default() -> Self {
+        Self { kind: OptimizerKind::Cmaes, population: None, sigma0: sigma0() }
+    }
+}
+
+impl Experiment {
+    /// Reads and checks an experiment file; relative paths become relative to its folder.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut e: Experiment = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        // Local model paths become absolute, so that the resolved config and the recipes a run
+        // writes work from any directory; anything else is a hub id.
+        let local = |r: &str| {
+            let p = base.join(r);
+            match std::fs::canonicalize(&p) {
+                Ok(abs) if Path::new(r).is_relative() => abs.display().to_string(),
+                _ => r.to_string(),
+            }
+        };
+        e.merge.models = e.merge.models.iter().map(|m| local(m)).collect();
+        e.merge.base_model = e.merge.base_model.as_deref().map(local);
+        for o in &mut e.objectives {
+            for p in [&mut o.data, &mut o.fewshot_data].into_iter().flatten() {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+            if !o.task.ends_with(".toml") {
+                continue;
+            }
+            if Path::new(&o.task).is_relative() {
+                o.task = base.join(&o.task).display().to_string();
+            }
+        }
+        if e.run_root.is_relative() {
+            e.run_root = base.join(&e.run_root);
+        }
+        if e.objectives.is_empty() {
+            bail!("{}: at least one [[objectives]] entry is needed", path.display());
+        }
+        if e.merge.models.is_empty() {
+            bail!("{}: merge.models is empty", path.display());
+        }
+        Ok(e)
+    }
+
+    /// The resolved configuration as written to `config.resolved.toml`.
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string(self)?)
+    }
+}
