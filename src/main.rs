@@ -43,6 +43,10 @@ enum Command {
     Search(commands::search::SearchArgs),
     /// Continue a checkpointed run (already-scored candidates are replayed, not recomputed).
     Resume(commands::search::ResumeArgs),
+    /// Show a run's best candidates (or Pareto front), evaluations, failures, throughput.
+    Status(commands::runs::StatusArgs),
+    /// Write a run's candidate as a Hugging Face checkpoint (re-merged from its genome).
+    Export(commands::runs::ExportArgs),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +70,8 @@ fn main() -> ExitCode {
         Command::Eval(args) => commands::eval::run(args),
         Command::Search(args) => commands::search::search(args),
         Command::Resume(args) => commands::search::resume(args),
+        Command::Status(args) => commands::runs::status(args),
+        Command::Export(args) => commands::runs::export(args),
     };
     exit::report(result)
 }

@@ -4,4 +4,5 @@ pub mod eval;
 pub mod merge;
 pub mod progress;
 pub mod run_model;
+pub mod runs;
 pub mod search;

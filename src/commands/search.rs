@@ -58,11 +58,21 @@ pub struct SearchArgs {
 pub struct ResumeArgs {
     /// A run directory written by `evomerge search`.
     pub run_dir: PathBuf,
+    /// Continue even though config.resolved.toml was edited since the run started.
+    #[arg(long)]
+    pub force: bool,
 }
 
 const CONFIG: &str = "config.resolved.toml";
 const CHECKPOINT: &str = "checkpoint.json";
 const EVALS: &str = "evaluations.jsonl";
+const CONFIG_HASH: &str = "config.sha256";
+
+/// SHA-256 of the resolved configuration (hex).
+fn config_hash(text: &str) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(text.as_bytes()))
+}
 
 /// Everything a run needs, built from an experiment.
 struct Setup {
@@ -190,7 +200,9 @@ fn replayed(run_dir: &Path) -> Result<HashMap<u64, Outcome>> {
     Ok(out)
 }
 
-fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner) -> Result<()> {
+/// Runs the loop. A failure to record an evaluation is run-scoped: `cancel` stops the run at
+/// once (the runner writes a checkpoint) and the error is returned.
+fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBool>) -> Result<()> {
     let replay = replayed(run_dir)?;
     let evals_path = run_dir.join(EVALS);
     let cut = std::fs::read(&evals_path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n'));
@@ -244,6 +256,7 @@ fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner) -> Result<()> {
                     best = Some(minimized[0]);
                     if let Err(e) = write_atomic(&run_dir.join("best.yaml"), &yaml) {
                         write_err.get_or_insert(e);
+                        cancel.store(true, Ordering::Relaxed);
                     }
                 }
                 let objectives: serde_json::Map<String, serde_json::Value> =
@@ -266,6 +279,7 @@ fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner) -> Result<()> {
         };
         if let Err(e) = writeln!(evals, "{record}").and_then(|()| evals.sync_data()) {
             write_err.get_or_insert(anyhow::Error::from(e).context("appending to evaluations.jsonl"));
+            cancel.store(true, Ordering::Relaxed);
         }
         outcome
     };
@@ -330,23 +344,35 @@ pub fn search(args: SearchArgs) -> Result<()> {
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     write_atomic(&run_dir.join(CONFIG), &s.exp.to_toml()?)?;
     eprintln!("run directory: {}", run_dir.display());
-    let runner = Runner::new(optimizer(&s)?, s.exp.budget.clone(), Some(run_dir.join(CHECKPOINT)), cancel_flag()?);
-    drive(s, &run_dir, runner)
+    write_atomic(&run_dir.join(CONFIG_HASH), &config_hash(&s.exp.to_toml()?))?;
+    let cancel = cancel_flag()?;
+    let runner = Runner::new(optimizer(&s)?, s.exp.budget.clone(), Some(run_dir.join(CHECKPOINT)), cancel.clone());
+    drive(s, &run_dir, runner, cancel)
 }
 
 pub fn resume(args: ResumeArgs) -> Result<()> {
     let cfg = args.run_dir.join(CONFIG);
     let text = std::fs::read_to_string(&cfg).with_context(|| format!("{} is not a run directory", args.run_dir.display()))?;
     let exp: Experiment = toml::from_str(&text).with_context(|| format!("{}", cfg.display()))?;
+    // The run's configuration must be the one it started with: a changed budget is fine to
+    // continue with --force, anything else changes the trajectory.
+    let recorded = std::fs::read_to_string(args.run_dir.join(CONFIG_HASH)).unwrap_or_default();
+    if recorded.trim() != config_hash(&exp.to_toml()?) && !args.force {
+        bail!(
+            "{} changed since the run started; resuming would not continue the same search (use --force to accept)",
+            cfg.display()
+        );
+    }
     let s = setup(exp)?;
+    let cancel = cancel_flag()?;
     let fresh = optimizer(&s)?;
     let ckpt = args.run_dir.join(CHECKPOINT);
     let runner = if !ckpt.exists() && !ckpt.with_extension("prev.json").exists() {
         // Stopped during the first generation: the optimizer's start state follows from the
         // config and seed, and the candidates already scored are replayed.
-        Runner::new(fresh, s.exp.budget.clone(), Some(ckpt), cancel_flag()?)
+        Runner::new(fresh, s.exp.budget.clone(), Some(ckpt), cancel.clone())
     } else {
-        Runner::resume(ckpt, fresh.name(), s.exp.budget.clone(), cancel_flag()?, &mut Progress { start: Instant::now() })?
+        Runner::resume(ckpt, fresh.name(), s.exp.budget.clone(), cancel.clone(), &mut Progress { start: Instant::now() })?
     };
-    drive(s, &args.run_dir, runner)
+    drive(s, &args.run_dir, runner, cancel)
 }

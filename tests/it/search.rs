@@ -109,3 +109,48 @@ fn kill_and_resume_equals_an_uninterrupted_run() {
 fn records_len(run: &Path) -> usize {
     std::fs::read_to_string(run.join("evaluations.jsonl")).map(|t| t.lines().count()).unwrap_or(0)
 }
+
+#[test]
+fn nsga2_finds_a_front_that_status_lists_and_export_writes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let exp = experiment(tmp.path(), 12);
+    let tasks = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/tasks");
+    // A second objective (before [optimizer], so that it is not read as part of a later table).
+    let second = format!("[[objectives]]\ntask = \"{}\"\n\n[optimizer]", tasks.join("arc-question-ppl.toml").display());
+    let text = std::fs::read_to_string(&exp).expect("read").replace("kind = \"cmaes\"", "kind = \"nsga2\"").replace("[optimizer]", &second);
+    std::fs::write(&exp, text).expect("write");
+    let run = tmp.path().join("run");
+    run_ok(&["search", &exp.display().to_string(), "--run-dir", &run.display().to_string()]);
+    assert_eq!(records(&run).len(), 12);
+    let st: Value = serde_json::from_str(&run_ok(&["status", &run.display().to_string(), "--json"])).expect("json");
+    assert_eq!(st["pareto"], true);
+    let front = st["top"].as_array().expect("front");
+    assert!(!front.is_empty());
+    // No front member dominates another.
+    let pts: Vec<Vec<f64>> = front.iter().map(|r| r["minimized"].as_array().expect("m").iter().map(|x| x.as_f64().expect("f")).collect()).collect();
+    for a in &pts {
+        for b in &pts {
+            assert!(!(a[0] <= b[0] && a[1] <= b[1] && (a[0] < b[0] || a[1] < b[1])), "{a:?} dominates {b:?}");
+        }
+    }
+    let out = tmp.path().join("front0");
+    run_ok(&["export", &run.display().to_string(), "--pick", "front:0", "--out", &out.display().to_string()]);
+    let card = std::fs::read_to_string(out.join("README.md")).expect("card");
+    assert!(card.contains("text_ppl/perplexity") && card.contains("arc_question_ppl/perplexity"), "{card}");
+}
+
+#[test]
+fn resume_refuses_a_changed_config_unless_forced() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let exp = experiment(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    run_ok(&["search", &exp.display().to_string(), "--run-dir", &run.display().to_string()]);
+    let cfg = run.join("config.resolved.toml");
+    let text = std::fs::read_to_string(&cfg).expect("cfg");
+    std::fs::write(&cfg, text.replace("max_evaluations = 4", "max_evaluations = 8")).expect("edit");
+    let o = Command::new(bin()).args(["resume", &run.display().to_string()]).output().expect("run");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("changed since the run started"));
+    run_ok(&["resume", &run.display().to_string(), "--force"]);
+    assert_eq!(records(&run).len(), 8, "the larger budget was used");
+}
