@@ -233,12 +233,14 @@ fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBoo
         }
         let t0 = Instant::now();
         let fingerprint = c.genome.iter().map(|x| format!("{:016x}", x.to_bits())).collect::<String>();
+        let mut materialize_s = 0.0;
         let result = (|| -> Result<(Vec<f64>, Vec<f64>, usize, usize, String)> {
             let recipe = layout.decode(&c.genome)?;
             let yaml = serde_norway::to_string(&recipe)?;
             let plan = MergePlan::build(&recipe, yaml.clone(), None, seed)?;
             let merged = merge_to_memory(&plan)?;
             runtime.load_weights(0, &merged as &dyn TensorSource)?;
+            materialize_s = t0.elapsed().as_secs_f64();
             let (mut values, mut ses, mut items, mut tokens) = (vec![], vec![], 0, 0);
             for e in estimators.iter_mut() {
                 let f = e.evaluate(runtime.as_mut(), &fingerprint)?;
@@ -264,7 +266,7 @@ fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBoo
                 (
                     json!({"id": c.id, "generation": c.generation, "genome": c.genome, "objectives": objectives,
                            "std_errors": ses, "minimized": minimized, "items": items, "tokens": tokens,
-                           "seconds": t0.elapsed().as_secs_f64(), "failure": null}),
+                           "seconds": t0.elapsed().as_secs_f64(), "materialize_seconds": materialize_s, "failure": null}),
                     Outcome::Scored(minimized),
                 )
             }

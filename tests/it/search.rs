@@ -31,7 +31,9 @@ fn records(run: &Path) -> BTreeMap<u64, Value> {
     text.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .map(|mut v| {
-            v.as_object_mut().expect("object").remove("seconds");
+            let o = v.as_object_mut().expect("object");
+            o.remove("seconds");
+            o.remove("materialize_seconds");
             (v["id"].as_u64().expect("id"), v)
         })
         .collect()
