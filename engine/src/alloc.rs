@@ -35,6 +35,7 @@ pub fn keep_freed_memory() {
 #[allow(unsafe_code)]
 pub fn purge_delay() -> i64 {
     // SAFETY: reads an option; no preconditions.
+    #[allow(clippy::useless_conversion)] // c_long is i32 on some targets
     i64::from(unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) })
 }
 

@@ -149,6 +149,9 @@ fn optimizer(s: &Setup) -> Result<Box<dyn Optimizer>> {
     })
 }
 
+/// Objective values, their standard errors, items and tokens scored, and the recipe YAML.
+type Scored = (Vec<f64>, Vec<f64>, usize, usize, String);
+
 /// Progress lines on stderr, one per generation.
 struct Progress {
     start: Instant,
@@ -234,7 +237,7 @@ fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBoo
         let t0 = Instant::now();
         let fingerprint = c.genome.iter().map(|x| format!("{:016x}", x.to_bits())).collect::<String>();
         let mut materialize_s = 0.0;
-        let result = (|| -> Result<(Vec<f64>, Vec<f64>, usize, usize, String)> {
+        let result = (|| -> Result<Scored> {
             let recipe = layout.decode(&c.genome)?;
             let yaml = serde_norway::to_string(&recipe)?;
             let plan = MergePlan::build(&recipe, yaml.clone(), None, seed)?;

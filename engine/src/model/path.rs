@@ -81,7 +81,7 @@ mod tests {
         assert!(p.validate(&[2]).is_err());
         let mut q = p.clone();
         q.hops.push(Hop { model: 1, layer: 0, scale: 0.5 });
-        assert!(q.validate(&[3]).unwrap_err().to_string().contains("model 1"));
+        assert!(q.validate(&[3]).expect_err("model 1 missing").to_string().contains("model 1"));
         q.validate(&[3, 1]).expect("two models");
         q.hops[0].scale = f32::NAN;
         assert!(q.validate(&[3, 1]).is_err());
