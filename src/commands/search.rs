@@ -52,6 +52,9 @@ pub struct SearchArgs {
     /// Check the experiment (models, genome, tasks) and print the genome size; run nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Progress display.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub progress: SearchProgress,
 }
 
 #[derive(Debug, Args)]
@@ -61,6 +64,9 @@ pub struct ResumeArgs {
     /// Continue even though config.resolved.toml was edited since the run started.
     #[arg(long)]
     pub force: bool,
+    /// Progress display.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub progress: SearchProgress,
 }
 
 const CONFIG: &str = "config.resolved.toml";
@@ -152,26 +158,92 @@ fn optimizer(s: &Setup) -> Result<Box<dyn Optimizer>> {
 /// Objective values, their standard errors, items and tokens scored, and the recipe YAML.
 type Scored = (Vec<f64>, Vec<f64>, usize, usize, String);
 
-/// Progress lines on stderr, one per generation.
+/// How `search` reports progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SearchProgress {
+    /// A bar on a terminal, JSON lines otherwise.
+    Auto,
+    /// A bar on stderr.
+    Bar,
+    /// One JSON object per generation on stdout.
+    Jsonl,
+    /// Nothing (log.jsonl is still written).
+    Off,
+}
+
+/// Per-generation reports: bar or JSON lines, and always a line in the run's `log.jsonl`.
 struct Progress {
     start: Instant,
+    mode: SearchProgress,
+    bar: indicatif::ProgressBar,
+    log: Option<std::fs::File>,
+    generation_values: Vec<f64>,
+    budget: Option<u64>,
+}
+
+impl Progress {
+    fn new(mode: SearchProgress, budget: Option<u64>, run_dir: Option<&Path>) -> Self {
+        use std::io::IsTerminal;
+        let mode = match mode {
+            SearchProgress::Auto if std::io::stderr().is_terminal() => SearchProgress::Bar,
+            SearchProgress::Auto => SearchProgress::Jsonl,
+            m => m,
+        };
+        let bar = if mode == SearchProgress::Bar {
+            let b = budget.map_or_else(indicatif::ProgressBar::no_length, indicatif::ProgressBar::new);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("[{elapsed_precise}] {wide_bar} {pos}/{len} candidates (eta {eta}) {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let log = run_dir.and_then(|d| std::fs::OpenOptions::new().create(true).append(true).open(d.join("log.jsonl")).ok());
+        Self { start: Instant::now(), mode, bar, log, generation_values: vec![], budget }
+    }
+
+    fn event(&mut self, v: &serde_json::Value) {
+        if let Some(f) = &mut self.log {
+            let _ = writeln!(f, "{v}");
+        }
+        if self.mode == SearchProgress::Jsonl {
+            println!("{v}");
+        }
+    }
 }
 
 impl Observer for Progress {
+    fn on_evaluation(&mut self, _c: &Candidate, e: &evomerge_search::Evaluation) {
+        if let Outcome::Scored(v) = &e.outcome {
+            self.generation_values.extend(v.first());
+        }
+        self.bar.inc(1);
+    }
+
     fn on_generation(&mut self, r: &GenerationReport) {
-        let per_hour = r.evaluations as f64 / self.start.elapsed().as_secs_f64().max(1e-9) * 3600.0;
-        eprintln!(
-            "generation {:>3}: {} evaluations ({} failed), best (minimized) {}, {:.0} candidates/hour",
+        let secs = self.start.elapsed().as_secs_f64().max(1e-9);
+        let per_hour = r.evaluations as f64 / secs * 3600.0;
+        let vals = std::mem::take(&mut self.generation_values);
+        let mean = (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64);
+        let eta = self.budget.map(|b| b.saturating_sub(r.evaluations) as f64 / (r.evaluations.max(1) as f64 / secs));
+        let line = json!({"event": "generation", "generation": r.generation, "evaluations": r.evaluations,
+            "failures": r.failures, "best_minimized": r.best, "mean_minimized": mean,
+            "candidates_per_hour": per_hour, "eta_seconds": eta, "seconds": r.seconds});
+        self.event(&line);
+        self.bar.set_position(r.evaluations);
+        self.bar.set_message(format!(
+            "gen {} best {} mean {}",
             r.generation,
-            r.evaluations,
-            r.failures,
             r.best.map_or("-".into(), |b| format!("{b:.4}")),
-            per_hour
-        );
+            mean.map_or("-".into(), |m| format!("{m:.4}"))
+        ));
+        tracing::info!(generation = r.generation, evaluations = r.evaluations, best = ?r.best, "generation done");
     }
 
     fn on_fallback(&mut self, reason: &str) {
         eprintln!("warning: {reason}");
+        self.event(&json!({"event": "checkpoint_fallback", "reason": reason}));
     }
 }
 
@@ -205,8 +277,10 @@ fn replayed(run_dir: &Path) -> Result<HashMap<u64, Outcome>> {
 
 /// Runs the loop. A failure to record an evaluation is run-scoped: `cancel` stops the run at
 /// once (the runner writes a checkpoint) and the error is returned.
-fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBool>) -> Result<()> {
+fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBool>, mode: SearchProgress) -> Result<()> {
     let replay = replayed(run_dir)?;
+    let replayed_count = replay.len();
+    let budget = s.exp.budget.max_evaluations;
     let evals_path = run_dir.join(EVALS);
     let cut = std::fs::read(&evals_path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n'));
     let mut evals = std::fs::OpenOptions::new()
@@ -288,8 +362,10 @@ fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBoo
         }
         outcome
     };
-    let mut progress = Progress { start: Instant::now() };
+    let mut progress = Progress::new(mode, budget, Some(run_dir));
+    progress.event(&json!({"event": "start", "evaluations_done": replayed_count}));
     let end = runner.run(&mut objective, &mut progress)?;
+    progress.bar.finish_and_clear();
     if let Some(e) = write_err {
         return Err(e);
     }
@@ -299,10 +375,14 @@ fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBoo
             std::process::exit(i32::from(crate::exit::INTERRUPTED));
         }
         t => {
-            let best = runner.optimizer().best().map(|(g, v)| (g.to_vec(), v));
-            println!("run finished ({t:?}): {} evaluations in {}", runner.optimizer().evaluations(), run_dir.display());
-            if let Some((_, v)) = best {
-                println!("best (minimized objective): {v:.6}; recipe: {}", run_dir.join("best.yaml").display());
+            let best = runner.optimizer().best().map(|(_, v)| v);
+            let evals = runner.optimizer().evaluations();
+            progress.event(&json!({"event": "finished", "termination": format!("{t:?}"), "evaluations": evals, "best_minimized": best}));
+            if progress.mode != SearchProgress::Jsonl {
+                println!("run finished ({t:?}): {evals} evaluations in {}", run_dir.display());
+                if let Some(v) = best {
+                    println!("best (minimized objective): {v:.6}; recipe: {}", run_dir.join("best.yaml").display());
+                }
             }
         }
     }
@@ -352,7 +432,7 @@ pub fn search(args: SearchArgs) -> Result<()> {
     write_atomic(&run_dir.join(CONFIG_HASH), &config_hash(&s.exp.to_toml()?))?;
     let cancel = cancel_flag()?;
     let runner = Runner::new(optimizer(&s)?, s.exp.budget.clone(), Some(run_dir.join(CHECKPOINT)), cancel.clone());
-    drive(s, &run_dir, runner, cancel)
+    drive(s, &run_dir, runner, cancel, args.progress)
 }
 
 pub fn resume(args: ResumeArgs) -> Result<()> {
@@ -377,7 +457,7 @@ pub fn resume(args: ResumeArgs) -> Result<()> {
         // config and seed, and the candidates already scored are replayed.
         Runner::new(fresh, s.exp.budget.clone(), Some(ckpt), cancel.clone())
     } else {
-        Runner::resume(ckpt, fresh.name(), s.exp.budget.clone(), cancel.clone(), &mut Progress { start: Instant::now() })?
+        Runner::resume(ckpt, fresh.name(), s.exp.budget.clone(), cancel.clone(), &mut Progress::new(SearchProgress::Off, None, Some(&args.run_dir)))?
     };
-    drive(s, &args.run_dir, runner, cancel)
+    drive(s, &args.run_dir, runner, cancel, args.progress)
 }

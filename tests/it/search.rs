@@ -51,10 +51,15 @@ fn search_writes_the_run_directory_and_the_best_recipe_reproduces_its_score() {
     let tmp = tempfile::tempdir().expect("tmp");
     let run = tmp.path().join("run");
     let exp = experiment(tmp.path(), 8);
-    run_ok(&["search", &exp.display().to_string(), "--run-dir", &run.display().to_string()]);
-    for f in ["config.resolved.toml", "checkpoint.json", "evaluations.jsonl", "best.yaml"] {
+    let stdout = run_ok(&["search", &exp.display().to_string(), "--run-dir", &run.display().to_string()]);
+    for f in ["config.resolved.toml", "config.sha256", "checkpoint.json", "evaluations.jsonl", "best.yaml", "log.jsonl"] {
         assert!(run.join(f).is_file(), "{f} missing");
     }
+    // Not a terminal: progress is JSON lines on stdout, one per generation, then "finished".
+    let events: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(events.iter().filter(|e| e["event"] == "generation").count(), 2, "8 evaluations of 4");
+    assert_eq!(events.last().expect("events")["event"], "finished");
+    assert!(events.iter().any(|e| e["mean_minimized"].is_number() && e["candidates_per_hour"].is_number()));
     let recs = records(&run);
     assert_eq!(recs.len(), 8);
     let best = recs.values().map(|r| r["objectives"]["text_ppl/perplexity"].as_f64().expect("ppl")).fold(f64::INFINITY, f64::min);
