@@ -153,9 +153,33 @@ pub fn encode_to(dtype: DType, src: &[f32], out: &mut [u8]) {
     });
 }
 
+/// Appends `src` rounded through `dtype` (what writing then reading it would give) to `out`,
+/// in parallel: the in-memory twin of [`encode_to`] + [`decode_into`].
+pub fn round_extend(dtype: DType, src: &[f32], out: &mut Vec<f32>) {
+    let start = out.len();
+    out.resize(start + src.len(), 0.0);
+    let dst = &mut out[start..];
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| match dtype {
+        DType::F32 => d.copy_from_slice(s),
+        DType::F16 => d.iter_mut().zip(s).for_each(|(d, &x)| *d = f16::from_f32(x).to_f32()),
+        DType::BF16 => d.iter_mut().zip(s).for_each(|(d, &x)| *d = bf16::from_f32(x).to_f32()),
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn round_extend_equals_encode_then_decode() {
+        let v: Vec<f32> = (0..70_000).map(|i| (i as f32 * 0.37).sin() * 3.3 + 1e-3 * i as f32).collect();
+        for d in [DType::F32, DType::F16, DType::BF16] {
+            let mut out = vec![7.0];
+            round_extend(d, &v, &mut out);
+            assert_eq!(out[0], 7.0);
+            assert_eq!(&out[1..], &decode(d, &encode(d, &v))[..], "{d:?}");
+        }
+    }
 
     #[test]
     fn names_round_trip() {

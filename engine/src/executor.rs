@@ -227,14 +227,42 @@ fn stream_task(plan: &MergePlan, task: &TensorTask, ws: &mut Workspace, out: &Pa
 }
 
 /// Runs the plan into memory (f32, rounded through the output dtype so values equal what
-/// [`execute`] writes).
+/// [`execute`] writes). Streams like [`execute`] (inputs decoded chunk by chunk from the memory
+/// maps, merged and rounded into the output tensor) where the method can; the rest takes the
+/// whole-tensor path.
 pub fn merge_to_memory(plan: &MergePlan) -> Result<MemorySource> {
     let mut src = MemorySource::new("merged");
     let mut ws = Workspace::default();
     for task in &plan.tasks {
-        let out = merge_tensor(plan, task, &mut ws)?;
-        let out = dtype::decode(plan.out_dtype, &dtype::encode(plan.out_dtype, out));
-        src.insert(task.name.clone(), Tensor::new(task.shape.clone(), out));
+        let numel: usize = task.shape.iter().product();
+        let mut data: Vec<f32> = Vec::with_capacity(numel);
+        let reader = RawReader {
+            inputs: task.inputs.iter().map(|(m, n)| plan.models[*m].raw(n).map(|(d, _, b)| (d, b))).collect::<Result<_>>()?,
+        };
+        let input = StreamInput {
+            tensor: &task.name,
+            shape: &task.shape,
+            reader: &reader,
+            base: task.base,
+            model_params: &task.model_params,
+            params: &task.params,
+            seed: tensor_seed(plan.seed, &task.name),
+        };
+        let mut sink = |chunk: &[f32]| -> std::result::Result<(), String> {
+            dtype::round_extend(plan.out_dtype, chunk, &mut data);
+            Ok(())
+        };
+        let streamed = plan.method.merge_streaming(&input, &mut ws.scratch, &mut sink).map_err(|reason| EngineError::Merge {
+            tensor: task.name.clone(),
+            method: plan.method.name().to_string(),
+            reason,
+        })?;
+        if !streamed || data.len() != numel {
+            data.clear();
+            let out = merge_tensor(plan, task, &mut ws)?;
+            dtype::round_extend(plan.out_dtype, out, &mut data);
+        }
+        src.insert(task.name.clone(), Tensor::new(task.shape.clone(), data));
     }
     Ok(src)
 }

@@ -37,6 +37,10 @@ pub trait TensorSource: Send + Sync {
     fn meta(&self, name: &str) -> Option<(Vec<usize>, DType)>;
     /// Reads a tensor, converted to `f32`.
     fn read_f32(&self, name: &str) -> Result<Tensor>;
+    /// The tensor as `f32`, borrowed when the source already holds it so (no copy).
+    fn get_f32(&self, name: &str) -> Result<std::borrow::Cow<'_, Tensor>> {
+        self.read_f32(name).map(std::borrow::Cow::Owned)
+    }
 }
 
 /// Tensors held in memory.
@@ -70,7 +74,11 @@ impl TensorSource for MemorySource {
     }
 
     fn read_f32(&self, name: &str) -> Result<Tensor> {
-        self.tensors.get(name).cloned().ok_or_else(|| EngineError::MissingTensor {
+        self.get_f32(name).map(std::borrow::Cow::into_owned)
+    }
+
+    fn get_f32(&self, name: &str) -> Result<std::borrow::Cow<'_, Tensor>> {
+        self.tensors.get(name).map(std::borrow::Cow::Borrowed).ok_or_else(|| EngineError::MissingTensor {
             model: self.label.clone(),
             tensor: name.to_string(),
         })

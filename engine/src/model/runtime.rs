@@ -15,6 +15,7 @@
 //! ```
 //! then the final RMSNorm and the LM head of the path's head model.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use burn::tensor::activation;
@@ -111,7 +112,7 @@ fn to_host_i64<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Vec<i64> {
 }
 
 /// `[out_k, in]` host tensors → one `[in, Σ out_k]` row-major buffer (x·W for every part).
-fn transpose_concat(parts: &[HostTensor], name: &str) -> Result<(Vec<f32>, usize, usize)> {
+fn transpose_concat(parts: &[&HostTensor], name: &str) -> Result<(Vec<f32>, usize, usize)> {
     let inn = parts[0].shape.get(1).copied().unwrap_or(0);
     for p in parts {
         if p.shape.len() != 2 || p.shape[1] != inn {
@@ -125,7 +126,7 @@ fn transpose_concat(parts: &[HostTensor], name: &str) -> Result<(Vec<f32>, usize
         let i0 = bi * BLOCK;
         let n = rows.len() / total;
         let mut off = 0;
-        for p in parts {
+        for p in parts.iter() {
             let outs = p.shape[0];
             for o in 0..outs {
                 let src = &p.data[o * inn + i0..o * inn + i0 + n];
@@ -420,23 +421,24 @@ impl<B: Kernels> Runtime<B> {
 
 use burn::tensor::ElementConversion;
 
-fn read(spec: &ModelSpec<'_>, name: &str) -> Result<HostTensor> {
-    spec.tensors.read_f32(name)
+/// A tensor of the spec, borrowed when the source holds f32 already (merged candidates).
+fn read<'a>(spec: &ModelSpec<'a>, name: &str) -> Result<Cow<'a, HostTensor>> {
+    spec.tensors.get_f32(name)
 }
 
-fn read_opt(spec: &ModelSpec<'_>, name: &str) -> Result<Option<HostTensor>> {
+fn read_opt<'a>(spec: &ModelSpec<'a>, name: &str) -> Result<Option<Cow<'a, HostTensor>>> {
     match spec.tensors.meta(name) {
         Some(_) => read(spec, name).map(Some),
         None => Ok(None),
     }
 }
 
-fn vector<B: Backend>(t: HostTensor, device: &B::Device) -> Tensor<B, 1> {
+fn vector<B: Backend>(t: Cow<'_, HostTensor>, device: &B::Device) -> Tensor<B, 1> {
     let n = t.numel();
-    upload(t.data, [n], device)
+    upload(t.into_owned().data, [n], device)
 }
 
-fn matrix_t<B: Backend>(parts: &[HostTensor], name: &str, device: &B::Device) -> Result<Tensor<B, 2>> {
+fn matrix_t<B: Backend>(parts: &[&HostTensor], name: &str, device: &B::Device) -> Result<Tensor<B, 2>> {
     let (data, inn, out) = transpose_concat(parts, name)?;
     Ok(upload(data, [inn, out], device))
 }
@@ -515,13 +517,13 @@ fn load_model<B: Backend>(spec: &ModelSpec<'_>, device: &B::Device) -> Result<Mo
     let embed_name = "model.embed_tokens.weight";
     let embed_h = read(spec, embed_name)?;
     let head = match (cfg.tie_word_embeddings, read_opt(spec, "lm_head.weight")?) {
-        (_, Some(h)) => matrix_t::<B>(&[h], "lm_head.weight", device)?,
-        (true, None) => matrix_t::<B>(std::slice::from_ref(&embed_h), embed_name, device)?,
+        (_, Some(h)) => matrix_t::<B>(&[&*h], "lm_head.weight", device)?,
+        (true, None) => matrix_t::<B>(&[&*embed_h], embed_name, device)?,
         (false, None) => {
             return Err(EngineError::MissingTensor { model: spec.label.to_string(), tensor: "lm_head.weight".into() });
         }
     };
-    let embed = upload::<B, 2>(embed_h.data, [d.vocab, d.hidden], device);
+    let embed = upload::<B, 2>(embed_h.into_owned().data, [d.vocab, d.hidden], device);
     let norm = vector::<B>(read(spec, "model.norm.weight")?, device);
     let layers_n = cfg.num_hidden_layers;
     let mut layers = Vec::with_capacity(layers_n);
@@ -530,10 +532,10 @@ fn load_model<B: Backend>(spec: &ModelSpec<'_>, device: &B::Device) -> Result<Mo
         let r = |n: &str| read(spec, &format!("{p}{n}"));
         let ro = |n: &str| read_opt(spec, &format!("{p}{n}"));
         let (q, k, v) = (r("self_attn.q_proj.weight")?, r("self_attn.k_proj.weight")?, r("self_attn.v_proj.weight")?);
-        let wqkv = matrix_t::<B>(&[q, k, v], &format!("{p}self_attn.qkv"), device)?;
+        let wqkv = matrix_t::<B>(&[&*q, &*k, &*v], &format!("{p}self_attn.qkv"), device)?;
         let bqkv = match (ro("self_attn.q_proj.bias")?, ro("self_attn.k_proj.bias")?, ro("self_attn.v_proj.bias")?) {
             (Some(bq), Some(bk), Some(bv)) => {
-                let data: Vec<f32> = bq.data.into_iter().chain(bk.data).chain(bv.data).collect();
+                let data: Vec<f32> = bq.data.iter().chain(&bk.data).chain(&bv.data).copied().collect();
                 let n = data.len();
                 Some(upload::<B, 1>(data, [n], device))
             }
@@ -547,12 +549,12 @@ fn load_model<B: Backend>(spec: &ModelSpec<'_>, device: &B::Device) -> Result<Mo
             post_norm: vector::<B>(r("post_attention_layernorm.weight")?, device),
             wqkv,
             bqkv,
-            wo: matrix_t::<B>(&[o], "o_proj", device)?,
+            wo: matrix_t::<B>(&[&*o], "o_proj", device)?,
             bo: ro("self_attn.o_proj.bias")?.map(|t| vector::<B>(t, device)),
             q_norm: q_norm.map(|t| vector::<B>(t, device)),
             k_norm: k_norm.map(|t| vector::<B>(t, device)),
-            wgu: matrix_t::<B>(&[gate, up], "gate_up", device)?,
-            wdown: matrix_t::<B>(&[down], "down_proj", device)?,
+            wgu: matrix_t::<B>(&[&*gate, &*up], "gate_up", device)?,
+            wdown: matrix_t::<B>(&[&*down], "down_proj", device)?,
             window: sliding_window(cfg, spec.arch, l),
         });
     }
