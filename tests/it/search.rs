@@ -161,3 +161,27 @@ fn resume_refuses_a_changed_config_unless_forced() {
     run_ok(&["resume", &run.display().to_string(), "--force"]);
     assert_eq!(records(&run).len(), 8, "the larger budget was used");
 }
+
+#[test]
+fn bad_experiments_are_clear_errors() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let good = std::fs::read_to_string(experiment(tmp.path(), 4)).expect("read");
+    let cases: [(&str, &str, &[&str]); 4] = [
+        ("layers_per_group", "layers_per_grup", &["layers_per_grup"]),
+        ("method = \"ties\"", "method = \"tie\"", &["unknown merge method 'tie'", "ties"]),
+        ("search = [\"weight\", \"density\"]", "search = [\"weight\", \"densty\"]", &["no parameter 'densty'"]),
+        ("fixed = { normalize = 1.0 }", "fixed = { normalize = 1.0 }\nbounds = { density = [0.0, 2.0] }", &["inside its range"]),
+    ];
+    for (from, to, needles) in cases {
+        let path = tmp.path().join("bad.toml");
+        std::fs::write(&path, good.replace(from, to)).expect("write");
+        let run = tmp.path().join("never");
+        let o = Command::new(bin()).args(["search", &path.display().to_string(), "--run-dir", &run.display().to_string()]).output().expect("run");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{to}: {err}");
+        for n in needles {
+            assert!(err.contains(n), "{to}: '{n}' not in {err}");
+        }
+        assert!(!run.exists(), "{to}: a run directory was created");
+    }
+}
