@@ -90,11 +90,45 @@ struct Setup {
     base_dir: PathBuf,
 }
 
+/// Bytes of memory available to a run: `EVOMERGE_MEMORY_BYTES` if set (a cap the user chooses),
+/// else `MemAvailable` from /proc/meminfo; `None` when unknown.
+fn memory_available() -> Option<u64> {
+    if let Some(v) = std::env::var("EVOMERGE_MEMORY_BYTES").ok().and_then(|v| v.parse().ok()) {
+        return Some(v);
+    }
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+/// Host memory a CPU run holds at its peak: the resident model's f32 weights (plus a transposed
+/// copy of a tied embedding) and one merged candidate in f32. Activations and the page cache
+/// of the memory-mapped sources come on top and are not counted.
+fn memory_needed(base: &Checkpoint) -> u64 {
+    let params = base.raw_bytes() / base.dtype().size() as u64;
+    let tied = if base.config.tie_word_embeddings { (base.config.vocab_size * base.config.hidden_size) as u64 * 4 } else { 0 };
+    params * 4 * 2 + tied
+}
+
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
 fn setup(exp: Experiment) -> Result<Setup> {
     let refs: Vec<String> = exp.merge.models.clone();
     let base_ref = exp.merge.base_model.clone().unwrap_or_else(|| refs[0].clone());
     let base_dir = resolve_model(&base_ref, None)?;
     let base = Checkpoint::open(&base_dir, base_ref.clone())?;
+    let need = memory_needed(&base);
+    if let Some(avail) = memory_available().filter(|&a| exp.device == DeviceSpec::Cpu && need > a) {
+        bail!(
+            "this search needs about {:.1} GiB of memory ({} in f32: the resident model plus one merged candidate) \
+             but {:.1} GiB are available; use a smaller model, free memory, or a GPU (--device cuda:0)",
+            gib(need),
+            base_ref,
+            gib(avail)
+        );
+    }
     let layout = GenomeLayout::new(
         &exp.merge.method,
         refs.clone(),
@@ -406,13 +440,15 @@ pub fn search(args: SearchArgs) -> Result<()> {
     }
     let s = setup(exp)?;
     if args.dry_run {
+        let ck = Checkpoint::open(&s.base_dir, "base")?;
         println!(
-            "{}: {} genes, {} objective(s), model {} ({} layers); nothing run",
+            "{}: {} genes, {} objective(s), model {} ({} layers), about {:.2} GiB of memory; nothing run",
             s.exp.name,
             s.space.dim(),
             s.estimators.len(),
             s.base_dir.display(),
-            s.layout.groups().last().map_or(0, |g| g.1)
+            s.layout.groups().last().map_or(0, |g| g.1),
+            gib(memory_needed(&ck))
         );
         return Ok(());
     }

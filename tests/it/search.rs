@@ -184,4 +184,16 @@ fn bad_experiments_are_clear_errors() {
         }
         assert!(!run.exists(), "{to}: a run directory was created");
     }
+    // Not enough memory for the resident model + one candidate: refused up front, with numbers.
+    let exp = experiment(tmp.path(), 4);
+    let o = Command::new(bin())
+        .args(["search", &exp.display().to_string(), "--dry-run"])
+        .env("EVOMERGE_MEMORY_BYTES", "100000")
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("GiB of memory") && err.contains("available"), "{err}");
+    let dry = run_ok(&["search", &exp.display().to_string(), "--dry-run"]);
+    assert!(dry.contains("GiB of memory") && dry.contains("nothing run"), "{dry}");
 }
