@@ -32,7 +32,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use evomerge_engine::genome::GenomeConfig;
+use evomerge_engine::Checkpoint;
+use evomerge_engine::genome::{GenomeConfig, GenomeLayout};
+use evomerge_engine::io::resolve_model;
 use evomerge_engine::model::DeviceSpec;
 use evomerge_fitness::Method;
 use evomerge_search::Budget;
@@ -164,4 +166,29 @@ impl Experiment {
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string(self)?)
     }
+
+    /// The experiment of a run directory (its `config.resolved.toml`).
+    pub fn from_run_dir(run_dir: &Path) -> Result<Self> {
+        let cfg = run_dir.join(RESOLVED);
+        let text = std::fs::read_to_string(&cfg).with_context(|| format!("{} is not a run directory", run_dir.display()))?;
+        toml::from_str(&text).with_context(|| cfg.display().to_string())
+    }
+
+    /// The base model (the first model when there is none) and the genome layout over it.
+    pub fn layout(&self) -> Result<(Checkpoint, GenomeLayout)> {
+        let base_ref = self.merge.base_model.clone().unwrap_or_else(|| self.merge.models[0].clone());
+        let base = Checkpoint::open(&resolve_model(&base_ref, None)?, base_ref)?;
+        let layout = GenomeLayout::new(
+            &self.merge.method,
+            self.merge.models.clone(),
+            self.merge.base_model.clone(),
+            base.arch,
+            base.num_layers(),
+            &self.genome,
+        )?;
+        Ok((base, layout))
+    }
 }
+
+/// The resolved configuration's file name in a run directory.
+pub const RESOLVED: &str = "config.resolved.toml";

@@ -154,11 +154,7 @@ pub fn merge_tensor<'w>(plan: &MergePlan, task: &TensorTask, ws: &'w mut Workspa
         params: task.params.clone(),
         seed: tensor_seed(plan.seed, &task.name),
     };
-    plan.method.merge(&input, &mut ws.scratch, &mut ws.out).map_err(|reason| EngineError::Merge {
-        tensor: task.name.clone(),
-        method: plan.method.name().to_string(),
-        reason,
-    })?;
+    plan.method.merge(&input, &mut ws.scratch, &mut ws.out).map_err(|reason| merge_error(plan, task, reason))?;
     ws.phases.merge += t1.elapsed().as_secs_f64();
     Ok(&ws.out)
 }
@@ -194,6 +190,35 @@ impl InputReader for RawReader<'_> {
 /// Streams a task through [`crate::merge::MergeMethod::merge_streaming`]; `Ok(None)` when the method
 /// declines (use the whole-tensor path), `Ok(Some(false))` when the writer stopped.
 fn stream_task(plan: &MergePlan, task: &TensorTask, ws: &mut Workspace, out: &PartSender) -> Result<Option<bool>> {
+    let mut writer_stopped = false;
+    let t = Instant::now();
+    let mut sink = |chunk: &[f32]| -> std::result::Result<(), String> {
+        if out.send(&task.name, plan.out_dtype, chunk) {
+            Ok(())
+        } else {
+            writer_stopped = true;
+            Err("the writer stopped".into())
+        }
+    };
+    let streamed = stream(plan, task, ws, &mut sink)?;
+    ws.phases.merge += t.elapsed().as_secs_f64();
+    match streamed {
+        _ if writer_stopped => Ok(Some(false)),
+        Ok(true) => Ok(Some(true)),
+        Ok(false) => Ok(None),
+        Err(reason) => Err(merge_error(plan, task, reason)),
+    }
+}
+
+/// Runs `task` through the method's streaming path, reading its inputs straight from the
+/// checkpoints' memory maps. The outer error is reading the inputs; the inner one is the
+/// method's (or the sink's) reason.
+fn stream(
+    plan: &MergePlan,
+    task: &TensorTask,
+    ws: &mut Workspace,
+    sink: &mut dyn FnMut(&[f32]) -> std::result::Result<(), String>,
+) -> Result<std::result::Result<bool, String>> {
     let reader = RawReader {
         inputs: task.inputs.iter().map(|(m, n)| plan.models[*m].raw(n).map(|(d, _, b)| (d, b))).collect::<Result<_>>()?,
     };
@@ -206,24 +231,11 @@ fn stream_task(plan: &MergePlan, task: &TensorTask, ws: &mut Workspace, out: &Pa
         params: &task.params,
         seed: tensor_seed(plan.seed, &task.name),
     };
-    let mut writer_stopped = false;
-    let t = Instant::now();
-    let mut sink = |chunk: &[f32]| -> std::result::Result<(), String> {
-        if out.send(&task.name, plan.out_dtype, chunk) {
-            Ok(())
-        } else {
-            writer_stopped = true;
-            Err("the writer stopped".into())
-        }
-    };
-    let streamed = plan.method.merge_streaming(&input, &mut ws.scratch, &mut sink);
-    ws.phases.merge += t.elapsed().as_secs_f64();
-    match streamed {
-        _ if writer_stopped => Ok(Some(false)),
-        Ok(true) => Ok(Some(true)),
-        Ok(false) => Ok(None),
-        Err(reason) => Err(EngineError::Merge { tensor: task.name.clone(), method: plan.method.name().to_string(), reason }),
-    }
+    Ok(plan.method.merge_streaming(&input, &mut ws.scratch, sink))
+}
+
+fn merge_error(plan: &MergePlan, task: &TensorTask, reason: String) -> EngineError {
+    EngineError::Merge { tensor: task.name.clone(), method: plan.method.name().to_string(), reason }
 }
 
 /// Runs the plan into memory (f32, rounded through the output dtype so values equal what
@@ -236,27 +248,11 @@ pub fn merge_to_memory(plan: &MergePlan) -> Result<MemorySource> {
     for task in &plan.tasks {
         let numel: usize = task.shape.iter().product();
         let mut data: Vec<f32> = Vec::with_capacity(numel);
-        let reader = RawReader {
-            inputs: task.inputs.iter().map(|(m, n)| plan.models[*m].raw(n).map(|(d, _, b)| (d, b))).collect::<Result<_>>()?,
-        };
-        let input = StreamInput {
-            tensor: &task.name,
-            shape: &task.shape,
-            reader: &reader,
-            base: task.base,
-            model_params: &task.model_params,
-            params: &task.params,
-            seed: tensor_seed(plan.seed, &task.name),
-        };
         let mut sink = |chunk: &[f32]| -> std::result::Result<(), String> {
             dtype::round_extend(plan.out_dtype, chunk, &mut data);
             Ok(())
         };
-        let streamed = plan.method.merge_streaming(&input, &mut ws.scratch, &mut sink).map_err(|reason| EngineError::Merge {
-            tensor: task.name.clone(),
-            method: plan.method.name().to_string(),
-            reason,
-        })?;
+        let streamed = stream(plan, task, &mut ws, &mut sink)?.map_err(|reason| merge_error(plan, task, reason))?;
         if !streamed || data.len() != numel {
             data.clear();
             let out = merge_tensor(plan, task, &mut ws)?;

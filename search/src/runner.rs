@@ -86,7 +86,8 @@ impl std::fmt::Debug for Runner {
 
 const PREV: &str = "prev.json";
 
-fn prev_path(p: &Path) -> PathBuf {
+/// Where the checkpoint before `p` is kept (`checkpoint.prev.json` for `checkpoint.json`).
+pub fn prev_path(p: &Path) -> PathBuf {
     p.with_extension(PREV)
 }
 

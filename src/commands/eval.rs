@@ -51,7 +51,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let dir = resolve_model(&args.model, None)?;
     let tok = Tokenizer::from_dir(&dir)?;
     let cfg = ModelConfig::from_dir(&dir)?;
-    let prefix = cfg.bos_token_id.or_else(|| cfg.eos_token_ids.first().copied()).unwrap_or(0);
+    let prefix = cfg.prefix_token();
     let mut m = model::open_dir(args.device, &dir).with_context(|| format!("opening model '{}'", args.model))?;
     let opts = EvalOptions { limit: args.limit, batch_size: args.batch_size.max(1) };
     let r = task.evaluate(m.as_mut(), &tok, prefix, &opts)?;

@@ -5,10 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use evomerge_engine::Checkpoint;
 use evomerge_engine::executor::{self, MergeOptions};
-use evomerge_engine::genome::GenomeLayout;
-use evomerge_engine::io::resolve_model;
 use evomerge_engine::recipe::MergePlan;
 use evomerge_search::pareto::nondominated_ranks;
 use serde_json::{Value, json};
@@ -49,9 +46,7 @@ pub struct ExportArgs {
 
 /// The scored and failed records of a run, in file order.
 pub fn read_records(run_dir: &Path) -> Result<(Experiment, Vec<Value>)> {
-    let cfg = run_dir.join("config.resolved.toml");
-    let text = std::fs::read_to_string(&cfg).with_context(|| format!("{} is not a run directory", run_dir.display()))?;
-    let exp: Experiment = toml::from_str(&text).with_context(|| cfg.display().to_string())?;
+    let exp = Experiment::from_run_dir(run_dir)?;
     let evals = std::fs::read_to_string(run_dir.join("evaluations.jsonl")).unwrap_or_default();
     let mut seen = std::collections::HashSet::new();
     let recs = evals
@@ -141,10 +136,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
         bail!("candidate {} failed ({f}); pick another", pick["id"]);
     }
     let genome: Vec<f64> = pick["genome"].as_array().context("record without genome")?.iter().filter_map(Value::as_f64).collect();
-    let base_ref = exp.merge.base_model.clone().unwrap_or_else(|| exp.merge.models[0].clone());
-    let base = Checkpoint::open(&resolve_model(&base_ref, None)?, base_ref.clone())?;
-    let layout =
-        GenomeLayout::new(&exp.merge.method, exp.merge.models.clone(), exp.merge.base_model.clone(), base.arch, base.num_layers(), &exp.genome)?;
+    let (_, layout) = exp.layout()?;
     let mut recipe = layout.decode(&genome)?;
     recipe.out_dtype = args.dtype.clone();
     let yaml = serde_norway::to_string(&recipe)?;

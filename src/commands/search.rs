@@ -25,6 +25,7 @@ use evomerge_engine::recipe::MergePlan;
 use evomerge_engine::{Checkpoint, TensorSource};
 use evomerge_fitness::tasks::{Task, TaskSpec};
 use evomerge_fitness::{FitnessEstimator, Method, TaskEstimator};
+use evomerge_search::runner::prev_path;
 use evomerge_search::{
     Candidate, CmaEs, CmaEsConfig, GeneKind, GenerationReport, Nsga2, Nsga2Config, Observer, Optimizer, Outcome,
     RandomSearch, Runner, SearchSpace, Termination,
@@ -69,7 +70,7 @@ pub struct ResumeArgs {
     pub progress: SearchProgress,
 }
 
-const CONFIG: &str = "config.resolved.toml";
+const CONFIG: &str = crate::experiment::RESOLVED;
 const CHECKPOINT: &str = "checkpoint.json";
 const EVALS: &str = "evaluations.jsonl";
 const CONFIG_HASH: &str = "config.sha256";
@@ -88,6 +89,8 @@ struct Setup {
     estimators: Vec<TaskEstimator>,
     runtime: Box<dyn LanguageModel>,
     base_dir: PathBuf,
+    /// Estimated peak host memory of the run (bytes).
+    memory: u64,
 }
 
 /// Bytes of memory available to a run: `EVOMERGE_MEMORY_BYTES` if set (a cap the user chooses),
@@ -115,28 +118,17 @@ fn gib(b: u64) -> f64 {
 }
 
 fn setup(exp: Experiment) -> Result<Setup> {
-    let refs: Vec<String> = exp.merge.models.clone();
-    let base_ref = exp.merge.base_model.clone().unwrap_or_else(|| refs[0].clone());
-    let base_dir = resolve_model(&base_ref, None)?;
-    let base = Checkpoint::open(&base_dir, base_ref.clone())?;
+    let (base, layout) = exp.layout()?;
     let need = memory_needed(&base);
     if let Some(avail) = memory_available().filter(|&a| exp.device == DeviceSpec::Cpu && need > a) {
         bail!(
             "this search needs about {:.1} GiB of memory ({} in f32: the resident model plus one merged candidate) \
              but {:.1} GiB are available; use a smaller model, free memory, or a GPU (--device cuda:0)",
             gib(need),
-            base_ref,
+            base.label(),
             gib(avail)
         );
     }
-    let layout = GenomeLayout::new(
-        &exp.merge.method,
-        refs.clone(),
-        exp.merge.base_model.clone(),
-        base.arch,
-        base.num_layers(),
-        &exp.genome,
-    )?;
     let genes = layout.genes();
     let space = SearchSpace::new(
         genes.iter().map(|g| g.name.clone()).collect(),
@@ -147,12 +139,12 @@ fn setup(exp: Experiment) -> Result<Setup> {
     if exp.objectives.len() > 1 && exp.optimizer.kind == OptimizerKind::Cmaes {
         bail!("CMA-ES optimizes one objective; use optimizer.kind = \"nsga2\" (or \"random\") for {}", exp.objectives.len());
     }
-    let prefix = base.config.bos_token_id.or_else(|| base.config.eos_token_ids.first().copied()).unwrap_or(0);
+    let prefix = base.config.prefix_token();
     // Calibration (anchor / IRT estimators): the source models' own item results.
     let needs_cal = exp.objectives.iter().any(|o| !matches!(o.estimator, Method::Full | Method::Random { .. }));
     let mut sources: Vec<Box<dyn LanguageModel>> = Vec::new();
     if needs_cal {
-        for r in refs.iter().chain(exp.merge.base_model.as_ref()) {
+        for r in exp.merge.models.iter().chain(exp.merge.base_model.as_ref()) {
             sources.push(model::open_dir(exp.device, &resolve_model(r, None)?)?);
         }
     }
@@ -160,16 +152,16 @@ fn setup(exp: Experiment) -> Result<Setup> {
     for o in &exp.objectives {
         let spec = TaskSpec::load(&o.task).map_err(anyhow::Error::msg)?;
         let task = Task::load(spec, o.data.as_deref(), o.fewshot_data.as_deref())?;
+        let tok = Tokenizer::from_dir(base.dir())?;
         let cal = if matches!(o.estimator, Method::Full | Method::Random { .. }) {
             None
         } else {
-            let t = Tokenizer::from_dir(&base_dir)?;
-            Some(TaskEstimator::responses(&task, &t, prefix, &mut sources)?)
+            Some(TaskEstimator::responses(&task, &tok, prefix, &mut sources)?)
         };
-        estimators.push(TaskEstimator::new(task, Tokenizer::from_dir(&base_dir)?, prefix, o.estimator, cal.as_ref())?);
+        estimators.push(TaskEstimator::new(task, tok, prefix, o.estimator, cal.as_ref())?);
     }
     let runtime = model::open(exp.device, &[ModelSpec::from_checkpoint(&base)])?;
-    Ok(Setup { exp, layout, space, estimators, runtime, base_dir })
+    Ok(Setup { exp, layout, space, estimators, runtime, base_dir: base.dir().to_path_buf(), memory: need })
 }
 
 fn optimizer(s: &Setup) -> Result<Box<dyn Optimizer>> {
@@ -440,7 +432,6 @@ pub fn search(args: SearchArgs) -> Result<()> {
     }
     let s = setup(exp)?;
     if args.dry_run {
-        let ck = Checkpoint::open(&s.base_dir, "base")?;
         println!(
             "{}: {} genes, {} objective(s), model {} ({} layers), about {:.2} GiB of memory; nothing run",
             s.exp.name,
@@ -448,7 +439,7 @@ pub fn search(args: SearchArgs) -> Result<()> {
             s.estimators.len(),
             s.base_dir.display(),
             s.layout.groups().last().map_or(0, |g| g.1),
-            gib(memory_needed(&ck))
+            gib(s.memory)
         );
         return Ok(());
     }
@@ -463,9 +454,10 @@ pub fn search(args: SearchArgs) -> Result<()> {
         bail!("{} already holds a run; continue it with `evomerge resume {}`", run_dir.display(), run_dir.display());
     }
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    write_atomic(&run_dir.join(CONFIG), &s.exp.to_toml()?)?;
+    let resolved = s.exp.to_toml()?;
+    write_atomic(&run_dir.join(CONFIG), &resolved)?;
+    write_atomic(&run_dir.join(CONFIG_HASH), &config_hash(&resolved))?;
     eprintln!("run directory: {}", run_dir.display());
-    write_atomic(&run_dir.join(CONFIG_HASH), &config_hash(&s.exp.to_toml()?))?;
     let cancel = cancel_flag()?;
     let runner = Runner::new(optimizer(&s)?, s.exp.budget.clone(), Some(run_dir.join(CHECKPOINT)), cancel.clone());
     drive(s, &run_dir, runner, cancel, args.progress)
@@ -473,8 +465,7 @@ pub fn search(args: SearchArgs) -> Result<()> {
 
 pub fn resume(args: ResumeArgs) -> Result<()> {
     let cfg = args.run_dir.join(CONFIG);
-    let text = std::fs::read_to_string(&cfg).with_context(|| format!("{} is not a run directory", args.run_dir.display()))?;
-    let exp: Experiment = toml::from_str(&text).with_context(|| format!("{}", cfg.display()))?;
+    let exp = Experiment::from_run_dir(&args.run_dir)?;
     // The run's configuration must be the one it started with: a changed budget is fine to
     // continue with --force, anything else changes the trajectory.
     let recorded = std::fs::read_to_string(args.run_dir.join(CONFIG_HASH)).unwrap_or_default();
@@ -488,7 +479,7 @@ pub fn resume(args: ResumeArgs) -> Result<()> {
     let cancel = cancel_flag()?;
     let fresh = optimizer(&s)?;
     let ckpt = args.run_dir.join(CHECKPOINT);
-    let runner = if !ckpt.exists() && !ckpt.with_extension("prev.json").exists() {
+    let runner = if !ckpt.exists() && !prev_path(&ckpt).exists() {
         // Stopped during the first generation: the optimizer's start state follows from the
         // config and seed, and the candidates already scored are replayed.
         Runner::new(fresh, s.exp.budget.clone(), Some(ckpt), cancel.clone())

@@ -130,6 +130,12 @@ impl ModelConfig {
         })
     }
 
+    /// The token that stands for an empty context in log-likelihood scoring (lm-eval's
+    /// prefix token): BOS, else the first EOS, else 0.
+    pub fn prefix_token(&self) -> u32 {
+        self.bos_token_id.or_else(|| self.eos_token_ids.first().copied()).unwrap_or(0)
+    }
+
     /// The config as it should be written for a merged model with `layers` layers and `dtype`.
     ///
     /// The key that carried the dtype is kept (`dtype` for transformers 5, `torch_dtype` for 4;

@@ -36,8 +36,7 @@ impl Kernels for NdArray<f32> {
         let view = storage.view();
         let Some(ws) = view.as_slice() else { return x.matmul(w.clone()) };
         let device = x.device();
-        #[allow(clippy::expect_used)] // a float tensor always converts to f32
-        let xs = x.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data");
+        let xs = super::runtime::to_host_f32(x);
         let y = small_m_matmul(&xs, m, k, ws, n);
         Tensor::from_data(TensorData::new(y, [m, n]), &device)
     }

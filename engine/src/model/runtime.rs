@@ -100,7 +100,7 @@ fn upload<B: Backend, const D: usize>(data: Vec<f32>, shape: [usize; D], device:
     Tensor::from_data(TensorData::new(data, shape), device)
 }
 
-fn to_host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+pub(super) fn to_host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     // A float tensor always converts to f32; failure would be a backend defect.
     #[allow(clippy::expect_used)]
     t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data")
@@ -190,6 +190,7 @@ impl<B: Kernels> Runtime<B> {
                     ),
                 });
             }
+            check_tensors(m)?;
             loaded.push(load_model::<B>(m, &device)?);
         }
         let layers: Vec<usize> = loaded.iter().map(|m| m.layers.len()).collect();
@@ -510,8 +511,8 @@ fn check_tensors(spec: &ModelSpec<'_>) -> Result<()> {
     Ok(())
 }
 
+/// Uploads a model whose tensors [`check_tensors`] accepted.
 fn load_model<B: Backend>(spec: &ModelSpec<'_>, device: &B::Device) -> Result<ModelW<B>> {
-    check_tensors(spec)?;
     let cfg = spec.config;
     let d = Dims::of(cfg);
     let embed_name = "model.embed_tokens.weight";
