@@ -43,3 +43,18 @@ pub fn copy_model(name: &str, dst: &Path) {
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_evomerge"))
 }
+
+/// Runs `evomerge ARGS`: (exit code, stdout, stderr); a panic is a test failure.
+pub fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let o = std::process::Command::new(bin()).args(args).output().expect("run evomerge");
+    let (out, err) = (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string());
+    assert!(!err.contains("panicked"), "panic: {err}");
+    (o.status.code(), out, err)
+}
+
+/// Runs `evomerge ARGS`, which must succeed; returns its stdout.
+pub fn run_ok(args: &[&str]) -> String {
+    let (code, out, err) = run(args);
+    assert_eq!(code, Some(0), "{args:?}: {err}");
+    out
+}

@@ -4,13 +4,12 @@
 //! clear error.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use evomerge_engine::model::{self, DeviceSpec, ScoreRequest, Tokenizer};
 use evomerge_fitness::tasks::{EvalOptions, Task, TaskSpec};
 use serde_json::Value;
 
-use crate::common::{bin, fixtures};
+use crate::common::{fixtures, run, run_ok};
 
 fn data(name: &str) -> PathBuf {
     fixtures().join("datasets").join(name)
@@ -21,10 +20,8 @@ fn model_dir(name: &str) -> PathBuf {
 }
 
 fn eval_json(args: &[&str]) -> Value {
-    let o = Command::new(bin()).arg("eval").args(args).arg("--json").output().expect("run");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(0), "{err}");
-    serde_json::from_slice(&o.stdout).expect("one JSON object")
+    let all: Vec<&str> = ["eval"].into_iter().chain(args.iter().copied()).chain(["--json"]).collect();
+    serde_json::from_str(&run_ok(&all)).expect("one JSON object")
 }
 
 const FIXTURE_MC: &str = r#"
@@ -123,10 +120,9 @@ fn perplexity_equals_the_runtime_log_likelihoods() {
 fn bad_task_input_is_a_clear_error() {
     let tmp = tempfile::tempdir().expect("tmp");
     let run = |args: &[&str]| {
-        let o = Command::new(bin()).arg("eval").args(args).output().expect("run");
-        let err = String::from_utf8_lossy(&o.stderr).to_string();
-        assert!(!err.contains("panicked"), "{err}");
-        (o.status.code(), err)
+        let all: Vec<&str> = ["eval"].into_iter().chain(args.iter().copied()).collect();
+        let (code, _, err) = run(&all);
+        (code, err)
     };
     let m = model_dir("llama-tiny-a").display().to_string();
     let arc = data("arc_sample.jsonl").display().to_string();

@@ -1,19 +1,11 @@
 //! `evomerge score` / `evomerge generate` end to end, and the runtime's bad-input errors.
 
 use std::path::Path;
-use std::process::Command;
 
 use serde_json::Value;
 
-use crate::common::{bin, fixtures};
+use crate::common::{fixtures, run};
 use crate::model_ref::variant;
-
-fn run(args: &[&str]) -> (Option<i32>, String, String) {
-    let o = Command::new(bin()).args(args).output().expect("run evomerge");
-    let (out, err) = (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string());
-    assert!(!err.contains("panicked"), "panic: {err}");
-    (o.status.code(), out, err)
-}
 
 fn model(name: &str) -> String {
     fixtures().join("models").join(name).display().to_string()

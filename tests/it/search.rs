@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::bin;
+use crate::common::{bin, run_ok};
 
 fn experiment(dir: &Path, evaluations: u64) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
@@ -37,13 +37,6 @@ fn records(run: &Path) -> BTreeMap<u64, Value> {
             (v["id"].as_u64().expect("id"), v)
         })
         .collect()
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let o = Command::new(bin()).args(args).output().expect("run");
-    let err = String::from_utf8_lossy(&o.stderr).to_string();
-    assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
-    String::from_utf8_lossy(&o.stdout).to_string()
 }
 
 #[test]
