@@ -27,12 +27,19 @@
 //!
 //! [budget]
 //! max_evaluations = 64
+//!
+//! [dataflow]                         # optional second stage (Sakana's data-flow search)
+//! models = ["best", "models/a"]      # "best" = the best merge of the stage above
+//! genome = { model_a = 0, repeats = 2, scales = "target" }
+//! optimizer = { kind = "cmaes", population = 8 }
+//! budget = { max_evaluations = 32 }
 //! ```
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use evomerge_engine::Checkpoint;
+use evomerge_engine::dataflow::DataFlowConfig;
 use evomerge_engine::genome::{GenomeConfig, GenomeLayout};
 use evomerge_engine::io::resolve_model;
 use evomerge_engine::model::DeviceSpec;
@@ -53,6 +60,25 @@ pub struct Experiment {
     pub merge: MergeSection,
     pub genome: GenomeConfig,
     pub objectives: Vec<ObjectiveSpec>,
+    #[serde(default)]
+    pub optimizer: OptimizerSpec,
+    #[serde(default)]
+    pub budget: Budget,
+    /// Optional second stage: data-flow search over the best merge and other models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataflow: Option<DataFlowSection>,
+}
+
+/// `[dataflow]`: the data-flow stage (Sakana's DFS), run after the parameter-space stage in
+/// `RUN_DIR/dataflow/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataFlowSection {
+    /// Models the path may use, in order: `"best"` (the best merge of the parameter-space
+    /// stage, kept in memory), model paths or hub ids. They must share hidden size and vocabulary.
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub genome: DataFlowConfig,
     #[serde(default)]
     pub optimizer: OptimizerSpec,
     #[serde(default)]
@@ -137,6 +163,15 @@ impl Experiment {
         };
         e.merge.models = e.merge.models.iter().map(|m| local(m)).collect();
         e.merge.base_model = e.merge.base_model.as_deref().map(local);
+        if let Some(df) = &mut e.dataflow {
+            df.models = df.models.iter().map(|m| if m == "best" { m.clone() } else { local(m) }).collect();
+            if df.models.is_empty() {
+                bail!("{}: dataflow.models is empty", path.display());
+            }
+            if df.genome.model_a >= df.models.len() {
+                bail!("{}: dataflow.genome.model_a = {} but dataflow.models has {}", path.display(), df.genome.model_a, df.models.len());
+            }
+        }
         for o in &mut e.objectives {
             for p in [&mut o.data, &mut o.fewshot_data].into_iter().flatten() {
                 if p.is_relative() {

@@ -47,6 +47,10 @@ enum Command {
     Status(commands::runs::StatusArgs),
     /// Write a run's candidate as a Hugging Face checkpoint (re-merged from its genome).
     Export(commands::runs::ExportArgs),
+    /// Plots (SVG) and a Markdown summary of a run, written into RUN_DIR/report/.
+    Report(commands::report::ReportArgs),
+    /// The demo model zoo: train tiny models with distinct skills for the demo experiment.
+    Zoo(commands::zoo::ZooArgs),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +76,8 @@ fn main() -> ExitCode {
         Command::Resume(args) => commands::search::resume(args),
         Command::Status(args) => commands::runs::status(args),
         Command::Export(args) => commands::runs::export(args),
+        Command::Report(args) => commands::report::run(args),
+        Command::Zoo(args) => commands::zoo::run(args),
     };
     exit::report(result)
 }

@@ -70,6 +70,16 @@ pub fn arithmetic(seed: u64, n: usize, max_digits: u32) -> Splits {
     })
 }
 
+/// `Q: what is a + b? A:` only, operands of up to `max_digits` digits (the demo zoo's
+/// arithmetic skill: learnable by a model of a few hundred thousand parameters).
+pub fn addition(seed: u64, n: usize, max_digits: u32) -> Splits {
+    let top = 10u64.pow(max_digits.clamp(1, 9));
+    generate(seed, n, "add", |d| {
+        let (a, b) = (d.below(top), d.below(top));
+        (format!("Q: what is {a} + {b}? A:"), (a + b).to_string())
+    })
+}
+
 fn word(d: &mut Draw, max_len: usize) -> String {
     let len = 2 + d.below(max_len.saturating_sub(1).max(1) as u64) as usize;
     (0..len).map(|_| (b'a' + d.below(26) as u8) as char).collect()

@@ -22,6 +22,7 @@ pub mod buffer;
 pub mod dtype;
 pub mod error;
 pub mod executor;
+pub mod dataflow;
 pub mod genome;
 pub mod io;
 pub mod merge;

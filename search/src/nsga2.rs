@@ -37,11 +37,16 @@ pub struct Nsga2Config {
     /// Per-gene mutation probability (default 1/n).
     pub mutation_prob: Option<f64>,
     pub seed: u64,
+    /// Genomes (gene units) placed in the first population before the random ones, e.g. the
+    /// start point of a search (a data-flow search starting from model A itself). Clipped to
+    /// the bounds; at most `population` are used.
+    #[serde(default)]
+    pub initial: Vec<Vec<f64>>,
 }
 
 impl Default for Nsga2Config {
     fn default() -> Self {
-        Self { population: 40, objectives: 2, crossover_prob: 0.9, eta_c: 15.0, eta_m: 20.0, mutation_prob: None, seed: 0 }
+        Self { population: 40, objectives: 2, crossover_prob: 0.9, eta_c: 15.0, eta_m: 20.0, mutation_prob: None, seed: 0, initial: vec![] }
     }
 }
 
@@ -81,6 +86,9 @@ impl Nsga2 {
         }
         if !(0.0..=1.0).contains(&cfg.crossover_prob) || cfg.eta_c < 0.0 || cfg.eta_m < 0.0 {
             return Err(SearchError::BadConfig("crossover_prob in [0, 1], eta_c and eta_m ≥ 0".into()));
+        }
+        if let Some(g) = cfg.initial.iter().find(|g| g.len() != space.dim() || g.iter().any(|v| !v.is_finite())) {
+            return Err(SearchError::BadConfig(format!("initial genome of {} genes (expected {} finite values)", g.len(), space.dim())));
         }
         Ok(Self {
             space,
@@ -250,7 +258,17 @@ impl Optimizer for Nsga2 {
     fn ask(&mut self) -> Vec<Candidate> {
         if self.pending.is_empty() && self.told.is_empty() {
             let genomes: Vec<Vec<f64>> = if self.parents.is_empty() {
-                (0..self.cfg.population).map(|_| self.random_genome()).collect()
+                let mut g: Vec<Vec<f64>> = self
+                    .cfg
+                    .initial
+                    .iter()
+                    .take(self.cfg.population)
+                    .map(|x| x.iter().enumerate().map(|(i, v)| v.clamp(self.space.lower[i], self.space.upper[i])).collect())
+                    .collect();
+                while g.len() < self.cfg.population {
+                    g.push(self.random_genome());
+                }
+                g
             } else {
                 self.offspring()
             };
@@ -298,6 +316,26 @@ impl Optimizer for Nsga2 {
 
     fn state(&self) -> OptimizerState {
         OptimizerState::Nsga2(Box::new(self.clone()))
+    }
+}
+
+#[cfg(test)]
+mod seeded_tests {
+    use super::*;
+    use crate::Optimizer;
+
+    #[test]
+    fn initial_genomes_open_the_first_population() {
+        let space = SearchSpace::new(vec!["a".into(), "b".into()], vec![0.0, -1.0], vec![1.0, 1.0], vec![GeneKind::Real, GeneKind::Binary])
+            .expect("space");
+        let cfg = Nsga2Config { population: 4, initial: vec![vec![0.25, 0.5], vec![7.0, -3.0]], ..Default::default() };
+        let mut o = Nsga2::new(space.clone(), &cfg).expect("nsga2");
+        let first: Vec<Vec<f64>> = o.ask().into_iter().map(|c| c.genome).collect();
+        assert_eq!(first[0], vec![0.25, 0.5]);
+        assert_eq!(first[1], vec![1.0, -1.0], "clipped to the bounds");
+        assert_eq!(first.len(), 4);
+        let bad = Nsga2Config { initial: vec![vec![0.0]], ..cfg };
+        assert!(Nsga2::new(space, &bad).is_err());
     }
 }
 

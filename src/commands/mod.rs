@@ -3,6 +3,8 @@
 pub mod eval;
 pub mod merge;
 pub mod progress;
+pub mod report;
 pub mod run_model;
 pub mod runs;
 pub mod search;
+pub mod zoo;

@@ -30,7 +30,8 @@ evomerge export runs/try1 --pick 17 --out cand17/ --dtype bfloat16\n  evomerge e
 pub struct ExportArgs {
     /// A run directory written by `evomerge search`.
     pub run_dir: PathBuf,
-    /// `best`, a candidate id, or `front:K` (K-th member of the Pareto front, by first objective).
+    /// `best`, a candidate id, or `front:K` (K-th member of the Pareto front, by first
+    /// objective); `dfs:best` or `dfs:ID` for a candidate of the data-flow stage.
     #[arg(long, default_value = "best")]
     pub pick: String,
     /// Output checkpoint directory (created atomically).
@@ -89,7 +90,8 @@ pub fn status(args: StatusArgs) -> Result<()> {
         println!(
             "{}",
             json!({"name": exp.name, "evaluations": recs.len(), "failures": failures, "candidates_per_hour": per_hour,
-                   "budget": exp.budget, "pareto": multi, "top": top})
+                   "budget": exp.budget, "pareto": multi, "top": top,
+                   "references": crate::commands::search::read_references(&args.run_dir)})
         );
         return Ok(());
     }
@@ -115,10 +117,34 @@ pub fn status(args: StatusArgs) -> Result<()> {
         }
         println!(" {:>7}", r["items"].to_string());
     }
+    let dfs_text = std::fs::read_to_string(args.run_dir.join(crate::commands::search::DATAFLOW_DIR).join("evaluations.jsonl")).unwrap_or_default();
+    let dfs: Vec<Value> = dfs_text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    if let Some(b) = crate::commands::search::best_by_mean(&dfs) {
+        println!("data-flow stage: {} evaluations; best candidate {} (lowest mean minimized objective):", dfs.len(), b["id"]);
+        print!("{:>12}", b["id"].to_string());
+        for n in &names {
+            print!(" {:>24.6}", b["objectives"][n].as_f64().unwrap_or(f64::NAN));
+        }
+        println!("\n  path: {}", b["path"].as_str().unwrap_or("?"));
+    }
+    let refs = crate::commands::search::read_references(&args.run_dir);
+    if !refs.is_empty() {
+        println!("references (same items):");
+        for r in &refs {
+            print!("{:>12}", r["name"].as_str().unwrap_or("?"));
+            for n in &names {
+                print!(" {:>24.6}", r["objectives"][n].as_f64().unwrap_or(f64::NAN));
+            }
+            println!();
+        }
+    }
     Ok(())
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {
+    if let Some(p) = args.pick.strip_prefix("dfs:") {
+        return export_dataflow(&args, p);
+    }
     let (exp, recs) = read_records(&args.run_dir)?;
     let ranked = ranked(&recs);
     let pick = match args.pick.as_str() {
@@ -163,5 +189,114 @@ pub fn export(args: ExportArgs) -> Result<()> {
     }
     std::fs::write(&card, text).with_context(|| format!("writing {}", card.display()))?;
     println!("exported candidate {} to {}", pick["id"], args.out.display());
+    Ok(())
+}
+
+/// The passthrough recipe that writes a data-flow path as an ordinary checkpoint: one slice
+/// per hop (`paths[model]`, layer range `[l, l+1]`). Hop scales are folded into the weights:
+/// the hidden state entering hop k is the stored state times `C_k` (the product of the scales
+/// so far), and since RMSNorm ignores the scale of its input (up to its ε), only the residual
+/// branches see it: `o_proj` and `down_proj` of hop k are multiplied by `1 / C_k`. The final
+/// norm removes `C_K` as well, so logits agree up to the norms' ε.
+pub fn dataflow_recipe(path: &evomerge_engine::model::LayerPath, paths: &[String], dtype: &str) -> String {
+    let mut y = format!("merge_method: passthrough\ndtype: {dtype}\nslices:\n");
+    let mut c = 1.0f64;
+    for h in &path.hops {
+        c *= f64::from(h.scale);
+        let inv = 1.0 / c;
+        y.push_str(&format!(
+            "  - sources:\n      - model: {}\n        layer_range: [{}, {}]\n        parameters:\n          scale:\n            - filter: o_proj\n              value: {inv}\n            - filter: down_proj\n              value: {inv}\n            - value: 1.0\n",
+            serde_json::to_string(&paths[h.model]).unwrap_or_default(),
+            h.layer,
+            h.layer + 1
+        ));
+    }
+    y
+}
+
+fn export_dataflow(args: &ExportArgs, pick: &str) -> Result<()> {
+    let exp = Experiment::from_run_dir(&args.run_dir)?;
+    let df = exp.dataflow.clone().context("this run has no data-flow stage")?;
+    let dir = args.run_dir.join(crate::commands::search::DATAFLOW_DIR);
+    let (_, recs) = (0, {
+        let text = std::fs::read_to_string(dir.join("evaluations.jsonl")).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect::<Vec<_>>()
+    });
+    let rec = match pick {
+        "best" => crate::commands::search::best_by_mean(&recs).context("no scored data-flow candidate yet")?,
+        id => {
+            let id: u64 = id.parse().with_context(|| format!("--pick dfs:{id}: expected dfs:best or dfs:ID"))?;
+            recs.iter().find(|r| r["id"].as_u64() == Some(id)).with_context(|| format!("no data-flow candidate {id}"))?
+        }
+    };
+    if let Some(f) = rec["failure"].as_str() {
+        bail!("data-flow candidate {} failed ({f}); pick another", rec["id"]);
+    }
+    if args.out.exists() && !args.force {
+        bail!("{} exists; pass --force to replace it", args.out.display());
+    }
+    let dtype = args.dtype.clone().unwrap_or_else(|| "float32".into());
+    // The best parameter-space merge, when the path uses it, is written next to the output
+    // first (the passthrough recipe reads checkpoints from disk) and removed afterwards.
+    let name = args.out.file_name().map_or("export".into(), |n| n.to_string_lossy().to_string());
+    let tmp = args.out.with_file_name(format!(".{name}.parameter-space-merge"));
+    let mut paths = vec![];
+    let mut ps_yaml = None;
+    for m in &df.models {
+        if m == crate::commands::search::BEST {
+            let (genome, best) = crate::commands::search::best_params_candidate(&args.run_dir)?;
+            let (_, layout) = exp.layout()?;
+            let mut recipe = layout.decode(&genome)?;
+            recipe.out_dtype = Some("float32".into());
+            let yaml = serde_norway::to_string(&recipe)?;
+            let plan = MergePlan::build(&recipe, yaml.clone(), None, exp.seed)?;
+            let _ = std::fs::remove_dir_all(&tmp);
+            executor::execute(&plan, &tmp, &MergeOptions::default(), &mut |_| {})?;
+            ps_yaml = Some((best["id"].clone(), yaml));
+            paths.push(tmp.display().to_string());
+        } else {
+            paths.push(evomerge_engine::io::resolve_model(m, None)?.display().to_string());
+        }
+    }
+    let result = (|| -> Result<String> {
+        let layers: Vec<usize> = paths
+            .iter()
+            .map(|p| evomerge_engine::io::ModelConfig::from_dir(Path::new(p)).map(|c| c.num_hidden_layers))
+            .collect::<Result<_, _>>()?;
+        let layout = evomerge_engine::dataflow::DataFlowLayout::new(&layers, &df.genome)?;
+        let genome: Vec<f64> = rec["genome"].as_array().context("record without genome")?.iter().filter_map(Value::as_f64).collect();
+        let path = layout.decode(&genome)?;
+        let yaml = dataflow_recipe(&path, &paths, &dtype);
+        let recipe = evomerge_engine::recipe::Recipe::parse(&yaml, "data-flow export")?;
+        let plan = MergePlan::build(&recipe, yaml.clone(), None, exp.seed)?;
+        let opts = MergeOptions { overwrite: args.force, ..Default::default() };
+        executor::execute(&plan, &args.out, &opts, &mut |_| {})?;
+        Ok(evomerge_engine::dataflow::describe(&path))
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    let described = result?;
+    let card = args.out.join("README.md");
+    let mut text = std::fs::read_to_string(&card).unwrap_or_default();
+    text.push_str(&format!(
+        "\n## Data-flow search result\n\nCandidate {} of the data-flow stage of run `{}`. Its layers are the hops of the path \
+         (a layer that repeats is duplicated):\n\n`{described}`\n\n(`mK:L×s`: layer L of model K, hidden state scaled by s on entry.) \
+         Models: {}.\n\nHop scales are folded into `o_proj` and `down_proj` (divided by the running product of scales); \
+         this is exact up to the RMSNorm ε, because the norms remove the scale of their input.\n",
+        rec["id"],
+        exp.name,
+        df.models.iter().enumerate().map(|(i, m)| format!("{i} = `{m}`")).collect::<Vec<_>>().join(", ")
+    ));
+    if let Some((id, yaml)) = ps_yaml {
+        text.push_str(&format!(
+            "\nModel `best` is parameter-space candidate {id}, which mergekit can reproduce with:\n\n```yaml\n{yaml}```\n\n\
+             The passthrough recipe above reads it from a temporary directory that the export removed.\n"
+        ));
+    }
+    text.push_str("\n| objective | value |\n|---|---|\n");
+    for (n, v) in rec["objectives"].as_object().into_iter().flatten() {
+        text.push_str(&format!("| {n} | {:.6} |\n", v.as_f64().unwrap_or(f64::NAN)));
+    }
+    std::fs::write(&card, text).with_context(|| format!("writing {}", card.display()))?;
+    println!("exported data-flow candidate {} to {} ({} layers: {described})", rec["id"], args.out.display(), described.split(' ').count());
     Ok(())
 }

@@ -17,6 +17,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use evomerge_engine::dataflow::{self, DataFlowLayout};
 use evomerge_engine::executor::merge_to_memory;
 use evomerge_engine::genome::GenomeLayout;
 use evomerge_engine::io::resolve_model;
@@ -32,7 +33,7 @@ use evomerge_search::{
 };
 use serde_json::json;
 
-use crate::experiment::{Experiment, OptimizerKind};
+use crate::experiment::{Experiment, OptimizerKind, OptimizerSpec};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Example:\n  evomerge search experiments/ties-tiny.toml --run-dir runs/try1\n\n\
@@ -74,6 +75,7 @@ const CONFIG: &str = crate::experiment::RESOLVED;
 const CHECKPOINT: &str = "checkpoint.json";
 const EVALS: &str = "evaluations.jsonl";
 const CONFIG_HASH: &str = "config.sha256";
+const REFERENCES: &str = "references.json";
 
 /// SHA-256 of the resolved configuration (hex).
 fn config_hash(text: &str) -> String {
@@ -139,6 +141,11 @@ fn setup(exp: Experiment) -> Result<Setup> {
     if exp.objectives.len() > 1 && exp.optimizer.kind == OptimizerKind::Cmaes {
         bail!("CMA-ES optimizes one objective; use optimizer.kind = \"nsga2\" (or \"random\") for {}", exp.objectives.len());
     }
+    if let Some(df) = &exp.dataflow {
+        if exp.objectives.len() > 1 && df.optimizer.kind == OptimizerKind::Cmaes {
+            bail!("CMA-ES optimizes one objective; use dataflow.optimizer.kind = \"nsga2\" (or \"random\") for {}", exp.objectives.len());
+        }
+    }
     let prefix = base.config.prefix_token();
     // Calibration (anchor / IRT estimators): the source models' own item results.
     let needs_cal = exp.objectives.iter().any(|o| !matches!(o.estimator, Method::Full | Method::Random { .. }));
@@ -165,19 +172,30 @@ fn setup(exp: Experiment) -> Result<Setup> {
 }
 
 fn optimizer(s: &Setup) -> Result<Box<dyn Optimizer>> {
-    let o = &s.exp.optimizer;
-    let n_obj = s.exp.objectives.len();
     let x0: Vec<f64> = s.layout.genes().iter().map(|g| (g.init - g.lower) / (g.upper - g.lower)).collect();
+    make_optimizer(&s.exp.optimizer, s.space.clone(), x0, s.exp.objectives.len(), s.exp.seed)
+}
+
+/// An optimizer over `space` starting at `x0` (unit coordinates; CMA-ES's mean).
+fn make_optimizer(o: &OptimizerSpec, space: SearchSpace, x0: Vec<f64>, n_obj: usize, seed: u64) -> Result<Box<dyn Optimizer>> {
+    if n_obj > 1 && o.kind == OptimizerKind::Cmaes {
+        bail!("CMA-ES optimizes one objective; use optimizer.kind = \"nsga2\" (or \"random\") for {n_obj}");
+    }
     Ok(match o.kind {
         OptimizerKind::Cmaes => Box::new(CmaEs::new(
-            s.space.clone(),
-            &CmaEsConfig { population: o.population, sigma0: o.sigma0, x0: Some(x0), seed: s.exp.seed, ..Default::default() },
+            space,
+            &CmaEsConfig { population: o.population, sigma0: o.sigma0, x0: Some(x0), seed, ..Default::default() },
         )?),
-        OptimizerKind::Nsga2 => Box::new(Nsga2::new(
-            s.space.clone(),
-            &Nsga2Config { population: o.population.unwrap_or(40), objectives: n_obj, seed: s.exp.seed, ..Default::default() },
-        )?),
-        OptimizerKind::Random => Box::new(RandomSearch::new(s.space.clone(), o.population.unwrap_or(8), n_obj, s.exp.seed)?),
+        OptimizerKind::Nsga2 => {
+            // The start point (default parameters; model A itself for a data-flow stage) is
+            // one member of the first population.
+            let start: Vec<f64> = x0.iter().enumerate().map(|(i, u)| space.lower[i] + u * (space.upper[i] - space.lower[i])).collect();
+            Box::new(Nsga2::new(
+                space,
+                &Nsga2Config { population: o.population.unwrap_or(40), objectives: n_obj, seed, initial: vec![start], ..Default::default() },
+            )?)
+        }
+        OptimizerKind::Random => Box::new(RandomSearch::new(space, o.population.unwrap_or(8), n_obj, seed)?),
     })
 }
 
@@ -301,13 +319,41 @@ fn replayed(run_dir: &Path) -> Result<HashMap<u64, Outcome>> {
     Ok(out)
 }
 
-/// Runs the loop. A failure to record an evaluation is run-scoped: `cancel` stops the run at
-/// once (the runner writes a checkpoint) and the error is returned.
-fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBool>, mode: SearchProgress) -> Result<()> {
-    let replay = replayed(run_dir)?;
+/// What a stage's genomes are.
+enum StageKind<'a> {
+    /// Merge parameters: genome → recipe → merged weights swapped into the runtime.
+    Params { layout: &'a GenomeLayout, seed: u64 },
+    /// A data-flow path through the runtime's loaded models (no weights move).
+    DataFlow { layout: &'a DataFlowLayout },
+}
+
+impl StageKind<'_> {
+    /// File holding the best candidate so far (one objective).
+    fn best_file(&self) -> &'static str {
+        match self {
+            StageKind::Params { .. } => "best.yaml",
+            StageKind::DataFlow { .. } => "best_path.json",
+        }
+    }
+}
+
+/// Runs one stage's loop with `dir` as its run directory (checkpoint, evaluations, best).
+/// A failure to record an evaluation is run-scoped: `cancel` stops the run at once (the runner
+/// writes a checkpoint) and the error is returned.
+#[allow(clippy::too_many_arguments)]
+fn run_stage(
+    kind: StageKind<'_>,
+    estimators: &mut [TaskEstimator],
+    runtime: &mut dyn LanguageModel,
+    dir: &Path,
+    runner: &mut Runner,
+    cancel: &Arc<AtomicBool>,
+    mode: SearchProgress,
+    budget: Option<u64>,
+) -> Result<Termination> {
+    let replay = replayed(dir)?;
     let replayed_count = replay.len();
-    let budget = s.exp.budget.max_evaluations;
-    let evals_path = run_dir.join(EVALS);
+    let evals_path = dir.join(EVALS);
     let cut = std::fs::read(&evals_path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n'));
     let mut evals = std::fs::OpenOptions::new()
         .create(true)
@@ -318,8 +364,8 @@ fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBoo
         // End the line a crash cut short, so the next record starts on its own line.
         writeln!(evals).with_context(|| format!("appending to {}", evals_path.display()))?;
     }
-    let directions: Vec<_> = s.estimators.iter().map(|e| e.objectives()[0].clone()).collect();
-    // The best so far includes earlier sessions (their best.yaml is already on disk).
+    let directions: Vec<_> = estimators.iter().map(|e| e.objectives()[0].clone()).collect();
+    // The best so far includes earlier sessions (their best file is already on disk).
     let mut best: Option<f64> = replay
         .values()
         .filter_map(|o| match o {
@@ -327,39 +373,54 @@ fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBoo
             _ => None,
         })
         .reduce(f64::min);
-    let seed = s.exp.seed;
     let mut write_err: Option<anyhow::Error> = None;
-    let Setup { layout, estimators, runtime, .. } = &mut s;
+    let tag = match kind {
+        StageKind::Params { .. } => "",
+        StageKind::DataFlow { .. } => "dfs:",
+    };
     let mut objective = |c: &Candidate| -> Outcome {
         if let Some(o) = replay.get(&c.id) {
             return o.clone();
         }
         let t0 = Instant::now();
-        let fingerprint = c.genome.iter().map(|x| format!("{:016x}", x.to_bits())).collect::<String>();
+        let fingerprint = format!("{tag}{}", c.genome.iter().map(|x| format!("{:016x}", x.to_bits())).collect::<String>());
         let mut materialize_s = 0.0;
+        let mut path_text = None;
         let result = (|| -> Result<Scored> {
-            let recipe = layout.decode(&c.genome)?;
-            let yaml = serde_norway::to_string(&recipe)?;
-            let plan = MergePlan::build(&recipe, yaml.clone(), None, seed)?;
-            let merged = merge_to_memory(&plan)?;
-            runtime.load_weights(0, &merged as &dyn TensorSource)?;
+            let artifact = match &kind {
+                StageKind::Params { layout, seed } => {
+                    let recipe = layout.decode(&c.genome)?;
+                    let yaml = serde_norway::to_string(&recipe)?;
+                    let plan = MergePlan::build(&recipe, yaml.clone(), None, *seed)?;
+                    let merged = merge_to_memory(&plan)?;
+                    runtime.load_weights(0, &merged as &dyn TensorSource)?;
+                    yaml
+                }
+                StageKind::DataFlow { layout } => {
+                    let path = layout.decode(&c.genome)?;
+                    path_text = Some(dataflow::describe(&path));
+                    let json = serde_json::to_string_pretty(&path)?;
+                    runtime.set_path(path)?;
+                    json
+                }
+            };
             materialize_s = t0.elapsed().as_secs_f64();
             let (mut values, mut ses, mut items, mut tokens) = (vec![], vec![], 0, 0);
             for e in estimators.iter_mut() {
-                let f = e.evaluate(runtime.as_mut(), &fingerprint)?;
+                let f = e.evaluate(runtime, &fingerprint)?;
                 values.extend(&f.values);
                 ses.extend(&f.std_errors);
                 items += f.items;
                 tokens += f.tokens;
             }
-            Ok((values, ses, items, tokens, yaml))
+            Ok((values, ses, items, tokens, artifact))
         })();
         let (record, outcome) = match result {
-            Ok((values, ses, items, tokens, yaml)) => {
+            Ok((values, ses, items, tokens, artifact)) => {
                 let minimized: Vec<f64> = values.iter().zip(&directions).map(|(v, o)| o.direction.to_minimized(*v)).collect();
                 if minimized.len() == 1 && best.is_none_or(|b| minimized[0] < b) {
                     best = Some(minimized[0]);
-                    if let Err(e) = write_atomic(&run_dir.join("best.yaml"), &yaml) {
+                    if let Err(e) = write_atomic(&dir.join(kind.best_file()), &artifact) {
                         write_err.get_or_insert(e);
                         cancel.store(true, Ordering::Relaxed);
                     }
@@ -369,7 +430,8 @@ fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBoo
                 (
                     json!({"id": c.id, "generation": c.generation, "genome": c.genome, "objectives": objectives,
                            "std_errors": ses, "minimized": minimized, "items": items, "tokens": tokens,
-                           "seconds": t0.elapsed().as_secs_f64(), "materialize_seconds": materialize_s, "failure": null}),
+                           "seconds": t0.elapsed().as_secs_f64(), "materialize_seconds": materialize_s,
+                           "path": path_text, "failure": null}),
                     Outcome::Scored(minimized),
                 )
             }
@@ -388,31 +450,241 @@ fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBoo
         }
         outcome
     };
-    let mut progress = Progress::new(mode, budget, Some(run_dir));
+    let mut progress = Progress::new(mode, budget, Some(dir));
     progress.event(&json!({"event": "start", "evaluations_done": replayed_count}));
     let end = runner.run(&mut objective, &mut progress)?;
     progress.bar.finish_and_clear();
     if let Some(e) = write_err {
         return Err(e);
     }
-    match end {
-        Termination::Interrupted => {
-            eprintln!("interrupted: checkpoint written; continue with `evomerge resume {}`", run_dir.display());
-            std::process::exit(i32::from(crate::exit::INTERRUPTED));
-        }
-        t => {
-            let best = runner.optimizer().best().map(|(_, v)| v);
-            let evals = runner.optimizer().evaluations();
-            progress.event(&json!({"event": "finished", "termination": format!("{t:?}"), "evaluations": evals, "best_minimized": best}));
-            if progress.mode != SearchProgress::Jsonl {
-                println!("run finished ({t:?}): {evals} evaluations in {}", run_dir.display());
-                if let Some(v) = best {
-                    println!("best (minimized objective): {v:.6}; recipe: {}", run_dir.join("best.yaml").display());
+    if end != Termination::Interrupted {
+        let best = runner.optimizer().best().map(|(_, v)| v);
+        let evals = runner.optimizer().evaluations();
+        progress.event(&json!({"event": "finished", "termination": format!("{end:?}"), "evaluations": evals, "best_minimized": best}));
+        if progress.mode != SearchProgress::Jsonl {
+            println!("stage finished ({end:?}): {evals} evaluations in {}", dir.display());
+            match best {
+                Some(v) if estimators.len() == 1 => {
+                    println!("best (minimized objective): {v:.6}; written to {}", dir.join(kind.best_file()).display())
                 }
+                _ => {}
             }
         }
     }
+    Ok(end)
+}
+
+fn interrupted(run_dir: &Path) -> ! {
+    eprintln!("interrupted: checkpoint written; continue with `evomerge resume {}`", run_dir.display());
+    std::process::exit(i32::from(crate::exit::INTERRUPTED));
+}
+
+/// Runs the parameter-space stage, scores the references, then the data-flow stage if the
+/// experiment has one (in `RUN_DIR/dataflow/`, its own checkpoint and evaluations).
+fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBool>, mode: SearchProgress) -> Result<()> {
+    let Setup { exp, layout, estimators, runtime, base_dir, .. } = &mut s;
+    let kind = StageKind::Params { layout, seed: exp.seed };
+    let end = run_stage(kind, estimators, runtime.as_mut(), run_dir, &mut runner, &cancel, mode, exp.budget.max_evaluations)?;
+    if end == Termination::Interrupted {
+        interrupted(run_dir);
+    }
+    let refs = references(exp, layout, estimators, runtime.as_mut(), run_dir)?;
+    if mode == SearchProgress::Jsonl {
+        println!("{}", json!({"event": "references", "references": refs}));
+    }
+    if let Some(df) = exp.dataflow.clone() {
+        let dir = run_dir.join(DATAFLOW_DIR);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (best_ps, _) = best_params_candidate(run_dir)?;
+        let merged = {
+            let recipe = layout.decode(&best_ps)?;
+            let yaml = serde_norway::to_string(&recipe)?;
+            merge_to_memory(&MergePlan::build(&recipe, yaml, None, exp.seed)?)?
+        };
+        let base = Checkpoint::open(base_dir, base_dir.display().to_string())?;
+        let mut cks = vec![];
+        for m in df.models.iter().filter(|m| m.as_str() != BEST) {
+            cks.push(Checkpoint::open(&resolve_model(m, None)?, m.clone())?);
+        }
+        let mut it = cks.iter();
+        let specs: Vec<ModelSpec<'_>> = df
+            .models
+            .iter()
+            .map(|m| match m.as_str() {
+                BEST => Some(ModelSpec { label: "best parameter-space merge", config: &base.config, arch: base.arch, tensors: &merged }),
+                _ => it.next().map(ModelSpec::from_checkpoint),
+            })
+            .collect::<Option<_>>()
+            .context("dataflow models")?;
+        let counts: Vec<usize> = specs.iter().map(|m| m.config.num_hidden_layers).collect();
+        let mut rt = model::open(exp.device, &specs)?;
+        let df_layout = DataFlowLayout::new(&counts, &df.genome)?;
+        let (space, x0) = dataflow_space(&df_layout)?;
+        let fresh = make_optimizer(&df.optimizer, space, x0, estimators.len(), exp.seed)?;
+        let ckpt = dir.join(CHECKPOINT);
+        let mut runner2 = if !ckpt.exists() && !prev_path(&ckpt).exists() {
+            Runner::new(fresh, df.budget.clone(), Some(ckpt), cancel.clone())
+        } else {
+            let mut quiet = Progress::new(SearchProgress::Off, None, Some(&dir));
+            Runner::resume(ckpt, fresh.name(), df.budget.clone(), cancel.clone(), &mut quiet)?
+        };
+        if mode != SearchProgress::Jsonl {
+            println!("data-flow stage: {} genes over {} models ({} layers)", df_layout.genes().len(), counts.len(), df_layout.total_layers());
+        }
+        let kind = StageKind::DataFlow { layout: &df_layout };
+        let end = run_stage(kind, estimators, rt.as_mut(), &dir, &mut runner2, &cancel, mode, df.budget.max_evaluations)?;
+        if end == Termination::Interrupted {
+            interrupted(run_dir);
+        }
+    }
+    if mode != SearchProgress::Jsonl {
+        print_standing(&refs, run_dir);
+    }
     Ok(())
+}
+
+/// The data-flow stage's models entry naming the best parameter-space merge.
+pub const BEST: &str = "best";
+/// The data-flow stage's folder in a run directory.
+pub const DATAFLOW_DIR: &str = "dataflow";
+
+/// Genome of the parameter-space candidate the data-flow stage starts from: the best (one
+/// objective) or the front member with the best mean minimized objective.
+pub fn best_params_candidate(run_dir: &Path) -> Result<(Vec<f64>, serde_json::Value)> {
+    let recs = crate::commands::runs::read_records(run_dir)?.1;
+    let best = best_by_mean(&recs).context("the parameter-space stage has no scored candidate")?;
+    let genome = best["genome"].as_array().context("record without genome")?.iter().filter_map(|x| x.as_f64()).collect();
+    Ok((genome, best.clone()))
+}
+
+/// Mean of a record's minimized objectives (`None` for failures).
+pub fn mean_minimized(v: &serde_json::Value) -> Option<f64> {
+    let m: Vec<f64> = v["minimized"].as_array()?.iter().filter_map(|x| x.as_f64()).collect();
+    (!m.is_empty() && v["failure"].is_null()).then(|| m.iter().sum::<f64>() / m.len() as f64)
+}
+
+/// The record with the lowest mean minimized objective (ties: the earliest).
+pub fn best_by_mean(recs: &[serde_json::Value]) -> Option<&serde_json::Value> {
+    recs.iter()
+        .filter_map(|r| mean_minimized(r).map(|m| (r, m)))
+        .fold(None, |acc: Option<(&serde_json::Value, f64)>, (r, m)| match acc {
+            Some((_, b)) if b <= m => acc,
+            _ => Some((r, m)),
+        })
+        .map(|x| x.0)
+}
+
+/// Search space of a data-flow layout (indicators are binary genes) and its start point.
+fn dataflow_space(l: &DataFlowLayout) -> Result<(SearchSpace, Vec<f64>)> {
+    let genes = l.genes();
+    let space = SearchSpace::new(
+        genes.iter().map(|g| g.name.clone()).collect(),
+        genes.iter().map(|g| g.lower).collect(),
+        genes.iter().map(|g| g.upper).collect(),
+        genes.iter().map(|g| if g.binary { GeneKind::Binary } else { GeneKind::Real }).collect(),
+    )?;
+    let x0 = genes.iter().map(|g| (g.init - g.lower) / (g.upper - g.lower)).collect();
+    Ok((space, x0))
+}
+
+/// Objective values of the reference points a searched merge must beat: every source model, and
+/// the merge method at its default parameters (the genome's initial point, the "hand-set"
+/// baseline), scored by the same estimators on the same items as the candidates. Written to
+/// `references.json`; a finished run that is resumed reads them back.
+fn references(
+    exp: &Experiment,
+    layout: &GenomeLayout,
+    estimators: &mut [TaskEstimator],
+    runtime: &mut dyn LanguageModel,
+    run_dir: &Path,
+) -> Result<Vec<serde_json::Value>> {
+    let path = run_dir.join(REFERENCES);
+    if let Some(v) = std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str::<Vec<serde_json::Value>>(&t).ok()) {
+        return Ok(v);
+    }
+    let score = |estimators: &mut [TaskEstimator], runtime: &mut dyn LanguageModel, source: &dyn TensorSource, key: &str| {
+        runtime.load_weights(0, source)?;
+        let mut out = serde_json::Map::new();
+        let mut minimized = vec![];
+        for e in estimators.iter_mut() {
+            let f = e.evaluate(runtime, key)?;
+            for (o, v) in e.objectives().iter().zip(&f.values) {
+                out.insert(o.name.clone(), json!(v));
+                minimized.push(o.direction.to_minimized(*v));
+            }
+        }
+        anyhow::Ok((out, minimized))
+    };
+    let mut refs = vec![];
+    for m in exp.merge.models.iter().chain(exp.merge.base_model.as_ref()) {
+        let ck = Checkpoint::open(&resolve_model(m, None)?, m.clone())?;
+        let (objectives, minimized) = score(estimators, runtime, &ck, &format!("source:{m}"))?;
+        let name = Path::new(m).file_name().map_or(m.clone(), |n| n.to_string_lossy().to_string());
+        refs.push(json!({"name": name, "kind": "source", "model": m, "objectives": objectives, "minimized": minimized}));
+    }
+    let recipe = layout.decode(&layout.initial())?;
+    let yaml = serde_norway::to_string(&recipe)?;
+    let plan = MergePlan::build(&recipe, yaml, None, exp.seed)?;
+    let merged = merge_to_memory(&plan)?;
+    let (objectives, minimized) = score(estimators, runtime, &merged, "baseline:initial")?;
+    refs.push(json!({"name": format!("{} (defaults)", exp.merge.method), "kind": "baseline", "objectives": objectives, "minimized": minimized}));
+    write_atomic(&path, &serde_json::to_string_pretty(&refs)?)?;
+    Ok(refs)
+}
+
+/// The run's reference points, if written (`evomerge status`, `report`).
+pub fn read_references(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join(REFERENCES)).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+}
+
+/// The table a finished run ends with: its best candidate (one objective) or the candidate
+/// with the best mean objective (several), per stage, against every reference.
+fn print_standing(refs: &[serde_json::Value], run_dir: &Path) {
+    let records = |dir: &Path| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(dir.join(EVALS)).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    };
+    let ps = records(run_dir);
+    let dfs = records(&run_dir.join(DATAFLOW_DIR));
+    let mut rows: Vec<(String, &serde_json::Value)> = vec![];
+    if let Some(b) = best_by_mean(&ps) {
+        rows.push((format!("searched: candidate {}", b["id"]), b));
+    }
+    if let Some(b) = best_by_mean(&dfs) {
+        rows.push((format!("searched + data flow: {}", b["id"]), b));
+    }
+    let Some(first) = rows.first().map(|r| r.1) else { return };
+    let names: Vec<String> = first["objectives"].as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+    let multi = names.len() > 1;
+    print!("\n{:<32}", "");
+    for n in &names {
+        print!(" {n:>14}");
+    }
+    println!("{}", if multi { format!(" {:>14}", "mean") } else { String::new() });
+    let row = |label: &str, v: &serde_json::Value| {
+        print!("{label:<32}");
+        let vals: Vec<f64> = names.iter().map(|n| v["objectives"][n].as_f64().unwrap_or(f64::NAN)).collect();
+        for x in &vals {
+            print!(" {x:>14.4}");
+        }
+        if multi {
+            print!(" {:>14.4}", vals.iter().sum::<f64>() / vals.len() as f64);
+        }
+        println!();
+    };
+    for (label, r) in &rows {
+        row(label, r);
+    }
+    for r in refs {
+        row(&format!("{}: {}", r["kind"].as_str().unwrap_or(""), r["name"].as_str().unwrap_or("")), r);
+    }
+    let best = rows.iter().filter_map(|r| mean_minimized(r.1)).fold(f64::INFINITY, f64::min);
+    let beaten = refs.iter().filter(|r| mean_minimized(r).is_some_and(|m| best < m)).count();
+    println!(
+        "the best searched candidate beats {beaten} of {} references{}",
+        refs.len(),
+        if multi { " on the mean of the objectives" } else { "" }
+    );
 }
 
 fn cancel_flag() -> Result<Arc<AtomicBool>> {

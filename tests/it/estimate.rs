@@ -1,7 +1,7 @@
 //! Fitness estimators on a real task and real models: calibration from the fixture models,
 //! subset estimates, the per-(weights, item) cache.
 
-use evomerge_engine::model::{self, DeviceSpec, LanguageModel, Tokenizer};
+use evomerge_engine::model::{self, LanguageModel, Tokenizer};
 use evomerge_fitness::tasks::{EvalOptions, Task, TaskSpec};
 use evomerge_fitness::{Direction, FitnessEstimator, Method, TaskEstimator};
 
@@ -13,7 +13,7 @@ fn arc() -> Task {
 }
 
 fn open(name: &str) -> Box<dyn LanguageModel> {
-    model::open_dir(DeviceSpec::Cpu, &fixtures().join(name)).expect("model")
+    model::open_dir(crate::common::test_device(), &fixtures().join(name)).expect("model")
 }
 
 fn tok() -> Tokenizer {

@@ -10,5 +10,6 @@ mod merge_parity;
 mod merge_props;
 mod model_cli;
 mod search;
+mod zoo;
 mod model_parity;
 mod model_ref;

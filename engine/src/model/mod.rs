@@ -92,6 +92,8 @@ pub struct ModelInfo {
     /// Longest sequence (positions) the model accepts.
     pub max_context: usize,
     pub device: DeviceSpec,
+    /// End-of-sequence ids of the first model's `config.json` (generation stops there).
+    pub eos_token_ids: Vec<u32>,
 }
 
 /// A runnable language model, object-safe so that callers do not see the backend.

@@ -200,6 +200,7 @@ impl<B: Kernels> Runtime<B> {
             dims,
             max_context: loaded[0].max_context,
             device: spec,
+            eos_token_ids: models[0].config.eos_token_ids.clone(),
         };
         let mask_value = match <B::FloatElem as Element>::dtype() {
             BurnDType::F16 => -65504.0,

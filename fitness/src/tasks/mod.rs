@@ -391,7 +391,9 @@ impl Task {
             Kind::Generation => {
                 let g = &self.spec.generation;
                 let mut out = Vec::with_capacity(n);
-                let eos: Vec<u32> = vec![];
+                // Greedy generation ends at the model's EOS as transformers' generate() does
+                // (lm-eval adds the EOS text to `until` as well).
+                let eos: Vec<u32> = model.info().eos_token_ids.clone();
                 let gen_opts = GenerateOptions { max_new_tokens: g.max_new_tokens, eos };
                 let prompts: Vec<Vec<u32>> = sel
                     .iter()

@@ -1,0 +1,361 @@
+//! `evomerge report RUN_DIR`: SVG plots and a one-page Markdown summary in `RUN_DIR/report/`.
+//!
+//! - `objective-<name>.svg`: every candidate's value against evaluations, and the best so far
+//!   (both stages; data-flow candidates continue the x axis);
+//! - `front.svg` (two or more objectives): all candidates, the Pareto front of each stage, the
+//!   source models and the default-parameter baseline;
+//! - `parameters.svg`: the per-layer-group genes of the best parameter-space candidate;
+//! - `path.svg`: the layer path of the best data-flow candidate (layer against hop, per model);
+//! - `index.md`: the tables and links to the plots.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow};
+use clap::Args;
+use evomerge_search::pareto::nondominated_ranks;
+use plotters::prelude::*;
+use serde_json::Value;
+
+use crate::commands::search::{DATAFLOW_DIR, best_by_mean, read_references};
+use crate::experiment::Experiment;
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  evomerge report runs/1700000000-demo\n\n\
+Writes RUN_DIR/report/index.md and the SVG plots it links; works while the run is live.")]
+pub struct ReportArgs {
+    /// A run directory written by `evomerge search`.
+    pub run_dir: PathBuf,
+}
+
+fn records(dir: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(dir.join("evaluations.jsonl")).unwrap_or_default();
+    let mut seen = std::collections::HashSet::new();
+    text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|v| seen.insert(v["id"].as_u64())).collect()
+}
+
+fn scored(v: &Value) -> bool {
+    v["failure"].is_null() && v["objectives"].is_object()
+}
+
+fn objective(v: &Value, name: &str) -> Option<f64> {
+    v["objectives"][name].as_f64().filter(|x| x.is_finite())
+}
+
+fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("drawing: {e:?}")
+}
+
+/// `[lo, hi]` padded by 5 % (a flat range gets ±0.5).
+fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    let pad = if hi > lo { (hi - lo) * 0.05 } else { 0.5 };
+    (lo - pad, hi + pad)
+}
+
+const PS: RGBColor = RGBColor(31, 119, 180);
+const DFS: RGBColor = RGBColor(255, 127, 14);
+const REF: RGBColor = RGBColor(44, 160, 44);
+const BEST: RGBColor = RGBColor(214, 39, 40);
+
+fn objective_plot(path: &Path, name: &str, higher: bool, ps: &[Value], dfs: &[Value]) -> Result<()> {
+    let pts: Vec<(f64, f64, bool)> = ps
+        .iter()
+        .map(|r| (r, false))
+        .chain(dfs.iter().map(|r| (r, true)))
+        .enumerate()
+        .filter_map(|(i, (r, d))| objective(r, name).map(|y| ((i + 1) as f64, y, d)))
+        .collect();
+    let mut best: Vec<(f64, f64)> = vec![];
+    for &(x, y, _) in &pts {
+        let b = best.last().map_or(y, |&(_, b)| if higher { b.max(y) } else { b.min(y) });
+        best.push((x, b));
+    }
+    let (y0, y1) = range(pts.iter().map(|p| p.1));
+    let x1 = (ps.len() + dfs.len()).max(1) as f64 + 1.0;
+    let root = SVGBackend::new(path, (760, 460)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("{name} ({} is better)", if higher { "higher" } else { "lower" }), ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0.0..x1, y0..y1)
+        .map_err(plot_err)?;
+    chart.configure_mesh().x_desc("evaluations").y_desc(name).draw().map_err(plot_err)?;
+    chart
+        .draw_series(pts.iter().filter(|p| !p.2).map(|&(x, y, _)| Circle::new((x, y), 3, PS.mix(0.5).filled())))
+        .map_err(plot_err)?
+        .label("parameter-space candidates")
+        .legend(|(x, y)| Circle::new((x, y), 3, PS.filled()));
+    if pts.iter().any(|p| p.2) {
+        chart
+            .draw_series(pts.iter().filter(|p| p.2).map(|&(x, y, _)| Circle::new((x, y), 3, DFS.mix(0.6).filled())))
+            .map_err(plot_err)?
+            .label("data-flow candidates")
+            .legend(|(x, y)| Circle::new((x, y), 3, DFS.filled()));
+    }
+    chart
+        .draw_series(LineSeries::new(best, BEST.stroke_width(2)))
+        .map_err(plot_err)?
+        .label("best so far")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BEST.stroke_width(2)));
+    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(plot_err)?;
+    root.present().map_err(plot_err)
+}
+
+/// Indices of the Pareto front (minimized values) of `recs`, sorted by the first objective.
+fn front(recs: &[&Value], mins: &[Vec<f64>]) -> Vec<usize> {
+    if mins.is_empty() {
+        return vec![];
+    }
+    let ranks = nondominated_ranks(mins);
+    let mut idx: Vec<usize> = (0..recs.len()).filter(|&i| ranks[i] == 0).collect();
+    idx.sort_by(|&a, &b| mins[a][0].total_cmp(&mins[b][0]));
+    idx
+}
+
+fn minimized(v: &Value) -> Option<Vec<f64>> {
+    v["minimized"].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect())
+}
+
+fn front_plot(path: &Path, names: &[String], ps: &[Value], dfs: &[Value], refs: &[Value]) -> Result<()> {
+    let (a, b) = (&names[0], &names[1]);
+    let xy = |r: &Value| Some((objective(r, a)?, objective(r, b)?));
+    let all: Vec<(f64, f64)> = ps.iter().chain(dfs).chain(refs).filter_map(xy).collect();
+    let (x0, x1) = range(all.iter().map(|p| p.0));
+    let (y0, y1) = range(all.iter().map(|p| p.1));
+    let root = SVGBackend::new(path, (760, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("Pareto front: {a} vs {b}"), ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(plot_err)?;
+    chart.configure_mesh().x_desc(a.as_str()).y_desc(b.as_str()).draw().map_err(plot_err)?;
+    for (recs, color, label) in [(ps, PS, "parameter space"), (dfs, DFS, "data flow")] {
+        let ok: Vec<&Value> = recs.iter().filter(|r| scored(r) && xy(r).is_some()).collect();
+        if ok.is_empty() {
+            continue;
+        }
+        chart
+            .draw_series(ok.iter().filter_map(|r| xy(r)).map(|p| Circle::new(p, 3, color.mix(0.35).filled())))
+            .map_err(plot_err)?;
+        let mins: Vec<Vec<f64>> = ok.iter().map(|r| minimized(r).unwrap_or_default()).collect();
+        let f: Vec<(f64, f64)> = front(&ok, &mins).into_iter().filter_map(|i| xy(ok[i])).collect();
+        chart
+            .draw_series(LineSeries::new(f.clone(), color.stroke_width(2)).point_size(4))
+            .map_err(plot_err)?
+            .label(format!("{label}: candidates and front"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+    }
+    for r in refs {
+        if let Some(p) = xy(r) {
+            let name = r["name"].as_str().unwrap_or("?").to_string();
+            chart
+                .draw_series(std::iter::once(
+                    EmptyElement::at(p) + TriangleMarker::new((0, 0), 7, REF.filled()) + Text::new(name, (8, -4), ("sans-serif", 13)),
+                ))
+                .map_err(plot_err)?;
+        }
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(plot_err)?;
+    root.present().map_err(plot_err)
+}
+
+/// Per-group values of the best parameter-space candidate, one line per (parameter, model, filter).
+fn parameters_plot(path: &Path, exp: &Experiment, best: &Value) -> Result<Vec<(String, Vec<f64>)>> {
+    let (_, layout) = exp.layout()?;
+    let genome: Vec<f64> = best["genome"].as_array().context("genome")?.iter().filter_map(Value::as_f64).collect();
+    let mut series: Vec<(String, Vec<(usize, f64)>)> = vec![];
+    for (g, x) in layout.genes().iter().zip(&genome) {
+        let model = g.model.map_or(String::new(), |m| {
+            let r = &layout_models(exp)[m];
+            format!(" · {}", Path::new(r).file_name().map_or(r.clone(), |n| n.to_string_lossy().to_string()))
+        });
+        let filter = g.filter.map_or(String::new(), |f| format!(" · {}", exp.genome.filters.get(f).cloned().unwrap_or_default()));
+        let key = format!("{}{model}{filter}", g.param);
+        match series.iter_mut().find(|s| s.0 == key) {
+            Some(s) => s.1.push((g.group, *x)),
+            None => series.push((key, vec![(g.group, *x)])),
+        }
+    }
+    let groups = layout.groups().len().max(1);
+    let (y0, y1) = range(series.iter().flat_map(|s| s.1.iter().map(|p| p.1)));
+    let root = SVGBackend::new(path, (760, 460)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("parameters of candidate {} per layer group", best["id"]), ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d(-0.5..(groups as f64 - 0.5), y0..y1)
+        .map_err(plot_err)?;
+    chart.configure_mesh().x_desc("layer group").y_desc("value").draw().map_err(plot_err)?;
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(pts.iter().map(|&(g, v)| (g as f64, v)), color.stroke_width(2)).point_size(4))
+            .map_err(plot_err)?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(plot_err)?;
+    root.present().map_err(plot_err)?;
+    Ok(series.into_iter().map(|(n, p)| (n, p.into_iter().map(|x| x.1).collect())).collect())
+}
+
+fn layout_models(exp: &Experiment) -> &[String] {
+    &exp.merge.models
+}
+
+/// The best data-flow candidate's path: layer (stacked per model) against hop index.
+fn path_plot(path: &Path, exp: &Experiment, best: &Value, layers: &[usize]) -> Result<()> {
+    let path_json: evomerge_engine::model::LayerPath = {
+        let df = exp.dataflow.as_ref().context("no dataflow section")?;
+        let l = evomerge_engine::dataflow::DataFlowLayout::new(layers, &df.genome)?;
+        let genome: Vec<f64> = best["genome"].as_array().context("genome")?.iter().filter_map(Value::as_f64).collect();
+        l.decode(&genome)?
+    };
+    let offsets: Vec<usize> = layers.iter().scan(0, |s, &c| {
+        let o = *s;
+        *s += c;
+        Some(o)
+    }).collect();
+    let total: usize = layers.iter().sum();
+    let hops = &path_json.hops;
+    let root = SVGBackend::new(path, (760, 460)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("data-flow path of candidate {} ({} hops)", best["id"], hops.len()), ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d(-0.5..(hops.len() as f64 - 0.5), -0.5..(total as f64 - 0.5))
+        .map_err(plot_err)?;
+    chart.configure_mesh().x_desc("hop").y_desc("layer (models stacked)").draw().map_err(plot_err)?;
+    let pts: Vec<(f64, f64)> = hops.iter().enumerate().map(|(i, h)| (i as f64, (offsets[h.model] + h.layer) as f64)).collect();
+    chart.draw_series(LineSeries::new(pts.clone(), BLACK.mix(0.4))).map_err(plot_err)?;
+    let models = exp.dataflow.as_ref().map(|d| d.models.clone()).unwrap_or_default();
+    for (m, name) in models.iter().enumerate() {
+        let color = Palette99::pick(m).to_rgba();
+        let short = Path::new(name).file_name().map_or(name.clone(), |n| n.to_string_lossy().to_string());
+        chart
+            .draw_series(hops.iter().enumerate().filter(|(_, h)| h.model == m).map(|(i, h)| {
+                EmptyElement::at((i as f64, (offsets[h.model] + h.layer) as f64))
+                    + Circle::new((0, 0), 6, color.filled())
+                    + Text::new(format!("×{:.2}", h.scale), (6, -14), ("sans-serif", 11))
+            }))
+            .map_err(plot_err)?
+            .label(format!("model {m}: {short}"))
+            .legend(move |(x, y)| Circle::new((x, y), 5, color.filled()));
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(plot_err)?;
+    root.present().map_err(plot_err)
+}
+
+pub fn run(args: ReportArgs) -> Result<()> {
+    let exp = Experiment::from_run_dir(&args.run_dir)?;
+    let ps = records(&args.run_dir);
+    let dfs = records(&args.run_dir.join(DATAFLOW_DIR));
+    let refs = read_references(&args.run_dir);
+    let out = args.run_dir.join("report");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let names: Vec<String> = ps
+        .iter()
+        .chain(&dfs)
+        .find(|r| scored(r))
+        .and_then(|r| r["objectives"].as_object())
+        .map(|o| o.keys().cloned().collect())
+        .context("the run has no scored candidate yet")?;
+    // Direction of each objective: minimized = -value means higher is better.
+    let higher: Vec<bool> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            ps.iter().chain(&dfs).find(|r| scored(r)).is_some_and(|r| {
+                let v = objective(r, n).unwrap_or(0.0);
+                let m = r["minimized"][i].as_f64().unwrap_or(0.0);
+                v != 0.0 && (m + v).abs() < 1e-12 * v.abs().max(1.0)
+            })
+        })
+        .collect();
+    let mut md = String::new();
+    let _ = writeln!(md, "# Run report: {}\n", exp.name);
+    let _ = writeln!(
+        md,
+        "{} parameter-space evaluations ({} failed), {} data-flow evaluations; method `{}`, optimizer `{:?}`.\n",
+        ps.len(),
+        ps.iter().filter(|r| !r["failure"].is_null()).count(),
+        dfs.len(),
+        exp.merge.method,
+        exp.optimizer.kind
+    );
+    // Results table: best candidates of each stage and the references.
+    let _ = writeln!(md, "| candidate | {} |\n|---|{}", names.join(" | "), "---|".repeat(names.len()));
+    let row = |md: &mut String, label: &str, r: &Value| {
+        let vals: Vec<String> = names.iter().map(|n| objective(r, n).map_or("-".into(), |v| format!("{v:.4}"))).collect();
+        let _ = writeln!(md, "| {label} | {} |", vals.join(" | "));
+    };
+    let best_ps = best_by_mean(&ps);
+    let best_dfs = best_by_mean(&dfs);
+    if let Some(b) = best_ps {
+        row(&mut md, &format!("best parameter-space candidate ({})", b["id"]), b);
+    }
+    if let Some(b) = best_dfs {
+        row(&mut md, &format!("best data-flow candidate ({})", b["id"]), b);
+    }
+    for r in &refs {
+        row(&mut md, &format!("{}: {}", r["kind"].as_str().unwrap_or(""), r["name"].as_str().unwrap_or("")), r);
+    }
+    let _ = writeln!(md, "\nBest = lowest mean of the minimized objectives.\n");
+    for (n, &h) in names.iter().zip(&higher) {
+        let file = format!("objective-{}.svg", n.replace(|c: char| !c.is_ascii_alphanumeric() && c != '_' && c != '-', "_"));
+        objective_plot(&out.join(&file), n, h, &ps, &dfs)?;
+        let _ = writeln!(md, "![{n} against evaluations]({file})\n");
+    }
+    if names.len() >= 2 {
+        front_plot(&out.join("front.svg"), &names, &ps, &dfs, &refs)?;
+        let _ = writeln!(md, "![Pareto front](front.svg)\n");
+        let ok: Vec<&Value> = ps.iter().filter(|r| scored(r)).collect();
+        let mins: Vec<Vec<f64>> = ok.iter().map(|r| minimized(r).unwrap_or_default()).collect();
+        let f = front(&ok, &mins);
+        let _ = writeln!(md, "Parameter-space Pareto front ({} members):\n\n| id | {} |\n|---|{}", f.len(), names.join(" | "), "---|".repeat(names.len()));
+        for i in f {
+            let vals: Vec<String> = names.iter().map(|n| objective(ok[i], n).map_or("-".into(), |v| format!("{v:.4}"))).collect();
+            let _ = writeln!(md, "| {} | {} |", ok[i]["id"], vals.join(" | "));
+        }
+        md.push('\n');
+    }
+    if let Some(b) = best_ps {
+        let series = parameters_plot(&out.join("parameters.svg"), &exp, b)?;
+        let _ = writeln!(md, "![parameters of the best candidate](parameters.svg)\n\n| gene | per layer group |\n|---|---|");
+        for (n, v) in series {
+            let _ = writeln!(md, "| {n} | {} |", v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(", "));
+        }
+        md.push('\n');
+    }
+    if let (Some(b), Some(df)) = (best_dfs, &exp.dataflow) {
+        let mut layers = vec![];
+        for m in &df.models {
+            let dir = if m == crate::commands::search::BEST {
+                exp.merge.base_model.clone().unwrap_or_else(|| exp.merge.models[0].clone())
+            } else {
+                m.clone()
+            };
+            let cfg = evomerge_engine::io::ModelConfig::from_dir(&evomerge_engine::io::resolve_model(&dir, None)?)?;
+            layers.push(cfg.num_hidden_layers);
+        }
+        path_plot(&out.join("path.svg"), &exp, b, &layers)?;
+        let _ = writeln!(md, "![data-flow path](path.svg)\n\nPath: `{}`\n", b["path"].as_str().unwrap_or("?"));
+    }
+    let index = out.join("index.md");
+    std::fs::write(&index, md).with_context(|| format!("writing {}", index.display()))?;
+    println!("report written to {}", index.display());
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! The demo zoo: its training model computes what the runtime (and so transformers) computes,
+//! its tokenizer file encodes as the trainer does, training lowers the loss, and the committed
+//! zoo loads and has the skills its card claims.
+
+use burn::tensor::{Int, Tensor, TensorData};
+use burn_ndarray::{NdArray, NdArrayDevice};
+use evomerge_engine::model::{self, DeviceSpec, Tokenizer};
+use evomerge_zoo::{Dims, Stage, TinyLlama, export, skills, train, vocab};
+
+use crate::common::{run_ok, test_device};
+
+type B = NdArray<f32>;
+
+fn small() -> Dims {
+    Dims { hidden: 32, layers: 2, heads: 4, intermediate: 48, ..Dims::default() }
+}
+
+#[test]
+fn exported_zoo_model_runs_identically_in_the_runtime() {
+    let d = small();
+    let dev = NdArrayDevice::Cpu;
+    // Random weights with a larger spread than the init, so that every part of the forward matters.
+    let mut m = TinyLlama::<B>::init(&d, 3, &dev);
+    m.norm = burn::module::Param::from_tensor(Tensor::from_data(
+        TensorData::new((0..d.hidden).map(|i| 0.5 + i as f32 / d.hidden as f32).collect::<Vec<f32>>(), [d.hidden]),
+        &dev,
+    ));
+    let dir = tempfile::tempdir().expect("tmp");
+    export(&m, &d, dir.path(), "test").expect("export");
+    let ids: Vec<u32> = {
+        let mut v = vec![vocab::BOS];
+        v.extend(vocab::encode("Q: what is 12 + 7? A: 19"));
+        v
+    };
+    let want: Vec<f32> = m
+        .forward(&d, Tensor::<B, 2, Int>::from_data(TensorData::new(ids.iter().map(|&i| i as i64).collect(), [1, ids.len()]), &dev))
+        .into_data()
+        .to_vec()
+        .expect("logits");
+    let mut rt = model::open_dir(test_device(), dir.path()).expect("runtime opens the zoo checkpoint");
+    let got = rt.logits(&ids).expect("logits");
+    assert_eq!(got.len(), want.len());
+    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < crate::common::tol(1e-4, 5e-2) as f32, "max |runtime - trainer| = {worst:e}");
+    // The tokenizer file encodes (with <s>) exactly as the trainer does.
+    let tok = Tokenizer::from_dir(dir.path()).expect("tokenizer");
+    assert_eq!(tok.encode("Q: what is 12 + 7? A: 19", true).expect("encode"), ids);
+    assert_eq!(tok.encode(" cba", false).expect("encode"), vocab::encode(" cba"));
+}
+
+#[test]
+fn a_few_training_steps_lower_the_loss() {
+    let d = small();
+    let dev = NdArrayDevice::Cpu;
+    let s = skills(0, 400);
+    let stage = Stage { steps: 40, batch: 16, lr: 3e-3, warmup: 5, weight_decay: 0.0, seed: 1 };
+    let mut losses = vec![];
+    let m = TinyLlama::<burn::backend::Autodiff<B>>::init(&d, 0, &dev);
+    train::train(m, &d, &stage, &[(s[1].1.train.as_slice(), 1.0)], &dev, |_, l| losses.push(l));
+    let (first, last) = (losses[0], *losses.last().expect("losses"));
+    assert!(last < 0.8 * first, "loss {first} -> {last}");
+}
+
+fn zoo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets").join("zoo")
+}
+
+#[test]
+fn committed_zoo_loads_and_each_expert_has_its_skill() {
+    let z = zoo();
+    for m in ["base", "expert-add", "expert-reverse"] {
+        model::open_dir(DeviceSpec::Cpu, &z.join(m)).unwrap_or_else(|e| panic!("{m}: {e}"));
+    }
+    // Accuracy through the product's own evaluation path (tokenizer, generation, extraction).
+    let acc = |m: &str, task: &str| -> f64 {
+        let task = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/tasks").join(format!("zoo-{task}.toml"));
+        let out = run_ok(&["eval", "-m", &z.join(m).display().to_string(), "--task", &task.display().to_string(), "--limit", "100", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+        v["value"].as_f64().expect("value")
+    };
+    let (add_add, add_rev) = (acc("expert-add", "add"), acc("expert-add", "reverse"));
+    let (rev_add, rev_rev) = (acc("expert-reverse", "add"), acc("expert-reverse", "reverse"));
+    assert!(add_add > rev_add + 0.2, "the addition expert adds better: {add_add} vs {rev_add}");
+    assert!(rev_rev > add_rev + 0.2, "the reversal expert reverses better: {rev_rev} vs {add_rev}");
+}
