@@ -215,6 +215,18 @@ pub enum SearchProgress {
     Off,
 }
 
+impl SearchProgress {
+    /// `Auto` made concrete: a bar on a terminal, JSON lines otherwise.
+    fn resolved(self) -> Self {
+        use std::io::IsTerminal;
+        match self {
+            SearchProgress::Auto if std::io::stderr().is_terminal() => SearchProgress::Bar,
+            SearchProgress::Auto => SearchProgress::Jsonl,
+            m => m,
+        }
+    }
+}
+
 /// Per-generation reports: bar or JSON lines, and always a line in the run's `log.jsonl`.
 struct Progress {
     start: Instant,
@@ -227,12 +239,7 @@ struct Progress {
 
 impl Progress {
     fn new(mode: SearchProgress, budget: Option<u64>, run_dir: Option<&Path>) -> Self {
-        use std::io::IsTerminal;
-        let mode = match mode {
-            SearchProgress::Auto if std::io::stderr().is_terminal() => SearchProgress::Bar,
-            SearchProgress::Auto => SearchProgress::Jsonl,
-            m => m,
-        };
+        let mode = mode.resolved();
         let bar = if mode == SearchProgress::Bar {
             let b = budget.map_or_else(indicatif::ProgressBar::no_length, indicatif::ProgressBar::new);
             b.set_style(
@@ -378,15 +385,39 @@ fn run_stage(
         StageKind::Params { .. } => "",
         StageKind::DataFlow { .. } => "dfs:",
     };
+    let fingerprint_of = |genome: &[f64]| format!("{tag}{}", genome.iter().map(|x| format!("{:016x}", x.to_bits())).collect::<String>());
+    // Genomes scored before (this session or an earlier one): a repeat is recorded with the
+    // earlier values and no work, whether or not the earlier one was scored in this process,
+    // so that a resumed run writes the same records as an uninterrupted one.
+    let mut seen: HashMap<String, (Vec<f64>, Vec<f64>)> = HashMap::new();
+    for line in std::fs::read_to_string(&evals_path).unwrap_or_default().lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let (Some(g), Some(o)) = (v["genome"].as_array(), v["objectives"].as_object()) else { continue };
+        let genome: Vec<f64> = g.iter().filter_map(|x| x.as_f64()).collect();
+        let values: Vec<f64> = directions.iter().filter_map(|d| o.get(&d.name).and_then(|x| x.as_f64())).collect();
+        let ses: Vec<f64> = v["std_errors"].as_array().map(|a| a.iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect()).unwrap_or_default();
+        seen.entry(fingerprint_of(&genome)).or_insert((values, ses));
+    }
     let mut objective = |c: &Candidate| -> Outcome {
         if let Some(o) = replay.get(&c.id) {
             return o.clone();
         }
         let t0 = Instant::now();
-        let fingerprint = format!("{tag}{}", c.genome.iter().map(|x| format!("{:016x}", x.to_bits())).collect::<String>());
+        let fingerprint = fingerprint_of(&c.genome);
         let mut materialize_s = 0.0;
         let mut path_text = None;
+        let repeat = seen.get(&fingerprint).cloned();
         let result = (|| -> Result<Scored> {
+            if let Some((values, ses)) = repeat {
+                let artifact = match &kind {
+                    StageKind::DataFlow { layout } => {
+                        path_text = Some(dataflow::describe(&layout.decode(&c.genome)?));
+                        String::new()
+                    }
+                    StageKind::Params { .. } => String::new(),
+                };
+                return Ok((values, ses, 0, 0, artifact));
+            }
             let artifact = match &kind {
                 StageKind::Params { layout, seed } => {
                     let recipe = layout.decode(&c.genome)?;
@@ -417,6 +448,7 @@ fn run_stage(
         })();
         let (record, outcome) = match result {
             Ok((values, ses, items, tokens, artifact)) => {
+                seen.entry(fingerprint.clone()).or_insert_with(|| (values.clone(), ses.clone()));
                 let minimized: Vec<f64> = values.iter().zip(&directions).map(|(v, o)| o.direction.to_minimized(*v)).collect();
                 if minimized.len() == 1 && best.is_none_or(|b| minimized[0] < b) {
                     best = Some(minimized[0]);
@@ -482,6 +514,7 @@ fn interrupted(run_dir: &Path) -> ! {
 /// Runs the parameter-space stage, scores the references, then the data-flow stage if the
 /// experiment has one (in `RUN_DIR/dataflow/`, its own checkpoint and evaluations).
 fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBool>, mode: SearchProgress) -> Result<()> {
+    let mode = mode.resolved();
     let Setup { exp, layout, estimators, runtime, base_dir, .. } = &mut s;
     let kind = StageKind::Params { layout, seed: exp.seed };
     let end = run_stage(kind, estimators, runtime.as_mut(), run_dir, &mut runner, &cancel, mode, exp.budget.max_evaluations)?;

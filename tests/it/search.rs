@@ -51,7 +51,11 @@ fn search_writes_the_run_directory_and_the_best_recipe_reproduces_its_score() {
     // Not a terminal: progress is JSON lines on stdout, one per generation, then "finished".
     let events: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
     assert_eq!(events.iter().filter(|e| e["event"] == "generation").count(), 2, "8 evaluations of 4");
-    assert_eq!(events.last().expect("events")["event"], "finished");
+    assert!(events.iter().any(|e| e["event"] == "finished"));
+    // The references (both sources, the base, the default-parameter merge) come last.
+    let refs = &events.last().expect("events")["references"];
+    assert_eq!(refs.as_array().map(Vec::len), Some(4), "{refs}");
+    assert!(run.join("references.json").is_file());
     assert!(events.iter().any(|e| e["mean_minimized"].is_number() && e["candidates_per_hour"].is_number()));
     let recs = records(&run);
     assert_eq!(recs.len(), 8);
@@ -189,4 +193,91 @@ fn bad_experiments_are_clear_errors() {
     assert!(err.contains("GiB of memory") && err.contains("available"), "{err}");
     let dry = run_ok(&["search", &exp.display().to_string(), "--dry-run"]);
     assert!(dry.contains("GiB of memory") && dry.contains("nothing run"), "{dry}");
+}
+
+/// The tiny experiment plus a data-flow stage over the best merge and both fixture models.
+fn dataflow_experiment(dir: &Path, ps: u64, dfs: u64) -> PathBuf {
+    let exp = experiment(dir, ps);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models");
+    let text = std::fs::read_to_string(&exp).expect("read")
+        + &format!(
+            "\n[dataflow]\nmodels = [\"best\", \"{}\", \"{}\"]\ngenome = {{ model_a = 0, repeats = 1, scales = \"target\" }}\n\
+             optimizer = {{ kind = \"nsga2\", population = 4 }}\nbudget = {{ max_evaluations = {dfs} }}\n",
+            root.join("llama-tiny-a").display(),
+            root.join("llama-tiny-b").display()
+        );
+    std::fs::write(&exp, text).expect("write");
+    exp
+}
+
+#[test]
+fn dataflow_stage_runs_resumes_after_a_kill_and_exports_a_checkpoint_that_scores_the_same() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let exp = dataflow_experiment(tmp.path(), 4, 12);
+    let full = tmp.path().join("full");
+    let out = run_ok(&["search", &exp.display().to_string(), "--run-dir", &full.display().to_string(), "--progress", "off"]);
+    assert!(out.contains("data-flow stage") && out.contains("searched + data flow"), "{out}");
+    let dfs_dir = full.join("dataflow");
+    for f in ["checkpoint.json", "evaluations.jsonl", "best_path.json"] {
+        assert!(dfs_dir.join(f).is_file(), "dataflow/{f} missing");
+    }
+    let want = records(&dfs_dir);
+    assert_eq!(want.len(), 12);
+    assert!(want.values().all(|r| r["path"].as_str().is_some_and(|p| p.starts_with("m0:0"))), "paths start at model A's first layer");
+    // Candidate 0 is the start point: model A (the best merge) itself, so it scores what the
+    // best parameter-space candidate scored.
+    let ps = records(&full);
+    let best_ps = ps.values().map(|r| r["minimized"][0].as_f64().expect("m")).fold(f64::INFINITY, f64::min);
+    assert!((want[&0]["minimized"][0].as_f64().expect("m") - best_ps).abs() <= 1e-9 * best_ps.abs(), "identity path");
+
+    // kill -9 during the data-flow stage, then resume: same records as the uninterrupted run.
+    let run = tmp.path().join("killed");
+    let mut child = Command::new(bin())
+        .args(["search", &exp.display().to_string(), "--run-dir", &run.display().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let t0 = Instant::now();
+    while records_len(&run.join("dataflow")) < 5 && t0.elapsed() < Duration::from_secs(120) {
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().ok();
+    child.wait().expect("reap");
+    run_ok(&["resume", &run.display().to_string(), "--progress", "off"]);
+    assert_eq!(records(&run), records(&full), "parameter-space stage");
+    assert_eq!(records(&run.join("dataflow")), want, "data-flow stage");
+
+    // Export the best path: a plain checkpoint whose score equals the recorded one (scales
+    // folded into o_proj / down_proj, exact up to RMSNorm's epsilon).
+    let best = want.values().min_by(|a, b| a["minimized"][0].as_f64().expect("m").total_cmp(&b["minimized"][0].as_f64().expect("m"))).expect("best");
+    let model = tmp.path().join("dfs-model");
+    let msg = run_ok(&["export", &full.display().to_string(), "--pick", "dfs:best", "--out", &model.display().to_string()]);
+    assert!(msg.contains("layers"), "{msg}");
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).expect("config")).expect("json");
+    let hops = best["path"].as_str().expect("path").split(' ').count();
+    assert_eq!(cfg["num_hidden_layers"].as_u64(), Some(hops as u64), "one layer per hop");
+    let task = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/tasks/text-ppl.toml");
+    let v: Value = serde_json::from_str(&run_ok(&["eval", "--model", &model.display().to_string(), "--task", &task.display().to_string(), "--json"]))
+        .expect("json");
+    let got = v["value"].as_f64().expect("value");
+    let rec = best["objectives"]["text_ppl/perplexity"].as_f64().expect("ppl");
+    assert!((got - rec).abs() <= 1e-4 * rec, "exported path: {got} vs recorded {rec}");
+    let card = std::fs::read_to_string(model.join("README.md")).expect("card");
+    assert!(card.contains("Data-flow search result") && card.contains("RMSNorm"), "{card}");
+
+    // status shows the stage; report writes the plots and the summary.
+    let st = run_ok(&["status", &full.display().to_string()]);
+    assert!(st.contains("data-flow stage: 12 evaluations") && st.contains("path: m0:0"), "{st}");
+    run_ok(&["report", &full.display().to_string()]);
+    for f in ["index.md", "objective-text_ppl_perplexity.svg", "parameters.svg", "path.svg"] {
+        let p = full.join("report").join(f);
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|_| panic!("{f} missing"));
+        assert!(f.ends_with(".md") || text.starts_with("<svg"), "{f} is not an SVG");
+    }
+    let index = std::fs::read_to_string(full.join("report/index.md")).expect("index");
+    assert!(index.contains("best data-flow candidate") && index.contains("source: llama-tiny-a"), "{index}");
 }
