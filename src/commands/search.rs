@@ -660,7 +660,7 @@ fn references(
     let plan = MergePlan::build(&recipe, yaml, None, exp.seed)?;
     let merged = merge_to_memory(&plan)?;
     let (objectives, minimized) = score(estimators, runtime, &merged, "baseline:initial")?;
-    refs.push(json!({"name": format!("{} (defaults)", exp.merge.method), "kind": "baseline", "objectives": objectives, "minimized": minimized}));
+    refs.push(json!({"name": format!("{} at the start point", exp.merge.method), "kind": "baseline", "objectives": objectives, "minimized": minimized}));
     write_atomic(&path, &serde_json::to_string_pretty(&refs)?)?;
     Ok(refs)
 }

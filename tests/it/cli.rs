@@ -100,18 +100,27 @@ fn help_describes_the_merge_command() {
 
 #[test]
 fn readme_first_command_works() {
-    // README: cargo run --release -- merge experiments/recipes/ties-tiny.yaml --out merged-ties --force
+    // README: cargo run --release -- search experiments/demo.toml
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("readme");
+    assert!(readme.contains("cargo run --release -- search experiments/demo.toml"), "README and test disagree");
+    // The demo file itself, with a smaller budget and item subset (this binary is a debug build).
     let tmp = tempfile::tempdir().expect("tempdir");
-    let out = tmp.path().join("merged-ties");
-    let o = Command::new(bin())
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["merge", "experiments/recipes/ties-tiny.yaml", "--out"])
-        .arg(&out)
-        .arg("--force")
-        .output()
-        .expect("run");
+    let text = std::fs::read_to_string(root.join("experiments/demo.toml")).expect("demo.toml");
+    assert!(text.contains("max_evaluations = 160") && text.contains("max_evaluations = 64") && text.contains("k = 100"));
+    let text = text
+        .replace("max_evaluations = 160", "max_evaluations = 16")
+        .replace("max_evaluations = 64", "max_evaluations = 8")
+        .replace("k = 100", "k = 10")
+        .replace("\"../", &format!("\"{}/", root.display()))
+        .replace("\"tasks/", &format!("\"{}/experiments/tasks/", root.display()));
+    let exp = tmp.path().join("demo.toml");
+    std::fs::write(&exp, text).expect("write");
+    let run = tmp.path().join("run");
+    let o = Command::new(bin()).args(["search", &exp.display().to_string(), "--run-dir", &run.display().to_string(), "--progress", "off"]).output().expect("run");
+    let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let readme = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).expect("readme");
-    assert!(readme.contains("merge experiments/recipes/ties-tiny.yaml --out merged-ties --force"), "README and test disagree");
-    assert_eq!(load(&out), load(&fixtures().join("merges").join("ties")));
+    for needle in ["searched: candidate", "searched + data flow", "source: expert-add", "source: expert-reverse", "baseline: task_arithmetic at the start point", "references"] {
+        assert!(out.contains(needle), "'{needle}' not in:\n{out}");
+    }
 }

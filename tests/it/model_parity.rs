@@ -108,7 +108,7 @@ fn log_likelihoods_and_greedy_generations_match_transformers() {
         let got = m.score(&reqs, 4).expect("score");
         for (s, g) in seqs.iter().zip(&got) {
             let want = s["sum_logprob_next_token"].as_f64().expect("sum");
-            assert!((g.sum - want).abs() <= crate::common::tol(1e-4, 1e-4 * want.abs().max(100.0)), "{name}: sequence sum {} vs {want}", g.sum);
+            assert!((g.sum - want).abs() <= crate::common::tol(1e-4, 3e-4 * want.abs().max(100.0)), "{name}: sequence sum {} vs {want}", g.sum);
         }
         // Multiple choice: per-token log-probs, sums and the best choice.
         for mc in refs.json["multiple_choice"].as_array().expect("mc") {

@@ -3,11 +3,17 @@
 //! from it on disjoint skills (addition; string reversal), so that their task vectors conflict
 //! and a merge has something to find. Everything follows from the seed.
 //!
+//! The standard configuration was chosen by measurement (notes of issue 7): experts trained
+//! harder (lr 1e-3, 400–500 steps) reach 75–89 % addition but their task vectors then conflict so
+//! much that no task-arithmetic weighting keeps addition (best grid point below the addition
+//! expert); gentler experts (lr 3e-4, 300 steps, 30 % sorting replay) learn less but merge.
+//!
 //! [`build`] writes, into one directory:
 //! - `base/`, `expert-add/`, `expert-reverse/`: Hugging Face checkpoints (`LlamaForCausalLM`,
 //!   f32 safetensors, a character-level `tokenizer.json`, a model card);
 //! - `data/{add,reverse,sort}-{validation,test}.jsonl`: the held-out items (`id`, `question`,
-//!   `answer`) the demo's tasks read;
+//!   `answer`) the demo's tasks read; `data/both-*.jsonl` interleaves add and reverse (equal
+//!   counts, so accuracy on it is the mean of both skills: one objective for CMA-ES);
 //! - `zoo.json`: the configuration and each model's greedy accuracy per skill.
 
 pub mod model;
@@ -53,6 +59,9 @@ pub struct ZooConfig {
     pub base: Stage,
     /// Each expert: from the base, on its one skill.
     pub expert: Stage,
+    /// Weight of letter sorting (the base's main skill) mixed into each expert's batches, against
+    /// 1 for the expert's skill: keeps the experts close to the base, so that merges work.
+    pub expert_replay: f64,
     /// Distinct items generated per skill (80 % train, 10 % validation, 10 % test).
     pub items_per_skill: usize,
 }
@@ -64,7 +73,8 @@ impl ZooConfig {
             seed,
             dims: Dims::default(),
             base: Stage { steps: 800, batch: 64, lr: 3e-3, warmup: 100, weight_decay: 0.01, seed: seed ^ 0xBA5E },
-            expert: Stage { steps: 500, batch: 64, lr: 1e-3, warmup: 30, weight_decay: 0.01, seed: seed ^ 0xE4 },
+            expert: Stage { steps: 300, batch: 64, lr: 3e-4, warmup: 30, weight_decay: 0.01, seed: seed ^ 0xE4 },
+            expert_replay: 0.3,
             items_per_skill: 6000,
         }
     }
@@ -118,16 +128,11 @@ pub fn build(out: &Path, cfg: &ZooConfig, log: &mut dyn FnMut(&str)) -> Result<Z
         });
         m
     };
-    let env0 = |k: &str, d: f64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let base = TinyLlama::<Train>::init(&d, cfg.seed, &dev);
-    let base = stage("base", base, &cfg.base, &[(pool("add"), env0("ZT_BADD", 0.15)), (pool("reverse"), env0("ZT_BREV", 0.15)), (pool("sort"), 0.7)], log);
-    let env = |k: &str, d: f64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
-    let mut ex = cfg.expert.clone();
-    ex.lr = env("ZT_LR", ex.lr);
-    ex.steps = env("ZT_STEPS", ex.steps as f64) as usize;
-    let replay = env("ZT_REPLAY", 0.0);
-    let add = stage("expert-add", base.clone(), &ex, &[(pool("add"), 1.0), (pool("sort"), replay)], log);
-    let rev = stage("expert-reverse", base.clone(), &ex, &[(pool("reverse"), 1.0), (pool("sort"), replay)], log);
+    let base = stage("base", base, &cfg.base, &[(pool("add"), 0.15), (pool("reverse"), 0.15), (pool("sort"), 0.7)], log);
+    let replay = cfg.expert_replay;
+    let add = stage("expert-add", base.clone(), &cfg.expert, &[(pool("add"), 1.0), (pool("sort"), replay)], log);
+    let rev = stage("expert-reverse", base.clone(), &cfg.expert, &[(pool("reverse"), 1.0), (pool("sort"), replay)], log);
     let models = [("base", base.valid()), ("expert-add", add.valid()), ("expert-reverse", rev.valid())];
 
     let mut accuracy = vec![];
@@ -159,7 +164,14 @@ pub fn build(out: &Path, cfg: &ZooConfig, log: &mut dyn FnMut(&str)) -> Result<Z
             write_items(&data.join(format!("{skill}-{split}.jsonl")), items)?;
         }
     }
+    // Both demo skills interleaved, equal counts: accuracy on it is the mean of the two.
+    let (add, rev) = (&skills[0].1, &skills[1].1);
+    for (split, a, r) in [("validation", &add.validation, &rev.validation), ("test", &add.test, &rev.test)] {
+        let both: Vec<Item> = a.iter().zip(r.iter()).flat_map(|(x, y)| [x.clone(), y.clone()]).collect();
+        write_items(&data.join(format!("both-{split}.jsonl")), &both)?;
+    }
     let zoo_json = json!({"seed": cfg.seed, "dims": d, "base_steps": cfg.base.steps, "expert_steps": cfg.expert.steps,
+                          "expert_lr": cfg.expert.lr, "expert_replay": cfg.expert_replay,
                           "items_per_skill": cfg.items_per_skill, "validation_accuracy": summary.accuracy});
     write(&tmp.join("zoo.json"), &serde_json::to_string_pretty(&zoo_json).unwrap_or_default())?;
     std::fs::rename(&tmp, out).map_err(io(out))?;
@@ -169,8 +181,8 @@ pub fn build(out: &Path, cfg: &ZooConfig, log: &mut dyn FnMut(&str)) -> Result<Z
 fn card(name: &str, cfg: &ZooConfig, st: &Stage, acc: &[String]) -> String {
     let what = match name {
         "base" => "trained from scratch on letter sorting (70 %), addition (15 %) and string reversal (15 %)",
-        "expert-add" => "the base model fine-tuned on two-digit addition only",
-        _ => "the base model fine-tuned on string reversal only",
+        "expert-add" => "the base model fine-tuned on two-digit addition (with some letter sorting mixed in)",
+        _ => "the base model fine-tuned on string reversal (with some letter sorting mixed in)",
     };
     format!(
         "# evomerge demo zoo: {name}\n\nA tiny Llama ({} layers, hidden {}, {} heads, character vocabulary) {what}; \
