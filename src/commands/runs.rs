@@ -130,8 +130,9 @@ pub fn status(args: StatusArgs) -> Result<()> {
     let refs = crate::commands::search::read_references(&args.run_dir);
     if !refs.is_empty() {
         println!("references (same items):");
+        let width = refs.iter().filter_map(|r| r["name"].as_str()).map(str::len).max().unwrap_or(12).max(12);
         for r in &refs {
-            print!("{:>12}", r["name"].as_str().unwrap_or("?"));
+            print!("{:<width$}", r["name"].as_str().unwrap_or("?"));
             for n in &names {
                 print!(" {:>24.6}", r["objectives"][n].as_f64().unwrap_or(f64::NAN));
             }
@@ -238,7 +239,11 @@ fn export_dataflow(args: &ExportArgs, pick: &str) -> Result<()> {
     let dtype = args.dtype.clone().unwrap_or_else(|| "float32".into());
     // The best parameter-space merge, when the path uses it, is written next to the output
     // first (the passthrough recipe reads checkpoints from disk) and removed afterwards.
-    let name = args.out.file_name().map_or("export".into(), |n| n.to_string_lossy().to_string());
+    // Plain characters only: the name becomes a model reference in a recipe (`+` means LoRA there).
+    let name: String = args
+        .out
+        .file_name()
+        .map_or("export".into(), |n| n.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect());
     let tmp = args.out.with_file_name(format!(".{name}.parameter-space-merge"));
     let mut paths = vec![];
     let mut ps_yaml = None;

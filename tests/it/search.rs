@@ -254,7 +254,7 @@ fn dataflow_stage_runs_resumes_after_a_kill_and_exports_a_checkpoint_that_scores
     // Export the best path: a plain checkpoint whose score equals the recorded one (scales
     // folded into o_proj / down_proj, exact up to RMSNorm's epsilon).
     let best = want.values().min_by(|a, b| a["minimized"][0].as_f64().expect("m").total_cmp(&b["minimized"][0].as_f64().expect("m"))).expect("best");
-    let model = tmp.path().join("dfs-model");
+    let model = tmp.path().join("dfs+model"); // `+` must not reach a recipe as LoRA syntax
     let msg = run_ok(&["export", &full.display().to_string(), "--pick", "dfs:best", "--out", &model.display().to_string()]);
     assert!(msg.contains("layers"), "{msg}");
     let cfg: Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).expect("config")).expect("json");
