@@ -31,7 +31,7 @@
 //! [dataflow]                         # optional second stage (Sakana's data-flow search)
 //! models = ["best", "models/a"]      # "best" = the best merge of the stage above
 //! genome = { model_a = 0, repeats = 2, scales = "target" }
-//! optimizer = { kind = "cmaes", population = 8 }
+//! optimizer = { kind = "nsga2", population = 8 }
 //! budget = { max_evaluations = 32 }
 //! ```
 
