@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
-use evomerge_search::pareto::nondominated_ranks;
 use plotters::prelude::*;
 use serde_json::Value;
 
+use crate::commands::runs::{ranked, read_evaluations};
 use crate::commands::search::{DATAFLOW_DIR, best_by_mean, read_references};
 use crate::experiment::Experiment;
 
@@ -26,12 +26,6 @@ Writes RUN_DIR/report/index.md and the SVG plots it links; works while the run i
 pub struct ReportArgs {
     /// A run directory written by `evomerge search`.
     pub run_dir: PathBuf,
-}
-
-fn records(dir: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(dir.join("evaluations.jsonl")).unwrap_or_default();
-    let mut seen = std::collections::HashSet::new();
-    text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|v| seen.insert(v["id"].as_u64())).collect()
 }
 
 fn scored(v: &Value) -> bool {
@@ -107,21 +101,6 @@ fn objective_plot(path: &Path, name: &str, higher: bool, ps: &[Value], dfs: &[Va
     root.present().map_err(plot_err)
 }
 
-/// Indices of the Pareto front (minimized values) of `recs`, sorted by the first objective.
-fn front(recs: &[&Value], mins: &[Vec<f64>]) -> Vec<usize> {
-    if mins.is_empty() {
-        return vec![];
-    }
-    let ranks = nondominated_ranks(mins);
-    let mut idx: Vec<usize> = (0..recs.len()).filter(|&i| ranks[i] == 0).collect();
-    idx.sort_by(|&a, &b| mins[a][0].total_cmp(&mins[b][0]));
-    idx
-}
-
-fn minimized(v: &Value) -> Option<Vec<f64>> {
-    v["minimized"].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect())
-}
-
 fn front_plot(path: &Path, names: &[String], ps: &[Value], dfs: &[Value], refs: &[Value]) -> Result<()> {
     let (a, b) = (&names[0], &names[1]);
     let xy = |r: &Value| Some((objective(r, a)?, objective(r, b)?));
@@ -146,8 +125,7 @@ fn front_plot(path: &Path, names: &[String], ps: &[Value], dfs: &[Value], refs: 
         chart
             .draw_series(ok.iter().filter_map(|r| xy(r)).map(|p| Circle::new(p, 3, color.mix(0.35).filled())))
             .map_err(plot_err)?;
-        let mins: Vec<Vec<f64>> = ok.iter().map(|r| minimized(r).unwrap_or_default()).collect();
-        let f: Vec<(f64, f64)> = front(&ok, &mins).into_iter().filter_map(|i| xy(ok[i])).collect();
+        let f: Vec<(f64, f64)> = ranked(recs).into_iter().filter_map(xy).collect();
         chart
             .draw_series(LineSeries::new(f.clone(), color.stroke_width(2)).point_size(4))
             .map_err(plot_err)?
@@ -175,7 +153,7 @@ fn parameters_plot(path: &Path, exp: &Experiment, best: &Value) -> Result<Vec<(S
     let mut series: Vec<(String, Vec<(usize, f64)>)> = vec![];
     for (g, x) in layout.genes().iter().zip(&genome) {
         let model = g.model.map_or(String::new(), |m| {
-            let r = &layout_models(exp)[m];
+            let r = &exp.merge.models[m];
             format!(" · {}", Path::new(r).file_name().map_or(r.clone(), |n| n.to_string_lossy().to_string()))
         });
         let filter = g.filter.map_or(String::new(), |f| format!(" · {}", exp.genome.filters.get(f).cloned().unwrap_or_default()));
@@ -208,10 +186,6 @@ fn parameters_plot(path: &Path, exp: &Experiment, best: &Value) -> Result<Vec<(S
     chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(plot_err)?;
     root.present().map_err(plot_err)?;
     Ok(series.into_iter().map(|(n, p)| (n, p.into_iter().map(|x| x.1).collect())).collect())
-}
-
-fn layout_models(exp: &Experiment) -> &[String] {
-    &exp.merge.models
 }
 
 /// The best data-flow candidate's path: layer (stacked per model) against hop index.
@@ -261,8 +235,8 @@ fn path_plot(path: &Path, exp: &Experiment, best: &Value, layers: &[usize]) -> R
 
 pub fn run(args: ReportArgs) -> Result<()> {
     let exp = Experiment::from_run_dir(&args.run_dir)?;
-    let ps = records(&args.run_dir);
-    let dfs = records(&args.run_dir.join(DATAFLOW_DIR));
+    let ps = read_evaluations(&args.run_dir);
+    let dfs = read_evaluations(&args.run_dir.join(DATAFLOW_DIR));
     let refs = read_references(&args.run_dir);
     let out = args.run_dir.join("report");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -322,13 +296,11 @@ pub fn run(args: ReportArgs) -> Result<()> {
     if names.len() >= 2 {
         front_plot(&out.join("front.svg"), &names, &ps, &dfs, &refs)?;
         let _ = writeln!(md, "![Pareto front](front.svg)\n");
-        let ok: Vec<&Value> = ps.iter().filter(|r| scored(r)).collect();
-        let mins: Vec<Vec<f64>> = ok.iter().map(|r| minimized(r).unwrap_or_default()).collect();
-        let f = front(&ok, &mins);
+        let f = ranked(&ps);
         let _ = writeln!(md, "Parameter-space Pareto front ({} members):\n\n| id | {} |\n|---|{}", f.len(), names.join(" | "), "---|".repeat(names.len()));
-        for i in f {
-            let vals: Vec<String> = names.iter().map(|n| objective(ok[i], n).map_or("-".into(), |v| format!("{v:.4}"))).collect();
-            let _ = writeln!(md, "| {} | {} |", ok[i]["id"], vals.join(" | "));
+        for r in f {
+            let vals: Vec<String> = names.iter().map(|n| objective(r, n).map_or("-".into(), |v| format!("{v:.4}"))).collect();
+            let _ = writeln!(md, "| {} | {} |", r["id"], vals.join(" | "));
         }
         md.push('\n');
     }

@@ -47,26 +47,28 @@ pub struct ExportArgs {
 
 /// The scored and failed records of a run, in file order.
 pub fn read_records(run_dir: &Path) -> Result<(Experiment, Vec<Value>)> {
-    let exp = Experiment::from_run_dir(run_dir)?;
-    let evals = std::fs::read_to_string(run_dir.join("evaluations.jsonl")).unwrap_or_default();
-    let mut seen = std::collections::HashSet::new();
-    let recs = evals
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| seen.insert(v["id"].as_u64()))
-        .collect();
-    Ok((exp, recs))
+    Ok((Experiment::from_run_dir(run_dir)?, read_evaluations(run_dir)))
 }
 
-fn minimized(v: &Value) -> Option<Vec<f64>> {
+/// The records of `dir/evaluations.jsonl` (a run directory or its `dataflow/` stage), in file
+/// order, one per candidate id; a line cut by a crash is skipped. Empty when there is no file.
+pub fn read_evaluations(dir: &Path) -> Vec<Value> {
+    let evals = std::fs::read_to_string(dir.join("evaluations.jsonl")).unwrap_or_default();
+    let mut seen = std::collections::HashSet::new();
+    evals.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|v| seen.insert(v["id"].as_u64())).collect()
+}
+
+/// A record's minimized objective values (`None` for a failure).
+pub fn minimized(v: &Value) -> Option<Vec<f64>> {
     if !v["failure"].is_null() {
         return None;
     }
     v["minimized"].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect())
 }
 
-/// Scored records ordered best first (one objective) or the Pareto front (several).
-fn ranked(recs: &[Value]) -> Vec<&Value> {
+/// Scored records ordered best first (one objective) or the Pareto front (several), sorted by
+/// the first minimized objective.
+pub fn ranked(recs: &[Value]) -> Vec<&Value> {
     let scored: Vec<&Value> = recs.iter().filter(|r| minimized(r).is_some()).collect();
     let points: Vec<Vec<f64>> = scored.iter().filter_map(|r| minimized(r)).collect();
     let mut out: Vec<(&Value, Vec<f64>)> = if points.first().is_some_and(|p| p.len() > 1) {
@@ -117,8 +119,7 @@ pub fn status(args: StatusArgs) -> Result<()> {
         }
         println!(" {:>7}", r["items"].to_string());
     }
-    let dfs_text = std::fs::read_to_string(args.run_dir.join(crate::commands::search::DATAFLOW_DIR).join("evaluations.jsonl")).unwrap_or_default();
-    let dfs: Vec<Value> = dfs_text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let dfs = read_evaluations(&args.run_dir.join(crate::commands::search::DATAFLOW_DIR));
     if let Some(b) = crate::commands::search::best_by_mean(&dfs) {
         println!("data-flow stage: {} evaluations; best candidate {} (lowest mean minimized objective):", dfs.len(), b["id"]);
         print!("{:>12}", b["id"].to_string());
@@ -218,11 +219,7 @@ pub fn dataflow_recipe(path: &evomerge_engine::model::LayerPath, paths: &[String
 fn export_dataflow(args: &ExportArgs, pick: &str) -> Result<()> {
     let exp = Experiment::from_run_dir(&args.run_dir)?;
     let df = exp.dataflow.clone().context("this run has no data-flow stage")?;
-    let dir = args.run_dir.join(crate::commands::search::DATAFLOW_DIR);
-    let (_, recs) = (0, {
-        let text = std::fs::read_to_string(dir.join("evaluations.jsonl")).unwrap_or_default();
-        text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect::<Vec<_>>()
-    });
+    let recs = read_evaluations(&args.run_dir.join(crate::commands::search::DATAFLOW_DIR));
     let rec = match pick {
         "best" => crate::commands::search::best_by_mean(&recs).context("no scored data-flow candidate yet")?,
         id => {

@@ -33,6 +33,7 @@ use evomerge_search::{
 };
 use serde_json::json;
 
+use crate::commands::runs::read_evaluations;
 use crate::experiment::{Experiment, OptimizerKind, OptimizerSpec};
 
 #[derive(Debug, Args)]
@@ -390,8 +391,7 @@ fn run_stage(
     // earlier values and no work, whether or not the earlier one was scored in this process,
     // so that a resumed run writes the same records as an uninterrupted one.
     let mut seen: HashMap<String, (Vec<f64>, Vec<f64>)> = HashMap::new();
-    for line in std::fs::read_to_string(&evals_path).unwrap_or_default().lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+    for v in read_evaluations(dir) {
         let (Some(g), Some(o)) = (v["genome"].as_array(), v["objectives"].as_object()) else { continue };
         let genome: Vec<f64> = g.iter().filter_map(|x| x.as_f64()).collect();
         let values: Vec<f64> = directions.iter().filter_map(|d| o.get(&d.name).and_then(|x| x.as_f64())).collect();
@@ -584,7 +584,7 @@ pub const DATAFLOW_DIR: &str = "dataflow";
 /// Genome of the parameter-space candidate the data-flow stage starts from: the best (one
 /// objective) or the front member with the best mean minimized objective.
 pub fn best_params_candidate(run_dir: &Path) -> Result<(Vec<f64>, serde_json::Value)> {
-    let recs = crate::commands::runs::read_records(run_dir)?.1;
+    let recs = read_evaluations(run_dir);
     let best = best_by_mean(&recs).context("the parameter-space stage has no scored candidate")?;
     let genome = best["genome"].as_array().context("record without genome")?.iter().filter_map(|x| x.as_f64()).collect();
     Ok((genome, best.clone()))
@@ -673,12 +673,8 @@ pub fn read_references(run_dir: &Path) -> Vec<serde_json::Value> {
 /// The table a finished run ends with: its best candidate (one objective) or the candidate
 /// with the best mean objective (several), per stage, against every reference.
 fn print_standing(refs: &[serde_json::Value], run_dir: &Path) {
-    let records = |dir: &Path| -> Vec<serde_json::Value> {
-        let text = std::fs::read_to_string(dir.join(EVALS)).unwrap_or_default();
-        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
-    };
-    let ps = records(run_dir);
-    let dfs = records(&run_dir.join(DATAFLOW_DIR));
+    let ps = read_evaluations(run_dir);
+    let dfs = read_evaluations(&run_dir.join(DATAFLOW_DIR));
     let mut rows: Vec<(String, &serde_json::Value)> = vec![];
     if let Some(b) = best_by_mean(&ps) {
         rows.push((format!("searched: candidate {}", b["id"]), b));

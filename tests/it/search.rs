@@ -86,21 +86,7 @@ fn kill_and_resume_equals_an_uninterrupted_run() {
     assert_eq!(want.len(), 16);
     for (k, kill_after) in [3usize, 6, 9].into_iter().enumerate() {
         let run = tmp.path().join(format!("killed{k}"));
-        let mut child = Command::new(bin())
-            .args(["search", &exp.display().to_string(), "--run-dir", &run.display().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn");
-        let t0 = Instant::now();
-        while records_len(&run) < kill_after && t0.elapsed() < Duration::from_secs(120) {
-            if child.try_wait().expect("wait").is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        child.kill().ok(); // SIGKILL: no handler runs
-        child.wait().expect("reap");
+        search_killed_after(&exp, &run, &run, kill_after);
         run_ok(&["resume", &run.display().to_string()]);
         let got = records(&run);
         assert_eq!(got.len(), want.len(), "kill after {kill_after}: evaluation count");
@@ -112,6 +98,26 @@ fn kill_and_resume_equals_an_uninterrupted_run() {
 
 fn records_len(run: &Path) -> usize {
     std::fs::read_to_string(run.join("evaluations.jsonl")).map(|t| t.lines().count()).unwrap_or(0)
+}
+
+/// Starts `search EXP --run-dir RUN` and kills it (SIGKILL: no handler runs) once `watch`
+/// holds `n` evaluation lines (or the search ended, or two minutes passed).
+fn search_killed_after(exp: &Path, run: &Path, watch: &Path, n: usize) {
+    let mut child = Command::new(bin())
+        .args(["search", &exp.display().to_string(), "--run-dir", &run.display().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let t0 = Instant::now();
+    while records_len(watch) < n && t0.elapsed() < Duration::from_secs(120) {
+        if child.try_wait().expect("wait").is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().ok();
+    child.wait().expect("reap");
 }
 
 #[test]
@@ -232,21 +238,7 @@ fn dataflow_stage_runs_resumes_after_a_kill_and_exports_a_checkpoint_that_scores
 
     // kill -9 during the data-flow stage, then resume: same records as the uninterrupted run.
     let run = tmp.path().join("killed");
-    let mut child = Command::new(bin())
-        .args(["search", &exp.display().to_string(), "--run-dir", &run.display().to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let t0 = Instant::now();
-    while records_len(&run.join("dataflow")) < 5 && t0.elapsed() < Duration::from_secs(120) {
-        if child.try_wait().expect("wait").is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().ok();
-    child.wait().expect("reap");
+    search_killed_after(&exp, &run, &run.join("dataflow"), 5);
     run_ok(&["resume", &run.display().to_string(), "--progress", "off"]);
     assert_eq!(records(&run), records(&full), "parameter-space stage");
     assert_eq!(records(&run.join("dataflow")), want, "data-flow stage");
