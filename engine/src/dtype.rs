@@ -153,17 +153,32 @@ pub fn encode_to(dtype: DType, src: &[f32], out: &mut [u8]) {
     });
 }
 
+/// Writes `src` rounded through `dtype` into `dst` (same length), serially: the per-block
+/// twin of [`round_extend`] for callers that are already parallel.
+pub fn round_into(dtype: DType, src: &[f32], dst: &mut [f32]) {
+    match dtype {
+        DType::F32 => dst.copy_from_slice(src),
+        DType::F16 => dst.iter_mut().zip(src).for_each(|(d, &x)| *d = f16::from_f32(x).to_f32()),
+        DType::BF16 => dst.iter_mut().zip(src).for_each(|(d, &x)| *d = bf16::from_f32(x).to_f32()),
+    }
+}
+
+/// Rounds `v` through `dtype` in place (serially, like [`round_into`]).
+pub fn round_in_place(dtype: DType, v: &mut [f32]) {
+    match dtype {
+        DType::F32 => {}
+        DType::F16 => v.iter_mut().for_each(|x| *x = f16::from_f32(*x).to_f32()),
+        DType::BF16 => v.iter_mut().for_each(|x| *x = bf16::from_f32(*x).to_f32()),
+    }
+}
+
 /// Appends `src` rounded through `dtype` (what writing then reading it would give) to `out`,
 /// in parallel: the in-memory twin of [`encode_to`] + [`decode_into`].
 pub fn round_extend(dtype: DType, src: &[f32], out: &mut Vec<f32>) {
     let start = out.len();
     out.resize(start + src.len(), 0.0);
     let dst = &mut out[start..];
-    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| match dtype {
-        DType::F32 => d.copy_from_slice(s),
-        DType::F16 => d.iter_mut().zip(s).for_each(|(d, &x)| *d = f16::from_f32(x).to_f32()),
-        DType::BF16 => d.iter_mut().zip(s).for_each(|(d, &x)| *d = bf16::from_f32(x).to_f32()),
-    });
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| round_into(dtype, s, d));
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ pub mod io;
 pub mod merge;
 pub mod model;
 pub mod recipe;
+pub mod resident;
 pub mod source;
 
 pub use arch::Architecture;

@@ -19,6 +19,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use evomerge_engine::dataflow::{self, DataFlowLayout};
 use evomerge_engine::executor::merge_to_memory;
+use evomerge_engine::resident::ResidentMerge;
 use evomerge_engine::genome::GenomeLayout;
 use evomerge_engine::io::resolve_model;
 use evomerge_engine::model::{self, DeviceSpec, LanguageModel, ModelSpec, Tokenizer};
@@ -91,6 +92,10 @@ struct Setup {
     space: SearchSpace,
     estimators: Vec<TaskEstimator>,
     runtime: Box<dyn LanguageModel>,
+    /// The merge inputs held in the runtime's weight layout (candidates merged in place), when
+    /// the method allows it and memory suffices; `None`: candidates are merged from the memory
+    /// maps and swapped in.
+    resident: Option<ResidentMerge>,
     base_dir: PathBuf,
     /// Estimated peak host memory of the run (bytes).
     memory: u64,
@@ -107,13 +112,56 @@ fn memory_available() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
 }
 
-/// Host memory a CPU run holds at its peak: the resident model's f32 weights (plus a transposed
-/// copy of a tied embedding) and one merged candidate in f32. Activations and the page cache
-/// of the memory-mapped sources come on top and are not counted.
-fn memory_needed(base: &Checkpoint) -> u64 {
+/// Host memory of the loaded model's f32 weights (plus the transposed copy of a tied embedding).
+fn runtime_bytes(base: &Checkpoint) -> u64 {
     let params = base.raw_bytes() / base.dtype().size() as u64;
     let tied = if base.config.tie_word_embeddings { (base.config.vocab_size * base.config.hidden_size) as u64 * 4 } else { 0 };
-    params * 4 * 2 + tied
+    params * 4 + tied
+}
+
+/// Host memory a CPU run holds at its peak when candidates are merged from the memory maps:
+/// the loaded model and one merged candidate in f32. Activations and the page cache of the
+/// memory-mapped sources come on top and are not counted.
+fn memory_needed(base: &Checkpoint) -> u64 {
+    runtime_bytes(base) + base.raw_bytes() / base.dtype().size() as u64 * 4
+}
+
+/// Holds the merge inputs in the runtime's layout when the method is elementwise and the
+/// memory is there (see `evomerge_engine::resident`); says why not otherwise.
+fn resident_merge(exp: &Experiment, layout: &GenomeLayout, base: &Checkpoint, runtime: &dyn LanguageModel) -> Result<(Option<ResidentMerge>, u64)> {
+    let streamed = memory_needed(base);
+    let recipe = layout.decode(&layout.initial())?;
+    let plan = MergePlan::build(&recipe, serde_norway::to_string(&recipe)?, None, exp.seed)?;
+    let weights = runtime.weight_layout(0)?;
+    let why_not = match ResidentMerge::bytes_needed(&plan, &weights) {
+        Err(why) => why,
+        Ok(bytes) => {
+            let need = runtime_bytes(base) + bytes;
+            match memory_available() {
+                Some(avail) if need > avail => format!(
+                    "holding the inputs in the runtime's layout needs {:.1} GiB, {:.1} GiB are available",
+                    gib(need),
+                    gib(avail)
+                ),
+                _ => {
+                    tracing::info!("merge inputs held in the runtime's layout ({:.2} GiB): candidates are merged in place", gib(bytes));
+                    return Ok((Some(ResidentMerge::new(&plan, weights)?), need));
+                }
+            }
+        }
+    };
+    tracing::info!("candidates are merged from the memory-mapped checkpoints and swapped in ({why_not})");
+    Ok((None, streamed))
+}
+
+/// Merges `plan` into the runtime's model 0: in place from the resident inputs when they are
+/// held, else streamed from the memory maps and swapped in (the same values either way).
+fn materialize(plan: &MergePlan, resident: Option<&ResidentMerge>, runtime: &mut dyn LanguageModel) -> Result<()> {
+    match resident {
+        Some(r) => r.materialize(plan, runtime, 0)?,
+        None => runtime.load_weights(0, &merge_to_memory(plan)? as &dyn TensorSource)?,
+    }
+    Ok(())
 }
 
 fn gib(b: u64) -> f64 {
@@ -169,7 +217,8 @@ fn setup(exp: Experiment) -> Result<Setup> {
         estimators.push(TaskEstimator::new(task, tok, prefix, o.estimator, cal.as_ref())?);
     }
     let runtime = model::open(exp.device, &[ModelSpec::from_checkpoint(&base)])?;
-    Ok(Setup { exp, layout, space, estimators, runtime, base_dir: base.dir().to_path_buf(), memory: need })
+    let (resident, memory) = resident_merge(&exp, &layout, &base, runtime.as_ref())?;
+    Ok(Setup { exp, layout, space, estimators, runtime, resident, base_dir: base.dir().to_path_buf(), memory })
 }
 
 fn optimizer(s: &Setup) -> Result<Box<dyn Optimizer>> {
@@ -330,7 +379,7 @@ fn replayed(run_dir: &Path) -> Result<HashMap<u64, Outcome>> {
 /// What a stage's genomes are.
 enum StageKind<'a> {
     /// Merge parameters: genome → recipe → merged weights swapped into the runtime.
-    Params { layout: &'a GenomeLayout, seed: u64 },
+    Params { layout: &'a GenomeLayout, seed: u64, resident: Option<&'a ResidentMerge> },
     /// A data-flow path through the runtime's loaded models (no weights move).
     DataFlow { layout: &'a DataFlowLayout },
 }
@@ -419,12 +468,11 @@ fn run_stage(
                 return Ok((values, ses, 0, 0, artifact));
             }
             let artifact = match &kind {
-                StageKind::Params { layout, seed } => {
+                StageKind::Params { layout, seed, resident } => {
                     let recipe = layout.decode(&c.genome)?;
                     let yaml = serde_norway::to_string(&recipe)?;
                     let plan = MergePlan::build(&recipe, yaml.clone(), None, *seed)?;
-                    let merged = merge_to_memory(&plan)?;
-                    runtime.load_weights(0, &merged as &dyn TensorSource)?;
+                    materialize(&plan, *resident, runtime)?;
                     yaml
                 }
                 StageKind::DataFlow { layout } => {
@@ -515,13 +563,15 @@ fn interrupted(run_dir: &Path) -> ! {
 /// experiment has one (in `RUN_DIR/dataflow/`, its own checkpoint and evaluations).
 fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBool>, mode: SearchProgress) -> Result<()> {
     let mode = mode.resolved();
-    let Setup { exp, layout, estimators, runtime, base_dir, .. } = &mut s;
-    let kind = StageKind::Params { layout, seed: exp.seed };
+    let Setup { exp, layout, estimators, runtime, resident, base_dir, .. } = &mut s;
+    let kind = StageKind::Params { layout, seed: exp.seed, resident: resident.as_ref() };
     let end = run_stage(kind, estimators, runtime.as_mut(), run_dir, &mut runner, &cancel, mode, exp.budget.max_evaluations)?;
     if end == Termination::Interrupted {
         interrupted(run_dir);
     }
-    let refs = references(exp, layout, estimators, runtime.as_mut(), run_dir)?;
+    let refs = references(exp, layout, estimators, runtime.as_mut(), resident.as_ref(), run_dir)?;
+    // The data-flow stage opens its own runtime: free the resident inputs first.
+    *resident = None;
     if mode == SearchProgress::Jsonl {
         println!("{}", json!({"event": "references", "references": refs}));
     }
@@ -629,14 +679,18 @@ fn references(
     layout: &GenomeLayout,
     estimators: &mut [TaskEstimator],
     runtime: &mut dyn LanguageModel,
+    resident: Option<&ResidentMerge>,
     run_dir: &Path,
 ) -> Result<Vec<serde_json::Value>> {
     let path = run_dir.join(REFERENCES);
     if let Some(v) = std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str::<Vec<serde_json::Value>>(&t).ok()) {
         return Ok(v);
     }
-    let score = |estimators: &mut [TaskEstimator], runtime: &mut dyn LanguageModel, source: &dyn TensorSource, key: &str| {
-        runtime.load_weights(0, source)?;
+    // `source`: weights to load first (None: the runtime holds them already)
+    let score = |estimators: &mut [TaskEstimator], runtime: &mut dyn LanguageModel, source: Option<&dyn TensorSource>, key: &str| {
+        if let Some(source) = source {
+            runtime.load_weights(0, source)?;
+        }
         let mut out = serde_json::Map::new();
         let mut minimized = vec![];
         for e in estimators.iter_mut() {
@@ -651,15 +705,15 @@ fn references(
     let mut refs = vec![];
     for m in exp.merge.models.iter().chain(exp.merge.base_model.as_ref()) {
         let ck = Checkpoint::open(&resolve_model(m, None)?, m.clone())?;
-        let (objectives, minimized) = score(estimators, runtime, &ck, &format!("source:{m}"))?;
+        let (objectives, minimized) = score(estimators, runtime, Some(&ck), &format!("source:{m}"))?;
         let name = Path::new(m).file_name().map_or(m.clone(), |n| n.to_string_lossy().to_string());
         refs.push(json!({"name": name, "kind": "source", "model": m, "objectives": objectives, "minimized": minimized}));
     }
     let recipe = layout.decode(&layout.initial())?;
     let yaml = serde_norway::to_string(&recipe)?;
     let plan = MergePlan::build(&recipe, yaml, None, exp.seed)?;
-    let merged = merge_to_memory(&plan)?;
-    let (objectives, minimized) = score(estimators, runtime, &merged, "baseline:initial")?;
+    materialize(&plan, resident, runtime)?;
+    let (objectives, minimized) = score(estimators, runtime, None, "baseline:initial")?;
     refs.push(json!({"name": format!("{} at the start point", exp.merge.method), "kind": "baseline", "objectives": objectives, "minimized": minimized}));
     write_atomic(&path, &serde_json::to_string_pretty(&refs)?)?;
     Ok(refs)
@@ -734,13 +788,14 @@ pub fn search(args: SearchArgs) -> Result<()> {
     let s = setup(exp)?;
     if args.dry_run {
         println!(
-            "{}: {} genes, {} objective(s), model {} ({} layers), about {:.2} GiB of memory; nothing run",
+            "{}: {} genes, {} objective(s), model {} ({} layers), about {:.2} GiB of memory, candidates merged {}; nothing run",
             s.exp.name,
             s.space.dim(),
             s.estimators.len(),
             s.base_dir.display(),
             s.layout.groups().last().map_or(0, |g| g.1),
-            gib(s.memory)
+            gib(s.memory),
+            if s.resident.is_some() { "in place (inputs held in the model's layout)" } else { "from the memory-mapped checkpoints" }
         );
         return Ok(());
     }

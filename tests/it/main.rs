@@ -13,3 +13,4 @@ mod search;
 mod zoo;
 mod model_parity;
 mod model_ref;
+mod resident;

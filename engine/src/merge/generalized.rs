@@ -267,6 +267,44 @@ fn l1_sums(d: &[f32], start: usize, density: f64, rng: CounterRng) -> (f64, f64)
         .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1))
 }
 
+/// Step 4–5 of the method for the plain (no consensus) combination.
+#[derive(Clone, Copy)]
+struct Finish {
+    normalize: bool,
+    divisor: f32,
+    lambda: f32,
+}
+
+/// Plain task arithmetic over `K` raw models in one pass per element:
+/// `base + finish(((0 + (x₀ − base)·w₀) + (x₁ − base)·w₁) + …)`, the same f32 operations in the
+/// same order as the general kernel (so the same bits), without its temporaries.
+fn fused_task_arithmetic<const K: usize>(base: &[f32], models: &[&[f32]], weights: &[f32], fin: Finish, out: &mut [f32]) {
+    let w: [f32; K] = std::array::from_fn(|i| weights[i]);
+    // one monomorphic loop per case, so that each vectorizes
+    let Finish { normalize, divisor, lambda } = fin;
+    match (normalize, lambda != 1.0) {
+        (false, false) => fused_loop(base, models, w, out, |t| t),
+        (false, true) => fused_loop(base, models, w, out, |t| t * lambda),
+        (true, false) => fused_loop(base, models, w, out, |t| t / divisor),
+        (true, true) => fused_loop(base, models, w, out, |t| (t / divisor) * lambda),
+    }
+}
+
+fn fused_loop<const K: usize>(base: &[f32], models: &[&[f32]], w: [f32; K], out: &mut [f32], finish: impl Fn(f32) -> f32 + Sync) {
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+        let (s, n) = (c * CHUNK, o.len());
+        let b = &base[s..s + n];
+        let xs: [&[f32]; K] = std::array::from_fn(|i| &models[i][s..s + n]);
+        for (j, (o, &b)) in o.iter_mut().zip(b).enumerate() {
+            let mut t = 0.0f32;
+            for i in 0..K {
+                t += (xs[i][j] - b) * w[i];
+            }
+            *o = b + finish(t);
+        }
+    })
+}
+
 thread_local! {
     /// Per-thread kernel temporaries (see [`GeneralizedTaskArithmetic::combine_parts`]).
     static KERNEL_TMP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -306,6 +344,16 @@ impl GeneralizedTaskArithmetic {
             if lambda != 1.0 { m * lambda } else { m }
         };
         let k = weights.len();
+        if let (false, TaskVectors::Models(ms)) = (consensus, tv) {
+            let fin = Finish { normalize, divisor: plain_div, lambda };
+            match k {
+                1 => return fused_task_arithmetic::<1>(base, ms, &weights, fin, out),
+                2 => return fused_task_arithmetic::<2>(base, ms, &weights, fin, out),
+                3 => return fused_task_arithmetic::<3>(base, ms, &weights, fin, out),
+                4 => return fused_task_arithmetic::<4>(base, ms, &weights, fin, out),
+                _ => {}
+            }
+        }
         out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
             KERNEL_TMP.with_borrow_mut(|tmp| {
                 tmp.resize((k + 3) * CHUNK, 0.0);
@@ -346,8 +394,13 @@ impl GeneralizedTaskArithmetic {
                         o[j] = b[j] + finish(mixed[j], if div[j] == 0.0 { 1.0 } else { div[j] });
                     }
                 } else {
-                    for j in 0..len {
-                        o[j] = b[j] + finish(total[j], plain_div);
+                    // `finish` with its branches hoisted, so that each loop vectorizes
+                    let it = o.iter_mut().zip(b).zip(total.iter());
+                    match (normalize, lambda != 1.0) {
+                        (false, false) => it.for_each(|((o, &b), &t)| *o = b + t),
+                        (false, true) => it.for_each(|((o, &b), &t)| *o = b + t * lambda),
+                        (true, false) => it.for_each(|((o, &b), &t)| *o = b + t / plain_div),
+                        (true, true) => it.for_each(|((o, &b), &t)| *o = b + (t / plain_div) * lambda),
                     }
                 }
             })

@@ -22,9 +22,21 @@ pub(crate) trait Kernels: Backend {
     fn linear(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
         x.matmul(w.clone())
     }
+
+    /// A host buffer of `t`'s size whose contents will be overwritten, then uploaded in its
+    /// place. The default allocates (a GPU tensor has no host memory to reuse).
+    fn host_buffer<const D: usize>(t: Tensor<Self, D>) -> Vec<f32> {
+        vec![0.0; t.shape().num_elements()]
+    }
 }
 
 impl Kernels for NdArray<f32> {
+    /// The tensor's own allocation (zero-copy when nothing else holds it, as after a forward
+    /// pass), so rewriting weights touches no fresh memory.
+    fn host_buffer<const D: usize>(t: Tensor<Self, D>) -> Vec<f32> {
+        super::runtime::to_host_f32(t)
+    }
+
     fn linear(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
         let [m, k] = x.dims();
         let n = w.dims()[1];

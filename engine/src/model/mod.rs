@@ -96,6 +96,39 @@ pub struct ModelInfo {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// One weight buffer of a loaded model, row-major `[rows, cols]` f32, and the checkpoint
+/// tensors whose values it holds ([`LanguageModel::weight_layout`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightBuffer {
+    pub rows: usize,
+    pub cols: usize,
+    /// Side by side, covering columns `0 .. cols` in order.
+    pub parts: Vec<WeightPart>,
+}
+
+/// A checkpoint tensor's place in a [`WeightBuffer`]: columns `col .. col + width` of every row.
+///
+/// `transposed` (linear weights, which the runtime stores `[in, out]`): the tensor is
+/// `[width, rows]` and `buffer[i][col + o] = tensor[o][i]`. Otherwise the tensor is
+/// `[rows, width]` (a 1-D tensor counts as one row) and `buffer[i][col + c] = tensor[i][c]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightPart {
+    pub tensor: String,
+    pub col: usize,
+    pub width: usize,
+    pub transposed: bool,
+}
+
+impl WeightBuffer {
+    pub fn numel(&self) -> usize {
+        self.rows * self.cols
+    }
+}
+
+/// Writes the values of weight buffer `index` (of [`LanguageModel::weight_layout`]) into the
+/// slice, overwriting every element.
+pub type WeightFill<'a> = dyn FnMut(usize, &mut [f32]) -> Result<()> + 'a;
+
 /// A runnable language model, object-safe so that callers do not see the backend.
 pub trait LanguageModel: Send {
     fn info(&self) -> &ModelInfo;
@@ -126,6 +159,18 @@ pub trait LanguageModel: Send {
     /// Replaces the weights of loaded model `model` by those of `source` (same shapes), tensor
     /// by tensor, keeping everything else (other models, path, tables) in place.
     fn load_weights(&mut self, model: usize, source: &dyn TensorSource) -> Result<()>;
+
+    /// The weight buffers of loaded model `model`, in a fixed order, and which checkpoint
+    /// tensors fill each: what a caller needs to compute weights straight into the runtime's
+    /// layout ([`write_weights`](Self::write_weights)).
+    fn weight_layout(&self, model: usize) -> Result<Vec<WeightBuffer>>;
+
+    /// Rewrites model `model`'s weights in place, buffer by buffer in layout order:
+    /// `fill(index, values)` must overwrite all of buffer `index`. On the CPU the buffers are
+    /// the tensors' own memory (no allocation, no copy); on a GPU they are host staging
+    /// buffers uploaded after each fill. If `fill` fails, the runtime refuses further work
+    /// until weights are loaded again.
+    fn write_weights(&mut self, model: usize, fill: &mut WeightFill<'_>) -> Result<()>;
 }
 
 /// Opens `models` on `device`; the path starts as the identity path of model 0.

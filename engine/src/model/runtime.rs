@@ -27,7 +27,7 @@ use super::kernels::Kernels;
 use super::path::LayerPath;
 use super::rope::Rope;
 use super::spec::{Dims, ModelSpec, check_supported, sliding_window};
-use super::{DeviceSpec, GenerateOptions, Generation, LanguageModel, ModelInfo, ScoreRequest, ScoreResult, StopReason};
+use super::{DeviceSpec, GenerateOptions, Generation, LanguageModel, ModelInfo, ScoreRequest, ScoreResult, StopReason, WeightBuffer, WeightFill, WeightPart};
 use crate::arch::Architecture;
 use crate::error::{EngineError, Result};
 use crate::io::ModelConfig;
@@ -73,6 +73,9 @@ struct ModelW<B: Backend> {
     norm: Tensor<B, 1>,
     /// `[hidden, vocab]`.
     head: Tensor<B, 2>,
+    /// The checkpoint tensor the head was read from (`lm_head.weight`, or the embedding when
+    /// tied).
+    head_tensor: &'static str,
     layers: Vec<LayerW<B>>,
     rope: Rope,
     eps: f64,
@@ -518,9 +521,9 @@ fn load_model<B: Backend>(spec: &ModelSpec<'_>, device: &B::Device) -> Result<Mo
     let d = Dims::of(cfg);
     let embed_name = "model.embed_tokens.weight";
     let embed_h = read(spec, embed_name)?;
-    let head = match (cfg.tie_word_embeddings, read_opt(spec, "lm_head.weight")?) {
-        (_, Some(h)) => matrix_t::<B>(&[&*h], "lm_head.weight", device)?,
-        (true, None) => matrix_t::<B>(&[&*embed_h], embed_name, device)?,
+    let (head, head_tensor) = match (cfg.tie_word_embeddings, read_opt(spec, "lm_head.weight")?) {
+        (_, Some(h)) => (matrix_t::<B>(&[&*h], "lm_head.weight", device)?, "lm_head.weight"),
+        (true, None) => (matrix_t::<B>(&[&*embed_h], embed_name, device)?, embed_name),
         (false, None) => {
             return Err(EngineError::MissingTensor { model: spec.label.to_string(), tensor: "lm_head.weight".into() });
         }
@@ -567,11 +570,140 @@ fn load_model<B: Backend>(spec: &ModelSpec<'_>, device: &B::Device) -> Result<Mo
         embed,
         norm,
         head,
+        head_tensor,
         layers,
         rope: Rope::new(d.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref()),
         eps: cfg.rms_norm_eps,
         max_context: cfg.max_position_embeddings,
     })
+}
+
+/// Which weight tensor of a loaded model a [`WeightBuffer`] is.
+#[derive(Debug, Clone, Copy)]
+enum SlotId {
+    Embed,
+    Norm,
+    Head,
+    Layer(usize, LayerSlot),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum LayerSlot {
+    InNorm,
+    PostNorm,
+    Wqkv,
+    Bqkv,
+    Wo,
+    Bo,
+    QNorm,
+    KNorm,
+    Wgu,
+    Wdown,
+}
+
+/// A weight tensor of a loaded model, for in-place rewrites.
+enum Slot<'a, B: Backend> {
+    Vector(&'a mut Tensor<B, 1>),
+    Matrix(&'a mut Tensor<B, 2>),
+}
+
+/// The weight buffers of `m` in layout order, with the checkpoint tensors in each. One place
+/// decides the order, so [`LanguageModel::weight_layout`] and
+/// [`LanguageModel::write_weights`] agree.
+fn weight_buffers<B: Backend>(m: &ModelW<B>) -> Vec<(WeightBuffer, SlotId)> {
+    let d = Dims::of(&m.config);
+    let (q, kv) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
+    let part = |tensor: String, col: usize, width: usize, transposed: bool| WeightPart { tensor, col, width, transposed };
+    let vector = |tensor: String, n: usize| WeightBuffer { rows: 1, cols: n, parts: vec![part(tensor, 0, n, false)] };
+    // [in, Σ out] from [out_k, in] linear weights, side by side
+    let linear = |rows: usize, tensors: &[(String, usize)]| {
+        let mut col = 0;
+        let parts = tensors
+            .iter()
+            .map(|(t, w)| {
+                col += w;
+                part(t.clone(), col - w, *w, true)
+            })
+            .collect();
+        WeightBuffer { rows, cols: col, parts }
+    };
+    let embed = WeightBuffer { rows: d.vocab, cols: d.hidden, parts: vec![part("model.embed_tokens.weight".into(), 0, d.hidden, false)] };
+    let mut out = vec![
+        (embed, SlotId::Embed),
+        (vector("model.norm.weight".into(), d.hidden), SlotId::Norm),
+        (linear(d.hidden, &[(m.head_tensor.to_string(), d.vocab)]), SlotId::Head),
+    ];
+    for (l, layer) in m.layers.iter().enumerate() {
+        let n = |s: &str| format!("model.layers.{l}.{s}");
+        let mut push = |b: WeightBuffer, s: LayerSlot| out.push((b, SlotId::Layer(l, s)));
+        push(vector(n("input_layernorm.weight"), d.hidden), LayerSlot::InNorm);
+        push(vector(n("post_attention_layernorm.weight"), d.hidden), LayerSlot::PostNorm);
+        let qkv = [(n("self_attn.q_proj.weight"), q), (n("self_attn.k_proj.weight"), kv), (n("self_attn.v_proj.weight"), kv)];
+        push(linear(d.hidden, &qkv), LayerSlot::Wqkv);
+        if layer.bqkv.is_some() {
+            let parts = vec![
+                part(n("self_attn.q_proj.bias"), 0, q, false),
+                part(n("self_attn.k_proj.bias"), q, kv, false),
+                part(n("self_attn.v_proj.bias"), q + kv, kv, false),
+            ];
+            push(WeightBuffer { rows: 1, cols: q + 2 * kv, parts }, LayerSlot::Bqkv);
+        }
+        push(linear(q, &[(n("self_attn.o_proj.weight"), d.hidden)]), LayerSlot::Wo);
+        if layer.bo.is_some() {
+            push(vector(n("self_attn.o_proj.bias"), d.hidden), LayerSlot::Bo);
+        }
+        if layer.q_norm.is_some() {
+            push(vector(n("self_attn.q_norm.weight"), d.head_dim), LayerSlot::QNorm);
+        }
+        if layer.k_norm.is_some() {
+            push(vector(n("self_attn.k_norm.weight"), d.head_dim), LayerSlot::KNorm);
+        }
+        let gu = [(n("mlp.gate_proj.weight"), d.intermediate), (n("mlp.up_proj.weight"), d.intermediate)];
+        push(linear(d.hidden, &gu), LayerSlot::Wgu);
+        push(linear(d.intermediate, &[(n("mlp.down_proj.weight"), d.hidden)]), LayerSlot::Wdown);
+    }
+    out
+}
+
+/// The tensor behind `id` (which [`weight_buffers`] produced for `m`).
+fn slot_mut<B: Backend>(m: &mut ModelW<B>, id: SlotId) -> Option<Slot<'_, B>> {
+    Some(match id {
+        SlotId::Embed => Slot::Matrix(&mut m.embed),
+        SlotId::Norm => Slot::Vector(&mut m.norm),
+        SlotId::Head => Slot::Matrix(&mut m.head),
+        SlotId::Layer(l, s) => {
+            let layer = m.layers.get_mut(l)?;
+            match s {
+                LayerSlot::InNorm => Slot::Vector(&mut layer.in_norm),
+                LayerSlot::PostNorm => Slot::Vector(&mut layer.post_norm),
+                LayerSlot::Wqkv => Slot::Matrix(&mut layer.wqkv),
+                LayerSlot::Bqkv => Slot::Vector(layer.bqkv.as_mut()?),
+                LayerSlot::Wo => Slot::Matrix(&mut layer.wo),
+                LayerSlot::Bo => Slot::Vector(layer.bo.as_mut()?),
+                LayerSlot::QNorm => Slot::Vector(layer.q_norm.as_mut()?),
+                LayerSlot::KNorm => Slot::Vector(layer.k_norm.as_mut()?),
+                LayerSlot::Wgu => Slot::Matrix(&mut layer.wgu),
+                LayerSlot::Wdown => Slot::Matrix(&mut layer.wdown),
+            }
+        }
+    })
+}
+
+impl<B: Kernels> Runtime<B> {
+    /// Rewrites one weight tensor through `fill`: the tensor's memory is taken out, filled and
+    /// put back ([`Kernels::host_buffer`]: the same allocation on the CPU).
+    fn rewrite<const D: usize>(t: &mut Tensor<B, D>, buf: &WeightBuffer, index: usize, device: &B::Device, fill: &mut WeightFill<'_>) -> Result<()> {
+        let dims = t.dims();
+        let shape: [usize; D] = if D == 1 { [buf.numel(); D] } else { std::array::from_fn(|i| if i == 0 { buf.rows } else { buf.cols }) };
+        if dims != shape {
+            return Err(EngineError::InvalidInput(format!("weight buffer {index}: runtime holds {dims:?}, layout says {shape:?}")));
+        }
+        let old = std::mem::replace(t, Tensor::empty([0; D], device));
+        let mut host = B::host_buffer(old);
+        fill(index, &mut host)?;
+        *t = upload(host, shape, device);
+        Ok(())
+    }
 }
 
 impl<B: Kernels> LanguageModel for Runtime<B> {
@@ -724,5 +856,34 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
         let (config, arch) = (self.models[model].config.clone(), self.models[model].arch);
         let spec = ModelSpec { label: source.label(), config: &config, arch, tensors: source };
         self.replace_model(model, &spec)
+    }
+
+    fn weight_layout(&self, model: usize) -> Result<Vec<WeightBuffer>> {
+        let m = self.models.get(model).ok_or_else(|| EngineError::InvalidInput(format!("weight_layout: no loaded model {model}")))?;
+        Ok(weight_buffers(m).into_iter().map(|(b, _)| b).collect())
+    }
+
+    fn write_weights(&mut self, model: usize, fill: &mut WeightFill<'_>) -> Result<()> {
+        self.check_usable()?;
+        if model >= self.models.len() {
+            return Err(EngineError::InvalidInput(format!("write_weights: no loaded model {model}")));
+        }
+        let device = self.device.clone();
+        let mut result = Ok(());
+        let m = &mut self.models[model];
+        for (index, (buf, id)) in weight_buffers(m).into_iter().enumerate() {
+            result = match slot_mut(m, id) {
+                Some(Slot::Vector(t)) => Self::rewrite(t, &buf, index, &device, fill),
+                Some(Slot::Matrix(t)) => Self::rewrite(t, &buf, index, &device, fill),
+                None => Err(EngineError::InvalidInput(format!("weight buffer {index} has no tensor"))),
+            };
+            if result.is_err() {
+                break;
+            }
+        }
+        if let Err(e) = &result {
+            self.poisoned = Some(format!("rewriting the weights of '{}' failed half way: {e}", self.models[model].label));
+        }
+        result
     }
 }

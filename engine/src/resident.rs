@@ -1,0 +1,264 @@
+//! Candidates merged straight into a loaded model's weights: the search loop's hot path.
+//!
+//! [`crate::executor::merge_to_memory`] followed by [`LanguageModel::load_weights`] decodes
+//! every input from its memory map, merges into fresh f32 tensors in checkpoint layout, then
+//! transposes and fuses them into fresh runtime tensors: three passes over the model and two
+//! model-sized allocations per candidate. For a search, whose candidates differ only in
+//! parameters, [`ResidentMerge`] does the layout work once:
+//!
+//! ```text
+//! setup      every input tensor of the plan, copied once in its checkpoint dtype into the
+//!            runtime's layout (linear weights transposed to [in, out]; tied embeddings twice)
+//! candidate  per weight buffer of the runtime, in parallel over blocks of rows:
+//!              decode the block's inputs (L2-sized) → the method's elementwise merge →
+//!              round through the output dtype → write into the runtime tensor's own memory
+//! ```
+//!
+//! One pass, no allocation, no transpose per candidate. Only methods whose output element
+//! depends on the same element of the inputs alone ([`MergeMethod::elementwise`]: linear,
+//! task arithmetic, nearswap, passthrough) can be merged in another layout; the others keep the
+//! streamed path. Values equal the streamed path's bit for bit (the same kernel on the same
+//! f32 inputs, the same rounding), which `tests/it` checks.
+//!
+//! Memory: the resident copies take Σ over inputs of the model's size in its checkpoint dtype
+//! (plus a tied embedding a second time), in place of the streamed path's merged f32 copy.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use rayon::prelude::*;
+
+use crate::dtype::{self, DType};
+use crate::error::{EngineError, Result};
+use crate::merge::MergeInput;
+use crate::merge::base::Scratch;
+use crate::merge::rng::tensor_seed;
+use crate::model::{LanguageModel, WeightBuffer, WeightPart};
+use crate::recipe::{MergePlan, TensorTask};
+
+/// Elements of one block of rows: the decoded inputs of a block stay in L2.
+const BLOCK: usize = 1 << 14;
+
+/// One input tensor in a part's layout (`[rows, width]`), in its checkpoint dtype.
+struct Resident {
+    dtype: DType,
+    bytes: Vec<u8>,
+}
+
+/// Key of a resident copy: plan model index, tensor name in that model, transposed.
+type Key = (usize, String, bool);
+
+/// The inputs of a merge plan held in a loaded model's weight layout, ready to merge any plan
+/// with the same models and tensors into the model in place.
+pub struct ResidentMerge {
+    layout: Vec<WeightBuffer>,
+    /// Directories of the plan's models, parallel to `MergePlan::models`.
+    models: Vec<PathBuf>,
+    arrays: HashMap<Key, Resident>,
+    bytes: u64,
+}
+
+impl std::fmt::Debug for ResidentMerge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ResidentMerge({} buffers, {} inputs, {} bytes)", self.layout.len(), self.arrays.len(), self.bytes)
+    }
+}
+
+/// The task that fills `part` and the keys of its inputs, or why the plan cannot be merged
+/// in place.
+fn part_inputs<'p>(plan: &'p MergePlan, tasks: &HashMap<&str, &'p TensorTask>, buf: &WeightBuffer, part: &WeightPart) -> std::result::Result<(&'p TensorTask, Vec<Key>), String> {
+    let task = tasks.get(part.tensor.as_str()).ok_or_else(|| format!("the merge has no tensor '{}'", part.tensor))?;
+    let numel: usize = task.shape.iter().product();
+    if numel != buf.rows * part.width || task.shape.len() > 2 || (task.shape.len() == 2 && task.shape[usize::from(!part.transposed)] != part.width) {
+        return Err(format!("'{}' has shape {:?}, the runtime expects {} x {}", part.tensor, task.shape, buf.rows, part.width));
+    }
+    let keys = task.inputs.iter().map(|(m, n)| (*m, n.clone(), part.transposed)).collect::<Vec<_>>();
+    for (m, n, _) in &keys {
+        let (_, shape, _) = plan.models[*m].raw(n).map_err(|e| e.to_string())?;
+        if shape != task.shape.as_slice() {
+            return Err(format!("input '{n}' of model {m} has shape {shape:?}, the output {:?}", task.shape));
+        }
+    }
+    Ok((task, keys))
+}
+
+fn task_map(plan: &MergePlan) -> HashMap<&str, &TensorTask> {
+    plan.tasks.iter().map(|t| (t.name.as_str(), t)).collect()
+}
+
+impl ResidentMerge {
+    /// Bytes the resident inputs of `plan` take for `layout`, or why the plan cannot be merged
+    /// in place (a method that is not elementwise, a tensor the runtime needs but the merge
+    /// lacks).
+    pub fn bytes_needed(plan: &MergePlan, layout: &[WeightBuffer]) -> std::result::Result<u64, String> {
+        if !plan.method.elementwise() {
+            return Err(format!("{} is not an elementwise method", plan.method.name()));
+        }
+        let tasks = task_map(plan);
+        let mut seen: HashMap<Key, u64> = HashMap::new();
+        for buf in layout {
+            for part in &buf.parts {
+                let (_, keys) = part_inputs(plan, &tasks, buf, part)?;
+                for k in keys {
+                    let size = plan.models[k.0].raw(&k.1).map_err(|e| e.to_string())?.0.size();
+                    seen.insert(k, (buf.rows * part.width * size) as u64);
+                }
+            }
+        }
+        Ok(seen.values().sum())
+    }
+
+    /// Copies the inputs of `plan` into `layout` (the runtime's [`LanguageModel::weight_layout`]).
+    /// Later plans must use the same models (by directory) and input tensors.
+    pub fn new(plan: &MergePlan, layout: Vec<WeightBuffer>) -> Result<Self> {
+        let bytes = Self::bytes_needed(plan, &layout).map_err(EngineError::InvalidInput)?;
+        let tasks = task_map(plan);
+        let mut arrays: HashMap<Key, Resident> = HashMap::new();
+        for buf in &layout {
+            for part in &buf.parts {
+                let (_, keys) = part_inputs(plan, &tasks, buf, part).map_err(EngineError::InvalidInput)?;
+                for key in keys {
+                    if arrays.contains_key(&key) {
+                        continue;
+                    }
+                    let (dt, _, raw) = plan.models[key.0].raw(&key.1)?;
+                    let data = if key.2 { transpose(raw, part.width, buf.rows, dt.size()) } else { raw.to_vec() };
+                    arrays.insert(key, Resident { dtype: dt, bytes: data });
+                }
+            }
+        }
+        Ok(Self { layout, models: plan.models.iter().map(|m| m.dir().to_path_buf()).collect(), arrays, bytes })
+    }
+
+    /// Bytes held by the resident inputs.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Merges `plan` into loaded model `model` of `runtime`, whose layout this was built for.
+    pub fn materialize(&self, plan: &MergePlan, runtime: &mut dyn LanguageModel, model: usize) -> Result<()> {
+        let dirs: Vec<&std::path::Path> = plan.models.iter().map(|m| m.dir()).collect();
+        if dirs != self.models.iter().map(PathBuf::as_path).collect::<Vec<_>>() || !plan.method.elementwise() {
+            return Err(EngineError::InvalidInput("this merge's models or method differ from those held resident".into()));
+        }
+        let tasks = task_map(plan);
+        // Resolve every part before touching the runtime, so that a mismatch fails cleanly.
+        let mut jobs: Vec<Vec<(&WeightPart, &TensorTask, Vec<&Resident>)>> = Vec::with_capacity(self.layout.len());
+        for buf in &self.layout {
+            let mut parts = vec![];
+            for part in &buf.parts {
+                let (task, keys) = part_inputs(plan, &tasks, buf, part).map_err(EngineError::InvalidInput)?;
+                let inputs = keys
+                    .iter()
+                    .map(|k| self.arrays.get(k).ok_or_else(|| EngineError::InvalidInput(format!("input '{}' of model {} is not resident", k.1, k.0))))
+                    .collect::<Result<Vec<_>>>()?;
+                parts.push((part, task, inputs));
+            }
+            jobs.push(parts);
+        }
+        runtime.write_weights(model, &mut |index, out| {
+            let buf = &self.layout[index];
+            fill_buffer(plan, buf, &jobs[index], out)
+        })
+    }
+}
+
+thread_local! {
+    /// Per-thread decoded inputs and merged output of one block.
+    static BLOCK_BUFS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Merges every part of `buf` into `out` (`[rows, cols]`), in parallel over blocks of rows.
+fn fill_buffer(plan: &MergePlan, buf: &WeightBuffer, parts: &[(&WeightPart, &TensorTask, Vec<&Resident>)], out: &mut [f32]) -> Result<()> {
+    let rows_per_block = (BLOCK / buf.cols.max(1)).max(1);
+    out.par_chunks_mut(rows_per_block * buf.cols).enumerate().try_for_each(|(bi, dst)| {
+        let r0 = bi * rows_per_block;
+        let nrows = dst.len() / buf.cols;
+        BLOCK_BUFS.with_borrow_mut(|(ins, merged)| {
+            for (part, task, inputs) in parts {
+                let (w, len) = (part.width, nrows * part.width);
+                ins.resize(inputs.len() * len, 0.0);
+                for (res, dst) in inputs.iter().zip(ins.chunks_mut(len)) {
+                    let sz = res.dtype.size();
+                    dtype::decode_into(res.dtype, &res.bytes[r0 * w * sz..(r0 * w + len) * sz], dst);
+                }
+                // a part that spans whole rows is merged straight into the destination
+                let whole = part.width == buf.cols;
+                if !whole {
+                    merged.resize(len, 0.0);
+                }
+                let input = MergeInput {
+                    tensor: &task.name,
+                    shape: &[len],
+                    tensors: ins.chunks(len).collect(),
+                    base: task.base,
+                    model_params: task.model_params.clone(),
+                    params: task.params.clone(),
+                    seed: tensor_seed(plan.seed, &task.name),
+                };
+                let target: &mut [f32] = if whole { &mut dst[..] } else { &mut merged[..] };
+                plan.method.merge(&input, &mut Scratch::default(), target).map_err(|reason| EngineError::Merge {
+                    tensor: task.name.clone(),
+                    method: plan.method.name().to_string(),
+                    reason,
+                })?;
+                if whole {
+                    dtype::round_in_place(plan.out_dtype, dst);
+                } else {
+                    for (r, src) in merged.chunks(w).enumerate() {
+                        let at = r * buf.cols + part.col;
+                        dtype::round_into(plan.out_dtype, src, &mut dst[at..at + w]);
+                    }
+                }
+            }
+            Ok(())
+        })
+    })
+}
+
+/// `[rows, cols]` elements of `size` bytes → `[cols, rows]`.
+fn transpose(src: &[u8], rows: usize, cols: usize, size: usize) -> Vec<u8> {
+    match size {
+        2 => transpose_n::<2>(src, rows, cols),
+        4 => transpose_n::<4>(src, rows, cols),
+        _ => transpose_n::<1>(src, rows * size, cols), // not reached: dtypes are 2 or 4 bytes
+    }
+}
+
+/// [`transpose`] for `N`-byte elements, in tiles so that both sides stay in cache.
+fn transpose_n<const N: usize>(src: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    const TILE: usize = 64;
+    let src: &[[u8; N]] = bytemuck::cast_slice(src);
+    let mut bytes = vec![0u8; src.len() * N];
+    let out: &mut [[u8; N]] = bytemuck::cast_slice_mut(&mut bytes);
+    out.par_chunks_mut(TILE * rows).enumerate().for_each(|(ti, dst)| {
+        let c0 = ti * TILE;
+        let nc = dst.len() / rows;
+        for r0 in (0..rows).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for (c, &v) in src[r * cols + c0..r * cols + c0 + nc].iter().enumerate() {
+                    dst[c * rows + r] = v;
+                }
+            }
+        }
+    });
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_moves_every_element() {
+        for (rows, cols, size) in [(3, 5, 2), (70, 130, 4), (1, 9, 2), (129, 1, 4)] {
+            let src: Vec<u8> = (0..rows * cols * size).map(|i| (i * 31 % 251) as u8).collect();
+            let t = transpose(&src, rows, cols, size);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(&t[(c * rows + r) * size..][..size], &src[(r * cols + c) * size..][..size], "{rows}x{cols} ({r},{c})");
+                }
+            }
+        }
+    }
+}
