@@ -96,6 +96,8 @@ struct Setup {
     /// the method allows it and memory suffices; `None`: candidates are merged from the memory
     /// maps and swapped in.
     resident: Option<ResidentMerge>,
+    /// Candidates are merged in place (`resident` is built unless this is a dry run).
+    in_place: bool,
     base_dir: PathBuf,
     /// Estimated peak host memory of the run (bytes).
     memory: u64,
@@ -127,8 +129,10 @@ fn memory_needed(base: &Checkpoint) -> u64 {
 }
 
 /// Holds the merge inputs in the runtime's layout when the method is elementwise and the
-/// memory is there (see `evomerge_engine::resident`); says why not otherwise.
-fn resident_merge(exp: &Experiment, layout: &GenomeLayout, base: &Checkpoint, runtime: &dyn LanguageModel) -> Result<(Option<ResidentMerge>, u64)> {
+/// memory is there (see `evomerge_engine::resident`); says why not otherwise. Returns the
+/// resident inputs (built only if `build`), whether candidates are merged in place, and the
+/// run's estimated peak memory.
+fn resident_merge(exp: &Experiment, layout: &GenomeLayout, base: &Checkpoint, runtime: &dyn LanguageModel, build: bool) -> Result<(Option<ResidentMerge>, bool, u64)> {
     let streamed = memory_needed(base);
     let recipe = layout.decode(&layout.initial())?;
     let plan = MergePlan::build(&recipe, serde_norway::to_string(&recipe)?, None, exp.seed)?;
@@ -144,14 +148,17 @@ fn resident_merge(exp: &Experiment, layout: &GenomeLayout, base: &Checkpoint, ru
                     gib(avail)
                 ),
                 _ => {
+                    if !build {
+                        return Ok((None, true, need));
+                    }
                     tracing::info!("merge inputs held in the runtime's layout ({:.2} GiB): candidates are merged in place", gib(bytes));
-                    return Ok((Some(ResidentMerge::new(&plan, weights)?), need));
+                    return Ok((Some(ResidentMerge::new(&plan, weights)?), true, need));
                 }
             }
         }
     };
     tracing::info!("candidates are merged from the memory-mapped checkpoints and swapped in ({why_not})");
-    Ok((None, streamed))
+    Ok((None, false, streamed))
 }
 
 /// Merges `plan` into the runtime's model 0: in place from the resident inputs when they are
@@ -168,7 +175,8 @@ fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
-fn setup(exp: Experiment) -> Result<Setup> {
+/// Loads everything a run needs; `dry_run` skips building the resident inputs.
+fn setup(exp: Experiment, dry_run: bool) -> Result<Setup> {
     let (base, layout) = exp.layout()?;
     let need = memory_needed(&base);
     if let Some(avail) = memory_available().filter(|&a| exp.device == DeviceSpec::Cpu && need > a) {
@@ -217,8 +225,8 @@ fn setup(exp: Experiment) -> Result<Setup> {
         estimators.push(TaskEstimator::new(task, tok, prefix, o.estimator, cal.as_ref())?);
     }
     let runtime = model::open(exp.device, &[ModelSpec::from_checkpoint(&base)])?;
-    let (resident, memory) = resident_merge(&exp, &layout, &base, runtime.as_ref())?;
-    Ok(Setup { exp, layout, space, estimators, runtime, resident, base_dir: base.dir().to_path_buf(), memory })
+    let (resident, in_place, memory) = resident_merge(&exp, &layout, &base, runtime.as_ref(), !dry_run)?;
+    Ok(Setup { exp, layout, space, estimators, runtime, resident, in_place, base_dir: base.dir().to_path_buf(), memory })
 }
 
 fn optimizer(s: &Setup) -> Result<Box<dyn Optimizer>> {
@@ -785,7 +793,7 @@ pub fn search(args: SearchArgs) -> Result<()> {
     if let Some(d) = args.device {
         exp.device = d;
     }
-    let s = setup(exp)?;
+    let s = setup(exp, args.dry_run)?;
     if args.dry_run {
         println!(
             "{}: {} genes, {} objective(s), model {} ({} layers), about {:.2} GiB of memory, candidates merged {}; nothing run",
@@ -795,7 +803,7 @@ pub fn search(args: SearchArgs) -> Result<()> {
             s.base_dir.display(),
             s.layout.groups().last().map_or(0, |g| g.1),
             gib(s.memory),
-            if s.resident.is_some() { "in place (inputs held in the model's layout)" } else { "from the memory-mapped checkpoints" }
+            if s.in_place { "in place (inputs held in the model's layout)" } else { "from the memory-mapped checkpoints" }
         );
         return Ok(());
     }
@@ -831,7 +839,7 @@ pub fn resume(args: ResumeArgs) -> Result<()> {
             cfg.display()
         );
     }
-    let s = setup(exp)?;
+    let s = setup(exp, false)?;
     let cancel = cancel_flag()?;
     let fresh = optimizer(&s)?;
     let ckpt = args.run_dir.join(CHECKPOINT);

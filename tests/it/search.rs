@@ -273,3 +273,41 @@ fn dataflow_stage_runs_resumes_after_a_kill_and_exports_a_checkpoint_that_scores
     let index = std::fs::read_to_string(full.join("report/index.md")).expect("index");
     assert!(index.contains("best data-flow candidate") && index.contains("source: llama-tiny-a"), "{index}");
 }
+
+/// Candidates merged in place (task arithmetic: elementwise) score exactly as candidates
+/// merged from the memory maps (forced by a memory cap under the resident inputs' need).
+#[test]
+fn in_place_and_streamed_candidates_record_the_same_evaluations() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let exp = experiment(tmp.path(), 8);
+    let text = std::fs::read_to_string(&exp).expect("read").replace("method = \"ties\"", "method = \"task_arithmetic\"").replace(
+        "search = [\"weight\", \"density\"]",
+        "search = [\"weight\"]",
+    );
+    std::fs::write(&exp, text).expect("write");
+    let e = exp.display().to_string();
+    // The base model in f32 is 4 bytes per parameter: the streamed path needs ≈ 8 per
+    // parameter, the resident one 4 + 3·4 = 16; a cap of 10 leaves only the streamed path.
+    let params = std::fs::metadata(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama-tiny-base/model.safetensors"))
+        .expect("size")
+        .len()
+        / 4;
+    let cap = (10 * params).to_string();
+    let dry = run_ok(&["search", &e, "--dry-run"]);
+    assert!(dry.contains("merged in place"), "{dry}");
+    let o = Command::new(bin()).args(["search", &e, "--dry-run"]).env("EVOMERGE_MEMORY_BYTES", &cap).output().expect("run");
+    let dry = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && dry.contains("from the memory-mapped checkpoints"), "{dry}");
+
+    let (a, b) = (tmp.path().join("in-place"), tmp.path().join("streamed"));
+    run_ok(&["search", &e, "--run-dir", &a.display().to_string(), "--progress", "off"]);
+    let o = Command::new(bin())
+        .args(["search", &e, "--run-dir", &b.display().to_string(), "--progress", "off"])
+        .env("EVOMERGE_MEMORY_BYTES", &cap)
+        .output()
+        .expect("run");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (ra, rb) = (records(&a), records(&b));
+    assert_eq!(ra.len(), 8);
+    assert_eq!(ra, rb, "in-place and streamed candidates scored differently");
+}
