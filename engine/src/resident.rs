@@ -33,7 +33,7 @@ use crate::error::{EngineError, Result};
 use crate::merge::MergeInput;
 use crate::merge::base::Scratch;
 use crate::merge::rng::tensor_seed;
-use crate::model::{LanguageModel, WeightBuffer, WeightPart};
+use crate::model::{LanguageModel, WeightBuffer, WeightPart, transpose_concat_into};
 use crate::recipe::{MergePlan, TensorTask};
 
 /// Elements of one block of rows: the decoded inputs of a block stay in L2.
@@ -122,7 +122,7 @@ impl ResidentMerge {
                         continue;
                     }
                     let (dt, _, raw) = plan.models[key.0].raw(&key.1)?;
-                    let data = if key.2 { transpose(raw, part.width, buf.rows, dt.size()) } else { raw.to_vec() };
+                    let data = if key.2 { transposed(dt, raw, part.width, buf.rows) } else { raw.to_vec() };
                     arrays.insert(key, Resident { dtype: dt, bytes: data });
                 }
             }
@@ -216,33 +216,18 @@ fn fill_buffer(plan: &MergePlan, buf: &WeightBuffer, parts: &[(&WeightPart, &Ten
     })
 }
 
-/// `[rows, cols]` elements of `size` bytes → `[cols, rows]`.
-fn transpose(src: &[u8], rows: usize, cols: usize, size: usize) -> Vec<u8> {
-    match size {
-        2 => transpose_n::<2>(src, rows, cols),
-        4 => transpose_n::<4>(src, rows, cols),
-        _ => transpose_n::<1>(src, rows * size, cols), // not reached: dtypes are 2 or 4 bytes
+/// Raw `[outs, inn]` elements of `dtype` → `[inn, outs]` (the runtime's layout of a linear
+/// weight), moved as opaque 2- or 4-byte values.
+fn transposed(dtype: DType, raw: &[u8], outs: usize, inn: usize) -> Vec<u8> {
+    fn go<const N: usize>(raw: &[u8], outs: usize, inn: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; raw.len()];
+        transpose_concat_into::<[u8; N]>(&[(bytemuck::cast_slice(raw), outs)], inn, bytemuck::cast_slice_mut(&mut bytes));
+        bytes
     }
-}
-
-/// [`transpose`] for `N`-byte elements, in tiles so that both sides stay in cache.
-fn transpose_n<const N: usize>(src: &[u8], rows: usize, cols: usize) -> Vec<u8> {
-    const TILE: usize = 64;
-    let src: &[[u8; N]] = bytemuck::cast_slice(src);
-    let mut bytes = vec![0u8; src.len() * N];
-    let out: &mut [[u8; N]] = bytemuck::cast_slice_mut(&mut bytes);
-    out.par_chunks_mut(TILE * rows).enumerate().for_each(|(ti, dst)| {
-        let c0 = ti * TILE;
-        let nc = dst.len() / rows;
-        for r0 in (0..rows).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                for (c, &v) in src[r * cols + c0..r * cols + c0 + nc].iter().enumerate() {
-                    dst[c * rows + r] = v;
-                }
-            }
-        }
-    });
-    bytes
+    match dtype {
+        DType::F32 => go::<4>(raw, outs, inn),
+        DType::F16 | DType::BF16 => go::<2>(raw, outs, inn),
+    }
 }
 
 #[cfg(test)]
@@ -251,9 +236,10 @@ mod tests {
 
     #[test]
     fn transpose_moves_every_element() {
-        for (rows, cols, size) in [(3, 5, 2), (70, 130, 4), (1, 9, 2), (129, 1, 4)] {
+        for (rows, cols, dtype) in [(3, 5, DType::BF16), (70, 130, DType::F32), (1, 9, DType::F16), (129, 1, DType::F32)] {
+            let size = dtype.size();
             let src: Vec<u8> = (0..rows * cols * size).map(|i| (i * 31 % 251) as u8).collect();
-            let t = transpose(&src, rows, cols, size);
+            let t = transposed(dtype, &src, rows, cols);
             for r in 0..rows {
                 for c in 0..cols {
                     assert_eq!(&t[(c * rows + r) * size..][..size], &src[(r * cols + c) * size..][..size], "{rows}x{cols} ({r},{c})");

@@ -46,7 +46,12 @@ pub fn bin() -> PathBuf {
 
 /// Runs `evomerge ARGS`: (exit code, stdout, stderr); a panic is a test failure.
 pub fn run(args: &[&str]) -> (Option<i32>, String, String) {
-    let o = std::process::Command::new(bin()).args(args).output().expect("run evomerge");
+    run_env(args, &[])
+}
+
+/// [`run`] with extra environment variables (`EVOMERGE_MEMORY_BYTES`, ...).
+pub fn run_env(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let o = std::process::Command::new(bin()).args(args).envs(env.iter().copied()).output().expect("run evomerge");
     let (out, err) = (String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string());
     assert!(!err.contains("panicked"), "panic: {err}");
     (o.status.code(), out, err)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{bin, run_ok};
+use crate::common::{bin, run_env, run_ok};
 
 fn experiment(dir: &Path, evaluations: u64) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
@@ -71,9 +71,9 @@ fn search_writes_the_run_directory_and_the_best_recipe_reproduces_its_score() {
     let got = v["value"].as_f64().expect("value");
     assert!((got - best).abs() <= 1e-9 * best, "exported model: {got} vs recorded {best}");
     // A second search into the same directory is refused.
-    let o = Command::new(bin()).args(["search", &exp.display().to_string(), "--run-dir", &run.display().to_string()]).output().expect("run");
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("evomerge resume"));
+    let (code, _, err) = crate::common::run(&["search", &exp.display().to_string(), "--run-dir", &run.display().to_string()]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("evomerge resume"));
 }
 
 #[test]
@@ -158,9 +158,9 @@ fn resume_refuses_a_changed_config_unless_forced() {
     let cfg = run.join("config.resolved.toml");
     let text = std::fs::read_to_string(&cfg).expect("cfg");
     std::fs::write(&cfg, text.replace("max_evaluations = 4", "max_evaluations = 8")).expect("edit");
-    let o = Command::new(bin()).args(["resume", &run.display().to_string()]).output().expect("run");
-    assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("changed since the run started"));
+    let (code, _, err) = crate::common::run(&["resume", &run.display().to_string()]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("changed since the run started"));
     run_ok(&["resume", &run.display().to_string(), "--force"]);
     assert_eq!(records(&run).len(), 8, "the larger budget was used");
 }
@@ -179,9 +179,8 @@ fn bad_experiments_are_clear_errors() {
         let path = tmp.path().join("bad.toml");
         std::fs::write(&path, good.replace(from, to)).expect("write");
         let run = tmp.path().join("never");
-        let o = Command::new(bin()).args(["search", &path.display().to_string(), "--run-dir", &run.display().to_string()]).output().expect("run");
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(2), "{to}: {err}");
+        let (code, _, err) = crate::common::run(&["search", &path.display().to_string(), "--run-dir", &run.display().to_string()]);
+        assert_eq!(code, Some(2), "{to}: {err}");
         for n in needles {
             assert!(err.contains(n), "{to}: '{n}' not in {err}");
         }
@@ -189,13 +188,8 @@ fn bad_experiments_are_clear_errors() {
     }
     // Not enough memory for the resident model + one candidate: refused up front, with numbers.
     let exp = experiment(tmp.path(), 4);
-    let o = Command::new(bin())
-        .args(["search", &exp.display().to_string(), "--dry-run"])
-        .env("EVOMERGE_MEMORY_BYTES", "100000")
-        .output()
-        .expect("run");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+    let (code, _, err) = run_env(&["search", &exp.display().to_string(), "--dry-run"], &[("EVOMERGE_MEMORY_BYTES", "100000")]);
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("GiB of memory") && err.contains("available"), "{err}");
     let dry = run_ok(&["search", &exp.display().to_string(), "--dry-run"]);
     assert!(dry.contains("GiB of memory") && dry.contains("nothing run"), "{dry}");
@@ -295,18 +289,14 @@ fn in_place_and_streamed_candidates_record_the_same_evaluations() {
     let cap = (10 * params).to_string();
     let dry = run_ok(&["search", &e, "--dry-run"]);
     assert!(dry.contains("merged in place"), "{dry}");
-    let o = Command::new(bin()).args(["search", &e, "--dry-run"]).env("EVOMERGE_MEMORY_BYTES", &cap).output().expect("run");
-    let dry = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success() && dry.contains("from the memory-mapped checkpoints"), "{dry}");
+    let capped = [("EVOMERGE_MEMORY_BYTES", cap.as_str())];
+    let (code, dry, _) = run_env(&["search", &e, "--dry-run"], &capped);
+    assert!(code == Some(0) && dry.contains("from the memory-mapped checkpoints"), "{dry}");
 
     let (a, b) = (tmp.path().join("in-place"), tmp.path().join("streamed"));
     run_ok(&["search", &e, "--run-dir", &a.display().to_string(), "--progress", "off"]);
-    let o = Command::new(bin())
-        .args(["search", &e, "--run-dir", &b.display().to_string(), "--progress", "off"])
-        .env("EVOMERGE_MEMORY_BYTES", &cap)
-        .output()
-        .expect("run");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (code, _, err) = run_env(&["search", &e, "--run-dir", &b.display().to_string(), "--progress", "off"], &capped);
+    assert_eq!(code, Some(0), "{err}");
     let (ra, rb) = (records(&a), records(&b));
     assert_eq!(ra.len(), 8);
     assert_eq!(ra, rb, "in-place and streamed candidates scored differently");

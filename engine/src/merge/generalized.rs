@@ -394,13 +394,8 @@ impl GeneralizedTaskArithmetic {
                         o[j] = b[j] + finish(mixed[j], if div[j] == 0.0 { 1.0 } else { div[j] });
                     }
                 } else {
-                    // `finish` with its branches hoisted, so that each loop vectorizes
-                    let it = o.iter_mut().zip(b).zip(total.iter());
-                    match (normalize, lambda != 1.0) {
-                        (false, false) => it.for_each(|((o, &b), &t)| *o = b + t),
-                        (false, true) => it.for_each(|((o, &b), &t)| *o = b + t * lambda),
-                        (true, false) => it.for_each(|((o, &b), &t)| *o = b + t / plain_div),
-                        (true, true) => it.for_each(|((o, &b), &t)| *o = b + (t / plain_div) * lambda),
+                    for j in 0..len {
+                        o[j] = b[j] + finish(total[j], plain_div);
                     }
                 }
             })

@@ -32,6 +32,8 @@ pub use path::{Hop, LayerPath};
 pub use spec::{Dims, ModelSpec};
 pub use tokenizer::Tokenizer;
 
+pub(crate) use runtime::transpose_concat_into;
+
 use crate::error::{EngineError, Result};
 use crate::source::TensorSource;
 

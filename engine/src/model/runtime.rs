@@ -124,15 +124,24 @@ fn transpose_concat(parts: &[&HostTensor], name: &str) -> Result<(Vec<f32>, usiz
     }
     let total: usize = parts.iter().map(|p| p.shape[0]).sum();
     let mut out = vec![0f32; inn * total];
+    let views: Vec<(&[f32], usize)> = parts.iter().map(|p| (&p.data[..], p.shape[0])).collect();
+    transpose_concat_into(&views, inn, &mut out);
+    Ok((out, inn, total))
+}
+
+/// Row-major `[out_k, inn]` parts (data, out_k) → `[inn, Σ out_k]` row-major `out`, the parts
+/// side by side, in blocks of 64 input rows so that reads and writes stay in cache. Generic
+/// over the element: f32 weights here, raw checkpoint elements for `crate::resident`.
+pub(crate) fn transpose_concat_into<T: Copy + Send + Sync>(parts: &[(&[T], usize)], inn: usize, out: &mut [T]) {
+    let total: usize = parts.iter().map(|p| p.1).sum();
     const BLOCK: usize = 64;
     out.par_chunks_mut(BLOCK * total).enumerate().for_each(|(bi, rows)| {
         let i0 = bi * BLOCK;
         let n = rows.len() / total;
         let mut off = 0;
-        for p in parts.iter() {
-            let outs = p.shape[0];
+        for &(data, outs) in parts {
             for o in 0..outs {
-                let src = &p.data[o * inn + i0..o * inn + i0 + n];
+                let src = &data[o * inn + i0..o * inn + i0 + n];
                 for (r, &v) in src.iter().enumerate() {
                     rows[r * total + off + o] = v;
                 }
@@ -140,7 +149,6 @@ fn transpose_concat(parts: &[&HostTensor], name: &str) -> Result<(Vec<f32>, usiz
             off += outs;
         }
     });
-    Ok((out, inn, total))
 }
 
 fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, w: &Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
