@@ -28,6 +28,9 @@
 //! [budget]
 //! max_evaluations = 64
 //!
+//! [calibration]                      # only used by anchor / IRT estimators
+//! candidates = 16                    # random merges scored on every item before the search
+//!
 //! [dataflow]                         # optional second stage (Sakana's data-flow search)
 //! models = ["best", "models/a"]      # "best" = the best merge of the stage above
 //! genome = { model_a = 0, repeats = 2, scales = "target" }
@@ -67,6 +70,37 @@ pub struct Experiment {
     /// Optional second stage: data-flow search over the best merge and other models.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataflow: Option<DataFlowSection>,
+    /// What anchor / IRT estimators are fitted on, besides the source models.
+    #[serde(default, skip_serializing_if = "CalibrationSpec::is_default")]
+    pub calibration: CalibrationSpec,
+}
+
+/// `[calibration]`: anchor points and IRT models are fitted on item-level results of the source
+/// models plus `candidates` merges drawn uniformly (seeded by the run's seed) from the genome's
+/// bounds and scored on every item of every such objective before the first generation. Three
+/// source models alone make a poor IRT fit; merges of the same sources are what the estimator
+/// will be asked about (BENCHMARKS.md, "Fitness estimators on real merges of the zoo").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CalibrationSpec {
+    #[serde(default = "calibration_candidates")]
+    pub candidates: usize,
+}
+
+fn calibration_candidates() -> usize {
+    16
+}
+
+impl Default for CalibrationSpec {
+    fn default() -> Self {
+        Self { candidates: calibration_candidates() }
+    }
+}
+
+impl CalibrationSpec {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// `[dataflow]`: the data-flow stage (Sakana's DFS), run after the parameter-space stage in

@@ -145,10 +145,15 @@ impl TaskEstimator {
     pub fn responses(task: &Task, tok: &Tokenizer, prefix: u32, models: &mut [Box<dyn LanguageModel>]) -> Result<Responses, TaskError> {
         let mut data = Vec::with_capacity(models.len() * task.items.len());
         for m in models.iter_mut() {
-            let r = task.evaluate(m.as_mut(), tok, prefix, &crate::tasks::EvalOptions::default())?;
-            data.extend(r.items.iter().map(|i| i.score));
+            data.extend(Self::item_scores(task, tok, prefix, m.as_mut())?);
         }
         Ok(Responses::new(models.len(), task.items.len(), data))
+    }
+
+    /// One model's score on every item of `task`, in item order: one row of the calibration matrix.
+    pub fn item_scores(task: &Task, tok: &Tokenizer, prefix: u32, model: &mut dyn LanguageModel) -> Result<Vec<f64>, TaskError> {
+        let r = task.evaluate(model, tok, prefix, &crate::tasks::EvalOptions::default())?;
+        Ok(r.items.iter().map(|i| i.score).collect())
     }
 
     fn estimate(&self, scores: &[f64]) -> Estimate {

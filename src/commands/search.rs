@@ -26,6 +26,7 @@ use evomerge_engine::model::{self, DeviceSpec, LanguageModel, ModelSpec, Tokeniz
 use evomerge_engine::recipe::MergePlan;
 use evomerge_engine::{Checkpoint, TensorSource};
 use evomerge_fitness::tasks::{Task, TaskSpec};
+use evomerge_fitness::estimators::Responses;
 use evomerge_fitness::{FitnessEstimator, Method, TaskEstimator};
 use evomerge_search::runner::prev_path;
 use evomerge_search::{
@@ -204,29 +205,65 @@ fn setup(exp: Experiment, dry_run: bool) -> Result<Setup> {
         }
     }
     let prefix = base.config.prefix_token();
-    // Calibration (anchor / IRT estimators): the source models' own item results.
-    let needs_cal = exp.objectives.iter().any(|o| !matches!(o.estimator, Method::Full | Method::Random { .. }));
-    let mut sources: Vec<Box<dyn LanguageModel>> = Vec::new();
-    if needs_cal {
+    let tok = Tokenizer::from_dir(base.dir())?;
+    let mut tasks = Vec::new();
+    for o in &exp.objectives {
+        let spec = TaskSpec::load(&o.task).map_err(anyhow::Error::msg)?;
+        tasks.push(Task::load(spec, o.data.as_deref(), o.fewshot_data.as_deref())?);
+    }
+    let mut runtime = model::open(exp.device, &[ModelSpec::from_checkpoint(&base)])?;
+    let (resident, in_place, memory) = resident_merge(&exp, &layout, &base, runtime.as_ref(), !dry_run)?;
+    // Calibration (anchor / IRT estimators): every item's result for the source models and for
+    // `[calibration] candidates` random merges (skipped by a dry run, which fits on the sources).
+    let needs_cal: Vec<bool> = exp.objectives.iter().map(|o| !matches!(o.estimator, Method::Full | Method::Random { .. })).collect();
+    let mut cal: Vec<Vec<f64>> = vec![Vec::new(); tasks.len()];
+    let mut rows = 0;
+    if needs_cal.iter().any(|&n| n) {
+        let mut sources: Vec<Box<dyn LanguageModel>> = Vec::new();
         for r in exp.merge.models.iter().chain(exp.merge.base_model.as_ref()) {
             sources.push(model::open_dir(exp.device, &resolve_model(r, None)?)?);
         }
+        for m in &mut sources {
+            for (t, task) in tasks.iter().enumerate().filter(|(t, _)| needs_cal[*t]) {
+                cal[t].extend(TaskEstimator::item_scores(task, &tok, prefix, m.as_mut())?);
+            }
+        }
+        rows = sources.len();
+        drop(sources);
+        let n = if dry_run { 0 } else { exp.calibration.candidates };
+        let t0 = Instant::now();
+        if n > 0 {
+            eprintln!("calibrating anchor / IRT estimators: {rows} source models and {n} random merges, every item of each such objective");
+        }
+        for (i, genome) in calibration_genomes(&space, n, exp.seed).iter().enumerate() {
+            let recipe = layout.decode(genome)?;
+            let plan = MergePlan::build(&recipe, serde_norway::to_string(&recipe)?, None, exp.seed)?;
+            materialize(&plan, resident.as_ref(), runtime.as_mut())?;
+            for (t, task) in tasks.iter().enumerate().filter(|(t, _)| needs_cal[*t]) {
+                cal[t].extend(TaskEstimator::item_scores(task, &tok, prefix, runtime.as_mut())?);
+            }
+            rows += 1;
+            tracing::info!("calibration merge {}/{n} scored on every item ({:.1} s)", i + 1, t0.elapsed().as_secs_f64());
+        }
+        if n > 0 {
+            eprintln!("calibration done in {:.1} s", t0.elapsed().as_secs_f64());
+        }
     }
     let mut estimators = Vec::new();
-    for o in &exp.objectives {
-        let spec = TaskSpec::load(&o.task).map_err(anyhow::Error::msg)?;
-        let task = Task::load(spec, o.data.as_deref(), o.fewshot_data.as_deref())?;
-        let tok = Tokenizer::from_dir(base.dir())?;
-        let cal = if matches!(o.estimator, Method::Full | Method::Random { .. }) {
-            None
-        } else {
-            Some(TaskEstimator::responses(&task, &tok, prefix, &mut sources)?)
-        };
-        estimators.push(TaskEstimator::new(task, tok, prefix, o.estimator, cal.as_ref())?);
+    for ((o, task), cal) in exp.objectives.iter().zip(tasks).zip(cal) {
+        let cal = (!cal.is_empty()).then(|| Responses::new(rows, task.items.len(), cal));
+        estimators.push(TaskEstimator::new(task, Tokenizer::from_dir(base.dir())?, prefix, o.estimator, cal.as_ref())?);
     }
-    let runtime = model::open(exp.device, &[ModelSpec::from_checkpoint(&base)])?;
-    let (resident, in_place, memory) = resident_merge(&exp, &layout, &base, runtime.as_ref(), !dry_run)?;
     Ok(Setup { exp, layout, space, estimators, runtime, resident, in_place, base_dir: base.dir().to_path_buf(), memory })
+}
+
+/// `n` genomes drawn uniformly from `space` (seeded by the run's seed, apart from the
+/// optimizer's own stream): the calibration merges.
+fn calibration_genomes(space: &SearchSpace, n: usize, seed: u64) -> Vec<Vec<f64>> {
+    use rand_core::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xCA11_B8A7_E5EE_D000);
+    let mut unit = || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    (0..n).map(|_| space.lower.iter().zip(&space.upper).map(|(&lo, &hi)| lo + unit() * (hi - lo)).collect()).collect()
 }
 
 fn optimizer(s: &Setup) -> Result<Box<dyn Optimizer>> {
@@ -805,6 +842,12 @@ pub fn search(args: SearchArgs) -> Result<()> {
             gib(s.memory),
             if s.in_place { "in place (inputs held in the model's layout)" } else { "from the memory-mapped checkpoints" }
         );
+        if s.exp.objectives.iter().any(|o| !matches!(o.estimator, Method::Full | Method::Random { .. })) {
+            println!(
+                "anchor / IRT estimators: fitted on the source models and {} random merges, scored on every item before the first generation",
+                s.exp.calibration.candidates
+            );
+        }
         return Ok(());
     }
     let run_dir = match args.run_dir {

@@ -301,3 +301,47 @@ fn in_place_and_streamed_candidates_record_the_same_evaluations() {
     assert_eq!(ra.len(), 8);
     assert_eq!(ra, rb, "in-place and streamed candidates scored differently");
 }
+
+/// An IRT-estimated objective on the zoo (a 0-1 metric, 40 items): `[calibration]` merges
+/// are drawn from the run's seed, so two runs record the same evaluations (what exact resume
+/// relies on), and they are used: without them the same candidates get other estimates.
+#[test]
+fn calibration_merges_are_deterministic_and_feed_the_irt_fit() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let zoo = root.join("datasets/zoo");
+    let data = tmp.path().join("add.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(zoo.join("data/add-validation.jsonl")).expect("data").lines().take(40).map(String::from).collect();
+    std::fs::write(&data, lines.join("\n")).expect("write data");
+    let write = |name: &str, calibration: usize| {
+        let text = format!(
+            "name = \"irt\"\nseed = 3\n[merge]\nmethod = \"task_arithmetic\"\nbase_model = \"{z}/base\"\nmodels = [\"{z}/expert-add\", \"{z}/expert-reverse\"]\n\
+             [genome]\nsearch = [\"weight\"]\nlayers_per_group = 2\n\
+             [[objectives]]\ntask = \"{t}\"\ndata = \"{d}\"\nestimator = {{ method = \"gpirt\", k = 10, seed = 0 }}\n\
+             [optimizer]\nkind = \"random\"\npopulation = 3\n[budget]\nmax_evaluations = 3\n[calibration]\ncandidates = {calibration}\n",
+            z = zoo.display(),
+            t = root.join("experiments/tasks/zoo-add.toml").display(),
+            d = data.display()
+        );
+        let p = tmp.path().join(format!("{name}.toml"));
+        std::fs::write(&p, text).expect("write experiment");
+        p.display().to_string()
+    };
+    let (cal, none) = (write("cal", 3), write("none", 0));
+    let dry = run_ok(&["search", &cal, "--dry-run"]);
+    assert!(dry.contains("fitted on the source models and 3 random merges"), "{dry}");
+    let mut runs = vec![];
+    for (name, exp) in [("a", &cal), ("b", &cal), ("c", &none)] {
+        let run = tmp.path().join(name);
+        let (code, _, err) = crate::common::run(&["search", exp, "--run-dir", &run.display().to_string(), "--progress", "off"]);
+        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(err.contains("random merges, every item"), exp == &cal, "{err}");
+        runs.push(records(&run));
+    }
+    assert_eq!(runs[0].len(), 3);
+    assert_eq!(runs[0], runs[1], "the same calibrated run twice recorded different evaluations");
+    let genomes = |r: &BTreeMap<u64, Value>| r.values().map(|v| v["genome"].clone()).collect::<Vec<_>>();
+    assert_eq!(genomes(&runs[0]), genomes(&runs[2]), "same seed, same candidates");
+    let objectives = |r: &BTreeMap<u64, Value>| r.values().map(|v| v["objectives"].clone()).collect::<Vec<_>>();
+    assert_ne!(objectives(&runs[0]), objectives(&runs[2]), "calibration merges changed no estimate");
+}
