@@ -4,7 +4,8 @@
 //! [fields]            # FieldMap, e.g. for ARC-style rows
 //! id = "id"
 //! question = "question"
-//! choices = "choices.text"   # dotted paths reach into nested objects
+//! choices = "choices.text"   # dotted paths reach into nested objects; or one column per
+//!                            # choice: choices = ["option1", "option2"] (WinoGrande)
 //! gold = "answerKey"
 //! gold_kind = "letter"       # index | letter | text | choice_text
 //! ```
@@ -43,14 +44,22 @@ pub struct FieldMap {
     #[serde(default)]
     pub id: Option<String>,
     pub question: String,
-    /// An array of strings; absent for generation tasks.
+    /// Where the choices are; absent for generation tasks.
     #[serde(default)]
-    pub choices: Option<String>,
+    pub choices: Option<Choices>,
     pub gold: String,
     pub gold_kind: GoldKind,
     /// More fields to keep for prompt templates (dotted paths; the template name is the path).
     #[serde(default)]
     pub extra: Vec<String>,
+}
+
+/// The choices of a row: one field holding an array of strings, or one field per choice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Choices {
+    Array(String),
+    Columns(Vec<String>),
 }
 
 /// What to do with a bad row.
@@ -130,12 +139,15 @@ pub fn item_from_row(row: &Value, map: &FieldMap, line: usize) -> Result<Item, S
     let question = as_text(field(&map.question)?).ok_or_else(|| format!("field '{}' is not text", map.question))?;
     let choices: Vec<String> = match &map.choices {
         None => vec![],
-        Some(p) => field(p)?
+        Some(Choices::Array(p)) => field(p)?
             .as_array()
             .ok_or_else(|| format!("field '{p}' is not an array"))?
             .iter()
             .map(|c| as_text(c).ok_or_else(|| format!("a choice in '{p}' is not text")))
             .collect::<Result<_, _>>()?,
+        Some(Choices::Columns(ps)) => {
+            ps.iter().map(|p| as_text(field(p)?).ok_or_else(|| format!("choice field '{p}' is not text"))).collect::<Result<_, _>>()?
+        }
     };
     let raw = as_text(field(&map.gold)?).ok_or_else(|| format!("field '{}' is not text or a number", map.gold))?;
     let in_range = |i: usize| {
@@ -190,7 +202,7 @@ mod tests {
         FieldMap {
             id: Some("id".into()),
             question: "q".into(),
-            choices: choices.map(String::from),
+            choices: choices.map(|c| Choices::Array(c.into())),
             gold: "a".into(),
             gold_kind: kind,
             extra: vec![],
@@ -219,6 +231,20 @@ mod tests {
         assert_eq!(items[0].gold, Gold::Choice(1));
         let (items, _) = read_jsonl(f.path(), &map(GoldKind::Text, None), OnError::Stop).expect("read");
         assert_eq!(items[0].gold, Gold::Text("4".into()));
+    }
+
+    #[test]
+    fn choices_from_one_column_each() {
+        // WinoGrande rows: option1 / option2, answer "1" / "2"
+        let f = write(&[r#"{"sentence": "The cup fell off the table because _ was wobbly.", "option1": "the cup", "option2": "the table", "answer": "2"}"#]);
+        let m: FieldMap = toml::from_str("question = 'sentence'\nchoices = ['option1', 'option2']\ngold = 'answer'\ngold_kind = 'letter'\n").expect("map");
+        assert_eq!(m.choices, Some(Choices::Columns(vec!["option1".into(), "option2".into()])));
+        let (items, _) = read_jsonl(f.path(), &m, OnError::Stop).expect("read");
+        assert_eq!(items[0].choices, vec!["the cup", "the table"]);
+        assert_eq!(items[0].gold, Gold::Choice(1));
+        let bad: FieldMap = toml::from_str("question = 'sentence'\nchoices = ['option1', 'option3']\ngold = 'answer'\ngold_kind = 'letter'\n").expect("map");
+        let e = read_jsonl(f.path(), &bad, OnError::Stop).expect_err("missing column").to_string();
+        assert!(e.contains("missing field 'option3'"), "{e}");
     }
 
     #[test]

@@ -12,7 +12,8 @@ use evomerge_fitness::tasks::{EvalOptions, Task, TaskSpec};
 #[command(after_help = "Examples:\n  evomerge eval --model merged/ --task arc_challenge --data ARC-Challenge/test-00000-of-00001.parquet\n  \
 evomerge eval --model merged/ --task gsm8k --data gsm8k/test.jsonl --fewshot-data gsm8k/train.jsonl --limit 100\n  \
 evomerge eval --model merged/ --task my_task.toml --json\n\n\
-Presets (lm-eval-harness prompt formats): arc_challenge, arc_easy, mmlu, hellaswag, gsm8k.\n\
+Presets (lm-eval-harness prompt formats): arc_challenge, arc_easy, mmlu, hellaswag, gsm8k, winogrande,\n\
+mgsm_direct_{bn,de,en,es,fr,ja,ru,sw,te,th,zh}.\n\
 A task file is TOML (see fitness/tasks/*.toml for commented examples). Data: .jsonl or .parquet,\n\
 local files or files inside the Hugging Face cache; nothing is downloaded.")]
 pub struct EvalArgs {

@@ -94,6 +94,54 @@ fn gsm8k_preset_generates_extracts_and_matches() {
     }
 }
 
+/// lm-eval's WinoGrande: the sentence up to the blank + each option is that choice's context,
+/// the rest of the sentence after the blank the one continuation; each choice's
+/// log-likelihood is the runtime's own score of exactly that pair.
+#[test]
+fn winogrande_puts_each_option_in_the_context_and_scores_the_rest() {
+    let spec = TaskSpec::load("winogrande").expect("preset");
+    let task = Task::load(spec, Some(&data("winogrande_sample.jsonl")), None).expect("task");
+    let reqs = task.requests(0, &task.items[0]).expect("requests");
+    let ctx: Vec<&str> = reqs.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(ctx, ["The trophy doesn't fit into the brown suitcase because the trophy", "The trophy doesn't fit into the brown suitcase because the suitcase"]);
+    assert!(reqs.iter().all(|r| r.1 == " is too large."), "{reqs:?}");
+    assert_eq!(task.items[1].gold, evomerge_datasets::Gold::Choice(1), "answer \"2\" = option2");
+
+    let dir = model_dir("llama-tiny-a");
+    let mut m = model::open_dir(crate::common::test_device(), &dir).expect("model");
+    let tok = Tokenizer::from_dir(&dir).expect("tokenizer");
+    let r = task.evaluate(m.as_mut(), &tok, 1, &EvalOptions::default()).expect("eval");
+    assert_eq!((r.metric.as_str(), r.n), ("acc", 4));
+    for (i, (item, res)) in task.items.iter().zip(&r.items).enumerate() {
+        let reqs = task.requests(i, item).expect("requests");
+        for ((c, cont, _), got) in reqs.iter().zip(&res.logliks) {
+            let (context, continuation) = evomerge_fitness::tasks::encode_pair(&tok, c, cont, false, 1).expect("encode");
+            let want = m.score(&[ScoreRequest { context, continuation }], 1).expect("score")[0].sum;
+            assert!((got - want).abs() < crate::common::tol(1e-5, 1e-3), "item {i}: {got} vs {want}");
+        }
+        let pick = if res.logliks[1] > res.logliks[0] { 1 } else { 0 };
+        assert_eq!(res.score, f64::from(u8::from(evomerge_datasets::Gold::Choice(pick) == item.gold)), "item {i}");
+    }
+}
+
+/// mgsm_direct_en: "Question: …\nAnswer:", greedy until "Question:", gold = answer_number, exact
+/// match ignoring case and punctuation.
+#[test]
+fn mgsm_direct_prompts_like_lm_eval_and_scores_the_number() {
+    let spec = TaskSpec::load("mgsm_direct_en").expect("preset");
+    let task = Task::load(spec, Some(&data("mgsm_sample.jsonl")), None).expect("task");
+    let p = task.context(1, &task.items[1]).expect("prompt");
+    assert_eq!(p, "Question: A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts in total does it take?\nAnswer:");
+    assert_eq!(task.items[2].field("answer"), Some("70000"));
+    let m = model_dir("llama-tiny-b").display().to_string();
+    let r = eval_json(&["--model", &m, "--task", "mgsm_direct_en", "--data", &data("mgsm_sample.jsonl").display().to_string()]);
+    assert_eq!((r["metric"].as_str(), r["n"].as_u64()), (Some("exact_match"), Some(3)));
+    for item in r["items"].as_array().expect("items") {
+        let pred = item["prediction"].as_str().expect("prediction");
+        assert!(!pred.contains("Question:"), "generation is cut at the stop string: {pred:?}");
+    }
+}
+
 #[test]
 fn perplexity_equals_the_runtime_log_likelihoods() {
     let spec = TaskSpec::parse(

@@ -122,11 +122,10 @@ pub fn build(out: &Path, cfg: &ZooConfig, log: &mut dyn FnMut(&str)) -> Result<Z
     let mut losses = vec![];
     let mut stage = |name: &str, model: TinyLlama<Train>, st: &Stage, pools: &[(&[Item], f64)], log: &mut dyn FnMut(&str)| {
         let t0 = std::time::Instant::now();
-        let m = train::train(model, &d, st, pools, &dev, |step, loss| {
+        train::train(model, &d, st, pools, &dev, |step, loss| {
             log(&format!("{name}: step {step}/{} loss {loss:.4} ({:.0} s)", st.steps, t0.elapsed().as_secs_f64()));
             losses.push((name.to_string(), step, loss));
-        });
-        m
+        })
     };
     let base = TinyLlama::<Train>::init(&d, cfg.seed, &dev);
     let base = stage("base", base, &cfg.base, &[(pool("add"), 0.15), (pool("reverse"), 0.15), (pool("sort"), 0.7)], log);

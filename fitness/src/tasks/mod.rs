@@ -63,6 +63,8 @@ pub struct Task {
     template: Template,
     choice: Template,
     target: Option<Template>,
+    /// Multiple-input multiple choice: the continuation shared by every choice's context.
+    continuation: Option<Template>,
     extractor: Extractor,
     normalizer: Normalizer,
 }
@@ -185,13 +187,15 @@ impl Task {
         let template = Template::parse(&spec.prompt.template).map_err(&err)?;
         let choice = Template::parse(&spec.prompt.choice).map_err(&err)?;
         let target = spec.prompt.target.as_deref().map(Template::parse).transpose().map_err(&err)?;
+        let continuation = spec.prompt.continuation.as_deref().map(Template::parse).transpose().map_err(&err)?;
         let extractor = Extractor::new(&spec.generation.extract).map_err(&err)?;
         let normalizer = Normalizer::new(&spec.metric.normalize).map_err(&err)?;
-        let task = Self { spec, items, skipped, fewshot_pool, pool_is_data, template, choice, target, extractor, normalizer };
+        let task = Self { spec, items, skipped, fewshot_pool, pool_is_data, template, choice, target, continuation, extractor, normalizer };
         for (i, item) in task.items.iter().enumerate() {
-            task.context(i, item).map_err(&err)?;
             if task.spec.kind == Kind::MultipleChoice {
-                task.continuations(item).map_err(&err)?;
+                task.requests(i, item).map_err(&err)?;
+            } else {
+                task.context(i, item).map_err(&err)?;
             }
             if task.spec.kind == Kind::Generation && !matches!(item.gold, Gold::Text(_)) {
                 return Err(err(format!("item '{}': a generation task needs a text gold answer (gold_kind = \"text\")", item.id)));
@@ -200,33 +204,64 @@ impl Task {
         Ok(task)
     }
 
-    /// Continuation text of each choice (target delimiter + choice template) and the raw
-    /// choice strings (for acc_norm lengths).
-    fn continuations(&self, item: &Item) -> Result<Vec<(String, String)>, String> {
+    /// The (context, continuation, length for acc_norm) of each choice. Usually one context and
+    /// a continuation per choice (target delimiter + choice template; the length is the choice's
+    /// in characters). With `prompt.continuation` (lm-eval's multiple-input tasks, WinoGrande)
+    /// each choice goes into its own context and one continuation is scored after all of them;
+    /// the length is then that of the choice's context, as lm-eval takes `len(doc_to_choice)`.
+    pub fn requests(&self, index: usize, item: &Item) -> Result<Vec<(String, String, f64)>, String> {
+        let delim = &self.spec.prompt.target_delimiter;
+        let len = |s: &str| s.chars().count().max(1) as f64;
+        if let Some(cont) = &self.continuation {
+            let prefix = self.fewshot_prefix(index, item)?;
+            let c = format!("{delim}{}", cont.render(item, None)?);
+            return item
+                .choices
+                .iter()
+                .enumerate()
+                .map(|(i, ch)| {
+                    let own = self.template.render(item, Some(ChoiceCtx { choice: ch, index: i }))?;
+                    Ok((format!("{prefix}{own}"), c.clone(), len(&own)))
+                })
+                .collect();
+        }
+        let ctx = self.context(index, item)?;
         item.choices
             .iter()
             .enumerate()
-            .map(|(index, c)| {
-                let raw = self.choice.render(item, Some(ChoiceCtx { choice: c, index }))?;
-                Ok((format!("{}{raw}", self.spec.prompt.target_delimiter), raw))
+            .map(|(i, c)| {
+                let raw = self.choice.render(item, Some(ChoiceCtx { choice: c, index: i }))?;
+                Ok((ctx.clone(), format!("{delim}{raw}"), len(&raw)))
             })
             .collect()
     }
 
     /// The answer text a few-shot example shows.
     fn target_text(&self, ex: &Item) -> Result<String, String> {
-        match (&self.target, &ex.gold) {
-            (Some(t), _) => t.render(ex, None),
-            (None, Gold::Choice(i)) => {
+        match (&self.continuation, &self.target, &ex.gold) {
+            (Some(c), _, _) => c.render(ex, None),
+            (None, Some(t), _) => t.render(ex, None),
+            (None, None, Gold::Choice(i)) => {
                 let c = ex.choices.get(*i).ok_or("gold choice out of range")?;
                 self.choice.render(ex, Some(ChoiceCtx { choice: c, index: *i }))
             }
-            (None, Gold::Text(t)) => Ok(t.clone()),
+            (None, None, Gold::Text(t)) => Ok(t.clone()),
         }
     }
 
-    /// Description + few-shot examples + this item's prompt (lm-eval `fewshot_context`).
-    fn context(&self, index: usize, item: &Item) -> Result<String, String> {
+    /// A few-shot example's prompt: multiple-input tasks show the gold choice in it.
+    fn example_prompt(&self, ex: &Item) -> Result<String, String> {
+        match (&self.continuation, &ex.gold) {
+            (Some(_), Gold::Choice(i)) => {
+                let c = ex.choices.get(*i).ok_or("gold choice out of range")?;
+                self.template.render(ex, Some(ChoiceCtx { choice: c, index: *i }))
+            }
+            _ => self.template.render(ex, None),
+        }
+    }
+
+    /// Description + few-shot examples (lm-eval `fewshot_context` before the item's prompt).
+    fn fewshot_prefix(&self, index: usize, item: &Item) -> Result<String, String> {
         let p = &self.spec.prompt;
         let mut out = p.description.clone();
         if p.fewshot > 0 {
@@ -242,14 +277,18 @@ impl Task {
             }
             for j in chosen {
                 let ex = &self.fewshot_pool[j];
-                out.push_str(&self.template.render(ex, None)?);
+                out.push_str(&self.example_prompt(ex)?);
                 out.push_str(&p.target_delimiter);
                 out.push_str(&self.target_text(ex)?);
                 out.push_str(&p.fewshot_delimiter);
             }
         }
-        out.push_str(&self.template.render(item, None)?);
         Ok(out)
+    }
+
+    /// Description + few-shot examples + this item's prompt (lm-eval `fewshot_context`).
+    pub fn context(&self, index: usize, item: &Item) -> Result<String, String> {
+        Ok(format!("{}{}", self.fewshot_prefix(index, item)?, self.template.render(item, None)?))
     }
 
     /// Runs the task on `model` (the first `limit` items).
@@ -353,11 +392,10 @@ impl Task {
                 let mut reqs = Vec::new();
                 let mut spans = Vec::with_capacity(n);
                 for &(i, item) in &sel {
-                    let ctx = self.context(i, item).map_err(spec_err)?;
-                    let conts = self.continuations(item).map_err(spec_err)?;
-                    spans.push((reqs.len(), conts.iter().map(|(_, raw)| raw.chars().count().max(1) as f64).collect::<Vec<_>>()));
-                    for (cont, _) in &conts {
-                        let (mut context, continuation) = encode_pair(tok, &ctx, cont, add_bos, prefix)?;
+                    let rs = self.requests(i, item).map_err(spec_err)?;
+                    spans.push((reqs.len(), rs.iter().map(|r| r.2).collect::<Vec<_>>()));
+                    for (ctx, cont, _) in &rs {
+                        let (mut context, continuation) = encode_pair(tok, ctx, cont, add_bos, prefix)?;
                         let excess = (context.len() + continuation.len()).saturating_sub(max_ctx);
                         context.drain(..excess.min(context.len() - 1));
                         tokens += context.len() + continuation.len();

@@ -5,6 +5,11 @@
 //! renders the choices lettered, one per line (`A. first\nB. second`), as MMLU prompts do.
 //! Every placeholder is checked when a task loads, so a typo is an error naming the field, not
 //! an empty string in every prompt.
+//!
+//! Filters after `|` transform a value, left to right: `before:S` (the text before the first
+//! `S`), `after:S` (the text after it), `trim`. A value without `S` is an error for that item,
+//! as lm-eval's `str.index` raises. WinoGrande's partial sentences, for instance, are
+//! `{question|before:_}{choice}` and `{question|after:_|trim}`.
 
 use evomerge_datasets::Item;
 
@@ -18,7 +23,35 @@ pub struct Template {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
     Text(String),
-    Field(String),
+    Field(String, Vec<Filter>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Filter {
+    Before(String),
+    After(String),
+    Trim,
+}
+
+impl Filter {
+    /// `f` is trimmed: markers cannot start or end with whitespace.
+    fn parse(f: &str, source: &str) -> Result<Self, String> {
+        let f = f.trim();
+        match f.split_once(':') {
+            _ if f == "trim" => Ok(Filter::Trim),
+            Some(("before", s)) if !s.is_empty() => Ok(Filter::Before(s.to_string())),
+            Some(("after", s)) if !s.is_empty() => Ok(Filter::After(s.to_string())),
+            _ => Err(format!("template '{source}': unknown filter '{f}' (before:TEXT, after:TEXT, trim)")),
+        }
+    }
+
+    fn apply(&self, v: String) -> Result<String, String> {
+        Ok(match self {
+            Filter::Trim => v.trim().to_string(),
+            Filter::Before(s) => v[..v.find(s.as_str()).ok_or_else(|| format!("'{s}' not found in \"{v}\""))?].to_string(),
+            Filter::After(s) => v[v.find(s.as_str()).ok_or_else(|| format!("'{s}' not found in \"{v}\""))? + s.len()..].to_string(),
+        })
+    }
 }
 
 /// Per-choice values available to choice templates.
@@ -52,14 +85,16 @@ impl Template {
                             None => return Err(format!("template '{source}': unclosed '{{'")),
                         }
                     }
-                    let name = name.trim().to_string();
+                    let mut pieces = name.split('|');
+                    let name = pieces.next().unwrap_or_default().trim().to_string();
                     if name.is_empty() {
                         return Err(format!("template '{source}': empty placeholder '{{}}'"));
                     }
+                    let filters = pieces.map(|f| Filter::parse(f, source)).collect::<Result<Vec<_>, _>>()?;
                     if !text.is_empty() {
                         parts.push(Part::Text(std::mem::take(&mut text)));
                     }
-                    parts.push(Part::Field(name));
+                    parts.push(Part::Field(name, filters));
                 }
                 '}' => return Err(format!("template '{source}': unmatched '}}' (write '}}}}' for a literal brace)")),
                 c => text.push(c),
@@ -77,7 +112,7 @@ impl Template {
         for p in &self.parts {
             match p {
                 Part::Text(t) => out.push_str(t),
-                Part::Field(name) => {
+                Part::Field(name, filters) => {
                     let v = match (name.as_str(), choice) {
                         ("choice", Some(c)) => c.choice.to_string(),
                         ("letter", Some(c)) => letter(c.index),
@@ -99,6 +134,9 @@ impl Template {
                             )
                         })?,
                     };
+                    let v = filters.iter().try_fold(v, |v, f| f.apply(v)).map_err(|e| {
+                        format!("template '{}': item '{}', field '{name}': {e}", self.source, item.id)
+                    })?;
                     out.push_str(&v);
                 }
             }
@@ -129,6 +167,20 @@ mod tests {
         assert_eq!(t.render(&item(), None).expect("render"), "{about math} Q: 2+2?\nA. 3\nB. 4\nAnswer:");
         let c = Template::parse("{letter}) {choice} = {answer}").expect("parse");
         assert_eq!(c.render(&item(), Some(ChoiceCtx { choice: "3", index: 0 })).expect("render"), "A) 3 = 4");
+    }
+
+    #[test]
+    fn filters_cut_around_a_marker_and_trim() {
+        let mut it = item();
+        it.question = "The cup fell off the table because _ was wobbly. ".into();
+        let ctx = Template::parse("{question|before:_}{choice}").expect("parse");
+        assert_eq!(ctx.render(&it, Some(ChoiceCtx { choice: "the table", index: 1 })).expect("render"), "The cup fell off the table because the table");
+        let cont = Template::parse("{question | after:_ | trim}").expect("parse");
+        assert_eq!(cont.render(&it, None).expect("render"), "was wobbly.");
+        let e = Template::parse("{subject|before:_}").expect("parse").render(&it, None).expect_err("no marker");
+        assert!(e.contains("'_' not found") && e.contains("item '7'"), "{e}");
+        let e = Template::parse("{question|upper}").expect_err("unknown filter");
+        assert!(e.contains("unknown filter 'upper'"), "{e}");
     }
 
     #[test]
