@@ -6,14 +6,14 @@
 //! A 2PL population (1,000 items) gives training models (to fit IRT / anchors) and 100 test
 //! "candidates" scored on 5 % and 10 % of the items.
 //!
-//! `cargo run --release -p evomerge-fitness --example bench_estimators -- zoo [TEST] [CAL...]`
+//! `cargo run --release -p evomerge-fitness --example bench_estimators -- zoo [TASK] [TEST] [CAL...]`
 //!
 //! Real merges of the demo zoo (`datasets/zoo`): task-arithmetic candidates drawn uniformly
 //! from the genome a search uses (per-layer weights of both experts, the bounds of
-//! `evomerge_engine::genome`), each scored on every item of the zoo's held-out `both` split
-//! (1,200 greedy exact-match items). Calibration is what `evomerge search` fits on: the three
+//! `evomerge_engine::genome`), each scored on every item of a held-out split of the zoo: TASK
+//! `both` (1,200 greedy exact-match items, both skills), `add` or `reverse` (600 items each). Calibration is what `evomerge search` fits on: the three
 //! source models plus CAL random merges (`[calibration] candidates`); TEST other merges are
-//! estimated. The response matrix is cached in `bench-data/estimators-zoo.json`.
+//! estimated. The response matrix is cached in `bench-data/estimators-zoo-TASK.json`.
 //!
 //! Both print the mean absolute error of the estimated full-set accuracy (points, ×100) and
 //! Kendall's τ of the candidates' ranking for random subsets, anchor points, IRT, p-IRT (on
@@ -40,11 +40,16 @@ fn main() {
     match args.first().map(String::as_str) {
         None | Some("sim") => sim(num(1, 300), num(2, 2)),
         Some("zoo") => {
-            let cal: Vec<usize> = args.iter().skip(2).filter_map(|s| s.parse().ok()).collect();
-            zoo(num(1, 100), if cal.is_empty() { vec![0, 16, 64] } else { cal })
+            let task = args.get(1).cloned().unwrap_or_else(|| "both".into());
+            if !["both", "add", "reverse"].contains(&task.as_str()) {
+                eprintln!("zoo task '{task}': both | add | reverse");
+                std::process::exit(2)
+            }
+            let cal: Vec<usize> = args.iter().skip(3).filter_map(|s| s.parse().ok()).collect();
+            zoo(&task, num(2, 100), if cal.is_empty() { vec![0, 16, 64] } else { cal })
         }
         Some(other) => {
-            eprintln!("unknown mode '{other}': sim [TRAIN] [DIMS] | zoo [TEST] [CAL...]");
+            eprintln!("unknown mode '{other}': sim [TRAIN] [DIMS] | zoo [TASK] [TEST] [CAL...]");
             std::process::exit(2)
         }
     }
@@ -111,25 +116,27 @@ struct ZooMatrix {
     merges: Vec<Vec<f64>>,
 }
 
-fn zoo(n_test: usize, cals: Vec<usize>) {
+fn zoo(task: &str, n_test: usize, cals: Vec<usize>) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let zoo = root.join("datasets/zoo");
     let need = n_test + cals.iter().copied().max().unwrap_or(0);
-    let cache = root.join("bench-data/estimators-zoo.json");
+    let cache = root.join(format!("bench-data/estimators-zoo-{task}.json"));
     let mut m: ZooMatrix = std::fs::read(&cache)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or(ZooMatrix { items: 0, sources: vec![], merges: vec![] });
     if m.merges.len() < need {
-        m = score_zoo(&root, &zoo, need, m);
+        m = score_zoo(&root, &zoo, task, need, m);
         std::fs::create_dir_all(cache.parent().expect("parent")).expect("bench-data");
         std::fs::write(&cache, serde_json::to_vec(&m).expect("json")).expect("write cache");
     }
     let acc: Vec<f64> = m.merges.iter().map(|r| r.iter().sum::<f64>() / r.len() as f64).collect();
     let (lo, hi) = acc.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    let mean = acc.iter().sum::<f64>() / acc.len() as f64;
+    let sd = (acc.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / (acc.len() - 1).max(1) as f64).sqrt();
     let sources: Vec<String> = m.sources.iter().map(|r| format!("{:.3}", r.iter().sum::<f64>() / r.len() as f64)).collect();
     println!(
-        "zoo: {} items (both-test), sources (add, reverse, base) {}, {} random task-arithmetic merges scored: accuracy {lo:.3}–{hi:.3}",
+        "zoo: {} items ({task}-test), sources (expert-add, expert-reverse, base) {}, {} random task-arithmetic merges scored: accuracy {lo:.3}–{hi:.3} (sd {sd:.3})",
         m.items,
         sources.join(" / "),
         m.merges.len()
@@ -146,9 +153,9 @@ fn zoo(n_test: usize, cals: Vec<usize>) {
 }
 
 /// Scores the sources (if not yet) and random merges up to `need` on every item.
-fn score_zoo(root: &Path, zoo: &Path, need: usize, mut m: ZooMatrix) -> ZooMatrix {
-    let spec = TaskSpec::load(root.join("experiments/tasks/zoo-both.toml").to_str().expect("utf-8")).expect("task");
-    let task = Task::load(spec, Some(&zoo.join("data/both-test.jsonl")), None).expect("task data");
+fn score_zoo(root: &Path, zoo: &Path, name: &str, need: usize, mut m: ZooMatrix) -> ZooMatrix {
+    let spec = TaskSpec::load(root.join(format!("experiments/tasks/zoo-{name}.toml")).to_str().expect("utf-8")).expect("task");
+    let task = Task::load(spec, Some(&zoo.join(format!("data/{name}-test.jsonl"))), None).expect("task data");
     let dir = |n: &str| -> PathBuf { zoo.join(n) };
     let tok = Tokenizer::from_dir(&dir("base")).expect("tokenizer");
     let base = Checkpoint::open(&dir("base"), "base").expect("base");

@@ -124,6 +124,24 @@ fn winogrande_puts_each_option_in_the_context_and_scores_the_rest() {
     }
 }
 
+/// lm-eval's hellaswag: query = preprocess(activity_label + ": " + ctx_a + " " +
+/// ctx_b.capitalize()), choices = preprocess(ending); strings worked out by hand from utils.py.
+#[test]
+fn hellaswag_builds_lm_evals_query_and_cleans_brackets() {
+    let task = Task::load(TaskSpec::load("hellaswag").expect("preset"), Some(&data("hellaswag_sample.jsonl")), None).expect("task");
+    let r0 = task.requests(0, &task.items[0]).expect("requests");
+    assert_eq!(r0[0].0, "Roof shingle removal: A man is sitting on a roof. He");
+    assert_eq!(r0[3].1, " starts pulling up roofing on a roof.");
+    let r1 = task.requests(1, &task.items[1]).expect("requests");
+    // strip; " [title]" → ". "; "[...]" removed; "  " → " " (once, left to right); checked
+    // against lm-eval's utils.py run on these rows
+    assert_eq!(r1[0].0, "Personal Care and Style: How to dye your hair. Wash your hair a day before. don't condition it.");
+    let conts: Vec<&str> = r1.iter().map(|r| r.1.as_str()).collect();
+    // "[substeps] Dye" keeps the space after the removed bracket, as lm-eval's does
+    assert_eq!(conts, ["  Dye sticks to unwashed hair.", " Rinse it. twice.", " Skip the dye.", " Cut it."]);
+    assert_eq!(r1[1].2, "Rinse it. twice.".len() as f64, "acc_norm length of the cleaned choice");
+}
+
 /// mgsm_direct_en: "Question: …\nAnswer:", greedy until "Question:", gold = answer_number, exact
 /// match ignoring case and punctuation.
 #[test]

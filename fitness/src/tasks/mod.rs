@@ -36,7 +36,7 @@ use rand_core::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 pub use extract::{Extract, Extractor, Normalize, Normalizer};
-pub use spec::{Kind, Metric, PRESETS, TaskSpec};
+pub use spec::{Kind, Metric, PRESETS, Preprocess, TaskSpec};
 use template::{ChoiceCtx, Template};
 
 /// Errors of task loading and evaluation.
@@ -214,13 +214,13 @@ impl Task {
         let len = |s: &str| s.chars().count().max(1) as f64;
         if let Some(cont) = &self.continuation {
             let prefix = self.fewshot_prefix(index, item)?;
-            let c = format!("{delim}{}", cont.render(item, None)?);
+            let c = format!("{delim}{}", self.pp(cont.render(item, None)?));
             return item
                 .choices
                 .iter()
                 .enumerate()
                 .map(|(i, ch)| {
-                    let own = self.template.render(item, Some(ChoiceCtx { choice: ch, index: i }))?;
+                    let own = self.pp(self.template.render(item, Some(ChoiceCtx { choice: ch, index: i }))?);
                     Ok((format!("{prefix}{own}"), c.clone(), len(&own)))
                 })
                 .collect();
@@ -230,7 +230,7 @@ impl Task {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let raw = self.choice.render(item, Some(ChoiceCtx { choice: c, index: i }))?;
+                let raw = self.pp(self.choice.render(item, Some(ChoiceCtx { choice: c, index: i }))?);
                 Ok((ctx.clone(), format!("{delim}{raw}"), len(&raw)))
             })
             .collect()
@@ -238,6 +238,10 @@ impl Task {
 
     /// The answer text a few-shot example shows.
     fn target_text(&self, ex: &Item) -> Result<String, String> {
+        self.target_raw(ex).map(|t| self.pp(t))
+    }
+
+    fn target_raw(&self, ex: &Item) -> Result<String, String> {
         match (&self.continuation, &self.target, &ex.gold) {
             (Some(c), _, _) => c.render(ex, None),
             (None, Some(t), _) => t.render(ex, None),
@@ -251,12 +255,26 @@ impl Task {
 
     /// A few-shot example's prompt: multiple-input tasks show the gold choice in it.
     fn example_prompt(&self, ex: &Item) -> Result<String, String> {
-        match (&self.continuation, &ex.gold) {
+        let p = match (&self.continuation, &ex.gold) {
             (Some(_), Gold::Choice(i)) => {
                 let c = ex.choices.get(*i).ok_or("gold choice out of range")?;
-                self.template.render(ex, Some(ChoiceCtx { choice: c, index: *i }))
+                self.template.render(ex, Some(ChoiceCtx { choice: c, index: *i }))?
             }
-            _ => self.template.render(ex, None),
+            _ => self.template.render(ex, None)?,
+        };
+        Ok(self.pp(p))
+    }
+
+    /// The task's text clean-up ([`Preprocess`]) of a rendered prompt or choice.
+    fn pp(&self, text: String) -> String {
+        static BRACKETS: std::sync::LazyLock<regex::Regex> =
+            std::sync::LazyLock::new(|| regex::Regex::new(r"\[.*?\]").expect("valid regex"));
+        match self.spec.prompt.preprocess {
+            Preprocess::None => text,
+            Preprocess::Hellaswag => {
+                let t = text.trim().replace(" [title]", ". ");
+                BRACKETS.replace_all(&t, "").replace("  ", " ")
+            }
         }
     }
 
@@ -288,7 +306,7 @@ impl Task {
 
     /// Description + few-shot examples + this item's prompt (lm-eval `fewshot_context`).
     pub fn context(&self, index: usize, item: &Item) -> Result<String, String> {
-        Ok(format!("{}{}", self.fewshot_prefix(index, item)?, self.template.render(item, None)?))
+        Ok(format!("{}{}", self.fewshot_prefix(index, item)?, self.pp(self.template.render(item, None)?)))
     }
 
     /// Runs the task on `model` (the first `limit` items).

@@ -117,10 +117,23 @@ pub struct PromptSpec {
     pub fewshot_seed: u64,
     #[serde(default = "two_newlines")]
     pub fewshot_delimiter: String,
+    /// Clean-up applied to every rendered prompt and choice (lm-eval's per-task `preprocess`).
+    #[serde(default)]
+    pub preprocess: Preprocess,
     /// Prepend the tokenizer's special tokens (BOS) to every context. lm-eval's HF models
     /// default to no (`add_bos_token=False`); models trained with BOS want yes.
     #[serde(default)]
     pub add_bos: bool,
+}
+
+/// A task's text clean-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preprocess {
+    #[default]
+    None,
+    /// lm-eval's hellaswag `preprocess`: strip, " [title]" → ". ", drop `[...]`, "  " → " ".
+    Hellaswag,
 }
 
 fn question() -> String {
@@ -151,6 +164,7 @@ impl Default for PromptSpec {
             fewshot: 0,
             fewshot_seed: fewshot_seed(),
             fewshot_delimiter: two_newlines(),
+            preprocess: Preprocess::None,
             add_bos: false,
         }
     }

@@ -7,7 +7,8 @@
 //! an empty string in every prompt.
 //!
 //! Filters after `|` transform a value, left to right: `before:S` (the text before the first
-//! `S`), `after:S` (the text after it), `trim`. A value without `S` is an error for that item,
+//! `S`), `after:S` (the text after it), `trim`, `capitalize` (Python's `str.capitalize`: first
+//! character upper case, the rest lower case). A value without `S` is an error for that item,
 //! as lm-eval's `str.index` raises. WinoGrande's partial sentences, for instance, are
 //! `{question|before:_}{choice}` and `{question|after:_|trim}`.
 
@@ -31,6 +32,7 @@ enum Filter {
     Before(String),
     After(String),
     Trim,
+    Capitalize,
 }
 
 impl Filter {
@@ -39,15 +41,20 @@ impl Filter {
         let f = f.trim();
         match f.split_once(':') {
             _ if f == "trim" => Ok(Filter::Trim),
+            _ if f == "capitalize" => Ok(Filter::Capitalize),
             Some(("before", s)) if !s.is_empty() => Ok(Filter::Before(s.to_string())),
             Some(("after", s)) if !s.is_empty() => Ok(Filter::After(s.to_string())),
-            _ => Err(format!("template '{source}': unknown filter '{f}' (before:TEXT, after:TEXT, trim)")),
+            _ => Err(format!("template '{source}': unknown filter '{f}' (before:TEXT, after:TEXT, trim, capitalize)")),
         }
     }
 
     fn apply(&self, v: String) -> Result<String, String> {
         Ok(match self {
             Filter::Trim => v.trim().to_string(),
+            Filter::Capitalize => {
+                let mut c = v.chars();
+                c.next().map_or_else(String::new, |f| f.to_uppercase().chain(c.flat_map(char::to_lowercase)).collect())
+            }
             Filter::Before(s) => v[..v.find(s.as_str()).ok_or_else(|| format!("'{s}' not found in \"{v}\""))?].to_string(),
             Filter::After(s) => v[v.find(s.as_str()).ok_or_else(|| format!("'{s}' not found in \"{v}\""))? + s.len()..].to_string(),
         })
@@ -179,6 +186,9 @@ mod tests {
         assert_eq!(cont.render(&it, None).expect("render"), "was wobbly.");
         let e = Template::parse("{subject|before:_}").expect("parse").render(&it, None).expect_err("no marker");
         assert!(e.contains("'_' not found") && e.contains("item '7'"), "{e}");
+        assert_eq!(Template::parse("{question|capitalize}").expect("parse").render(&it, None).expect("render"), "The cup fell off the table because _ was wobbly. ");
+        it.question = "then HE runs.".into();
+        assert_eq!(Template::parse("{question|capitalize}").expect("parse").render(&it, None).expect("render"), "Then he runs.");
         let e = Template::parse("{question|upper}").expect_err("unknown filter");
         assert!(e.contains("unknown filter 'upper'"), "{e}");
     }
