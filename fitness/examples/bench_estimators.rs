@@ -17,7 +17,8 @@
 //!
 //! Both print the mean absolute error of the estimated full-set accuracy (points, ×100) and
 //! Kendall's τ of the candidates' ranking for random subsets, anchor points, IRT, p-IRT (on
-//! the random subset), gp-IRT (random subset) and gp-IRT/a (anchor points). Reference
+//! the random subset), gp-IRT (random subset, `gpirt`) and gp-IRT/a (anchor points,
+//! `gpirt_anchor`). Reference
 //! (tinyBenchmarks): 1.5–2.9 points MAE at 100 items on real benchmarks; target gp-IRT ≤ 2
 //! points and τ ≥ 0.9 at 10 %.
 

@@ -49,8 +49,12 @@ fn calibrated_estimators_run_on_the_source_models_results() {
         ["models/llama-tiny-base", "models/llama-tiny-a", "models/llama-tiny-b"].iter().map(|n| open(n)).collect();
     let cal = TaskEstimator::responses(&task, &t, 1, &mut ms).expect("calibration");
     assert_eq!((cal.models, cal.items), (3, 8));
-    for method in [Method::Anchor { k: 3, seed: 1 }, Method::Gpirt { k: 4, seed: 1 }] {
+    for method in [Method::Anchor { k: 3, seed: 1 }, Method::Gpirt { k: 4, seed: 1 }, Method::GpirtAnchor { k: 3, seed: 1 }] {
         let mut e = TaskEstimator::new(arc(), tok(), 1, method, Some(&cal)).expect("estimator");
+        if matches!(method, Method::GpirtAnchor { .. }) {
+            let anchors = evomerge_fitness::estimators::AnchorPoints::fit(&cal, 3, 1);
+            assert_eq!(e.subset(), &anchors.items[..], "gp-IRT on anchors scores the anchor points");
+        }
         let f = e.evaluate(open("merges/linear").as_mut(), "linear").expect("fitness");
         assert!((0.0..=1.0).contains(&f.values[0]) && f.std_errors[0] >= 0.0, "{method:?}: {f:?}");
         assert!(f.items <= 4);
