@@ -72,6 +72,7 @@ pub enum Method {
     GpirtAnchor { k: usize, seed: u64 },
 }
 
+#[derive(Clone)]
 enum Fitted {
     Mean,
     Weighted(Vec<f64>),
@@ -79,7 +80,9 @@ enum Fitted {
     Irt { irt: Irt, gp_lambda: Option<f64>, p: bool, naive: Vec<f64> },
 }
 
-/// One task, one estimation method.
+/// One task, one estimation method. A clone shares nothing (its own result cache): one per
+/// worker when candidates are scored in parallel.
+#[derive(Clone)]
 pub struct TaskEstimator {
     task: Task,
     tok: Tokenizer,

@@ -167,6 +167,19 @@ impl Runner {
 
     /// Runs until a budget, the optimizer's criterion or cancellation ends it.
     pub fn run(&mut self, objective: &mut dyn FnMut(&Candidate) -> Outcome, observer: &mut dyn Observer) -> Result<Termination, SearchError> {
+        self.run_batched(1, &mut |cs: &[Candidate]| cs.iter().map(&mut *objective).collect(), observer)
+    }
+
+    /// [`Runner::run`] handing the objective up to `batch` candidates of a generation at a time
+    /// (to score them in parallel). The optimizer is told each outcome in candidate order, one
+    /// at a time, exactly as `run` does, so the trajectory does not depend on `batch`;
+    /// cancellation is checked between batches.
+    pub fn run_batched(
+        &mut self,
+        batch: usize,
+        objective: &mut dyn FnMut(&[Candidate]) -> Vec<Outcome>,
+        observer: &mut dyn Observer,
+    ) -> Result<Termination, SearchError> {
         let start = Instant::now();
         let elapsed = |s: &Self| s.seconds_before + start.elapsed().as_secs_f64();
         loop {
@@ -174,17 +187,21 @@ impl Runner {
                 self.save(elapsed(self))?;
                 return Ok(t);
             }
-            for c in self.optimizer.ask() {
+            for chunk in self.optimizer.ask().chunks(batch.max(1)) {
                 if self.cancel.load(Ordering::Relaxed) {
                     self.save(elapsed(self))?;
                     return Ok(Termination::Interrupted);
                 }
-                let e = Evaluation { id: c.id, outcome: objective(&c) };
-                if matches!(e.outcome, Outcome::Failed(_)) {
-                    self.failures += 1;
+                let outcomes = objective(chunk);
+                assert_eq!(outcomes.len(), chunk.len(), "one outcome per candidate");
+                for (c, outcome) in chunk.iter().zip(outcomes) {
+                    let e = Evaluation { id: c.id, outcome };
+                    if matches!(e.outcome, Outcome::Failed(_)) {
+                        self.failures += 1;
+                    }
+                    observer.on_evaluation(c, &e);
+                    self.optimizer.tell(vec![e])?;
                 }
-                observer.on_evaluation(&c, &e);
-                self.optimizer.tell(vec![e])?;
             }
             let report = GenerationReport {
                 generation: self.optimizer.generation(),
@@ -234,6 +251,24 @@ mod tests {
 
     fn gens(n: u64) -> Budget {
         Budget { max_generations: Some(n), ..Default::default() }
+    }
+
+    #[test]
+    fn batches_of_candidates_give_the_same_trajectory() {
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut one = Log::default();
+        Runner::new(cmaes(), gens(6), None, flag.clone()).run(&mut objective, &mut one).expect("run");
+        for batch in [2usize, 3, 64] {
+            let mut log = Log::default();
+            let mut sizes = vec![];
+            let mut f = |cs: &[Candidate]| -> Vec<Outcome> {
+                sizes.push(cs.len());
+                cs.iter().map(objective).collect()
+            };
+            Runner::new(cmaes(), gens(6), None, flag.clone()).run_batched(batch, &mut f, &mut log).expect("run");
+            assert_eq!(log.0, one.0, "batch {batch}");
+            assert!(sizes.iter().all(|&n| n <= batch) && sizes.iter().any(|&n| n > 1), "batch {batch}: {sizes:?}");
+        }
     }
 
     #[test]

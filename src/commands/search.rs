@@ -60,6 +60,11 @@ pub struct SearchArgs {
     /// Progress display.
     #[arg(long, value_enum, default_value = "auto")]
     pub progress: SearchProgress,
+    /// Candidates scored at once, each on its own copy of the model (0 = auto: one per core
+    /// for models up to 32 M parameters on the CPU, where one core runs a forward pass as
+    /// fast as all of them, memory permitting; else 1). Results do not depend on it.
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
 }
 
 #[derive(Debug, Args)]
@@ -72,6 +77,11 @@ pub struct ResumeArgs {
     /// Progress display.
     #[arg(long, value_enum, default_value = "auto")]
     pub progress: SearchProgress,
+    /// Candidates scored at once, each on its own copy of the model (0 = auto: one per core
+    /// for models up to 32 M parameters on the CPU, where one core runs a forward pass as
+    /// fast as all of them, memory permitting; else 1). Results do not depend on it.
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
 }
 
 const CONFIG: &str = crate::experiment::RESOLVED;
@@ -174,6 +184,27 @@ fn materialize(plan: &MergePlan, resident: Option<&ResidentMerge>, runtime: &mut
 
 fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
+}
+
+/// Largest model (parameters) for which `--workers 0` scores one candidate per core.
+const SMALL_MODEL_PARAMS: u64 = 32_000_000;
+
+/// How many candidates are scored at once: `requested` unless 0 (auto). Auto: on the CPU, one
+/// per core for models of at most [`SMALL_MODEL_PARAMS`] parameters — their matrices are too
+/// small for the runtime's parallel loops to use the other cores (the demo zoo runs as fast on
+/// one core as on two, BENCHMARKS.md) — as far as memory allows one more f32 copy of the model
+/// per worker on top of the run's `memory`; larger models, and GPUs, one at a time.
+fn worker_count(requested: usize, device: DeviceSpec, base: &Checkpoint, memory: u64) -> usize {
+    if requested > 0 {
+        return requested;
+    }
+    let params = base.raw_bytes() / base.dtype().size() as u64;
+    if device != DeviceSpec::Cpu || params > SMALL_MODEL_PARAMS {
+        return 1;
+    }
+    let cores = rayon::current_num_threads();
+    let by_memory = memory_available().map_or(cores, |a| 1 + (a.saturating_sub(memory) / runtime_bytes(base).max(1)) as usize);
+    cores.min(by_memory).max(1)
 }
 
 /// Loads everything a run needs; `dry_run` skips building the resident inputs.
@@ -439,14 +470,114 @@ impl StageKind<'_> {
     }
 }
 
+/// A runtime and its own estimators: one per candidate scored at once.
+struct Worker {
+    runtime: Box<dyn LanguageModel>,
+    estimators: Vec<TaskEstimator>,
+}
+
+/// One candidate's scoring: objective values and standard errors, items, tokens, artifact;
+/// the seconds it took (and of that, materializing it); its data-flow path in words.
+struct Computed {
+    result: Result<Scored>,
+    seconds: f64,
+    materialize_s: f64,
+    path_text: Option<String>,
+}
+
+/// Identifies a candidate's weights (the result cache's key): stage tag + the genome's bits.
+fn fingerprint(tag: &str, genome: &[f64]) -> String {
+    format!("{tag}{}", genome.iter().map(|x| format!("{:016x}", x.to_bits())).collect::<String>())
+}
+
+/// Scores candidate `c` on one worker: merge it into (or route) the runtime, then run every
+/// estimator.
+fn score_candidate(kind: &StageKind<'_>, c: &Candidate, fp: &str, runtime: &mut dyn LanguageModel, estimators: &mut [TaskEstimator]) -> Computed {
+    let t0 = Instant::now();
+    let mut materialize_s = 0.0;
+    let mut path_text = None;
+    let result = (|| -> Result<Scored> {
+        let artifact = match kind {
+            StageKind::Params { layout, seed, resident } => {
+                let recipe = layout.decode(&c.genome)?;
+                let yaml = serde_norway::to_string(&recipe)?;
+                let plan = MergePlan::build(&recipe, yaml.clone(), None, *seed)?;
+                materialize(&plan, *resident, runtime)?;
+                yaml
+            }
+            StageKind::DataFlow { layout } => {
+                let path = layout.decode(&c.genome)?;
+                path_text = Some(dataflow::describe(&path));
+                let json = serde_json::to_string_pretty(&path)?;
+                runtime.set_path(path)?;
+                json
+            }
+        };
+        materialize_s = t0.elapsed().as_secs_f64();
+        let (mut values, mut ses, mut items, mut tokens) = (vec![], vec![], 0, 0);
+        for e in estimators.iter_mut() {
+            let f = e.evaluate(runtime, fp)?;
+            values.extend(&f.values);
+            ses.extend(&f.std_errors);
+            items += f.items;
+            tokens += f.tokens;
+        }
+        Ok((values, ses, items, tokens, artifact))
+    })();
+    Computed { result, seconds: t0.elapsed().as_secs_f64(), materialize_s, path_text }
+}
+
+/// A genome scored before: its earlier values, no work.
+fn repeat(kind: &StageKind<'_>, c: &Candidate, values: Vec<f64>, ses: Vec<f64>) -> Computed {
+    let t0 = Instant::now();
+    let mut path_text = None;
+    let result = (|| -> Result<Scored> {
+        if let StageKind::DataFlow { layout } = kind {
+            path_text = Some(dataflow::describe(&layout.decode(&c.genome)?));
+        }
+        Ok((values, ses, 0, 0, String::new()))
+    })();
+    Computed { result, seconds: t0.elapsed().as_secs_f64(), materialize_s: 0.0, path_text }
+}
+
+/// Scores `batch[i]` for every `i` in `todo`, spread over the workers (one candidate per worker
+/// at a time, on the rayon pool); `out[k]` is `todo[k]`'s result.
+fn score_parallel(kind: &StageKind<'_>, tag: &str, batch: &[Candidate], todo: &[usize], workers: &mut [(&mut dyn LanguageModel, &mut [TaskEstimator])]) -> Vec<Computed> {
+    if workers.len() == 1 || todo.len() == 1 {
+        let (rt, est) = &mut workers[0];
+        return todo.iter().map(|&i| score_candidate(kind, &batch[i], &fingerprint(tag, &batch[i].genome), &mut **rt, est)).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<Computed>>> = todo.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    rayon::scope(|s| {
+        for (rt, est) in workers.iter_mut() {
+            let (next, slots) = (&next, &slots);
+            s.spawn(move |_| {
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&i) = todo.get(k) else { break };
+                    let c = &batch[i];
+                    let r = score_candidate(kind, c, &fingerprint(tag, &c.genome), &mut **rt, est);
+                    *slots[k].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r);
+                }
+            });
+        }
+    });
+    slots.into_iter().map(|m| m.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner).expect("every candidate scored")).collect()
+}
+
 /// Runs one stage's loop with `dir` as its run directory (checkpoint, evaluations, best).
-/// A failure to record an evaluation is run-scoped: `cancel` stops the run at once (the runner
-/// writes a checkpoint) and the error is returned.
+/// `runtime` + `estimators` and each of `extra` score candidates at once (a generation in
+/// batches of that many); records are written, and the optimizer told, in candidate order, so
+/// the run does not depend on how many workers it had. A failure to record an evaluation is
+/// run-scoped: `cancel` stops the run at once (the runner writes a checkpoint) and the error is
+/// returned.
 #[allow(clippy::too_many_arguments)]
 fn run_stage(
     kind: StageKind<'_>,
     estimators: &mut [TaskEstimator],
     runtime: &mut dyn LanguageModel,
+    extra: &mut [Worker],
     dir: &Path,
     runner: &mut Runner,
     cancel: &Arc<AtomicBool>,
@@ -467,6 +598,7 @@ fn run_stage(
         writeln!(evals).with_context(|| format!("appending to {}", evals_path.display()))?;
     }
     let directions: Vec<_> = estimators.iter().map(|e| e.objectives()[0].clone()).collect();
+    let n_objectives = estimators.len();
     // The best so far includes earlier sessions (their best file is already on disk).
     let mut best: Option<f64> = replay
         .values()
@@ -480,7 +612,6 @@ fn run_stage(
         StageKind::Params { .. } => "",
         StageKind::DataFlow { .. } => "dfs:",
     };
-    let fingerprint_of = |genome: &[f64]| format!("{tag}{}", genome.iter().map(|x| format!("{:016x}", x.to_bits())).collect::<String>());
     // Genomes scored before (this session or an earlier one): a repeat is recorded with the
     // earlier values and no work, whether or not the earlier one was scored in this process,
     // so that a resumed run writes the same records as an uninterrupted one.
@@ -490,94 +621,90 @@ fn run_stage(
         let genome: Vec<f64> = g.iter().filter_map(|x| x.as_f64()).collect();
         let values: Vec<f64> = directions.iter().filter_map(|d| o.get(&d.name).and_then(|x| x.as_f64())).collect();
         let ses: Vec<f64> = v["std_errors"].as_array().map(|a| a.iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect()).unwrap_or_default();
-        seen.entry(fingerprint_of(&genome)).or_insert((values, ses));
+        seen.entry(fingerprint(tag, &genome)).or_insert((values, ses));
     }
-    let mut objective = |c: &Candidate| -> Outcome {
-        if let Some(o) = replay.get(&c.id) {
-            return o.clone();
-        }
-        let t0 = Instant::now();
-        let fingerprint = fingerprint_of(&c.genome);
-        let mut materialize_s = 0.0;
-        let mut path_text = None;
-        let repeat = seen.get(&fingerprint).cloned();
-        let result = (|| -> Result<Scored> {
-            if let Some((values, ses)) = repeat {
-                let artifact = match &kind {
-                    StageKind::DataFlow { layout } => {
-                        path_text = Some(dataflow::describe(&layout.decode(&c.genome)?));
-                        String::new()
-                    }
-                    StageKind::Params { .. } => String::new(),
-                };
-                return Ok((values, ses, 0, 0, artifact));
+    let n_workers = 1 + extra.len();
+    let mut workers: Vec<(&mut dyn LanguageModel, &mut [TaskEstimator])> = vec![(runtime, estimators)];
+    for w in extra.iter_mut() {
+        let rt: &mut dyn LanguageModel = w.runtime.as_mut();
+        workers.push((rt, w.estimators.as_mut_slice()));
+    }
+    let mut objective = |batch: &[Candidate]| -> Vec<Outcome> {
+        // Which candidates need scoring: not replayed from an earlier session, not seen before,
+        // not a twin of one scored in this batch (that one is resolved in order below).
+        let fps: Vec<String> = batch.iter().map(|c| fingerprint(tag, &c.genome)).collect();
+        let mut todo = vec![];
+        for (i, c) in batch.iter().enumerate() {
+            let twin = todo.iter().any(|&j: &usize| fps[j] == fps[i]);
+            if !replay.contains_key(&c.id) && !seen.contains_key(&fps[i]) && !twin {
+                todo.push(i);
             }
-            let artifact = match &kind {
-                StageKind::Params { layout, seed, resident } => {
-                    let recipe = layout.decode(&c.genome)?;
-                    let yaml = serde_norway::to_string(&recipe)?;
-                    let plan = MergePlan::build(&recipe, yaml.clone(), None, *seed)?;
-                    materialize(&plan, *resident, runtime)?;
-                    yaml
+        }
+        let mut scored: Vec<Option<Computed>> = batch.iter().map(|_| None).collect();
+        for (k, r) in score_parallel(&kind, tag, batch, &todo, &mut workers).into_iter().enumerate() {
+            scored[todo[k]] = Some(r);
+        }
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for (i, c) in batch.iter().enumerate() {
+            if let Some(o) = replay.get(&c.id) {
+                outcomes.push(o.clone());
+                continue;
+            }
+            let fp = &fps[i];
+            let computed = match scored[i].take() {
+                Some(x) => x,
+                None => match seen.get(fp).cloned() {
+                    Some((values, ses)) => repeat(&kind, c, values, ses),
+                    // the twin it waited for failed: score this one itself, as a run one
+                    // candidate at a time would
+                    None => {
+                        let (rt, est) = &mut workers[0];
+                        score_candidate(&kind, c, fp, &mut **rt, est)
+                    }
+                },
+            };
+            let Computed { result, seconds, materialize_s, path_text } = computed;
+            let (record, outcome) = match result {
+                Ok((values, ses, items, tokens, artifact)) => {
+                    seen.entry(fp.clone()).or_insert_with(|| (values.clone(), ses.clone()));
+                    let minimized: Vec<f64> = values.iter().zip(&directions).map(|(v, o)| o.direction.to_minimized(*v)).collect();
+                    if minimized.len() == 1 && best.is_none_or(|b| minimized[0] < b) {
+                        best = Some(minimized[0]);
+                        if let Err(e) = write_atomic(&dir.join(kind.best_file()), &artifact) {
+                            write_err.get_or_insert(e);
+                            cancel.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    let objectives: serde_json::Map<String, serde_json::Value> =
+                        directions.iter().zip(&values).map(|(o, v)| (o.name.clone(), json!(v))).collect();
+                    (
+                        json!({"id": c.id, "generation": c.generation, "genome": c.genome, "objectives": objectives,
+                               "std_errors": ses, "minimized": minimized, "items": items, "tokens": tokens,
+                               "seconds": seconds, "materialize_seconds": materialize_s,
+                               "path": path_text, "failure": null}),
+                        Outcome::Scored(minimized),
+                    )
                 }
-                StageKind::DataFlow { layout } => {
-                    let path = layout.decode(&c.genome)?;
-                    path_text = Some(dataflow::describe(&path));
-                    let json = serde_json::to_string_pretty(&path)?;
-                    runtime.set_path(path)?;
-                    json
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    (
+                        json!({"id": c.id, "generation": c.generation, "genome": c.genome, "failure": msg,
+                               "seconds": seconds}),
+                        Outcome::Failed(msg),
+                    )
                 }
             };
-            materialize_s = t0.elapsed().as_secs_f64();
-            let (mut values, mut ses, mut items, mut tokens) = (vec![], vec![], 0, 0);
-            for e in estimators.iter_mut() {
-                let f = e.evaluate(runtime, &fingerprint)?;
-                values.extend(&f.values);
-                ses.extend(&f.std_errors);
-                items += f.items;
-                tokens += f.tokens;
+            if let Err(e) = writeln!(evals, "{record}").and_then(|()| evals.sync_data()) {
+                write_err.get_or_insert(anyhow::Error::from(e).context("appending to evaluations.jsonl"));
+                cancel.store(true, Ordering::Relaxed);
             }
-            Ok((values, ses, items, tokens, artifact))
-        })();
-        let (record, outcome) = match result {
-            Ok((values, ses, items, tokens, artifact)) => {
-                seen.entry(fingerprint.clone()).or_insert_with(|| (values.clone(), ses.clone()));
-                let minimized: Vec<f64> = values.iter().zip(&directions).map(|(v, o)| o.direction.to_minimized(*v)).collect();
-                if minimized.len() == 1 && best.is_none_or(|b| minimized[0] < b) {
-                    best = Some(minimized[0]);
-                    if let Err(e) = write_atomic(&dir.join(kind.best_file()), &artifact) {
-                        write_err.get_or_insert(e);
-                        cancel.store(true, Ordering::Relaxed);
-                    }
-                }
-                let objectives: serde_json::Map<String, serde_json::Value> =
-                    directions.iter().zip(&values).map(|(o, v)| (o.name.clone(), json!(v))).collect();
-                (
-                    json!({"id": c.id, "generation": c.generation, "genome": c.genome, "objectives": objectives,
-                           "std_errors": ses, "minimized": minimized, "items": items, "tokens": tokens,
-                           "seconds": t0.elapsed().as_secs_f64(), "materialize_seconds": materialize_s,
-                           "path": path_text, "failure": null}),
-                    Outcome::Scored(minimized),
-                )
-            }
-            Err(e) => {
-                let msg = format!("{e:#}");
-                (
-                    json!({"id": c.id, "generation": c.generation, "genome": c.genome, "failure": msg,
-                           "seconds": t0.elapsed().as_secs_f64()}),
-                    Outcome::Failed(msg),
-                )
-            }
-        };
-        if let Err(e) = writeln!(evals, "{record}").and_then(|()| evals.sync_data()) {
-            write_err.get_or_insert(anyhow::Error::from(e).context("appending to evaluations.jsonl"));
-            cancel.store(true, Ordering::Relaxed);
+            outcomes.push(outcome);
         }
-        outcome
+        outcomes
     };
     let mut progress = Progress::new(mode, budget, Some(dir));
     progress.event(&json!({"event": "start", "evaluations_done": replayed_count}));
-    let end = runner.run(&mut objective, &mut progress)?;
+    let end = runner.run_batched(n_workers, &mut objective, &mut progress)?;
     progress.bar.finish_and_clear();
     if let Some(e) = write_err {
         return Err(e);
@@ -589,7 +716,7 @@ fn run_stage(
         if progress.mode != SearchProgress::Jsonl {
             println!("stage finished ({end:?}): {evals} evaluations in {}", dir.display());
             match best {
-                Some(v) if estimators.len() == 1 => {
+                Some(v) if n_objectives == 1 => {
                     println!("best (minimized objective): {v:.6}; written to {}", dir.join(kind.best_file()).display())
                 }
                 _ => {}
@@ -606,14 +733,23 @@ fn interrupted(run_dir: &Path) -> ! {
 
 /// Runs the parameter-space stage, scores the references, then the data-flow stage if the
 /// experiment has one (in `RUN_DIR/dataflow/`, its own checkpoint and evaluations).
-fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBool>, mode: SearchProgress) -> Result<()> {
+fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBool>, mode: SearchProgress, workers: usize) -> Result<()> {
     let mode = mode.resolved();
-    let Setup { exp, layout, estimators, runtime, resident, base_dir, .. } = &mut s;
+    let Setup { exp, layout, estimators, runtime, resident, base_dir, memory, .. } = &mut s;
+    let base = Checkpoint::open(base_dir, base_dir.display().to_string())?;
+    let n = worker_count(workers, exp.device, &base, *memory);
+    if n > 1 && mode != SearchProgress::Jsonl {
+        println!("{n} workers: candidates are scored {n} at a time (--workers to choose)");
+    }
+    let mut extra = (1..n)
+        .map(|_| Ok(Worker { runtime: model::open(exp.device, &[ModelSpec::from_checkpoint(&base)])?, estimators: estimators.clone() }))
+        .collect::<Result<Vec<_>>>()?;
     let kind = StageKind::Params { layout, seed: exp.seed, resident: resident.as_ref() };
-    let end = run_stage(kind, estimators, runtime.as_mut(), run_dir, &mut runner, &cancel, mode, exp.budget.max_evaluations)?;
+    let end = run_stage(kind, estimators, runtime.as_mut(), &mut extra, run_dir, &mut runner, &cancel, mode, exp.budget.max_evaluations)?;
     if end == Termination::Interrupted {
         interrupted(run_dir);
     }
+    drop(extra);
     let refs = references(exp, layout, estimators, runtime.as_mut(), resident.as_ref(), run_dir)?;
     // The data-flow stage opens its own runtime: free the resident inputs first.
     *resident = None;
@@ -660,7 +796,10 @@ fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBoo
             println!("data-flow stage: {} genes over {} models ({} layers)", df_layout.genes().len(), counts.len(), df_layout.total_layers());
         }
         let kind = StageKind::DataFlow { layout: &df_layout };
-        let end = run_stage(kind, estimators, rt.as_mut(), &dir, &mut runner2, &cancel, mode, df.budget.max_evaluations)?;
+        let mut extra = (1..n)
+            .map(|_| Ok(Worker { runtime: model::open(exp.device, &specs)?, estimators: estimators.clone() }))
+            .collect::<Result<Vec<_>>>()?;
+        let end = run_stage(kind, estimators, rt.as_mut(), &mut extra, &dir, &mut runner2, &cancel, mode, df.budget.max_evaluations)?;
         if end == Termination::Interrupted {
             interrupted(run_dir);
         }
@@ -867,7 +1006,7 @@ pub fn search(args: SearchArgs) -> Result<()> {
     eprintln!("run directory: {}", run_dir.display());
     let cancel = cancel_flag()?;
     let runner = Runner::new(optimizer(&s)?, s.exp.budget.clone(), Some(run_dir.join(CHECKPOINT)), cancel.clone());
-    drive(s, &run_dir, runner, cancel, args.progress)
+    drive(s, &run_dir, runner, cancel, args.progress, args.workers)
 }
 
 pub fn resume(args: ResumeArgs) -> Result<()> {
@@ -893,5 +1032,5 @@ pub fn resume(args: ResumeArgs) -> Result<()> {
     } else {
         Runner::resume(ckpt, fresh.name(), s.exp.budget.clone(), cancel.clone(), &mut Progress::new(SearchProgress::Off, None, Some(&args.run_dir)))?
     };
-    drive(s, &args.run_dir, runner, cancel, args.progress)
+    drive(s, &args.run_dir, runner, cancel, args.progress, args.workers)
 }

@@ -345,3 +345,22 @@ fn calibration_merges_are_deterministic_and_feed_the_irt_fit() {
     let objectives = |r: &BTreeMap<u64, Value>| r.values().map(|v| v["objectives"].clone()).collect::<Vec<_>>();
     assert_ne!(objectives(&runs[0]), objectives(&runs[2]), "calibration merges changed no estimate");
 }
+
+/// Candidates scored several at a time (one model copy per worker) are recorded exactly as one
+/// at a time, in both stages; three workers on a population of four also leave a batch short.
+#[test]
+fn parallel_workers_record_the_same_evaluations_as_one() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let exp = dataflow_experiment(tmp.path(), 8, 8).display().to_string();
+    let mut got = vec![];
+    for w in ["1", "3"] {
+        let run = tmp.path().join(format!("w{w}"));
+        let (code, out, err) = crate::common::run(&["search", &exp, "--run-dir", &run.display().to_string(), "--progress", "off", "--workers", w]);
+        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(out.contains("scored 3 at a time"), w == "3", "{out}");
+        got.push((records(&run), records(&run.join("dataflow"))));
+    }
+    assert_eq!(got[0].0.len(), 8);
+    assert_eq!(got[0].1.len(), 8);
+    assert_eq!(got[0], got[1], "3 workers recorded other evaluations than 1");
+}

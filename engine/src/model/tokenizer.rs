@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{EngineError, Result};
 
 /// A loaded `tokenizer.json`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,

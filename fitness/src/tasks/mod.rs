@@ -51,7 +51,7 @@ pub enum TaskError {
 }
 
 /// A loaded task: spec, items, few-shot pool, compiled templates and extractors.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Task {
     pub spec: TaskSpec,
     pub items: Vec<Item>,
