@@ -307,15 +307,17 @@ fn make_optimizer(o: &OptimizerSpec, space: SearchSpace, x0: Vec<f64>, n_obj: us
     if n_obj > 1 && o.kind == OptimizerKind::Cmaes {
         bail!("CMA-ES optimizes one objective; use optimizer.kind = \"nsga2\" (or \"random\") for {n_obj}");
     }
+    // The start point (default parameters; model A itself for a data-flow stage) in the genes'
+    // own units, as both optimizers take it.
+    let start: Vec<f64> = x0.iter().enumerate().map(|(i, u)| space.lower[i] + u * (space.upper[i] - space.lower[i])).collect();
     Ok(match o.kind {
+        // CMA-ES's mean starts there.
         OptimizerKind::Cmaes => Box::new(CmaEs::new(
             space,
-            &CmaEsConfig { population: o.population, sigma0: o.sigma0, x0: Some(x0), seed, ..Default::default() },
+            &CmaEsConfig { population: o.population, sigma0: o.sigma0, x0: Some(start), seed, ..Default::default() },
         )?),
         OptimizerKind::Nsga2 => {
-            // The start point (default parameters; model A itself for a data-flow stage) is
-            // one member of the first population.
-            let start: Vec<f64> = x0.iter().enumerate().map(|(i, u)| space.lower[i] + u * (space.upper[i] - space.lower[i])).collect();
+            // It is one member of the first population.
             Box::new(Nsga2::new(
                 space,
                 &Nsga2Config { population: o.population.unwrap_or(40), objectives: n_obj, seed, initial: vec![start], ..Default::default() },

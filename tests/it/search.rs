@@ -364,3 +364,27 @@ fn parallel_workers_record_the_same_evaluations_as_one() {
     assert_eq!(got[0].1.len(), 8);
     assert_eq!(got[0], got[1], "3 workers recorded other evaluations than 1");
 }
+
+/// CMA-ES in data-flow space starts at model A's own path: with a small step every sampled
+/// path keeps A's on/off genes, so no layer of the other models appears. (The start point was
+/// once handed over in unit coordinates, which CMA-ES read as gene values: every "off" gene at
+/// 0.25 > 0 switched on, and every path ran through all three models.)
+#[test]
+fn cmaes_dataflow_stage_starts_at_model_a() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let exp = dataflow_experiment(tmp.path(), 4, 8);
+    let text = std::fs::read_to_string(&exp).expect("read").replace(
+        "optimizer = { kind = \"nsga2\", population = 4 }\nbudget",
+        "optimizer = { kind = \"cmaes\", population = 4, sigma0 = 0.02 }\nbudget",
+    );
+    assert!(text.contains("sigma0 = 0.02"));
+    std::fs::write(&exp, text).expect("write");
+    let run = tmp.path().join("run");
+    run_ok(&["search", &exp.display().to_string(), "--run-dir", &run.display().to_string(), "--progress", "off"]);
+    let recs = records(&run.join("dataflow"));
+    assert_eq!(recs.len(), 8);
+    for r in recs.values() {
+        let path = r["path"].as_str().expect("path");
+        assert!(path.starts_with("m0:0") && !path.contains("m1:") && !path.contains("m2:"), "{path}");
+    }
+}
