@@ -81,11 +81,28 @@ pub fn ranked(recs: &[Value]) -> Vec<&Value> {
     out.into_iter().map(|(r, _)| r).collect()
 }
 
+/// Candidates per hour of wall time: from the run's last generation event in `log.jsonl` (the
+/// runner's clock, across sessions; right when candidates are scored several at a time), else
+/// from the records' own seconds.
+fn throughput(run_dir: &Path, recs: &[Value]) -> f64 {
+    let last = std::fs::read_to_string(run_dir.join("log.jsonl")).ok().and_then(|t| {
+        t.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["event"] == "generation")
+            .filter_map(|v| Some((v["evaluations"].as_f64()?, v["seconds"].as_f64()?)))
+            .last()
+    });
+    let (n, seconds) = match last {
+        Some((n, s)) if s > 0.0 => (n, s),
+        _ => (recs.len() as f64, recs.iter().filter_map(|r| r["seconds"].as_f64()).sum()),
+    };
+    if seconds > 0.0 { n / seconds * 3600.0 } else { 0.0 }
+}
+
 pub fn status(args: StatusArgs) -> Result<()> {
     let (exp, recs) = read_records(&args.run_dir)?;
     let failures = recs.iter().filter(|r| !r["failure"].is_null()).count();
-    let seconds: f64 = recs.iter().filter_map(|r| r["seconds"].as_f64()).sum();
-    let per_hour = if seconds > 0.0 { recs.len() as f64 / seconds * 3600.0 } else { 0.0 };
+    let per_hour = throughput(&args.run_dir, &recs);
     let top: Vec<&Value> = ranked(&recs).into_iter().take(args.top).collect();
     let multi = exp.objectives.len() > 1;
     if args.json {
@@ -98,7 +115,7 @@ pub fn status(args: StatusArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{}: {} evaluations ({} failed), {:.0} candidates/hour of evaluation time; budget {}",
+        "{}: {} evaluations ({} failed), {:.0} candidates/hour; budget {}",
         exp.name,
         recs.len(),
         failures,
