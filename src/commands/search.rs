@@ -798,6 +798,9 @@ fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBoo
             println!("data-flow stage: {} genes over {} models ({} layers)", df_layout.genes().len(), counts.len(), df_layout.total_layers());
         }
         let kind = StageKind::DataFlow { layout: &df_layout };
+        // A data-flow worker holds every stage model: fewer may fit than in the first stage.
+        let per_worker = runtime_bytes(&base) * specs.len() as u64;
+        let n = if workers > 0 { n } else { n.min(memory_available().map_or(n, |a| 1 + (a / per_worker.max(1)) as usize)) };
         let mut extra = (1..n)
             .map(|_| Ok(Worker { runtime: model::open(exp.device, &specs)?, estimators: estimators.clone() }))
             .collect::<Result<Vec<_>>>()?;
