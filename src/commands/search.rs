@@ -992,6 +992,9 @@ pub fn search(args: SearchArgs) -> Result<()> {
                 s.exp.calibration.candidates
             );
         }
+        let base = Checkpoint::open(&s.base_dir, s.base_dir.display().to_string())?;
+        let n = worker_count(args.workers, s.exp.device, &base, s.memory);
+        println!("candidates scored {n} at a time (--workers)");
         return Ok(());
     }
     let run_dir = match args.run_dir {

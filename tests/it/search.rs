@@ -328,8 +328,9 @@ fn calibration_merges_are_deterministic_and_feed_the_irt_fit() {
         p.display().to_string()
     };
     let (cal, none) = (write("cal", 3), write("none", 0));
-    let dry = run_ok(&["search", &cal, "--dry-run"]);
+    let dry = run_ok(&["search", &cal, "--dry-run", "--workers", "3"]);
     assert!(dry.contains("fitted on the source models and 3 random merges"), "{dry}");
+    assert!(dry.contains("candidates scored 3 at a time"), "{dry}");
     let mut runs = vec![];
     for (name, exp) in [("a", &cal), ("b", &cal), ("c", &none)] {
         let run = tmp.path().join(name);
