@@ -39,7 +39,7 @@ use crate::commands::runs::read_evaluations;
 use crate::experiment::{Experiment, OptimizerKind, OptimizerSpec};
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  evomerge search experiments/ties-tiny.toml --run-dir runs/try1\n\n\
+#[command(after_help = "Examples:\n  evomerge search experiments/demo.toml\n  evomerge search experiments/search-tiny.toml --run-dir runs/try1 --workers 1\n\n\
 The experiment file format is documented in experiments/README.md. Ctrl-C writes a checkpoint;\n\
 `evomerge resume RUN_DIR` continues the run.")]
 pub struct SearchArgs {
