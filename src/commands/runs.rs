@@ -87,10 +87,10 @@ pub fn ranked(recs: &[Value]) -> Vec<&Value> {
 fn throughput(run_dir: &Path, recs: &[Value]) -> f64 {
     let last = std::fs::read_to_string(run_dir.join("log.jsonl")).ok().and_then(|t| {
         t.lines()
+            .rev()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter(|v| v["event"] == "generation")
-            .filter_map(|v| Some((v["evaluations"].as_f64()?, v["seconds"].as_f64()?)))
-            .last()
+            .find_map(|v| Some((v["evaluations"].as_f64()?, v["seconds"].as_f64()?)))
     });
     let (n, seconds) = match last {
         Some((n, s)) if s > 0.0 => (n, s),

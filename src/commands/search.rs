@@ -109,7 +109,8 @@ struct Setup {
     resident: Option<ResidentMerge>,
     /// Candidates are merged in place (`resident` is built unless this is a dry run).
     in_place: bool,
-    base_dir: PathBuf,
+    /// The base model (its config and size size the workers and the data-flow stage).
+    base: Checkpoint,
     /// Estimated peak host memory of the run (bytes).
     memory: u64,
 }
@@ -125,18 +126,22 @@ fn memory_available() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
 }
 
+/// Parameters of a checkpoint.
+fn param_count(base: &Checkpoint) -> u64 {
+    base.raw_bytes() / base.dtype().size() as u64
+}
+
 /// Host memory of the loaded model's f32 weights (plus the transposed copy of a tied embedding).
 fn runtime_bytes(base: &Checkpoint) -> u64 {
-    let params = base.raw_bytes() / base.dtype().size() as u64;
     let tied = if base.config.tie_word_embeddings { (base.config.vocab_size * base.config.hidden_size) as u64 * 4 } else { 0 };
-    params * 4 + tied
+    param_count(base) * 4 + tied
 }
 
 /// Host memory a CPU run holds at its peak when candidates are merged from the memory maps:
 /// the loaded model and one merged candidate in f32. Activations and the page cache of the
 /// memory-mapped sources come on top and are not counted.
 fn memory_needed(base: &Checkpoint) -> u64 {
-    runtime_bytes(base) + base.raw_bytes() / base.dtype().size() as u64 * 4
+    runtime_bytes(base) + param_count(base) * 4
 }
 
 /// Holds the merge inputs in the runtime's layout when the method is elementwise and the
@@ -192,18 +197,17 @@ const SMALL_MODEL_PARAMS: u64 = 32_000_000;
 /// How many candidates are scored at once: `requested` unless 0 (auto). Auto: on the CPU, one
 /// per core for models of at most [`SMALL_MODEL_PARAMS`] parameters — their matrices are too
 /// small for the runtime's parallel loops to use the other cores (the demo zoo runs as fast on
-/// one core as on two, BENCHMARKS.md) — as far as memory allows one more f32 copy of the model
-/// per worker on top of the run's `memory`; larger models, and GPUs, one at a time.
-fn worker_count(requested: usize, device: DeviceSpec, base: &Checkpoint, memory: u64) -> usize {
+/// one core as on two, BENCHMARKS.md) — as far as the available memory, less `reserved`, holds
+/// `per_worker` bytes for each worker beyond the first; larger models, and GPUs, one at a time.
+fn worker_count(requested: usize, device: DeviceSpec, base: &Checkpoint, reserved: u64, per_worker: u64) -> usize {
     if requested > 0 {
         return requested;
     }
-    let params = base.raw_bytes() / base.dtype().size() as u64;
-    if device != DeviceSpec::Cpu || params > SMALL_MODEL_PARAMS {
+    if device != DeviceSpec::Cpu || param_count(base) > SMALL_MODEL_PARAMS {
         return 1;
     }
     let cores = rayon::current_num_threads();
-    let by_memory = memory_available().map_or(cores, |a| 1 + (a.saturating_sub(memory) / runtime_bytes(base).max(1)) as usize);
+    let by_memory = memory_available().map_or(cores, |a| 1 + (a.saturating_sub(reserved) / per_worker.max(1)) as usize);
     cores.min(by_memory).max(1)
 }
 
@@ -254,10 +258,15 @@ fn setup(exp: Experiment, dry_run: bool) -> Result<Setup> {
         for r in exp.merge.models.iter().chain(exp.merge.base_model.as_ref()) {
             sources.push(model::open_dir(exp.device, &resolve_model(r, None)?)?);
         }
-        for m in &mut sources {
+        // one row of every calibrated objective's matrix: `model` on all its items
+        let add_row = |cal: &mut [Vec<f64>], model: &mut dyn LanguageModel| -> Result<()> {
             for (t, task) in tasks.iter().enumerate().filter(|(t, _)| needs_cal[*t]) {
-                cal[t].extend(TaskEstimator::item_scores(task, &tok, prefix, m.as_mut())?);
+                cal[t].extend(TaskEstimator::item_scores(task, &tok, prefix, model)?);
             }
+            Ok(())
+        };
+        for m in &mut sources {
+            add_row(&mut cal, m.as_mut())?;
         }
         rows = sources.len();
         drop(sources);
@@ -270,9 +279,7 @@ fn setup(exp: Experiment, dry_run: bool) -> Result<Setup> {
             let recipe = layout.decode(genome)?;
             let plan = MergePlan::build(&recipe, serde_norway::to_string(&recipe)?, None, exp.seed)?;
             materialize(&plan, resident.as_ref(), runtime.as_mut())?;
-            for (t, task) in tasks.iter().enumerate().filter(|(t, _)| needs_cal[*t]) {
-                cal[t].extend(TaskEstimator::item_scores(task, &tok, prefix, runtime.as_mut())?);
-            }
+            add_row(&mut cal, runtime.as_mut())?;
             rows += 1;
             tracing::info!("calibration merge {}/{n} scored on every item ({:.1} s)", i + 1, t0.elapsed().as_secs_f64());
         }
@@ -283,9 +290,9 @@ fn setup(exp: Experiment, dry_run: bool) -> Result<Setup> {
     let mut estimators = Vec::new();
     for ((o, task), cal) in exp.objectives.iter().zip(tasks).zip(cal) {
         let cal = (!cal.is_empty()).then(|| Responses::new(rows, task.items.len(), cal));
-        estimators.push(TaskEstimator::new(task, Tokenizer::from_dir(base.dir())?, prefix, o.estimator, cal.as_ref())?);
+        estimators.push(TaskEstimator::new(task, tok.clone(), prefix, o.estimator, cal.as_ref())?);
     }
-    Ok(Setup { exp, layout, space, estimators, runtime, resident, in_place, base_dir: base.dir().to_path_buf(), memory })
+    Ok(Setup { exp, layout, space, estimators, runtime, resident, in_place, base, memory })
 }
 
 /// `n` genomes drawn uniformly from `space` (seeded by the run's seed, apart from the
@@ -542,12 +549,12 @@ fn repeat(kind: &StageKind<'_>, c: &Candidate, values: Vec<f64>, ses: Vec<f64>) 
     Computed { result, seconds: t0.elapsed().as_secs_f64(), materialize_s: 0.0, path_text }
 }
 
-/// Scores `batch[i]` for every `i` in `todo`, spread over the workers (one candidate per worker
+/// Scores `batch[i]` (fingerprint `fps[i]`) for every `i` in `todo`, spread over the workers (one candidate per worker
 /// at a time, on the rayon pool); `out[k]` is `todo[k]`'s result.
-fn score_parallel(kind: &StageKind<'_>, tag: &str, batch: &[Candidate], todo: &[usize], workers: &mut [(&mut dyn LanguageModel, &mut [TaskEstimator])]) -> Vec<Computed> {
+fn score_parallel(kind: &StageKind<'_>, batch: &[Candidate], fps: &[String], todo: &[usize], workers: &mut [(&mut dyn LanguageModel, &mut [TaskEstimator])]) -> Vec<Computed> {
     if workers.len() == 1 || todo.len() == 1 {
         let (rt, est) = &mut workers[0];
-        return todo.iter().map(|&i| score_candidate(kind, &batch[i], &fingerprint(tag, &batch[i].genome), &mut **rt, est)).collect();
+        return todo.iter().map(|&i| score_candidate(kind, &batch[i], &fps[i], &mut **rt, est)).collect();
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let slots: Vec<std::sync::Mutex<Option<Computed>>> = todo.iter().map(|_| std::sync::Mutex::new(None)).collect();
@@ -558,8 +565,7 @@ fn score_parallel(kind: &StageKind<'_>, tag: &str, batch: &[Candidate], todo: &[
                 loop {
                     let k = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&i) = todo.get(k) else { break };
-                    let c = &batch[i];
-                    let r = score_candidate(kind, c, &fingerprint(tag, &c.genome), &mut **rt, est);
+                    let r = score_candidate(kind, &batch[i], &fps[i], &mut **rt, est);
                     *slots[k].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(r);
                 }
             });
@@ -643,7 +649,7 @@ fn run_stage(
             }
         }
         let mut scored: Vec<Option<Computed>> = batch.iter().map(|_| None).collect();
-        for (k, r) in score_parallel(&kind, tag, batch, &todo, &mut workers).into_iter().enumerate() {
+        for (k, r) in score_parallel(&kind, batch, &fps, &todo, &mut workers).into_iter().enumerate() {
             scored[todo[k]] = Some(r);
         }
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -737,14 +743,13 @@ fn interrupted(run_dir: &Path) -> ! {
 /// experiment has one (in `RUN_DIR/dataflow/`, its own checkpoint and evaluations).
 fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBool>, mode: SearchProgress, workers: usize) -> Result<()> {
     let mode = mode.resolved();
-    let Setup { exp, layout, estimators, runtime, resident, base_dir, memory, .. } = &mut s;
-    let base = Checkpoint::open(base_dir, base_dir.display().to_string())?;
-    let n = worker_count(workers, exp.device, &base, *memory);
+    let Setup { exp, layout, estimators, runtime, resident, base, memory, .. } = &mut s;
+    let n = worker_count(workers, exp.device, base, *memory, runtime_bytes(base));
     if n > 1 && mode != SearchProgress::Jsonl {
         println!("{n} workers: candidates are scored {n} at a time (--workers to choose)");
     }
     let mut extra = (1..n)
-        .map(|_| Ok(Worker { runtime: model::open(exp.device, &[ModelSpec::from_checkpoint(&base)])?, estimators: estimators.clone() }))
+        .map(|_| Ok(Worker { runtime: model::open(exp.device, &[ModelSpec::from_checkpoint(base)])?, estimators: estimators.clone() }))
         .collect::<Result<Vec<_>>>()?;
     let kind = StageKind::Params { layout, seed: exp.seed, resident: resident.as_ref() };
     let end = run_stage(kind, estimators, runtime.as_mut(), &mut extra, run_dir, &mut runner, &cancel, mode, exp.budget.max_evaluations)?;
@@ -767,7 +772,6 @@ fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBoo
             let yaml = serde_norway::to_string(&recipe)?;
             merge_to_memory(&MergePlan::build(&recipe, yaml, None, exp.seed)?)?
         };
-        let base = Checkpoint::open(base_dir, base_dir.display().to_string())?;
         let mut cks = vec![];
         for m in df.models.iter().filter(|m| m.as_str() != BEST) {
             cks.push(Checkpoint::open(&resolve_model(m, None)?, m.clone())?);
@@ -799,8 +803,7 @@ fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBoo
         }
         let kind = StageKind::DataFlow { layout: &df_layout };
         // A data-flow worker holds every stage model: fewer may fit than in the first stage.
-        let per_worker = runtime_bytes(&base) * specs.len() as u64;
-        let n = if workers > 0 { n } else { n.min(memory_available().map_or(n, |a| 1 + (a / per_worker.max(1)) as usize)) };
+        let n = n.min(worker_count(workers, exp.device, base, 0, runtime_bytes(base) * specs.len() as u64));
         let mut extra = (1..n)
             .map(|_| Ok(Worker { runtime: model::open(exp.device, &specs)?, estimators: estimators.clone() }))
             .collect::<Result<Vec<_>>>()?;
@@ -981,7 +984,7 @@ pub fn search(args: SearchArgs) -> Result<()> {
             s.exp.name,
             s.space.dim(),
             s.estimators.len(),
-            s.base_dir.display(),
+            s.base.dir().display(),
             s.layout.groups().last().map_or(0, |g| g.1),
             gib(s.memory),
             if s.in_place { "in place (inputs held in the model's layout)" } else { "from the memory-mapped checkpoints" }
@@ -992,8 +995,7 @@ pub fn search(args: SearchArgs) -> Result<()> {
                 s.exp.calibration.candidates
             );
         }
-        let base = Checkpoint::open(&s.base_dir, s.base_dir.display().to_string())?;
-        let n = worker_count(args.workers, s.exp.device, &base, s.memory);
+        let n = worker_count(args.workers, s.exp.device, &s.base, s.memory, runtime_bytes(&s.base));
         println!("candidates scored {n} at a time (--workers)");
         return Ok(());
     }

@@ -238,19 +238,16 @@ impl Task {
 
     /// The answer text a few-shot example shows.
     fn target_text(&self, ex: &Item) -> Result<String, String> {
-        self.target_raw(ex).map(|t| self.pp(t))
-    }
-
-    fn target_raw(&self, ex: &Item) -> Result<String, String> {
-        match (&self.continuation, &self.target, &ex.gold) {
-            (Some(c), _, _) => c.render(ex, None),
-            (None, Some(t), _) => t.render(ex, None),
+        let t = match (&self.continuation, &self.target, &ex.gold) {
+            (Some(c), _, _) => c.render(ex, None)?,
+            (None, Some(t), _) => t.render(ex, None)?,
             (None, None, Gold::Choice(i)) => {
                 let c = ex.choices.get(*i).ok_or("gold choice out of range")?;
-                self.choice.render(ex, Some(ChoiceCtx { choice: c, index: *i }))
+                self.choice.render(ex, Some(ChoiceCtx { choice: c, index: *i }))?
             }
-            (None, None, Gold::Text(t)) => Ok(t.clone()),
-        }
+            (None, None, Gold::Text(t)) => t.clone(),
+        };
+        Ok(self.pp(t))
     }
 
     /// A few-shot example's prompt: multiple-input tasks show the gold choice in it.
