@@ -26,9 +26,9 @@ use rayon::prelude::*;
 use crate::buffer::HugeBuf;
 
 use super::base::{BaseRole, ChunkSink, MergeInput, MergeMethod, ParamSpec, Params, STREAM_CHUNK, Scope, Scratch, StreamInput, stream_elementwise};
-use super::select::SMALL;
+use super::select::{RankSearch, SMALL, gather, key, sample_positions};
 use super::rng::CounterRng;
-use super::sparsify::{Sparsifier, sparsify};
+use super::sparsify::{Sparsifier, sparsify, window};
 
 const CHUNK: usize = 1 << 14;
 
@@ -145,8 +145,16 @@ impl MergeMethod for GeneralizedTaskArithmetic {
         };
         let b = input.base.ok_or("needs a base_model")?;
         let others: Vec<usize> = (0..input.reader.count()).filter(|&i| i != b).collect();
+        let plain_topk = method == Sparsifier::Magnitude && !input.params.flag("rescale") && input.numel() >= SMALL;
         if method == Sparsifier::Random && input.numel() >= SMALL {
             self.stream_random(input, b, &others, scratch, sink)?;
+        } else if plain_topk && (1..=4).contains(&others.len()) {
+            match others.len() {
+                1 => self.stream_topk::<1>(input, b, &others, sink)?,
+                2 => self.stream_topk::<2>(input, b, &others, sink)?,
+                3 => self.stream_topk::<3>(input, b, &others, sink)?,
+                _ => self.stream_topk::<4>(input, b, &others, sink)?,
+            }
         } else {
             self.stream_materialized(input, method, b, &others, scratch, sink)?;
         }
@@ -196,6 +204,121 @@ impl GeneralizedTaskArithmetic {
         Ok(())
     }
 
+    /// TIES' magnitude top-k (no rescale) on a large tensor in two streaming passes, without
+    /// task-vector buffers: δᵢ = xᵢ − base is recomputed from the inputs in L2-sized
+    /// sub-chunks, which reads fewer bytes than writing and rereading f32 buffers and never
+    /// touches fresh memory (the embedding's δ buffers alone were 1.1 GB).
+    ///
+    /// Pass 1 finds each model's cut, the key at ascending rank `r = n − k` of `|δᵢ|`, by the
+    /// sample-bracketed selection of [`super::select`], keeping the in-bracket keys of every
+    /// sub-chunk so that the ties at the cut can be numbered in index order afterwards.
+    /// Pass 2 keeps the keys above the cut and the ties whose stable rank is ≥ `r` (the same
+    /// elements as [`sparsify`]), and combines exactly as [`Self::combine_parts`]: the output
+    /// equals the whole-tensor path bit for bit.
+    fn stream_topk<const K: usize>(&self, input: &StreamInput, b: usize, others: &[usize], sink: &mut ChunkSink) -> Result<(), String> {
+        let n = input.numel();
+        let nsub = n.div_ceil(SUB);
+        let mut cuts = [Cut::ALL; K];
+        let mut searches: Vec<(usize, RankSearch)> = Vec::new();
+        let positions = sample_positions(n);
+        let mut base_sample = vec![0f32; positions.len()];
+        input.reader.read_points(b, &positions, &mut base_sample);
+        for (slot, &i) in others.iter().enumerate() {
+            let density = input.model_params[i].get("density");
+            if density >= 1.0 {
+                continue;
+            }
+            if density <= 0.0 {
+                cuts[slot] = Cut::NONE;
+                continue;
+            }
+            let (r, _) = window(Sparsifier::Magnitude, n, density, 0.0);
+            if r == 0 {
+                continue;
+            }
+            let mut sample = vec![0f32; positions.len()];
+            input.reader.read_points(i, &positions, &mut sample);
+            let mut keys: Vec<u32> = sample.iter().zip(&base_sample).map(|(x, y)| key(x - y)).collect();
+            keys.sort_unstable();
+            searches.push((slot, RankSearch::new(&keys, n, r)));
+        }
+        // pass 1, repeated for the (rare) searches whose rank fell outside their bracket
+        while !searches.is_empty() {
+            let brackets: Vec<(u32, u32)> = searches.iter().map(|(_, s)| s.bracket()).collect();
+            let slots: Vec<usize> = searches.iter().map(|(slot, _)| *slot).collect();
+            // per sub-chunk, per search: (keys below the bracket, keys inside it in index order)
+            let parts: Vec<Vec<(usize, Vec<u32>)>> = (0..nsub)
+                .into_par_iter()
+                .map(|s| {
+                    STREAM_TMP.with_borrow_mut(|tmp| {
+                        let (from, len) = (s * SUB, SUB.min(n - s * SUB));
+                        tmp.resize(3 * SUB, 0.0);
+                        let (y, rest) = tmp.split_at_mut(SUB);
+                        let (d, hits) = rest.split_at_mut(SUB);
+                        let (y, d) = (&mut y[..len], &mut d[..len]);
+                        let hits: &mut [u32] = bytemuck::cast_slice_mut(hits);
+                        input.reader.read(b, from, y);
+                        slots
+                            .iter()
+                            .zip(&brackets)
+                            .map(|(&slot, &(lo, hi))| {
+                                input.reader.read(others[slot], from, d);
+                                d.iter_mut().zip(y.iter()).for_each(|(x, y)| *x -= y);
+                                let (below, m) = gather(d, lo, hi, hits);
+                                (below, hits[..m].to_vec())
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            let mut missed = Vec::new();
+            for (j, (slot, mut search)) in searches.into_iter().enumerate() {
+                let below: usize = parts.iter().map(|p| p[j].0).sum();
+                let inside: Vec<u32> = parts.iter().flat_map(|p| p[j].1.iter().copied()).collect();
+                search.add(below, &inside);
+                match search.resolve() {
+                    Some(rk) => {
+                        let ties: Vec<usize> = parts.iter().map(|p| p[j].1.iter().filter(|&&k| k == rk.key).count()).collect();
+                        cuts[slot] = Cut::new(rk.key, search.rank() - rk.below, &ties);
+                    }
+                    None => {
+                        search.widen();
+                        missed.push((slot, search));
+                    }
+                }
+            }
+            searches = missed;
+        }
+        // pass 2: sparsify, weight, elect and combine per sub-chunk, emit per chunk
+        let weights: [f32; K] = std::array::from_fn(|slot| input.model_params[others[slot]].get("weight") as f32);
+        let combine = Combine::new(input.params, &weights, self.consensus);
+        let mut out = vec![0f32; STREAM_CHUNK.min(n)];
+        let mut start = 0;
+        while start < n {
+            let len = STREAM_CHUNK.min(n - start);
+            out[..len].par_chunks_mut(SUB).enumerate().for_each(|(c, o)| {
+                STREAM_TMP.with_borrow_mut(|tmp| {
+                    let (from, len, s) = (start + c * SUB, o.len(), start / SUB + c);
+                    tmp.resize((K + 1) * SUB, 0.0);
+                    let (y, ds) = tmp.split_at_mut(SUB);
+                    let y = &mut y[..len];
+                    input.reader.read(b, from, y);
+                    for (slot, d) in ds.chunks_mut(SUB).enumerate() {
+                        let d = &mut d[..len];
+                        input.reader.read(others[slot], from, d);
+                        d.iter_mut().zip(y.iter()).for_each(|(x, y)| *x -= y);
+                        cuts[slot].apply(s, d);
+                    }
+                    let ds: [&[f32]; K] = std::array::from_fn(|slot| &ds[slot * SUB..slot * SUB + len]);
+                    combine.run(y, ds, o);
+                })
+            });
+            sink(&out[..len])?;
+            start += len;
+        }
+        Ok(())
+    }
+
     /// DARE in two streaming passes (see [`MergeMethod::merge_streaming`]).
     fn stream_random(&self, input: &StreamInput, b: usize, others: &[usize], scratch: &mut Scratch, sink: &mut ChunkSink) -> Result<(), String> {
         let k = others.len();
@@ -232,6 +355,145 @@ impl GeneralizedTaskArithmetic {
             self.combine_parts(input.params, input.model_params, others, view[k], TaskVectors::Sparsified(&view[..k]), &scales, &mut out[0][..len]);
             sink(&out[0][..len])
         })
+    }
+}
+
+/// Elements per sub-chunk of [`GeneralizedTaskArithmetic::stream_topk`]: the sub-chunk's
+/// inputs and task vectors stay in L2.
+const SUB: usize = 1 << 14;
+
+thread_local! {
+    /// Per-thread decoded inputs and task vectors of one sub-chunk.
+    static STREAM_TMP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One model's magnitude cut for [`GeneralizedTaskArithmetic::stream_topk`]: keep the keys
+/// (`|δ|` bits) above `key`, and of the elements whose key equals `key`, those with a 0-based
+/// occurrence number (in index order) of at least `drop`.
+#[derive(Debug, Clone)]
+struct Cut {
+    key: u32,
+    drop: usize,
+    /// Per sub-chunk: (ties before it, ties in it); empty when no tie needs numbering.
+    ties: Vec<(usize, usize)>,
+}
+
+impl Cut {
+    /// Keeps everything.
+    const ALL: Cut = Cut { key: 0, drop: 0, ties: Vec::new() };
+    /// Keeps nothing (keys never reach `u32::MAX`: `|x|` clears the sign bit).
+    const NONE: Cut = Cut { key: u32::MAX, drop: usize::MAX, ties: Vec::new() };
+
+    /// `ties[s]`: elements of sub-chunk `s` whose key is `key`.
+    fn new(key: u32, drop: usize, ties: &[usize]) -> Self {
+        let total: usize = ties.iter().sum();
+        // a ±0 kept or dropped is the same value; all or no ties kept needs no numbering
+        if key == 0 || drop == 0 || drop >= total {
+            return Cut { key: if drop >= total { key + 1 } else { key }, drop: 0, ties: Vec::new() };
+        }
+        let mut before = 0;
+        let ties = ties
+            .iter()
+            .map(|&t| {
+                before += t;
+                (before - t, t)
+            })
+            .collect();
+        Cut { key, drop, ties }
+    }
+
+    /// Zeroes the dropped elements of sub-chunk `s` (its task vector `d`).
+    fn apply(&self, s: usize, d: &mut [f32]) {
+        let (before, here) = self.ties.get(s).copied().unwrap_or((self.drop, 0));
+        // every tie in this sub-chunk kept (or none present): keep keys ≥ cut; none kept: > cut
+        if here == 0 || before >= self.drop {
+            let cut = self.key;
+            d.iter_mut().for_each(|v| *v = if key(*v) >= cut { *v } else { 0.0 });
+        } else if before + here <= self.drop {
+            let cut = self.key;
+            d.iter_mut().for_each(|v| *v = if key(*v) > cut { *v } else { 0.0 });
+        } else {
+            let mut occ = before;
+            for v in d.iter_mut() {
+                let k = key(*v);
+                let keep = k > self.key || (k == self.key && occ >= self.drop);
+                occ += (k == self.key) as usize;
+                if !keep {
+                    *v = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// Steps 2–5 (weight, elect, normalize, λ) for `K` sparsified task vectors, element by
+/// element, with the f32 operations of [`GeneralizedTaskArithmetic::combine_parts`] in its
+/// order (so the same bits).
+struct Combine<const K: usize> {
+    weights: [f32; K],
+    consensus: bool,
+    normalize: bool,
+    lambda: f32,
+    plain_div: f32,
+}
+
+impl<const K: usize> Combine<K> {
+    fn new(params: &Params, weights: &[f32; K], consensus: bool) -> Self {
+        let wsum: f32 = weights.iter().sum();
+        Combine {
+            weights: *weights,
+            consensus,
+            normalize: params.flag("normalize"),
+            lambda: params.get("lambda") as f32,
+            plain_div: if wsum.abs() < 1e-8 { 1.0 } else { wsum },
+        }
+    }
+
+    fn run(&self, base: &[f32], ds: [&[f32]; K], out: &mut [f32]) {
+        let (normalize, lambda) = (self.normalize, self.lambda);
+        // one monomorphic loop per case, so that each vectorizes
+        match (self.consensus, normalize, lambda != 1.0) {
+            (true, false, false) => self.elect(base, ds, out, |m, _| m),
+            (true, false, true) => self.elect(base, ds, out, |m, _| m * lambda),
+            (true, true, false) => self.elect(base, ds, out, |m, div| m / div),
+            (true, true, true) => self.elect(base, ds, out, |m, div| (m / div) * lambda),
+            (false, _, _) => {
+                let div = self.plain_div;
+                self.elect_plain(base, ds, out, |m| {
+                    let m = if normalize { m / div } else { m };
+                    if lambda != 1.0 { m * lambda } else { m }
+                })
+            }
+        }
+    }
+
+    fn elect(&self, base: &[f32], ds: [&[f32]; K], out: &mut [f32], finish: impl Fn(f32, f32) -> f32) {
+        let w = self.weights;
+        for (j, (o, &b)) in out.iter_mut().zip(base).enumerate() {
+            let d: [f32; K] = std::array::from_fn(|i| ds[i][j] * w[i]);
+            let mut total = 0.0f32;
+            for di in d {
+                total += di;
+            }
+            let (mut mixed, mut div) = (0.0f32, 0.0f32);
+            for i in 0..K {
+                let keep = if total >= 0.0 { d[i] > 0.0 } else { d[i] < 0.0 };
+                mixed += if keep { d[i] } else { 0.0 };
+                div += if keep { w[i] } else { 0.0 };
+            }
+            *o = b + finish(mixed, if div == 0.0 { 1.0 } else { div });
+        }
+    }
+
+    fn elect_plain(&self, base: &[f32], ds: [&[f32]; K], out: &mut [f32], finish: impl Fn(f32) -> f32) {
+        let w = self.weights;
+        for (j, (o, &b)) in out.iter_mut().zip(base).enumerate() {
+            let mut total = 0.0f32;
+            for i in 0..K {
+                total += ds[i][j] * w[i];
+            }
+            *o = b + finish(total);
+        }
     }
 }
 
@@ -507,6 +769,51 @@ mod tests {
                 assert!(diff.is_empty(), "{}: {} elements differ, first at {:?}: {:?} vs {:?}", m.name, diff.len(), diff.first(),
                     diff.first().map(|&i| whole[i]), diff.first().map(|&i| streamed[i]));
             }
+        }
+    }
+
+    #[test]
+    fn streamed_ties_handles_edge_densities_weights_and_model_counts() {
+        // 1 and 3 task vectors; densities that keep all, none, one element and most; a
+        // negative weight; λ and normalize both ways; quantized values (ties at every cut)
+        let n = 2 * STREAM_CHUNK + 777;
+        let ties = PRESETS.iter().find(|p| p.name == "ties").expect("ties");
+        // ((weight, density) per model, normalize, λ)
+        type Case = (&'static [(f64, f64)], bool, f64);
+        let cases: [Case; 4] = [
+            (&[(0.8, 0.3)], true, 1.0),
+            (&[(1.0, 1.0), (-0.5, 0.0), (0.9, 1e-6)], true, 0.7),
+            (&[(0.6, 0.9), (0.3, 0.5), (0.2, 0.05)], false, 1.3),
+            (&[(0.0, 0.5), (0.0, 0.5)], true, 1.0),
+        ];
+        for (case, &(models, normalize, lambda)) in cases.iter().enumerate() {
+            let ts: Vec<Vec<f32>> = (0..=models.len() as u64).map(|s| tensor(s + 10, n, Some(2e-3))).collect();
+            let (mut g, mut mp) = params(ties, &[]);
+            g.set("normalize", normalize as u8 as f64);
+            g.set("lambda", lambda);
+            for &(w, density) in models {
+                let mut p = mp[0].clone();
+                p.set("weight", w);
+                p.set("density", density);
+                mp.push(p);
+            }
+            let shape = [n];
+            let input = MergeInput { tensor: "t", shape: &shape, tensors: ts.iter().map(Vec::as_slice).collect(), base: Some(0), model_params: mp.clone(), params: g.clone(), seed: 1 };
+            let whole = merge_to_vec(ties, &input).expect("whole");
+            let reader = SliceReader(ts.iter().map(Vec::as_slice).collect());
+            let si = StreamInput { tensor: "t", shape: &shape, reader: &reader, base: Some(0), model_params: &mp, params: &g, seed: 1 };
+            let mut streamed = Vec::new();
+            let ok = ties
+                .merge_streaming(&si, &mut Scratch::default(), &mut |c: &[f32]| {
+                    streamed.extend_from_slice(c);
+                    Ok(())
+                })
+                .expect("stream");
+            assert!(ok, "case {case} declined");
+            let diff = (0..n).filter(|&i| whole[i].to_bits() != streamed[i].to_bits()).count();
+            assert_eq!(diff, 0, "case {case}: {diff} elements differ");
+            let changed = (0..n).filter(|&i| whole[i] != ts[0][i]).count();
+            assert!(case == 3 || changed > 0, "case {case} merged nothing");
         }
     }
 

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 16;
 
-fn key(x: f32) -> u32 {
+pub(crate) fn key(x: f32) -> u32 {
     x.abs().to_bits()
 }
 
@@ -27,7 +27,7 @@ thread_local! {
 }
 
 /// Sample positions: one per stratum of `n / SAMPLE` elements, jittered deterministically.
-fn sample_positions(n: usize) -> Vec<usize> {
+pub(crate) fn sample_positions(n: usize) -> Vec<usize> {
     (0..SAMPLE)
         .map(|j| {
             let lo = j * n / SAMPLE;
@@ -75,20 +75,14 @@ impl RankSearch {
 
     /// Accounts for one chunk of values (chunks may come in any order).
     pub fn observe(&mut self, chunk: &[f32]) {
-        let (t_lo, t_hi) = (self.t_lo, self.t_hi);
+        let (t_lo, t_hi) = self.bracket();
         let (below, inside) = chunk
             .par_chunks(CHUNK)
             .map(|c| {
                 // branch-free gather into a per-thread buffer, then one copy of the hits
                 GATHER.with_borrow_mut(|buf| {
                     buf.resize(CHUNK.max(c.len()), 0);
-                    let (mut below, mut hits) = (0usize, 0usize);
-                    for &v in c {
-                        let k = key(v);
-                        below += (k < t_lo) as usize;
-                        buf[hits] = k;
-                        hits += (k >= t_lo && k <= t_hi) as usize;
-                    }
+                    let (below, hits) = gather(c, t_lo, t_hi, buf);
                     (below, buf[..hits].to_vec())
                 })
             })
@@ -99,8 +93,25 @@ impl RankSearch {
                     (a + b, u)
                 },
             );
+        self.add(below, &inside);
+    }
+
+    /// The keys `[t_lo, t_hi]` that [`observe`](Self::observe) gathers; keys below `t_lo` are
+    /// only counted.
+    pub fn bracket(&self) -> (u32, u32) {
+        (self.t_lo, self.t_hi)
+    }
+
+    /// Accounts for values observed elsewhere: `below` keys under the bracket and the keys
+    /// `inside` it (as [`gather`] returns them).
+    pub fn add(&mut self, below: usize, inside: &[u32]) {
         self.below += below;
-        self.inside.extend_from_slice(&inside);
+        self.inside.extend_from_slice(inside);
+    }
+
+    /// The ascending rank searched for.
+    pub fn rank(&self) -> usize {
+        self.r
     }
 
     /// The exact key, or `None` if the rank fell outside the bracket.
@@ -124,6 +135,20 @@ impl RankSearch {
         self.below = 0;
         self.inside.clear();
     }
+}
+
+/// Branch-free: writes the keys of `values` inside `[t_lo, t_hi]` (in order) to the front of
+/// `hits` (at least `values.len()` long) and returns `(keys below t_lo, keys written)`.
+pub(crate) fn gather(values: &[f32], t_lo: u32, t_hi: u32, hits: &mut [u32]) -> (usize, usize) {
+    let hits = &mut hits[..values.len()];
+    let (mut below, mut n) = (0usize, 0usize);
+    for &v in values {
+        let k = key(v);
+        below += (k < t_lo) as usize;
+        hits[n] = k;
+        n += (k >= t_lo && k <= t_hi) as usize;
+    }
+    (below, n)
 }
 
 /// `(k, number of elements with key < k)` where `k` is the key at ascending rank `r`.

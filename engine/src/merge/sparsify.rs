@@ -39,7 +39,7 @@ pub enum Sparsifier {
 /// The magnitude-rank window `[lo, hi)` kept by the rank-selecting sparsifiers (`density` in
 /// (0, 1)): the `⌊density·n⌋` largest (at least one) for magnitude, `[n_bot, n_bot + target)`
 /// for outliers.
-fn window(method: Sparsifier, n: usize, density: f64, gamma: f64) -> (usize, usize) {
+pub(crate) fn window(method: Sparsifier, n: usize, density: f64, gamma: f64) -> (usize, usize) {
     match method {
         Sparsifier::Magnitude => {
             let k = ((density * n as f64) as usize).max(1);
