@@ -10,8 +10,8 @@
 //! sibling staging directory, fsynced, and renamed into place on [`OutputDir::commit`]. An
 //! interrupted export leaves no half model (the staging directory is removed on drop).
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value, json};
@@ -48,7 +48,7 @@ pub struct ShardedWriter {
     next: usize,
     /// Bytes of entry `next` already written.
     partial: u64,
-    current: Option<(usize, BufWriter<File>, PathBuf)>,
+    current: Option<(usize, ShardFile, PathBuf)>,
 }
 
 impl ShardedWriter {
@@ -157,7 +157,7 @@ impl ShardedWriter {
         EngineError::Output { path: self.dir.clone(), reason }
     }
 
-    fn open_shard(&self, i: usize) -> Result<(usize, BufWriter<File>, PathBuf)> {
+    fn open_shard(&self, i: usize) -> Result<(usize, ShardFile, PathBuf)> {
         let s = &self.shards[i];
         let path = self.dir.join(&s.file);
         let mut header = Map::new();
@@ -176,8 +176,9 @@ impl ShardedWriter {
         while (h.len() + 8) % 8 != 0 {
             h.push(b' ');
         }
-        let file = File::create(&path).map_err(|e| EngineError::io(&path, e))?;
-        let mut w = BufWriter::with_capacity(1 << 22, file);
+        // EVOMERGE_NO_DIRECT_IO=1 writes through the page cache (for comparison)
+        let direct = std::env::var_os("EVOMERGE_NO_DIRECT_IO").is_none();
+        let mut w = ShardFile::create(&path, direct).map_err(|e| EngineError::io(&path, e))?;
         w.write_all(&(h.len() as u64).to_le_bytes()).map_err(|e| EngineError::io(&path, e))?;
         w.write_all(&h).map_err(|e| EngineError::io(&path, e))?;
         Ok((i, w, path))
@@ -185,11 +186,127 @@ impl ShardedWriter {
 
     fn close_current(&mut self) -> Result<()> {
         if let Some((_, w, path)) = self.current.take() {
-            let f = w.into_inner().map_err(|e| EngineError::io(&path, e.into_error()))?;
-            f.sync_all().map_err(|e| EngineError::io(&path, e))?;
+            w.finish().map_err(|e| EngineError::io(&path, e))?;
         }
         Ok(())
     }
+}
+
+/// Bytes per write of a [`ShardFile`] (a multiple of any file system's block size).
+const STAGE: usize = 8 << 20;
+/// Alignment O_DIRECT asks of offsets and lengths (the largest logical block size in use).
+const ALIGN: usize = 4096;
+
+/// A shard being written sequentially, bypassing the page cache where the file system allows
+/// (Linux `O_DIRECT`).
+///
+/// Writing 1 GB through the page cache costs a kernel copy into freshly allocated cache pages
+/// (measured here: ~1.5 s of CPU for the merge benchmark's 1 GB output, a third of a TIES
+/// merge, competing with the merge for the two cores) and then the fsync's write-back.
+/// Direct writes of whole, aligned 8 MiB blocks from a reused buffer skip both (this VM's disk
+/// took 1 GB in 0.36–0.83 s that way, 2.6 s buffered + fsync). The tail is padded to the
+/// alignment and the file truncated to its true length. Where `O_DIRECT` is refused (tmpfs,
+/// some network file systems, non-Linux) or a direct write fails with `EINVAL`, the file is
+/// written through the page cache as before.
+#[derive(Debug)]
+struct ShardFile {
+    file: File,
+    path: PathBuf,
+    stage: crate::buffer::HugeBuf<u8>,
+    filled: usize,
+    /// Bytes already in the file.
+    written: u64,
+    direct: bool,
+}
+
+impl ShardFile {
+    /// `direct`: try `O_DIRECT` first.
+    fn create(path: &Path, direct: bool) -> std::io::Result<Self> {
+        let (file, direct) = match direct.then(|| open_direct(path)).flatten() {
+            Some(f) => (f, true),
+            None => (File::create(path)?, false),
+        };
+        let mut stage = crate::buffer::HugeBuf::default();
+        stage.resize(STAGE);
+        Ok(Self { file, path: path.to_path_buf(), stage, filled: 0, written: 0, direct })
+    }
+
+    /// Writes `stage[..len]` (`len` a multiple of [`ALIGN`] when direct) at the end of the file.
+    fn put(&mut self, len: usize) -> std::io::Result<()> {
+        if self.direct {
+            match self.file.write_all(&self.stage[..len]) {
+                Ok(()) => {
+                    self.written += len as u64;
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(EINVAL) => {
+                    // direct I/O refused after all: reopen through the page cache and retry
+                    let mut f = OpenOptions::new().write(true).open(&self.path)?;
+                    f.set_len(self.written)?;
+                    f.seek(SeekFrom::Start(self.written))?;
+                    self.file = f;
+                    self.direct = false;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.file.write_all(&self.stage[..len])?;
+        self.written += len as u64;
+        Ok(())
+    }
+
+    /// Writes what is staged, trims the padding and syncs the file to disk.
+    fn finish(mut self) -> std::io::Result<()> {
+        let len = self.filled;
+        if len > 0 {
+            if self.direct {
+                let padded = len.next_multiple_of(ALIGN);
+                self.stage[len..padded].fill(0);
+                self.put(padded)?;
+                self.written -= (padded - len) as u64;
+                self.file.set_len(self.written)?;
+            } else {
+                self.put(len)?;
+            }
+        }
+        self.file.sync_all()
+    }
+}
+
+impl Write for ShardFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(STAGE - self.filled);
+        self.stage[self.filled..self.filled + n].copy_from_slice(&buf[..n]);
+        self.filled += n;
+        if self.filled == STAGE {
+            self.put(STAGE)?;
+            self.filled = 0;
+        }
+        Ok(n)
+    }
+
+    /// Staged bytes stay staged (a direct write must be whole blocks); [`ShardFile::finish`]
+    /// writes them.
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(target_os = "linux")]
+const EINVAL: i32 = libc::EINVAL;
+#[cfg(not(target_os = "linux"))]
+const EINVAL: i32 = 22;
+
+/// Creates `path` for direct I/O, or `None` where that is not available.
+#[cfg(target_os = "linux")]
+fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new().write(true).create(true).truncate(true).custom_flags(libc::O_DIRECT).open(path).ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_path: &Path) -> Option<File> {
+    None
 }
 
 /// JSON pretty-printed with a trailing newline (the style of transformers' files).
@@ -325,6 +442,22 @@ mod tests {
         let (_, bytes) = f.bytes("c").expect("c");
         assert_eq!(bytes.len(), 120);
         assert_eq!(f.metadata().get("format").map(String::as_str), Some("pt"));
+    }
+
+    #[test]
+    fn shard_files_read_back_with_and_without_direct_io() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        // crosses the staging block twice and ends off the alignment
+        let data: Vec<u8> = (0..2 * STAGE + 12_345).map(|i| (i * 7 + i / 4096) as u8).collect();
+        for direct in [true, false] {
+            let path = tmp.path().join(format!("f-{direct}"));
+            let mut f = ShardFile::create(&path, direct).expect("create");
+            for piece in data.chunks(1_000_003) {
+                f.write_all(piece).expect("write");
+            }
+            f.finish().expect("finish");
+            assert_eq!(std::fs::read(&path).expect("read"), data, "direct: {direct}");
+        }
     }
 
     #[test]
