@@ -147,7 +147,13 @@ impl MergeMethod for GeneralizedTaskArithmetic {
         let others: Vec<usize> = (0..input.reader.count()).filter(|&i| i != b).collect();
         let plain_topk = method == Sparsifier::Magnitude && !input.params.flag("rescale") && input.numel() >= SMALL;
         if method == Sparsifier::Random && input.numel() >= SMALL {
-            self.stream_random(input, b, &others, scratch, sink)?;
+            match others.len() {
+                1 => self.stream_dare::<1>(input, b, &others, sink)?,
+                2 => self.stream_dare::<2>(input, b, &others, sink)?,
+                3 => self.stream_dare::<3>(input, b, &others, sink)?,
+                4 => self.stream_dare::<4>(input, b, &others, sink)?,
+                _ => self.stream_random(input, b, &others, scratch, sink)?,
+            }
         } else if plain_topk && (1..=4).contains(&others.len()) {
             match others.len() {
                 1 => self.stream_topk::<1>(input, b, &others, sink)?,
@@ -308,6 +314,80 @@ impl GeneralizedTaskArithmetic {
                         input.reader.read(others[slot], from, d);
                         d.iter_mut().zip(y.iter()).for_each(|(x, y)| *x -= y);
                         cuts[slot].apply(s, d);
+                    }
+                    let ds: [&[f32]; K] = std::array::from_fn(|slot| &ds[slot * SUB..slot * SUB + len]);
+                    combine.run(y, ds, o);
+                })
+            });
+            sink(&out[..len])?;
+            start += len;
+        }
+        Ok(())
+    }
+
+    /// DARE for up to four task vectors, fused per L2-sized sub-chunk like
+    /// [`Self::stream_topk`]: pass 1 (only with `rescale`) sums |δ| and the kept |δ| per
+    /// sub-chunk (f64, added in sub-chunk order: the same factors whatever the thread count),
+    /// pass 2 redraws the same counter-based masks, rescales, weights and combines with the
+    /// f32 operations of [`Self::combine_parts`].
+    fn stream_dare<const K: usize>(&self, input: &StreamInput, b: usize, others: &[usize], sink: &mut ChunkSink) -> Result<(), String> {
+        let n = input.numel();
+        let nsub = n.div_ceil(SUB);
+        let masks: [(f64, CounterRng); K] =
+            std::array::from_fn(|slot| (input.model_params[others[slot]].get("density"), CounterRng::new(input.seed, slot as u64)));
+        let mut scales = [1f32; K];
+        if input.params.flag("rescale") {
+            let sums: Vec<[(f64, f64); K]> = (0..nsub)
+                .into_par_iter()
+                .map(|s| {
+                    STREAM_TMP.with_borrow_mut(|tmp| {
+                        let (from, len) = (s * SUB, SUB.min(n - s * SUB));
+                        tmp.resize(2 * SUB, 0.0);
+                        let (y, d) = tmp.split_at_mut(SUB);
+                        let (y, d) = (&mut y[..len], &mut d[..len]);
+                        input.reader.read(b, from, y);
+                        std::array::from_fn(|slot| {
+                            let (density, rng) = masks[slot];
+                            if density >= 1.0 {
+                                return (0.0, 0.0);
+                            }
+                            input.reader.read(others[slot], from, d);
+                            d.iter_mut().zip(y.iter()).for_each(|(x, y)| *x -= y);
+                            l1_sums(d, from, density, rng)
+                        })
+                    })
+                })
+                .collect();
+            for slot in 0..K {
+                let (before, after) = sums.iter().fold((0f64, 0f64), |(a, b), s| (a + s[slot].0, b + s[slot].1));
+                if masks[slot].0 < 1.0 && before >= 1e-7 && after >= 1e-7 {
+                    scales[slot] = before as f32 / after as f32;
+                }
+            }
+        }
+        let weights: [f32; K] = std::array::from_fn(|slot| input.model_params[others[slot]].get("weight") as f32);
+        let combine = Combine::new(input.params, &weights, self.consensus);
+        let mut out = vec![0f32; STREAM_CHUNK.min(n)];
+        let mut start = 0;
+        while start < n {
+            let len = STREAM_CHUNK.min(n - start);
+            out[..len].par_chunks_mut(SUB).enumerate().for_each(|(c, o)| {
+                STREAM_TMP.with_borrow_mut(|tmp| {
+                    let (from, len) = (start + c * SUB, o.len());
+                    tmp.resize((K + 1) * SUB, 0.0);
+                    let (y, ds) = tmp.split_at_mut(SUB);
+                    let y = &mut y[..len];
+                    input.reader.read(b, from, y);
+                    for (slot, d) in ds.chunks_mut(SUB).enumerate() {
+                        let d = &mut d[..len];
+                        input.reader.read(others[slot], from, d);
+                        d.iter_mut().zip(y.iter()).for_each(|(x, y)| *x -= y);
+                        let (density, rng) = masks[slot];
+                        apply_random(d, from, density, rng);
+                        let sc = scales[slot];
+                        if sc != 1.0 {
+                            d.iter_mut().for_each(|v| *v *= sc);
+                        }
                     }
                     let ds: [&[f32]; K] = std::array::from_fn(|slot| &ds[slot * SUB..slot * SUB + len]);
                     combine.run(y, ds, o);

@@ -51,16 +51,30 @@ impl CounterRng {
     pub fn keep_run(&self, start: u64, p: f64, out: &mut [bool]) {
         // threshold on the 16-bit lane: u < p  ⇔  lane < ⌈p·65536⌉
         let t = (p * 65_536.0).ceil().clamp(0.0, 65_536.0) as u64;
-        let (mut i, mut done) = (start, 0);
-        while done < out.len() {
+        // elements before the next multiple of 4 share a hash with earlier elements
+        let head = (((4 - start % 4) % 4) as usize).min(out.len());
+        let (first, rest) = out.split_at_mut(head);
+        self.keep_lanes(start, t, first);
+        let mut body = rest.chunks_exact_mut(4);
+        let mut j = (start + head as u64) >> 2;
+        // whole hashes: a straight loop the compiler can unroll and vectorize
+        for o in &mut body {
+            let x = mix(self.key.wrapping_add(j.wrapping_add(1).wrapping_mul(GAMMA)));
+            o[0] = x & 0xFFFF < t;
+            o[1] = (x >> 16) & 0xFFFF < t;
+            o[2] = (x >> 32) & 0xFFFF < t;
+            o[3] = x >> 48 < t;
+            j += 1;
+        }
+        self.keep_lanes(j << 2, t, body.into_remainder());
+    }
+
+    /// [`keep_run`](Self::keep_run) element by element (for a partial hash).
+    fn keep_lanes(&self, start: u64, t: u64, out: &mut [bool]) {
+        for (k, o) in out.iter_mut().enumerate() {
+            let i = start + k as u64;
             let x = mix(self.key.wrapping_add((i >> 2).wrapping_add(1).wrapping_mul(GAMMA)));
-            let lane = (i & 3) as usize;
-            let take = (4 - lane).min(out.len() - done);
-            for (l, o) in out[done..done + take].iter_mut().enumerate() {
-                *o = (x >> (16 * (lane + l))) & 0xFFFF < t;
-            }
-            done += take;
-            i += take as u64;
+            *o = (x >> (16 * (i & 3))) & 0xFFFF < t;
         }
     }
 }
@@ -96,7 +110,7 @@ mod tests {
     #[test]
     fn keep_run_matches_keep() {
         let r = CounterRng::new(tensor_seed(3, "k"), 2);
-        for (start, p) in [(0u64, 0.5), (1, 0.3), (7, 0.999), (2, 1e-4)] {
+        for (start, p) in [(0u64, 0.5), (1, 0.3), (7, 0.999), (2, 1e-4), (4, 0.7), (3, 0.5)] {
             let mut run = vec![false; 37];
             r.keep_run(start, p, &mut run);
             let one: Vec<bool> = (0..37).map(|j| r.keep(start + j, p)).collect();
