@@ -296,6 +296,22 @@ impl GeneralizedTaskArithmetic {
             searches = missed;
         }
         // pass 2: sparsify, weight, elect and combine per sub-chunk, emit per chunk
+        self.stream_combine::<K>(input, b, others, |slot, s, _, d| cuts[slot].apply(s, d), sink)
+    }
+
+    /// Pass 2 of the fused paths ([`Self::stream_topk`], [`Self::stream_dare`]): per L2-sized
+    /// sub-chunk (in parallel), δᵢ = xᵢ − base is decoded, `sparsify(slot, sub-chunk index,
+    /// first element, δ)` edits it in place, and the sub-chunk is weighted, elected and
+    /// combined ([`Combine`]); the output goes to `sink` chunk by chunk, in order.
+    fn stream_combine<const K: usize>(
+        &self,
+        input: &StreamInput,
+        b: usize,
+        others: &[usize],
+        sparsify: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
+        sink: &mut ChunkSink,
+    ) -> Result<(), String> {
+        let n = input.numel();
         let weights: [f32; K] = std::array::from_fn(|slot| input.model_params[others[slot]].get("weight") as f32);
         let combine = Combine::new(input.params, &weights, self.consensus);
         let mut out = vec![0f32; STREAM_CHUNK.min(n)];
@@ -313,7 +329,7 @@ impl GeneralizedTaskArithmetic {
                         let d = &mut d[..len];
                         input.reader.read(others[slot], from, d);
                         d.iter_mut().zip(y.iter()).for_each(|(x, y)| *x -= y);
-                        cuts[slot].apply(s, d);
+                        sparsify(slot, s, from, d);
                     }
                     let ds: [&[f32]; K] = std::array::from_fn(|slot| &ds[slot * SUB..slot * SUB + len]);
                     combine.run(y, ds, o);
@@ -365,38 +381,20 @@ impl GeneralizedTaskArithmetic {
                 }
             }
         }
-        let weights: [f32; K] = std::array::from_fn(|slot| input.model_params[others[slot]].get("weight") as f32);
-        let combine = Combine::new(input.params, &weights, self.consensus);
-        let mut out = vec![0f32; STREAM_CHUNK.min(n)];
-        let mut start = 0;
-        while start < n {
-            let len = STREAM_CHUNK.min(n - start);
-            out[..len].par_chunks_mut(SUB).enumerate().for_each(|(c, o)| {
-                STREAM_TMP.with_borrow_mut(|tmp| {
-                    let (from, len) = (start + c * SUB, o.len());
-                    tmp.resize((K + 1) * SUB, 0.0);
-                    let (y, ds) = tmp.split_at_mut(SUB);
-                    let y = &mut y[..len];
-                    input.reader.read(b, from, y);
-                    for (slot, d) in ds.chunks_mut(SUB).enumerate() {
-                        let d = &mut d[..len];
-                        input.reader.read(others[slot], from, d);
-                        d.iter_mut().zip(y.iter()).for_each(|(x, y)| *x -= y);
-                        let (density, rng) = masks[slot];
-                        apply_random(d, from, density, rng);
-                        let sc = scales[slot];
-                        if sc != 1.0 {
-                            d.iter_mut().for_each(|v| *v *= sc);
-                        }
-                    }
-                    let ds: [&[f32]; K] = std::array::from_fn(|slot| &ds[slot * SUB..slot * SUB + len]);
-                    combine.run(y, ds, o);
-                })
-            });
-            sink(&out[..len])?;
-            start += len;
-        }
-        Ok(())
+        self.stream_combine::<K>(
+            input,
+            b,
+            others,
+            |slot, _, from, d| {
+                let (density, rng) = masks[slot];
+                apply_random(d, from, density, rng);
+                let sc = scales[slot];
+                if sc != 1.0 {
+                    d.iter_mut().for_each(|v| *v *= sc);
+                }
+            },
+            sink,
+        )
     }
 
     /// DARE in two streaming passes (see [`MergeMethod::merge_streaming`]).
@@ -812,15 +810,19 @@ mod tests {
         (g, mp)
     }
 
-    /// (whole-tensor result, streamed result or None if declined)
+    /// (whole-tensor result, streamed result or None if declined), default parameters
     fn both(m: &GeneralizedTaskArithmetic, ts: &[Vec<f32>]) -> (Vec<f32>, Option<Vec<f32>>) {
         let n = ts[0].len();
         let (g, mp) = params(m, &[0.7, 0.4]);
-        let shape = [n / 4, 4];
-        let input = MergeInput { tensor: "t", shape: &shape, tensors: ts.iter().map(Vec::as_slice).collect(), base: Some(0), model_params: mp.clone(), params: g.clone(), seed: 9 };
+        whole_and_streamed(m, ts, &g, &mp, &[n / 4, 4])
+    }
+
+    /// (whole-tensor result, streamed result or None if declined); model 0 is the base
+    fn whole_and_streamed(m: &GeneralizedTaskArithmetic, ts: &[Vec<f32>], g: &Params, mp: &[Params], shape: &[usize]) -> (Vec<f32>, Option<Vec<f32>>) {
+        let input = MergeInput { tensor: "t", shape, tensors: ts.iter().map(Vec::as_slice).collect(), base: Some(0), model_params: mp.to_vec(), params: g.clone(), seed: 9 };
         let whole = merge_to_vec(m, &input).expect("whole");
         let reader = SliceReader(ts.iter().map(Vec::as_slice).collect());
-        let si = StreamInput { tensor: "t", shape: &shape, reader: &reader, base: Some(0), model_params: &mp, params: &g, seed: 9 };
+        let si = StreamInput { tensor: "t", shape, reader: &reader, base: Some(0), model_params: mp, params: g, seed: 9 };
         let mut streamed = Vec::new();
         let ok = m
             .merge_streaming(&si, &mut Scratch::default(), &mut |c: &[f32]| {
@@ -877,19 +879,8 @@ mod tests {
                 p.set("density", density);
                 mp.push(p);
             }
-            let shape = [n];
-            let input = MergeInput { tensor: "t", shape: &shape, tensors: ts.iter().map(Vec::as_slice).collect(), base: Some(0), model_params: mp.clone(), params: g.clone(), seed: 1 };
-            let whole = merge_to_vec(ties, &input).expect("whole");
-            let reader = SliceReader(ts.iter().map(Vec::as_slice).collect());
-            let si = StreamInput { tensor: "t", shape: &shape, reader: &reader, base: Some(0), model_params: &mp, params: &g, seed: 1 };
-            let mut streamed = Vec::new();
-            let ok = ties
-                .merge_streaming(&si, &mut Scratch::default(), &mut |c: &[f32]| {
-                    streamed.extend_from_slice(c);
-                    Ok(())
-                })
-                .expect("stream");
-            assert!(ok, "case {case} declined");
+            let (whole, streamed) = whole_and_streamed(ties, &ts, &g, &mp, &[n]);
+            let streamed = streamed.unwrap_or_else(|| panic!("case {case} declined"));
             let diff = (0..n).filter(|&i| whole[i].to_bits() != streamed[i].to_bits()).count();
             assert_eq!(diff, 0, "case {case}: {diff} elements differ");
             let changed = (0..n).filter(|&i| whole[i] != ts[0][i]).count();
