@@ -33,7 +33,7 @@ use crate::error::{EngineError, Result};
 use crate::merge::MergeInput;
 use crate::merge::base::Scratch;
 use crate::merge::rng::tensor_seed;
-use crate::model::{LanguageModel, WeightBuffer, WeightPart, transpose_concat_into};
+use crate::model::{HeldMerge, HeldPart, LanguageModel, WeightBuffer, WeightPart, transpose_concat_into};
 use crate::recipe::{MergePlan, TensorTask};
 
 /// Elements of one block of rows: the decoded inputs of a block stay in L2.
@@ -56,6 +56,9 @@ pub struct ResidentMerge {
     models: Vec<PathBuf>,
     arrays: HashMap<Key, Resident>,
     bytes: u64,
+    /// Set by [`ResidentMerge::hold_on_device`]: per weight buffer, the plan models whose
+    /// inputs the device holds, in held order.
+    on_device: std::sync::OnceLock<Vec<Vec<usize>>>,
 }
 
 impl std::fmt::Debug for ResidentMerge {
@@ -127,7 +130,7 @@ impl ResidentMerge {
                 }
             }
         }
-        Ok(Self { layout, models: plan.models.iter().map(|m| m.dir().to_path_buf()).collect(), arrays, bytes })
+        Ok(Self { layout, models: plan.models.iter().map(|m| m.dir().to_path_buf()).collect(), arrays, bytes, on_device: Default::default() })
     }
 
     /// Bytes held by the resident inputs.
@@ -156,11 +159,106 @@ impl ResidentMerge {
             }
             jobs.push(parts);
         }
+        if let Some(held) = self.on_device.get() {
+            let mut parts = |index: usize| -> Result<Vec<HeldPart>> {
+                jobs[index]
+                    .iter()
+                    .map(|(part, task, _)| {
+                        let models: Vec<usize> = task.inputs.iter().map(|(m, _)| *m).collect();
+                        if models != held[index] {
+                            return Err(EngineError::InvalidInput(format!("'{}' reads other models than the device holds", task.name)));
+                        }
+                        Ok(HeldPart { col: part.col, width: part.width, merge: held_merge(plan, task)? })
+                    })
+                    .collect()
+            };
+            if runtime.merge_held(model, &mut parts, plan.out_dtype)? {
+                return Ok(());
+            }
+        }
         runtime.write_weights(model, &mut |index, out| {
             let buf = &self.layout[index];
             fill_buffer(plan, buf, &jobs[index], out)
         })
     }
+
+    /// Copies the resident inputs to `runtime`'s device so that [`materialize`](Self::materialize)
+    /// merges there (burn tensor ops: on a GPU the merge never leaves device memory). Only
+    /// `task_arithmetic` and `linear`, and only when every part of a weight buffer reads the
+    /// same models in the same order; returns `false` (nothing held) otherwise or where the
+    /// runtime does not merge on its device. Memory: the inputs in the runtime's float dtype.
+    pub fn hold_on_device(&self, plan: &MergePlan, runtime: &mut dyn LanguageModel, model: usize) -> Result<bool> {
+        if !matches!(plan.method.name(), "task_arithmetic" | "linear") {
+            return Ok(false);
+        }
+        let tasks = task_map(plan);
+        let mut held: Vec<Vec<usize>> = Vec::with_capacity(self.layout.len());
+        let mut sources: Vec<Vec<(&WeightPart, Vec<&Resident>)>> = Vec::with_capacity(self.layout.len());
+        for buf in &self.layout {
+            let mut models: Option<Vec<usize>> = None;
+            let mut parts = vec![];
+            for part in &buf.parts {
+                let (_, keys) = part_inputs(plan, &tasks, buf, part).map_err(EngineError::InvalidInput)?;
+                let ms: Vec<usize> = keys.iter().map(|k| k.0).collect();
+                if models.as_ref().is_some_and(|m| *m != ms) {
+                    return Ok(false);
+                }
+                let inputs = keys
+                    .iter()
+                    .map(|k| self.arrays.get(k).ok_or_else(|| EngineError::InvalidInput(format!("input '{}' of model {} is not resident", k.1, k.0))))
+                    .collect::<Result<Vec<_>>>()?;
+                parts.push((part, inputs));
+                models = Some(ms);
+            }
+            held.push(models.unwrap_or_default());
+            sources.push(parts);
+        }
+        let count = held.first().map_or(0, Vec::len);
+        if count == 0 || held.iter().any(|m| m.len() != count) {
+            return Ok(false);
+        }
+        let done = runtime.hold_inputs(model, count, &mut |index, k, out| {
+            let cols = self.layout[index].cols;
+            for (part, inputs) in &sources[index] {
+                let res = inputs[k];
+                let sz = res.dtype.size();
+                for (r, row) in res.bytes.chunks(part.width * sz).enumerate() {
+                    dtype::decode_into(res.dtype, row, &mut out[r * cols + part.col..r * cols + part.col + part.width]);
+                }
+            }
+            Ok(())
+        })?;
+        if done && self.on_device.set(held.clone()).is_err() && self.on_device.get() != Some(&held) {
+            return Err(EngineError::InvalidInput("the device inputs were held for another plan".into()));
+        }
+        Ok(done)
+    }
+}
+
+/// `task`'s merge as device ops ([`HeldMerge`]), with held input `k` = the task's input `k`.
+fn held_merge(plan: &MergePlan, task: &TensorTask) -> Result<HeldMerge> {
+    let weight = |k: usize| task.model_params[k].get("weight") as f32;
+    Ok(match plan.method.name() {
+        "task_arithmetic" => {
+            let base = task.base.ok_or_else(|| EngineError::InvalidInput(format!("'{}': task arithmetic without a base", task.name)))?;
+            let terms: Vec<(usize, f32)> = (0..task.inputs.len()).filter(|&k| k != base).map(|k| (k, weight(k))).collect();
+            // as merge::generalized::combine_parts: f32 sum in model order, |Σw| < 1e-8 → 1
+            let wsum: f32 = terms.iter().map(|t| t.1).sum();
+            let lambda = task.params.get("lambda") as f32;
+            HeldMerge::TaskArithmetic {
+                base,
+                divisor: task.params.flag("normalize").then_some(if wsum.abs() < 1e-8 { 1.0 } else { wsum }),
+                lambda: (lambda != 1.0).then_some(lambda),
+                terms,
+            }
+        }
+        "linear" => {
+            let terms: Vec<(usize, f32)> = (0..task.inputs.len()).map(|k| (k, weight(k))).collect();
+            let sum: f32 = terms.iter().map(|t| t.1).sum();
+            HeldMerge::Linear { divisor: (task.params.flag("normalize") && sum.abs() >= 1e-8).then_some(sum), terms }
+        }
+        other => return Err(EngineError::InvalidInput(format!("{other} is not merged on the device"))),
+    })
 }
 
 thread_local! {

@@ -248,6 +248,19 @@ fn setup(exp: Experiment, dry_run: bool) -> Result<Setup> {
     }
     let mut runtime = model::open(exp.device, &[ModelSpec::from_checkpoint(&base)])?;
     let (resident, in_place, memory) = resident_merge(&exp, &layout, &base, runtime.as_ref(), !dry_run)?;
+    // On a GPU the resident inputs go to the device and candidates are merged there with burn
+    // ops (task arithmetic, linear). EVOMERGE_DEVICE_MERGE=1 does the same on the CPU, which
+    // is how the tests check that path (the plain-Rust kernels are faster there).
+    let device_merge = exp.device != DeviceSpec::Cpu || std::env::var_os("EVOMERGE_DEVICE_MERGE").is_some_and(|v| v == "1");
+    if let (Some(r), true) = (&resident, device_merge) {
+        let recipe = layout.decode(&layout.initial())?;
+        let plan = MergePlan::build(&recipe, serde_norway::to_string(&recipe)?, None, exp.seed)?;
+        if r.hold_on_device(&plan, runtime.as_mut(), 0)? {
+            tracing::info!("merge inputs held on {}: candidates are merged there", exp.device);
+        } else {
+            tracing::info!("{} candidates are merged on the host and uploaded", plan.method.name());
+        }
+    }
     // Calibration (anchor / IRT estimators): every item's result for the source models and for
     // `[calibration] candidates` random merges (skipped by a dry run, which fits on the sources).
     let needs_cal: Vec<bool> = exp.objectives.iter().map(|o| !matches!(o.estimator, Method::Full | Method::Random { .. })).collect();

@@ -157,3 +157,34 @@ fn methods_that_are_not_elementwise_or_other_models_are_refused() {
     assert!(err.to_string().contains("resident"), "{err}");
     assert_eq!(bits(&rt.logits(&IDS).expect("logits")), before, "the refused merge left the weights alone");
 }
+
+#[test]
+fn merges_on_the_device_equal_the_streamed_path_bit_for_bit() {
+    // The burn-op merge a GPU run uses, here on burn-ndarray (f32 IEEE, as the CPU kernels):
+    // same logits to the bit for every architecture, dtype and recipe, including a buffer
+    // whose parts get different weights (gate vs up).
+    let tmp = tempfile::tempdir().expect("tmp");
+    for arch in ["llama", "qwen2", "qwen3"] {
+        let m = models(tmp.path(), arch);
+        for dtype in ["bfloat16", "float32"] {
+            let mut texts = recipes(&m, dtype);
+            let [base, a, b] = m.clone().map(|p| p.display().to_string());
+            texts.push(format!(
+                "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters:\n      weight:\n        - filter: gate_proj\n          value: 1.1\n        - value: 0.3\n  - model: {b}\n    parameters: {{weight: 0.6}}\ndtype: {dtype}\n"
+            ));
+            let (mut streamed, mut on_device) = (open(&m[0]), open(&m[0]));
+            let ta = ResidentMerge::new(&plan(&texts[0]), on_device.weight_layout(0).expect("layout")).expect("resident");
+            assert!(ta.hold_on_device(&plan(&texts[0]), on_device.as_mut(), 0).expect("hold"), "{arch}: task arithmetic held");
+            for (i, t) in texts.iter().enumerate().filter(|(i, _)| *i != 2) {
+                check_same(t, &ta, streamed.as_mut(), on_device.as_mut(), &format!("{arch} {dtype} recipe {i} on the device"));
+            }
+            // held anew for linear (every model weighted, no base)
+            let (mut streamed, mut on_device) = (open(&m[0]), open(&m[0]));
+            let lin = ResidentMerge::new(&plan(&texts[2]), on_device.weight_layout(0).expect("layout")).expect("resident");
+            assert!(lin.hold_on_device(&plan(&texts[2]), on_device.as_mut(), 0).expect("hold"), "{arch}: linear held");
+            check_same(&texts[2], &lin, streamed.as_mut(), on_device.as_mut(), &format!("{arch} {dtype} linear on the device"));
+            // the inputs held for linear serve a task-arithmetic plan over the same models
+            check_same(&texts[0], &lin, streamed.as_mut(), on_device.as_mut(), &format!("{arch} {dtype} task arithmetic on linear's inputs"));
+        }
+    }
+}

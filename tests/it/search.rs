@@ -300,6 +300,12 @@ fn in_place_and_streamed_candidates_record_the_same_evaluations() {
     let (ra, rb) = (records(&a), records(&b));
     assert_eq!(ra.len(), 8);
     assert_eq!(ra, rb, "in-place and streamed candidates scored differently");
+    // the GPU path (inputs held by the runtime, merged with burn ops), here on burn-ndarray
+    let c = tmp.path().join("device");
+    let (code, _, err) = run_env(&["search", &e, "--run-dir", &c.display().to_string(), "--progress", "off", "--log", "info"], &[("EVOMERGE_DEVICE_MERGE", "1")]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("merged there"), "the device path was not taken: {err}");
+    assert_eq!(records(&c), ra, "candidates merged on the device scored differently");
 }
 
 /// An IRT-estimated objective on the zoo (a 0-1 metric, 40 items): `[calibration]` merges

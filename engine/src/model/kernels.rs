@@ -28,9 +28,32 @@ pub(crate) trait Kernels: Backend {
     fn host_buffer<const D: usize>(t: Tensor<Self, D>) -> Vec<f32> {
         vec![0.0; t.shape().num_elements()]
     }
+
+    /// `t` (f32) rounded to `dtype`'s precision and returned in f32 (device merges round
+    /// through the output dtype as the host path does). The default casts on the device.
+    fn round_through(t: Tensor<Self, 2>, dtype: crate::dtype::DType) -> Tensor<Self, 2> {
+        use burn::tensor::FloatDType;
+        let to = match dtype {
+            crate::dtype::DType::F32 => return t,
+            crate::dtype::DType::F16 => FloatDType::F16,
+            crate::dtype::DType::BF16 => FloatDType::BF16,
+        };
+        t.cast(to).cast(FloatDType::F32)
+    }
 }
 
 impl Kernels for NdArray<f32> {
+    /// burn-ndarray 0.21 has no bf16 arrays: rounds on the host (in the tensor's own memory).
+    fn round_through(t: Tensor<Self, 2>, dtype: crate::dtype::DType) -> Tensor<Self, 2> {
+        if dtype == crate::dtype::DType::F32 {
+            return t;
+        }
+        let (shape, device) = (t.dims(), t.device());
+        let mut v = super::runtime::to_host_f32(t);
+        crate::dtype::round_in_place(dtype, &mut v);
+        Tensor::from_data(TensorData::new(v, shape), &device)
+    }
+
     /// The tensor's own allocation (zero-copy when nothing else holds it, as after a forward
     /// pass), so rewriting weights touches no fresh memory.
     fn host_buffer<const D: usize>(t: Tensor<Self, D>) -> Vec<f32> {

@@ -127,6 +127,34 @@ impl WeightBuffer {
     }
 }
 
+/// An elementwise merge of inputs held on the runtime's device ([`LanguageModel::hold_inputs`]),
+/// for one [`WeightPart`] (`col`, `width`) of a buffer. Input `k` is the `k`-th held input.
+/// The f32 operations and their order are those of the CPU kernels (`merge::generalized`'s
+/// fused task arithmetic, `merge::linear`), so a backend that computes f32 exactly as IEEE
+/// (burn-ndarray) gives the same bits.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeldMerge {
+    /// `x_base + finish(((0 + (x₀ − x_base)·w₀) + (x₁ − x_base)·w₁) + …)`, finish = `/ divisor`
+    /// (if any) then `· lambda` (if any).
+    TaskArithmetic { base: usize, terms: Vec<(usize, f32)>, divisor: Option<f32>, lambda: Option<f32> },
+    /// `((0 + w₀·x₀) + w₁·x₁) + …`, then `/ divisor` (if any).
+    Linear { terms: Vec<(usize, f32)>, divisor: Option<f32> },
+}
+
+/// Columns `col .. col + width` of a weight buffer and how they are merged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldPart {
+    pub col: usize,
+    pub width: usize,
+    pub merge: HeldMerge,
+}
+
+/// The parts of weight buffer `index`, side by side covering all its columns in order.
+pub type HeldParts<'a> = dyn FnMut(usize) -> Result<Vec<HeldPart>> + 'a;
+
+/// Writes input `k` of weight buffer `index` in the buffer's layout: `fill(index, k, values)`.
+pub type HeldFill<'a> = dyn FnMut(usize, usize, &mut [f32]) -> Result<()> + 'a;
+
 /// Writes the values of weight buffer `index` (of [`LanguageModel::weight_layout`]) into the
 /// slice, overwriting every element.
 pub type WeightFill<'a> = dyn FnMut(usize, &mut [f32]) -> Result<()> + 'a;
@@ -173,6 +201,23 @@ pub trait LanguageModel: Send {
     /// buffers uploaded after each fill. If `fill` fails, the runtime refuses further work
     /// until weights are loaded again.
     fn write_weights(&mut self, model: usize, fill: &mut WeightFill<'_>) -> Result<()>;
+
+    /// Copies `count` merge inputs of every weight buffer of model `model` to the runtime's
+    /// device (in its float dtype), for [`merge_held`](Self::merge_held): `fill(index, k,
+    /// values)` writes input `k` of buffer `index` in the buffer's layout. Replaces inputs held
+    /// before. Returns `false` (holding nothing) where the runtime does not merge on its device.
+    fn hold_inputs(&mut self, model: usize, count: usize, fill: &mut HeldFill<'_>) -> Result<bool> {
+        let _ = (model, count, fill);
+        Ok(false)
+    }
+
+    /// Merges the held inputs into model `model`'s weights on the device, buffer by buffer,
+    /// rounding through `round` (the merge's output dtype). Returns `false`, changing nothing,
+    /// when no inputs are held for `model`.
+    fn merge_held(&mut self, model: usize, parts: &mut HeldParts<'_>, round: crate::dtype::DType) -> Result<bool> {
+        let _ = (model, parts, round);
+        Ok(false)
+    }
 }
 
 /// Opens `models` on `device`; the path starts as the identity path of model 0.

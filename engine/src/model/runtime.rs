@@ -27,7 +27,12 @@ use super::kernels::Kernels;
 use super::path::LayerPath;
 use super::rope::Rope;
 use super::spec::{Dims, ModelSpec, check_supported, sliding_window};
-use super::{DeviceSpec, GenerateOptions, Generation, LanguageModel, ModelInfo, ScoreRequest, ScoreResult, StopReason, WeightBuffer, WeightFill, WeightPart};
+use super::{
+    DeviceSpec, GenerateOptions, Generation, HeldFill, HeldMerge, HeldPart, HeldParts, LanguageModel, ModelInfo, ScoreRequest, ScoreResult, StopReason, WeightBuffer, WeightFill,
+    WeightPart,
+};
+use crate::dtype::DType;
+use burn::tensor::FloatDType;
 use crate::arch::Architecture;
 use crate::error::{EngineError, Result};
 use crate::io::ModelConfig;
@@ -97,6 +102,9 @@ pub(crate) struct Runtime<B: Backend> {
     mask_value: f32,
     /// Set when a weight swap failed after the old weights were released.
     poisoned: Option<String>,
+    /// Merge inputs on the device ([`LanguageModel::hold_inputs`]): the model they are for and,
+    /// per weight buffer, each input as `[rows, cols]`.
+    held: Option<(usize, Vec<Vec<Tensor<B, 2>>>)>,
 }
 
 fn upload<B: Backend, const D: usize>(data: Vec<f32>, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
@@ -218,7 +226,7 @@ impl<B: Kernels> Runtime<B> {
             _ => -1e30,
         };
         let path = LayerPath::identity(0, loaded[0].layers.len());
-        Ok(Self { device, models: loaded, path, info, mask_value, poisoned: None })
+        Ok(Self { device, models: loaded, path, info, mask_value, poisoned: None, held: None })
     }
 
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
@@ -894,4 +902,101 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
         }
         result
     }
+
+    fn hold_inputs(&mut self, model: usize, count: usize, fill: &mut HeldFill<'_>) -> Result<bool> {
+        let m = self.models.get(model).ok_or_else(|| EngineError::InvalidInput(format!("hold_inputs: no loaded model {model}")))?;
+        self.held = None;
+        let mut held = Vec::new();
+        for (index, (buf, _)) in weight_buffers(m).into_iter().enumerate() {
+            let mut inputs = Vec::with_capacity(count);
+            for k in 0..count {
+                let mut host = vec![0f32; buf.numel()];
+                fill(index, k, &mut host)?;
+                inputs.push(upload::<B, 2>(host, [buf.rows, buf.cols], &self.device));
+            }
+            held.push(inputs);
+        }
+        self.held = Some((model, held));
+        Ok(true)
+    }
+
+    fn merge_held(&mut self, model: usize, parts: &mut HeldParts<'_>, round: DType) -> Result<bool> {
+        self.check_usable()?;
+        let Some((held_model, held)) = &self.held else { return Ok(false) };
+        if *held_model != model {
+            return Ok(false);
+        }
+        let m = &mut self.models[model];
+        // Compute every buffer before replacing any, so that a bad part leaves the model as it was.
+        let mut merged = Vec::new();
+        for (index, (buf, id)) in weight_buffers(m).into_iter().enumerate() {
+            let inputs = held.get(index).ok_or_else(|| EngineError::InvalidInput(format!("merge_held: no inputs held for weight buffer {index}")))?;
+            let mut cols = Vec::new();
+            let mut at = 0;
+            for part in parts(index)? {
+                if part.col != at || part.col + part.width > buf.cols {
+                    return Err(EngineError::InvalidInput(format!("merge_held: parts of weight buffer {index} do not tile its {} columns", buf.cols)));
+                }
+                at += part.width;
+                cols.push(held_part(inputs, &part, index)?);
+            }
+            if at != buf.cols {
+                return Err(EngineError::InvalidInput(format!("merge_held: parts of weight buffer {index} cover {at} of {} columns", buf.cols)));
+            }
+            let y = if cols.len() == 1 { cols.remove(0) } else { Tensor::cat(cols, 1) };
+            merged.push((B::round_through(y, round), id));
+        }
+        for (y, id) in merged {
+            match slot_mut(m, id) {
+                Some(Slot::Vector(t)) => {
+                    let dtype = t.dtype();
+                    *t = y.cast(FloatDType::from(dtype)).reshape([t.dims()[0]]);
+                }
+                Some(Slot::Matrix(t)) => {
+                    let dtype = t.dtype();
+                    *t = y.cast(FloatDType::from(dtype));
+                }
+                None => return Err(EngineError::InvalidInput("merge_held: a weight buffer has no tensor".into())),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// One [`HeldPart`] of a buffer from its held `inputs`, in f32 (with the CPU kernels' order of
+/// operations, see [`HeldMerge`]).
+fn held_part<B: Backend>(inputs: &[Tensor<B, 2>], part: &HeldPart, index: usize) -> Result<Tensor<B, 2>> {
+    let x = |k: usize| -> Result<Tensor<B, 2>> {
+        let t = inputs.get(k).ok_or_else(|| EngineError::InvalidInput(format!("merge_held: weight buffer {index} holds no input {k}")))?;
+        Ok(t.clone().narrow(1, part.col, part.width).cast(FloatDType::F32))
+    };
+    Ok(match &part.merge {
+        HeldMerge::TaskArithmetic { base, terms, divisor, lambda } => {
+            let b = x(*base)?;
+            let mut t = b.zeros_like();
+            for &(k, w) in terms {
+                t = t + (x(k)? - b.clone()).mul_scalar(w);
+            }
+            if let Some(d) = divisor {
+                t = t.div_scalar(*d);
+            }
+            if let Some(l) = lambda {
+                t = t.mul_scalar(*l);
+            }
+            b + t
+        }
+        HeldMerge::Linear { terms, divisor } => {
+            let mut t: Option<Tensor<B, 2>> = None;
+            for &(k, w) in terms {
+                let xk = x(k)?;
+                let acc = t.take().unwrap_or_else(|| xk.zeros_like());
+                t = Some(acc + xk.mul_scalar(w));
+            }
+            let t = t.ok_or_else(|| EngineError::InvalidInput(format!("merge_held: weight buffer {index}: a linear merge of no inputs")))?;
+            match divisor {
+                Some(d) => t.div_scalar(*d),
+                None => t,
+            }
+        }
+    })
 }
