@@ -250,8 +250,13 @@ fn setup(exp: Experiment, dry_run: bool) -> Result<Setup> {
     let (resident, in_place, memory) = resident_merge(&exp, &layout, &base, runtime.as_ref(), !dry_run)?;
     // On a GPU the resident inputs go to the device and candidates are merged there with burn
     // ops (task arithmetic, linear). EVOMERGE_DEVICE_MERGE=1 does the same on the CPU, which
-    // is how the tests check that path (the plain-Rust kernels are faster there).
-    let device_merge = exp.device != DeviceSpec::Cpu || std::env::var_os("EVOMERGE_DEVICE_MERGE").is_some_and(|v| v == "1");
+    // is how the tests check that path (the plain-Rust kernels are faster there); =0 keeps a
+    // GPU run on the host path (to compare).
+    let device_merge = match std::env::var("EVOMERGE_DEVICE_MERGE").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => exp.device != DeviceSpec::Cpu,
+    };
     if let (Some(r), true) = (&resident, device_merge) {
         let recipe = layout.decode(&layout.initial())?;
         let plan = MergePlan::build(&recipe, serde_norway::to_string(&recipe)?, None, exp.seed)?;
