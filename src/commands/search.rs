@@ -776,8 +776,10 @@ fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBoo
     }
     drop(extra);
     let refs = references(exp, layout, estimators, runtime.as_mut(), resident.as_ref(), run_dir)?;
-    // The data-flow stage opens its own runtime: free the resident inputs first.
+    // The data-flow stage opens its own runtime: free the resident inputs first (and their
+    // device copies).
     *resident = None;
+    runtime.release_held();
     if mode == SearchProgress::Jsonl {
         println!("{}", json!({"event": "references", "references": refs}));
     }

@@ -185,6 +185,9 @@ fn merges_on_the_device_equal_the_streamed_path_bit_for_bit() {
             check_same(&texts[2], &lin, streamed.as_mut(), on_device.as_mut(), &format!("{arch} {dtype} linear on the device"));
             // the inputs held for linear serve a task-arithmetic plan over the same models
             check_same(&texts[0], &lin, streamed.as_mut(), on_device.as_mut(), &format!("{arch} {dtype} task arithmetic on linear's inputs"));
+            // released: the same resident inputs merge on the host again
+            on_device.release_held();
+            check_same(&texts[1], &lin, streamed.as_mut(), on_device.as_mut(), &format!("{arch} {dtype} after release"));
         }
     }
 }

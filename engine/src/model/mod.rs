@@ -211,6 +211,9 @@ pub trait LanguageModel: Send {
         Ok(false)
     }
 
+    /// Frees the inputs held by [`hold_inputs`](Self::hold_inputs), if any.
+    fn release_held(&mut self) {}
+
     /// Merges the held inputs into model `model`'s weights on the device, buffer by buffer,
     /// rounding through `round` (the merge's output dtype). Returns `false`, changing nothing,
     /// when no inputs are held for `model`.

@@ -920,6 +920,10 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
         Ok(true)
     }
 
+    fn release_held(&mut self) {
+        self.held = None;
+    }
+
     fn merge_held(&mut self, model: usize, parts: &mut HeldParts<'_>, round: DType) -> Result<bool> {
         self.check_usable()?;
         let Some((held_model, held)) = &self.held else { return Ok(false) };
