@@ -146,9 +146,10 @@ fn memory_needed(base: &Checkpoint) -> u64 {
 
 /// Holds the merge inputs in the runtime's layout when the method is elementwise and the
 /// memory is there (see `evomerge_engine::resident`); says why not otherwise. Returns the
-/// resident inputs (built only if `build`), whether candidates are merged in place, and the
-/// run's estimated peak memory.
-fn resident_merge(exp: &Experiment, layout: &GenomeLayout, base: &Checkpoint, runtime: &dyn LanguageModel, build: bool) -> Result<(Option<ResidentMerge>, bool, u64)> {
+/// resident inputs (built only if `build`, and then also held on the runtime's device where
+/// [`device_merge`] says so), whether candidates are merged in place, and the run's estimated
+/// peak memory.
+fn resident_merge(exp: &Experiment, layout: &GenomeLayout, base: &Checkpoint, runtime: &mut dyn LanguageModel, build: bool) -> Result<(Option<ResidentMerge>, bool, u64)> {
     let streamed = memory_needed(base);
     let recipe = layout.decode(&layout.initial())?;
     let plan = MergePlan::build(&recipe, serde_norway::to_string(&recipe)?, None, exp.seed)?;
@@ -168,13 +169,33 @@ fn resident_merge(exp: &Experiment, layout: &GenomeLayout, base: &Checkpoint, ru
                         return Ok((None, true, need));
                     }
                     tracing::info!("merge inputs held in the runtime's layout ({:.2} GiB): candidates are merged in place", gib(bytes));
-                    return Ok((Some(ResidentMerge::new(&plan, weights)?), true, need));
+                    let resident = ResidentMerge::new(&plan, weights)?;
+                    if device_merge(exp.device) {
+                        if resident.hold_on_device(&plan, runtime, 0)? {
+                            tracing::info!("merge inputs held on {}: candidates are merged there", exp.device);
+                        } else {
+                            tracing::info!("{} candidates are merged on the host and uploaded", plan.method.name());
+                        }
+                    }
+                    return Ok((Some(resident), true, need));
                 }
             }
         }
     };
     tracing::info!("candidates are merged from the memory-mapped checkpoints and swapped in ({why_not})");
     Ok((None, false, streamed))
+}
+
+/// Whether resident inputs also go to the runtime's device, where candidates are then merged
+/// with burn ops (task arithmetic, linear): on a GPU. EVOMERGE_DEVICE_MERGE=1 does the same on
+/// the CPU, which is how the tests check that path (the plain-Rust kernels are faster there);
+/// =0 keeps a GPU run on the host path (to compare).
+fn device_merge(device: DeviceSpec) -> bool {
+    match std::env::var("EVOMERGE_DEVICE_MERGE").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => device != DeviceSpec::Cpu,
+    }
 }
 
 /// Merges `plan` into the runtime's model 0: in place from the resident inputs when they are
@@ -247,25 +268,7 @@ fn setup(exp: Experiment, dry_run: bool) -> Result<Setup> {
         tasks.push(Task::load(spec, o.data.as_deref(), o.fewshot_data.as_deref())?);
     }
     let mut runtime = model::open(exp.device, &[ModelSpec::from_checkpoint(&base)])?;
-    let (resident, in_place, memory) = resident_merge(&exp, &layout, &base, runtime.as_ref(), !dry_run)?;
-    // On a GPU the resident inputs go to the device and candidates are merged there with burn
-    // ops (task arithmetic, linear). EVOMERGE_DEVICE_MERGE=1 does the same on the CPU, which
-    // is how the tests check that path (the plain-Rust kernels are faster there); =0 keeps a
-    // GPU run on the host path (to compare).
-    let device_merge = match std::env::var("EVOMERGE_DEVICE_MERGE").as_deref() {
-        Ok("1") => true,
-        Ok("0") => false,
-        _ => exp.device != DeviceSpec::Cpu,
-    };
-    if let (Some(r), true) = (&resident, device_merge) {
-        let recipe = layout.decode(&layout.initial())?;
-        let plan = MergePlan::build(&recipe, serde_norway::to_string(&recipe)?, None, exp.seed)?;
-        if r.hold_on_device(&plan, runtime.as_mut(), 0)? {
-            tracing::info!("merge inputs held on {}: candidates are merged there", exp.device);
-        } else {
-            tracing::info!("{} candidates are merged on the host and uploaded", plan.method.name());
-        }
-    }
+    let (resident, in_place, memory) = resident_merge(&exp, &layout, &base, runtime.as_mut(), !dry_run)?;
     // Calibration (anchor / IRT estimators): every item's result for the source models and for
     // `[calibration] candidates` random merges (skipped by a dry run, which fits on the sources).
     let needs_cal: Vec<bool> = exp.objectives.iter().map(|o| !matches!(o.estimator, Method::Full | Method::Random { .. })).collect();
