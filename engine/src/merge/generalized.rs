@@ -268,8 +268,7 @@ impl GeneralizedTaskArithmetic {
                             .iter()
                             .zip(&brackets)
                             .map(|(&slot, &(lo, hi))| {
-                                input.reader.read(others[slot], from, d);
-                                d.iter_mut().zip(y.iter()).for_each(|(x, y)| *x -= y);
+                                read_delta(input, others[slot], from, y, d);
                                 let (below, m) = gather(d, lo, hi, hits);
                                 (below, hits[..m].to_vec())
                             })
@@ -327,8 +326,7 @@ impl GeneralizedTaskArithmetic {
                     input.reader.read(b, from, y);
                     for (slot, d) in ds.chunks_mut(SUB).enumerate() {
                         let d = &mut d[..len];
-                        input.reader.read(others[slot], from, d);
-                        d.iter_mut().zip(y.iter()).for_each(|(x, y)| *x -= y);
+                        read_delta(input, others[slot], from, y, d);
                         sparsify(slot, s, from, d);
                     }
                     let ds: [&[f32]; K] = std::array::from_fn(|slot| &ds[slot * SUB..slot * SUB + len]);
@@ -367,8 +365,7 @@ impl GeneralizedTaskArithmetic {
                             if density >= 1.0 {
                                 return (0.0, 0.0);
                             }
-                            input.reader.read(others[slot], from, d);
-                            d.iter_mut().zip(y.iter()).for_each(|(x, y)| *x -= y);
+                            read_delta(input, others[slot], from, y, d);
                             l1_sums(d, from, density, rng)
                         })
                     })
@@ -443,6 +440,13 @@ const SUB: usize = 1 << 14;
 thread_local! {
     /// Per-thread decoded inputs and task vectors of one sub-chunk.
     static STREAM_TMP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// δ = x − base for elements `from .. from + d.len()` of input `i` (a sub-chunk, sequential:
+/// the caller is one of many parallel sub-chunks), with `base` already decoded.
+fn read_delta(input: &StreamInput, i: usize, from: usize, base: &[f32], d: &mut [f32]) {
+    input.reader.read(i, from, d);
+    d.iter_mut().zip(base).for_each(|(x, y)| *x -= y);
 }
 
 /// One model's magnitude cut for [`GeneralizedTaskArithmetic::stream_topk`]: keep the keys
