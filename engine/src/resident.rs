@@ -31,6 +31,8 @@ use rayon::prelude::*;
 use crate::dtype::{self, DType};
 use crate::error::{EngineError, Result};
 use crate::merge::MergeInput;
+use crate::merge::generalized::plain_divisor;
+use crate::merge::linear;
 use crate::merge::base::Scratch;
 use crate::merge::rng::tensor_seed;
 use crate::model::{HeldMerge, HeldPart, LanguageModel, WeightBuffer, WeightPart, transpose_concat_into};
@@ -242,20 +244,17 @@ fn held_merge(plan: &MergePlan, task: &TensorTask) -> Result<HeldMerge> {
         "task_arithmetic" => {
             let base = task.base.ok_or_else(|| EngineError::InvalidInput(format!("'{}': task arithmetic without a base", task.name)))?;
             let terms: Vec<(usize, f32)> = (0..task.inputs.len()).filter(|&k| k != base).map(|k| (k, weight(k))).collect();
-            // as merge::generalized::combine_parts: f32 sum in model order, |Σw| < 1e-8 → 1
-            let wsum: f32 = terms.iter().map(|t| t.1).sum();
             let lambda = task.params.get("lambda") as f32;
             HeldMerge::TaskArithmetic {
                 base,
-                divisor: task.params.flag("normalize").then_some(if wsum.abs() < 1e-8 { 1.0 } else { wsum }),
+                divisor: task.params.flag("normalize").then(|| plain_divisor(terms.iter().map(|t| t.1))),
                 lambda: (lambda != 1.0).then_some(lambda),
                 terms,
             }
         }
         "linear" => {
-            let terms: Vec<(usize, f32)> = (0..task.inputs.len()).map(|k| (k, weight(k))).collect();
-            let sum: f32 = terms.iter().map(|t| t.1).sum();
-            HeldMerge::Linear { divisor: (task.params.flag("normalize") && sum.abs() >= 1e-8).then_some(sum), terms }
+            let weights: Vec<f32> = (0..task.inputs.len()).map(weight).collect();
+            HeldMerge::Linear { divisor: linear::divisor(task.params.flag("normalize"), &weights), terms: weights.into_iter().enumerate().collect() }
         }
         other => return Err(EngineError::InvalidInput(format!("{other} is not merged on the device"))),
     })

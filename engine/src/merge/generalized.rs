@@ -521,13 +521,12 @@ struct Combine<const K: usize> {
 
 impl<const K: usize> Combine<K> {
     fn new(params: &Params, weights: &[f32; K], consensus: bool) -> Self {
-        let wsum: f32 = weights.iter().sum();
         Combine {
             weights: *weights,
             consensus,
             normalize: params.flag("normalize"),
             lambda: params.get("lambda") as f32,
-            plain_div: if wsum.abs() < 1e-8 { 1.0 } else { wsum },
+            plain_div: plain_divisor(weights.iter().copied()),
         }
     }
 
@@ -611,6 +610,13 @@ fn l1_sums(d: &[f32], start: usize, density: f64, rng: CounterRng) -> (f64, f64)
         .reduce(|| (0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1))
 }
 
+/// The divisor of the plain (no consensus) combination: Σᵢ wᵢ as an f32 sum in model order,
+/// 1 when |Σᵢ wᵢ| < 1e-8 (mergekit's rule).
+pub fn plain_divisor(weights: impl IntoIterator<Item = f32>) -> f32 {
+    let wsum: f32 = weights.into_iter().sum();
+    if wsum.abs() < 1e-8 { 1.0 } else { wsum }
+}
+
 /// Step 4–5 of the method for the plain (no consensus) combination.
 #[derive(Clone, Copy)]
 struct Finish {
@@ -681,8 +687,7 @@ impl GeneralizedTaskArithmetic {
         let lambda = params.get("lambda") as f32;
         let weights: Vec<f32> = others.iter().map(|&i| model_params[i].get("weight") as f32).collect();
         let consensus = self.consensus;
-        let wsum: f32 = weights.iter().sum();
-        let plain_div = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
+        let plain_div = plain_divisor(weights.iter().copied());
         let finish = |mixed: f32, divisor: f32| {
             let m = if normalize { mixed / divisor } else { mixed };
             if lambda != 1.0 { m * lambda } else { m }

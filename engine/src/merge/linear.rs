@@ -12,6 +12,13 @@ use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
 #[derive(Debug, Clone, Copy)]
 pub struct Linear;
 
+/// What the weighted sum is divided by: Σᵢ wᵢ (an f32 sum in model order) with `normalize`,
+/// unless |Σᵢ wᵢ| < 1e-8 (see the module's departure from mergekit).
+pub fn divisor(normalize: bool, weights: &[f32]) -> Option<f32> {
+    let sum: f32 = weights.iter().sum();
+    (normalize && sum.abs() >= 1e-8).then_some(sum)
+}
+
 impl MergeMethod for Linear {
     fn name(&self) -> &'static str {
         "linear"
@@ -38,8 +45,7 @@ impl MergeMethod for Linear {
 
     fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
         let w: Vec<f32> = input.model_params.iter().map(|p| p.get("weight") as f32).collect();
-        let sum: f32 = w.iter().sum();
-        let div = if input.params.flag("normalize") && sum.abs() >= 1e-8 { Some(sum) } else { None };
+        let div = divisor(input.params.flag("normalize"), &w);
         // Model-major per chunk (vectorizable); f32 sums in model order, as mergekit.
         out.par_chunks_mut(1 << 14).enumerate().for_each(|(c, o)| {
             let (s, n) = (c << 14, o.len());
