@@ -114,6 +114,9 @@ fn report(train: &Responses, test: &Responses, dims: usize, oracle: Option<&Irt>
 /// Rows of the zoo's response matrix: sources first, then the random merges.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct ZooMatrix {
+    /// The zoo's `zoo.json` when the matrix was scored: a retrained zoo invalidates the cache.
+    #[serde(default)]
+    zoo: String,
     items: usize,
     sources: Vec<Vec<f64>>,
     merges: Vec<Vec<f64>>,
@@ -124,10 +127,12 @@ fn zoo(task: &str, n_test: usize, cals: Vec<usize>) {
     let zoo = root.join("datasets/zoo");
     let need = n_test + cals.iter().copied().max().unwrap_or(0);
     let cache = root.join(format!("bench-data/estimators-zoo-{task}.json"));
+    let zoo_json = std::fs::read_to_string(zoo.join("zoo.json")).expect("datasets/zoo/zoo.json");
     let mut m: ZooMatrix = std::fs::read(&cache)
         .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(ZooMatrix { items: 0, sources: vec![], merges: vec![] });
+        .and_then(|b| serde_json::from_slice::<ZooMatrix>(&b).ok())
+        .filter(|m| m.zoo == zoo_json)
+        .unwrap_or(ZooMatrix { zoo: zoo_json.clone(), items: 0, sources: vec![], merges: vec![] });
     if m.merges.len() < need {
         m = score_zoo(&root, &zoo, task, need, m);
         std::fs::create_dir_all(cache.parent().expect("parent")).expect("bench-data");
@@ -165,7 +170,7 @@ fn score_zoo(root: &Path, zoo: &Path, name: &str, need: usize, mut m: ZooMatrix)
     let base = Checkpoint::open(&dir("base"), "base").expect("base");
     let prefix = base.config.prefix_token();
     if m.sources.is_empty() || m.items != task.items.len() {
-        m = ZooMatrix { items: task.items.len(), sources: vec![], merges: vec![] };
+        m = ZooMatrix { zoo: m.zoo, items: task.items.len(), sources: vec![], merges: vec![] };
         for s in ["expert-add", "expert-reverse", "base"] {
             let mut model = model::open_dir(DeviceSpec::Cpu, &dir(s)).expect("source");
             m.sources.push(TaskEstimator::item_scores(&task, &tok, prefix, model.as_mut()).expect("score"));

@@ -308,7 +308,8 @@ fn in_place_and_streamed_candidates_record_the_same_evaluations() {
     assert_eq!(records(&c), ra, "candidates merged on the device scored differently");
 }
 
-/// An IRT-estimated objective on the zoo (a 0-1 metric, 40 items): `[calibration]` merges
+/// A p-IRT-estimated objective on the zoo (a 0-1 metric, 40 items; p-IRT rather than gp-IRT,
+/// whose λ may pick the plain subset mean and so hide the fit): `[calibration]` merges
 /// are drawn from the run's seed, so two runs record the same evaluations (what exact resume
 /// relies on), and they are used: without them the same candidates get other estimates.
 #[test]
@@ -323,7 +324,7 @@ fn calibration_merges_are_deterministic_and_feed_the_irt_fit() {
         let text = format!(
             "name = \"irt\"\nseed = 3\n[merge]\nmethod = \"task_arithmetic\"\nbase_model = \"{z}/base\"\nmodels = [\"{z}/expert-add\", \"{z}/expert-reverse\"]\n\
              [genome]\nsearch = [\"weight\"]\nlayers_per_group = 2\n\
-             [[objectives]]\ntask = \"{t}\"\ndata = \"{d}\"\nestimator = {{ method = \"gpirt\", k = 10, seed = 0 }}\n\
+             [[objectives]]\ntask = \"{t}\"\ndata = \"{d}\"\nestimator = {{ method = \"pirt\", k = 10, seed = 0 }}\n\
              [optimizer]\nkind = \"random\"\npopulation = 3\n[budget]\nmax_evaluations = 3\n[calibration]\ncandidates = {calibration}\n",
             z = zoo.display(),
             t = root.join("experiments/tasks/zoo-add.toml").display(),
