@@ -30,8 +30,9 @@ evomerge export runs/try1 --pick 17 --out cand17/ --dtype bfloat16\n  evomerge e
 pub struct ExportArgs {
     /// A run directory written by `evomerge search`.
     pub run_dir: PathBuf,
-    /// `best`, a candidate id, or `front:K` (K-th member of the Pareto front, by first
-    /// objective); `dfs:best` or `dfs:ID` for a candidate of the data-flow stage.
+    /// `best` (lowest mean of the minimized objectives: the single objective's best, or the
+    /// front member the run's summary names), a candidate id, or `front:K` (K-th member of the
+    /// Pareto front, by first objective); `dfs:best` or `dfs:ID` for a data-flow candidate.
     #[arg(long, default_value = "best")]
     pub pick: String,
     /// Output checkpoint directory (created atomically).
@@ -167,7 +168,9 @@ pub fn export(args: ExportArgs) -> Result<()> {
     let (exp, recs) = read_records(&args.run_dir)?;
     let ranked = ranked(&recs);
     let pick = match args.pick.as_str() {
-        "best" => ranked.first().copied().context("no scored candidate in the run yet")?,
+        // The candidate the run's summary and its data-flow stage call best: lowest mean
+        // minimized objective (with several objectives, front:0 is only the first one's best).
+        "best" => super::search::best_by_mean(&recs).context("no scored candidate in the run yet")?,
         p if p.starts_with("front:") => {
             let k: usize = p[6..].parse().with_context(|| format!("'{p}': expected front:K"))?;
             ranked.get(k).copied().with_context(|| format!("the front has {} members", ranked.len()))?
