@@ -147,6 +147,29 @@ fn nsga2_finds_a_front_that_status_lists_and_export_writes() {
     run_ok(&["export", &run.display().to_string(), "--pick", "front:0", "--out", &out.display().to_string()]);
     let card = std::fs::read_to_string(out.join("README.md")).expect("card");
     assert!(card.contains("text_ppl/perplexity") && card.contains("arc_question_ppl/perplexity"), "{card}");
+    // `best` with several objectives: the lowest mean minimized objective, the candidate the
+    // summary and the data-flow stage call best — not front:0 (the first objective's best).
+    // The recorded objectives are rewritten so that the two differ: candidate 1 is best on the
+    // first objective only, candidate 2 best on the mean, the others dominated by 2.
+    let path = run.join("evaluations.jsonl");
+    let text = std::fs::read_to_string(&path).expect("evaluations");
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).expect("record");
+            v["minimized"] = match v["id"].as_u64() {
+                Some(1) => serde_json::json!([0.0, 10.0]),
+                Some(2) => serde_json::json!([1.0, 1.0]),
+                _ => serde_json::json!([5.0, 5.0]),
+            };
+            v.to_string()
+        })
+        .collect();
+    std::fs::write(&path, lines.join("\n") + "\n").expect("rewrite");
+    let export = |pick: &str| run_ok(&["export", &run.display().to_string(), "--pick", pick, "--out", &tmp.path().join(format!("x-{}", pick.replace(':', ""))).display().to_string()]);
+    assert!(export("front:0").contains("exported candidate 1 "));
+    let msg = export("best");
+    assert!(msg.contains("exported candidate 2 "), "{msg}");
 }
 
 #[test]
