@@ -117,7 +117,7 @@ pub(super) fn to_host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f3
     t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 data")
 }
 
-fn to_host_i64<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Vec<i64> {
+pub(super) fn to_host_i64<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Vec<i64> {
     #[allow(clippy::expect_used)]
     t.into_data().convert::<i64>().into_vec::<i64>().expect("i64 data")
 }
@@ -378,14 +378,8 @@ impl<B: Kernels> Runtime<B> {
         }
         let positions: Vec<usize> = (0..b).flat_map(|_| 0..s).collect();
         let h = self.hidden(&Step { ids: &ids, b, s, positions: &positions, key_valid: None }, None)?;
-        let n = rows.len();
         let logits = self.head(h.select(0, self.rows(rows)));
-        let max = logits.clone().max_dim(1);
-        let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
-        let tgt_idx = Tensor::<B, 2, Int>::from_data(TensorData::new(targets.clone(), [n, 1]), &self.device);
-        let tgt = logits.clone().gather(1, tgt_idx);
-        let am = logits.argmax(1);
-        let (lse, tgt, am) = (to_host_f32(lse), to_host_f32(tgt), to_host_i64(am));
+        let (lse, tgt, am) = <B as Kernels>::row_stats(logits, &targets);
         if lse.iter().chain(&tgt).any(|v| !v.is_finite()) {
             return Err(self.non_finite("logits"));
         }
