@@ -256,14 +256,11 @@ impl GeneralizedTaskArithmetic {
             let parts: Vec<Vec<(usize, Vec<u32>)>> = (0..nsub)
                 .into_par_iter()
                 .map(|s| {
-                    STREAM_TMP.with_borrow_mut(|tmp| {
-                        let (from, len) = (s * SUB, SUB.min(n - s * SUB));
-                        tmp.resize(3 * SUB, 0.0);
-                        let (y, rest) = tmp.split_at_mut(SUB);
+                    let (from, len) = (s * SUB, SUB.min(n - s * SUB));
+                    with_sub_chunk(input, b, from, len, 2, |y, rest| {
                         let (d, hits) = rest.split_at_mut(SUB);
-                        let (y, d) = (&mut y[..len], &mut d[..len]);
+                        let d = &mut d[..len];
                         let hits: &mut [u32] = bytemuck::cast_slice_mut(hits);
-                        input.reader.read(b, from, y);
                         slots
                             .iter()
                             .zip(&brackets)
@@ -318,12 +315,8 @@ impl GeneralizedTaskArithmetic {
         while start < n {
             let len = STREAM_CHUNK.min(n - start);
             out[..len].par_chunks_mut(SUB).enumerate().for_each(|(c, o)| {
-                STREAM_TMP.with_borrow_mut(|tmp| {
-                    let (from, len, s) = (start + c * SUB, o.len(), start / SUB + c);
-                    tmp.resize((K + 1) * SUB, 0.0);
-                    let (y, ds) = tmp.split_at_mut(SUB);
-                    let y = &mut y[..len];
-                    input.reader.read(b, from, y);
+                let (from, len, s) = (start + c * SUB, o.len(), start / SUB + c);
+                with_sub_chunk(input, b, from, len, K, |y, ds| {
                     for (slot, d) in ds.chunks_mut(SUB).enumerate() {
                         let d = &mut d[..len];
                         read_delta(input, others[slot], from, y, d);
@@ -354,12 +347,9 @@ impl GeneralizedTaskArithmetic {
             let sums: Vec<[(f64, f64); K]> = (0..nsub)
                 .into_par_iter()
                 .map(|s| {
-                    STREAM_TMP.with_borrow_mut(|tmp| {
-                        let (from, len) = (s * SUB, SUB.min(n - s * SUB));
-                        tmp.resize(2 * SUB, 0.0);
-                        let (y, d) = tmp.split_at_mut(SUB);
-                        let (y, d) = (&mut y[..len], &mut d[..len]);
-                        input.reader.read(b, from, y);
+                    let (from, len) = (s * SUB, SUB.min(n - s * SUB));
+                    with_sub_chunk(input, b, from, len, 1, |y, d| {
+                        let d = &mut d[..len];
                         std::array::from_fn(|slot| {
                             let (density, rng) = masks[slot];
                             if density >= 1.0 {
@@ -440,6 +430,19 @@ const SUB: usize = 1 << 14;
 thread_local! {
     /// Per-thread decoded inputs and task vectors of one sub-chunk.
     static STREAM_TMP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f(base, scratch)` on the calling thread's sub-chunk buffers ([`STREAM_TMP`], reused):
+/// `base` holds input `b`'s elements `from .. from + len`, decoded; `scratch` is `extra` further
+/// buffers of [`SUB`] elements each.
+fn with_sub_chunk<R>(input: &StreamInput, b: usize, from: usize, len: usize, extra: usize, f: impl FnOnce(&[f32], &mut [f32]) -> R) -> R {
+    STREAM_TMP.with_borrow_mut(|tmp| {
+        tmp.resize((extra + 1) * SUB, 0.0);
+        let (y, rest) = tmp.split_at_mut(SUB);
+        let y = &mut y[..len];
+        input.reader.read(b, from, y);
+        f(y, rest)
+    })
 }
 
 /// δ = x − base for elements `from .. from + d.len()` of input `i` (a sub-chunk, sequential:
