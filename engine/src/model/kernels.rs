@@ -32,14 +32,7 @@ pub(crate) trait Kernels: Backend {
     /// Per row of `logits [n, vocab]`: log-sum-exp, the logit of `targets[row]`, and the argmax
     /// (host vectors). The default runs burn ops on the device and downloads `n` values of each.
     fn row_stats(logits: Tensor<Self, 2>, targets: &[i64]) -> (Vec<f32>, Vec<f32>, Vec<i64>) {
-        let n = targets.len();
-        let device = logits.device();
-        let max = logits.clone().max_dim(1);
-        let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
-        let tgt_idx = Tensor::<Self, 2, burn::tensor::Int>::from_data(TensorData::new(targets.to_vec(), [n, 1]), &device);
-        let tgt = logits.clone().gather(1, tgt_idx);
-        let am = logits.argmax(1);
-        (super::runtime::to_host_f32(lse), super::runtime::to_host_f32(tgt), super::runtime::to_host_i64(am))
+        row_stats_by_ops(logits, targets)
     }
 
     /// `t` (f32) rounded to `dtype`'s precision and returned in f32 (device merges round
@@ -118,6 +111,18 @@ impl Kernels for NdArray<f32> {
     }
 }
 
+/// [`Kernels::row_stats`] with burn ops (the default; the reference of the CPU fast path).
+fn row_stats_by_ops<B: Backend>(logits: Tensor<B, 2>, targets: &[i64]) -> (Vec<f32>, Vec<f32>, Vec<i64>) {
+    let n = targets.len();
+    let device = logits.device();
+    let max = logits.clone().max_dim(1);
+    let lse = (logits.clone() - max.clone()).exp().sum_dim(1).log() + max;
+    let tgt_idx = Tensor::<B, 2, burn::tensor::Int>::from_data(TensorData::new(targets.to_vec(), [n, 1]), &device);
+    let tgt = logits.clone().gather(1, tgt_idx);
+    let am = logits.argmax(1);
+    (super::runtime::to_host_f32(lse), super::runtime::to_host_f32(tgt), super::runtime::to_host_i64(am))
+}
+
 #[cfg(feature = "cuda")]
 impl Kernels for burn::backend::Cuda<f32, i32> {}
 #[cfg(feature = "cuda")]
@@ -175,11 +180,7 @@ mod tests {
         let dev = Default::default();
         let t = || Tensor::<B, 2>::from_data(TensorData::new(x.clone(), [n, v]), &dev);
         let (lse, tgt, am) = <B as Kernels>::row_stats(t(), &targets);
-        let max = t().max_dim(1);
-        let want_lse = super::super::runtime::to_host_f32((t() - max.clone()).exp().sum_dim(1).log() + max);
-        let idx = Tensor::<B, 2, burn::tensor::Int>::from_data(TensorData::new(targets.clone(), [n, 1]), &dev);
-        let want_tgt = super::super::runtime::to_host_f32(t().gather(1, idx));
-        let want_am = super::super::runtime::to_host_i64(t().argmax(1));
+        let (want_lse, want_tgt, want_am) = row_stats_by_ops(t(), &targets);
         for r in 0..4 {
             assert!((lse[r] - want_lse[r]).abs() < 1e-4 * want_lse[r].abs().max(1.0), "row {r}: {} vs {}", lse[r], want_lse[r]);
             assert_eq!(tgt[r], want_tgt[r], "row {r}");
