@@ -65,6 +65,16 @@ fn zoo() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets").join("zoo")
 }
 
+/// `evomerge eval` of `model` on the zoo task `skill` (validation split), with `extra` flags.
+fn accuracy(model: &std::path::Path, skill: &str, extra: &[&str]) -> f64 {
+    let task = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/tasks").join(format!("zoo-{skill}.toml"));
+    let (model, task) = (model.display().to_string(), task.display().to_string());
+    let mut args = vec!["eval", "-m", &model, "--task", &task, "--json"];
+    args.extend_from_slice(extra);
+    let out = run_ok(&args);
+    serde_json::from_str::<serde_json::Value>(out.trim()).expect("json")["value"].as_f64().expect("value")
+}
+
 #[test]
 fn committed_zoo_loads_and_each_expert_has_its_skill() {
     let z = zoo();
@@ -80,15 +90,9 @@ fn committed_zoo_loads_and_each_expert_has_its_skill() {
             .as_f64()
             .expect("value")
     };
-    let acc = |m: &str, task: &str| -> f64 {
-        let task = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/tasks").join(format!("zoo-{task}.toml"));
-        let out = run_ok(&["eval", "-m", &z.join(m).display().to_string(), "--task", &task.display().to_string(), "--json"]);
-        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
-        v["value"].as_f64().expect("value")
-    };
     for m in ["expert-add", "expert-reverse"] {
         for skill in ["add", "reverse"] {
-            let (got, want) = (acc(m, skill), recorded(m, skill));
+            let (got, want) = (accuracy(&z.join(m), skill, &[]), recorded(m, skill));
             assert!((got - want).abs() < 0.01, "{m} on {skill}: eval {got} vs zoo.json {want}");
         }
     }
@@ -112,17 +116,7 @@ fn committed_zoo_experts_merge_into_a_model_with_both_skills() {
     std::fs::write(&recipe, yaml).expect("recipe");
     let merged = tmp.path().join("merged");
     run_ok(&["merge", &recipe.display().to_string(), "--out", &merged.display().to_string()]);
-    let mean = |m: &std::path::Path| -> f64 {
-        ["add", "reverse"]
-            .iter()
-            .map(|skill| {
-                let task = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/tasks").join(format!("zoo-{skill}.toml"));
-                let out = run_ok(&["eval", "-m", &m.display().to_string(), "--task", &task.display().to_string(), "--limit", "200", "--json"]);
-                serde_json::from_str::<serde_json::Value>(out.trim()).expect("json")["value"].as_f64().expect("value")
-            })
-            .sum::<f64>()
-            / 2.0
-    };
+    let mean = |m: &std::path::Path| (accuracy(m, "add", &["--limit", "200"]) + accuracy(m, "reverse", &["--limit", "200"])) / 2.0;
     let m = mean(&merged);
     for e in ["expert-add", "expert-reverse"] {
         let x = mean(&z.join(e));

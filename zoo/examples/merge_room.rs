@@ -25,11 +25,8 @@ fn env<V: std::str::FromStr>(k: &str, d: V) -> V {
     std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
 }
 
-fn mix2(b: &Param<Tensor<B, 2>>, a: &Param<Tensor<B, 2>>, r: &Param<Tensor<B, 2>>, wa: f32, wr: f32) -> Param<Tensor<B, 2>> {
-    let base = b.val();
-    Param::from_tensor(base.clone() + (a.val() - base.clone()).mul_scalar(wa) + (r.val() - base).mul_scalar(wr))
-}
-fn mix1(b: &Param<Tensor<B, 1>>, a: &Param<Tensor<B, 1>>, r: &Param<Tensor<B, 1>>, wa: f32, wr: f32) -> Param<Tensor<B, 1>> {
+/// `base + wa·(a − base) + wr·(r − base)` of one parameter.
+fn mix<const D: usize>(b: &Param<Tensor<B, D>>, a: &Param<Tensor<B, D>>, r: &Param<Tensor<B, D>>, wa: f32, wr: f32) -> Param<Tensor<B, D>> {
     let base = b.val();
     Param::from_tensor(base.clone() + (a.val() - base.clone()).mul_scalar(wa) + (r.val() - base).mul_scalar(wr))
 }
@@ -41,24 +38,24 @@ fn merge(b: &TinyLlama<B>, a: &TinyLlama<B>, r: &TinyLlama<B>, wa: &[f32], wr: &
         .map(|i| {
             let (lb, la, lr, x, y) = (&b.layers[i], &a.layers[i], &r.layers[i], wa[i], wr[i]);
             Layer {
-                input_norm: mix1(&lb.input_norm, &la.input_norm, &lr.input_norm, x, y),
-                wq: mix2(&lb.wq, &la.wq, &lr.wq, x, y),
-                wk: mix2(&lb.wk, &la.wk, &lr.wk, x, y),
-                wv: mix2(&lb.wv, &la.wv, &lr.wv, x, y),
-                wo: mix2(&lb.wo, &la.wo, &lr.wo, x, y),
-                post_norm: mix1(&lb.post_norm, &la.post_norm, &lr.post_norm, x, y),
-                gate: mix2(&lb.gate, &la.gate, &lr.gate, x, y),
-                up: mix2(&lb.up, &la.up, &lr.up, x, y),
-                down: mix2(&lb.down, &la.down, &lr.down, x, y),
+                input_norm: mix(&lb.input_norm, &la.input_norm, &lr.input_norm, x, y),
+                wq: mix(&lb.wq, &la.wq, &lr.wq, x, y),
+                wk: mix(&lb.wk, &la.wk, &lr.wk, x, y),
+                wv: mix(&lb.wv, &la.wv, &lr.wv, x, y),
+                wo: mix(&lb.wo, &la.wo, &lr.wo, x, y),
+                post_norm: mix(&lb.post_norm, &la.post_norm, &lr.post_norm, x, y),
+                gate: mix(&lb.gate, &la.gate, &lr.gate, x, y),
+                up: mix(&lb.up, &la.up, &lr.up, x, y),
+                down: mix(&lb.down, &la.down, &lr.down, x, y),
             }
         })
         .collect();
     let (x, y) = (wa[n], wr[n]);
     TinyLlama {
-        embed: mix2(&b.embed, &a.embed, &r.embed, x, y),
+        embed: mix(&b.embed, &a.embed, &r.embed, x, y),
         layers,
-        norm: mix1(&b.norm, &a.norm, &r.norm, x, y),
-        head: mix2(&b.head, &a.head, &r.head, x, y),
+        norm: mix(&b.norm, &a.norm, &r.norm, x, y),
+        head: mix(&b.head, &a.head, &r.head, x, y),
     }
 }
 
