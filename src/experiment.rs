@@ -168,6 +168,12 @@ pub struct OptimizerSpec {
     /// CMA-ES initial step, as a fraction of each gene's range.
     #[serde(default = "sigma0")]
     pub sigma0: f64,
+    /// NSGA-II: open the first population with the source models as genomes (each expert
+    /// alone, where the method and bounds can express it; `GenomeLayout::source_genomes`), next
+    /// to the start point. Default true: the front then holds the ends of the trade-off from
+    /// the first generation. Parameter-space stage only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed_sources: Option<bool>,
 }
 
 fn sigma0() -> f64 {
@@ -176,7 +182,7 @@ fn sigma0() -> f64 {
 
 impl Default for OptimizerSpec {
     fn default() -> Self {
-        Self { kind: OptimizerKind::Cmaes, population: None, sigma0: sigma0() }
+        Self { kind: OptimizerKind::Cmaes, population: None, sigma0: sigma0(), seed_sources: None }
     }
 }
 
@@ -204,6 +210,9 @@ impl Experiment {
             }
             if df.genome.model_a >= df.models.len() {
                 bail!("{}: dataflow.genome.model_a = {} but dataflow.models has {}", path.display(), df.genome.model_a, df.models.len());
+            }
+            if df.optimizer.seed_sources.is_some() {
+                bail!("{}: dataflow.optimizer.seed_sources is a parameter-space setting (the data-flow stage starts from model A)", path.display());
             }
         }
         for o in &mut e.objectives {

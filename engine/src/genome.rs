@@ -209,6 +209,53 @@ impl GenomeLayout {
         self.genes.iter().map(|g| g.init).collect()
     }
 
+    /// Genomes that reproduce the source models (other genes at their start values), where the
+    /// method and the bounds can express one:
+    /// - a searched per-model `weight`: for each model, its weights at 1 and the others' at 0
+    ///   (task arithmetic, TIES, DARE, …: the base plus that model's task vector, i.e. the
+    ///   model itself up to sparsification; linear and the slerp family: that model alone);
+    /// - slerp's searched `t`: 0 (the base model) and 1 (the other model).
+    ///
+    /// Values are clamped into the bounds (an upper bound below 1 gives the nearest corner); none
+    /// is returned when the bounds exclude 0, as the other models could not be switched off.
+    /// A multi-objective search seeds its first population with them, so that the trade-off's
+    /// ends (each expert's skill) are on the front from the start and can only improve.
+    pub fn source_genomes(&self) -> Vec<Vec<f64>> {
+        let start = self.initial();
+        let mut out: Vec<Vec<f64>> = Vec::new();
+        let mut push = |g: Vec<f64>| {
+            if g != start && !out.contains(&g) {
+                out.push(g);
+            }
+        };
+        let weight: Vec<usize> = (0..self.genes.len()).filter(|&i| self.genes[i].param == "weight" && self.genes[i].model.is_some()).collect();
+        if !weight.is_empty() {
+            if weight.iter().any(|&i| self.genes[i].lower > 0.0 || self.genes[i].upper <= 0.0) {
+                return out;
+            }
+            for m in 0..self.models.len() {
+                let mut g = start.clone();
+                for &i in &weight {
+                    let gene = &self.genes[i];
+                    g[i] = if gene.model == Some(m) { 1.0_f64.clamp(gene.lower, gene.upper) } else { 0.0 };
+                }
+                push(g);
+            }
+        } else if self.method.name() == "slerp" {
+            let t: Vec<usize> = (0..self.genes.len()).filter(|&i| self.genes[i].param == "t").collect();
+            for end in [0.0_f64, 1.0] {
+                let mut g = start.clone();
+                for &i in &t {
+                    g[i] = end.clamp(self.genes[i].lower, self.genes[i].upper);
+                }
+                if !t.is_empty() {
+                    push(g);
+                }
+            }
+        }
+        out
+    }
+
     /// Per-layer values from one gene block (one value per group).
     fn per_layer(&self, block: &[f64]) -> Vec<f64> {
         (0..self.layers)
@@ -391,6 +438,38 @@ mod tests {
         let yaml = serde_norway::to_string(&recipe).expect("yaml");
         let back = Recipe::parse(&yaml, "decoded").expect("parses back");
         assert!(close(&l.encode(&back).expect("encode"), &genome));
+    }
+
+    #[test]
+    fn source_genomes_switch_on_one_model_at_a_time() {
+        let mut c = cfg(&["weight", "density"], 2, &[]);
+        c.bounds.insert("weight".into(), [0.0, 1.25]);
+        let l = layout(&c, 4).expect("layout");
+        let sources = l.source_genomes();
+        assert_eq!(sources.len(), 2, "one per model");
+        for (m, g) in sources.iter().enumerate() {
+            let recipe = l.decode(g).expect("in bounds");
+            let models = recipe.models.as_ref().expect("models");
+            for (k, input) in models.iter().enumerate() {
+                let w = input.parameters["weight"].resolve("model.layers.3.mlp.up_proj.weight", 1.0).expect("ok").expect("some");
+                assert_eq!(w, if k == m { 1.0 } else { 0.0 }, "model {k} in source genome {m}");
+            }
+            // Genes other than the weights keep their start values.
+            for (i, gene) in l.genes().iter().enumerate().filter(|(_, g)| g.param == "density") {
+                assert_eq!(g[i], gene.init);
+            }
+        }
+        // An upper bound below 1 gives the nearest corner; a lower bound above 0 gives none.
+        c.bounds.insert("weight".into(), [0.0, 0.5]);
+        assert!(layout(&c, 4).expect("l").source_genomes().iter().all(|g| g.iter().take(4).any(|&x| x == 0.5)));
+        c.bounds.insert("weight".into(), [0.2, 1.0]);
+        assert!(layout(&c, 4).expect("l").source_genomes().is_empty());
+        // Slerp: t = 0 (the base) and t = 1.
+        let s = GenomeLayout::new("slerp", vec!["b".into()], Some("a".into()), llama(), 4, &cfg(&["t"], 4, &[])).expect("slerp");
+        assert_eq!(s.source_genomes(), vec![vec![0.0], vec![1.0]]);
+        // Methods without either parameter have none.
+        let d = GenomeLayout::new("ties", vec!["a".into()], Some("b".into()), llama(), 4, &cfg(&["density"], 4, &[])).expect("ties");
+        assert!(d.source_genomes().is_empty());
     }
 
     #[test]

@@ -327,11 +327,20 @@ fn calibration_genomes(space: &SearchSpace, n: usize, seed: u64) -> Vec<Vec<f64>
 
 fn optimizer(s: &Setup) -> Result<Box<dyn Optimizer>> {
     let x0: Vec<f64> = s.layout.genes().iter().map(|g| (g.init - g.lower) / (g.upper - g.lower)).collect();
-    make_optimizer(&s.exp.optimizer, s.space.clone(), x0, s.exp.objectives.len(), s.exp.seed)
+    let sources = if s.exp.optimizer.seed_sources.unwrap_or(true) { s.layout.source_genomes() } else { vec![] };
+    make_optimizer(&s.exp.optimizer, s.space.clone(), x0, sources, s.exp.objectives.len(), s.exp.seed)
 }
 
-/// An optimizer over `space` starting at `x0` (unit coordinates; CMA-ES's mean).
-fn make_optimizer(o: &OptimizerSpec, space: SearchSpace, x0: Vec<f64>, n_obj: usize, seed: u64) -> Result<Box<dyn Optimizer>> {
+/// An optimizer over `space` starting at `x0` (unit coordinates; CMA-ES's mean). NSGA-II's
+/// first population also holds `seeds` (genomes in the genes' units).
+fn make_optimizer(
+    o: &OptimizerSpec,
+    space: SearchSpace,
+    x0: Vec<f64>,
+    seeds: Vec<Vec<f64>>,
+    n_obj: usize,
+    seed: u64,
+) -> Result<Box<dyn Optimizer>> {
     if n_obj > 1 && o.kind == OptimizerKind::Cmaes {
         bail!("CMA-ES optimizes one objective; use optimizer.kind = \"nsga2\" (or \"random\") for {n_obj}");
     }
@@ -345,11 +354,9 @@ fn make_optimizer(o: &OptimizerSpec, space: SearchSpace, x0: Vec<f64>, n_obj: us
             &CmaEsConfig { population: o.population, sigma0: o.sigma0, x0: Some(start), seed, ..Default::default() },
         )?),
         OptimizerKind::Nsga2 => {
-            // It is one member of the first population.
-            Box::new(Nsga2::new(
-                space,
-                &Nsga2Config { population: o.population.unwrap_or(40), objectives: n_obj, seed, initial: vec![start], ..Default::default() },
-            )?)
+            // It is one member of the first population, with the seeds.
+            let initial: Vec<Vec<f64>> = std::iter::once(start).chain(seeds).collect();
+            Box::new(Nsga2::new(space, &Nsga2Config { population: o.population.unwrap_or(40), objectives: n_obj, seed, initial, ..Default::default() })?)
         }
         OptimizerKind::Random => Box::new(RandomSearch::new(space, o.population.unwrap_or(8), n_obj, seed)?),
     })
@@ -813,7 +820,7 @@ fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBoo
         let mut rt = model::open(exp.device, &specs)?;
         let df_layout = DataFlowLayout::new(&counts, &df.genome)?;
         let (space, x0) = dataflow_space(&df_layout)?;
-        let fresh = make_optimizer(&df.optimizer, space, x0, estimators.len(), exp.seed)?;
+        let fresh = make_optimizer(&df.optimizer, space, x0, vec![], estimators.len(), exp.seed)?;
         let ckpt = dir.join(CHECKPOINT);
         let mut runner2 = if !ckpt.exists() && !prev_path(&ckpt).exists() {
             Runner::new(fresh, df.budget.clone(), Some(ckpt), cancel.clone())

@@ -132,6 +132,29 @@ fn nsga2_finds_a_front_that_status_lists_and_export_writes() {
     let run = tmp.path().join("run");
     run_ok(&["search", &exp.display().to_string(), "--run-dir", &run.display().to_string()]);
     assert_eq!(records(&run).len(), 12);
+    // The first population holds each source model as a genome (its weights at 1, the other's
+    // at 0; densities at their start), next to the start point; not with seed_sources = false.
+    let first_weights = |run: &Path| -> Vec<Vec<f64>> {
+        records(run)
+            .values()
+            .filter(|r| r["generation"] == 0)
+            .map(|r| {
+                let g: Vec<f64> = r["genome"].as_array().expect("genome").iter().map(|x| x.as_f64().expect("f")).collect();
+                g[..g.len() / 2].to_vec() // weight genes (both models), then density genes
+            })
+            .collect()
+    };
+    let weights = first_weights(&run);
+    let groups = weights[0].len() / 2;
+    for m in 0..2 {
+        let source: Vec<f64> = (0..2 * groups).map(|i| if i / groups == m { 1.0 } else { 0.0 }).collect();
+        assert!(weights.contains(&source), "source {m} ({source:?}) not in the first population {weights:?}");
+    }
+    let unseeded = tmp.path().join("unseeded.toml");
+    std::fs::write(&unseeded, std::fs::read_to_string(&exp).expect("read").replace("kind = \"nsga2\"", "kind = \"nsga2\"\nseed_sources = false")).expect("write");
+    let run2 = tmp.path().join("run-unseeded");
+    run_ok(&["search", &unseeded.display().to_string(), "--run-dir", &run2.display().to_string()]);
+    assert!(first_weights(&run2).iter().all(|w| w.iter().any(|&x| x != 0.0 && x != 1.0)), "no source genome without seeding");
     let st: Value = serde_json::from_str(&run_ok(&["status", &run.display().to_string(), "--json"])).expect("json");
     assert_eq!(st["pareto"], true);
     let front = st["top"].as_array().expect("front");
@@ -209,6 +232,12 @@ fn bad_experiments_are_clear_errors() {
         }
         assert!(!run.exists(), "{to}: a run directory was created");
     }
+    // seed_sources belongs to the parameter-space optimizer; the data-flow stage starts at model A.
+    let df = dataflow_experiment(tmp.path(), 4, 4);
+    std::fs::write(&df, std::fs::read_to_string(&df).expect("read").replace("population = 4 }", "population = 4, seed_sources = true }")).expect("write");
+    let (code, _, err) = crate::common::run(&["search", &df.display().to_string(), "--dry-run"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("dataflow.optimizer.seed_sources"), "{err}");
     // Not enough memory for the resident model + one candidate: refused up front, with numbers.
     let exp = experiment(tmp.path(), 4);
     let (code, _, err) = run_env(&["search", &exp.display().to_string(), "--dry-run"], &[("EVOMERGE_MEMORY_BYTES", "100000")]);
