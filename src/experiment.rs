@@ -170,10 +170,12 @@ pub struct OptimizerSpec {
     pub sigma0: f64,
     /// NSGA-II: open the first population with the source models as genomes (each expert
     /// alone, where the method and bounds can express it; `GenomeLayout::source_genomes`), next
-    /// to the start point. Default true: the front then holds the ends of the trade-off from
-    /// the first generation. Parameter-space stage only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed_sources: Option<bool>,
+    /// to the start point. The front then reaches the ends of the trade-off from the first
+    /// generation; measured on the demo zoo it widens the front but spreads the population
+    /// away from the balanced merges (BENCHMARKS.md), hence off by default. Parameter-space
+    /// stage only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub seed_sources: bool,
 }
 
 fn sigma0() -> f64 {
@@ -182,7 +184,7 @@ fn sigma0() -> f64 {
 
 impl Default for OptimizerSpec {
     fn default() -> Self {
-        Self { kind: OptimizerKind::Cmaes, population: None, sigma0: sigma0(), seed_sources: None }
+        Self { kind: OptimizerKind::Cmaes, population: None, sigma0: sigma0(), seed_sources: false }
     }
 }
 
@@ -211,7 +213,7 @@ impl Experiment {
             if df.genome.model_a >= df.models.len() {
                 bail!("{}: dataflow.genome.model_a = {} but dataflow.models has {}", path.display(), df.genome.model_a, df.models.len());
             }
-            if df.optimizer.seed_sources.is_some() {
+            if df.optimizer.seed_sources {
                 bail!("{}: dataflow.optimizer.seed_sources is a parameter-space setting (the data-flow stage starts from model A)", path.display());
             }
         }

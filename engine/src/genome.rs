@@ -218,8 +218,9 @@ impl GenomeLayout {
     ///
     /// Values are clamped into the bounds (an upper bound below 1 gives the nearest corner); none
     /// is returned when the bounds exclude 0, as the other models could not be switched off.
-    /// A multi-objective search seeds its first population with them, so that the trade-off's
-    /// ends (each expert's skill) are on the front from the start and can only improve.
+    /// NSGA-II seeds its first population with them when the experiment sets
+    /// `optimizer.seed_sources`, so that the trade-off's ends (each expert's skill) are on the
+    /// front from the start.
     pub fn source_genomes(&self) -> Vec<Vec<f64>> {
         let start = self.initial();
         let mut out: Vec<Vec<f64>> = Vec::new();

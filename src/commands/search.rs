@@ -327,7 +327,7 @@ fn calibration_genomes(space: &SearchSpace, n: usize, seed: u64) -> Vec<Vec<f64>
 
 fn optimizer(s: &Setup) -> Result<Box<dyn Optimizer>> {
     let x0: Vec<f64> = s.layout.genes().iter().map(|g| (g.init - g.lower) / (g.upper - g.lower)).collect();
-    let sources = if s.exp.optimizer.seed_sources.unwrap_or(true) { s.layout.source_genomes() } else { vec![] };
+    let sources = if s.exp.optimizer.seed_sources { s.layout.source_genomes() } else { vec![] };
     make_optimizer(&s.exp.optimizer, s.space.clone(), x0, sources, s.exp.objectives.len(), s.exp.seed)
 }
 

@@ -132,8 +132,8 @@ fn nsga2_finds_a_front_that_status_lists_and_export_writes() {
     let run = tmp.path().join("run");
     run_ok(&["search", &exp.display().to_string(), "--run-dir", &run.display().to_string()]);
     assert_eq!(records(&run).len(), 12);
-    // The first population holds each source model as a genome (its weights at 1, the other's
-    // at 0; densities at their start), next to the start point; not with seed_sources = false.
+    // With seed_sources, the first population holds each source model as a genome (its weights
+    // at 1, the other's at 0; densities at their start), next to the start point; not without.
     let first_weights = |run: &Path| -> Vec<Vec<f64>> {
         records(run)
             .values()
@@ -144,17 +144,17 @@ fn nsga2_finds_a_front_that_status_lists_and_export_writes() {
             })
             .collect()
     };
-    let weights = first_weights(&run);
+    assert!(first_weights(&run).iter().all(|w| w.iter().any(|&x| x != 0.0 && x != 1.0)), "no source genome by default");
+    let seeded = tmp.path().join("seeded.toml");
+    std::fs::write(&seeded, std::fs::read_to_string(&exp).expect("read").replace("kind = \"nsga2\"", "kind = \"nsga2\"\nseed_sources = true")).expect("write");
+    let run2 = tmp.path().join("run-seeded");
+    run_ok(&["search", &seeded.display().to_string(), "--run-dir", &run2.display().to_string()]);
+    let weights = first_weights(&run2);
     let groups = weights[0].len() / 2;
     for m in 0..2 {
         let source: Vec<f64> = (0..2 * groups).map(|i| if i / groups == m { 1.0 } else { 0.0 }).collect();
         assert!(weights.contains(&source), "source {m} ({source:?}) not in the first population {weights:?}");
     }
-    let unseeded = tmp.path().join("unseeded.toml");
-    std::fs::write(&unseeded, std::fs::read_to_string(&exp).expect("read").replace("kind = \"nsga2\"", "kind = \"nsga2\"\nseed_sources = false")).expect("write");
-    let run2 = tmp.path().join("run-unseeded");
-    run_ok(&["search", &unseeded.display().to_string(), "--run-dir", &run2.display().to_string()]);
-    assert!(first_weights(&run2).iter().all(|w| w.iter().any(|&x| x != 0.0 && x != 1.0)), "no source genome without seeding");
     let st: Value = serde_json::from_str(&run_ok(&["status", &run.display().to_string(), "--json"])).expect("json");
     assert_eq!(st["pareto"], true);
     let front = st["top"].as_array().expect("front");
