@@ -243,15 +243,9 @@ impl GenomeLayout {
                 push(g);
             }
         } else if self.method.name() == "slerp" {
-            let t: Vec<usize> = (0..self.genes.len()).filter(|&i| self.genes[i].param == "t").collect();
+            // `t` is slerp's only parameter: when searched, every gene is a `t` gene.
             for end in [0.0_f64, 1.0] {
-                let mut g = start.clone();
-                for &i in &t {
-                    g[i] = end.clamp(self.genes[i].lower, self.genes[i].upper);
-                }
-                if !t.is_empty() {
-                    push(g);
-                }
+                push(self.genes.iter().map(|g| end.clamp(g.lower, g.upper)).collect());
             }
         }
         out

@@ -78,8 +78,7 @@ fn sim(train_models: usize, dims: usize) {
 fn report(train: &Responses, test: &Responses, dims: usize, oracle: Option<&Irt>) {
     let (n_items, n_test) = (test.items, test.models);
     let draws: u64 = std::env::var("DRAWS").ok().and_then(|s| s.parse().ok()).unwrap_or(5).max(1);
-    let cfg = IrtConfig { dims, ..Default::default() };
-    let fit = Irt::fit(train, &cfg);
+    let fit = Irt::fit(train, &IrtConfig { dims, ..Default::default() });
     let truth: Vec<f64> = (0..n_test).map(|m| test.mean(m)).collect();
     println!("{:<10} {:>10} {:>10} {:>8}   (mean of {draws} subset draws)", "budget", "method", "MAE (pts)", "tau");
     for k in [n_items / 20, n_items / 10] {

@@ -186,16 +186,10 @@ impl Irt {
                 (naive, self.estimate_p(items, &y).value, train.mean(m))
             })
             .collect();
-        best_lambda(&per_model)
+        (0..=20)
+            .map(|k| k as f64 / 20.0)
+            .map(|lam| (lam, per_model.iter().map(|(nv, p, t)| (lam * nv + (1.0 - lam) * p - t).abs()).sum::<f64>()))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or(0.5, |(lam, _)| lam)
     }
-}
-
-/// λ ∈ {0, 0.05, …, 1} minimizing Σ |λ·naive + (1 − λ)·p-IRT − truth| over `(naive, p-IRT,
-/// truth)` triples (ties: the smallest λ).
-fn best_lambda(per_model: &[(f64, f64, f64)]) -> f64 {
-    (0..=20)
-        .map(|k| k as f64 / 20.0)
-        .map(|lam| (lam, per_model.iter().map(|(nv, p, t)| (lam * nv + (1.0 - lam) * p - t).abs()).sum::<f64>()))
-        .min_by(|a, b| a.1.total_cmp(&b.1))
-        .map_or(0.5, |(lam, _)| lam)
 }
