@@ -4,8 +4,11 @@
 //! on every call and splits work by rows: for decoding (one to a few rows against a weight
 //! matrix) that means a single thread re-copying every weight. [`Kernels::linear`] gives the CPU
 //! backend a row-streaming kernel for that case: each thread owns a band of output columns
-//! and reads each weight row segment once for all input rows. Measured in
-//! `scripts/bench-forward` (BENCHMARKS.md).
+//! and reads each weight row segment once for all input rows. Above that, [`banded_gemm`]
+//! runs the `gemm` crate (candle's GEMM) on fixed-width column bands in parallel: matrixmultiply
+//! parallelizes a few-dozen-row product poorly on two cores (one thread packs, bands of rows are
+//! too short to share). Measured in `scripts/bench-forward` and `scripts/bench-loop`
+//! (BENCHMARKS.md).
 
 use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayTensor;
@@ -13,8 +16,13 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-/// Largest row count the small-`m` kernel takes; above it the backend's GEMM is faster.
+/// Largest row count the small-`m` kernel takes; above it a GEMM is faster.
 const SMALL_M: usize = 8;
+
+/// Output columns per task of [`banded_gemm`]. Fixed, not derived from the thread count, so
+/// every output element comes from the same `gemm` call shape on any machine size (the result
+/// does not depend on `--threads`).
+const GEMM_BAND: usize = 256;
 
 /// Backends with optional fast paths; the defaults are plain burn ops.
 pub(crate) trait Kernels: Backend {
@@ -97,16 +105,13 @@ impl Kernels for NdArray<f32> {
     fn linear(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
         let [m, k] = x.dims();
         let n = w.dims()[1];
-        if m > SMALL_M {
-            return x.matmul(w.clone());
-        }
         let prim = w.clone().into_primitive().tensor();
         let NdArrayTensor::F32(storage) = &prim else { return x.matmul(w.clone()) };
         let view = storage.view();
         let Some(ws) = view.as_slice() else { return x.matmul(w.clone()) };
         let device = x.device();
         let xs = super::runtime::to_host_f32(x);
-        let y = small_m_matmul(&xs, m, k, ws, n);
+        let y = if m <= SMALL_M { small_m_matmul(&xs, m, k, ws, n) } else { banded_gemm(&xs, m, k, ws, n) };
         Tensor::from_data(TensorData::new(y, [m, n]), &device)
     }
 }
@@ -163,6 +168,72 @@ pub(crate) fn small_m_matmul(x: &[f32], m: usize, k: usize, w: &[f32], n: usize)
     y
 }
 
+/// `y = x · w` for `x [m, k]`, `w [k, n]`, both row-major: `gemm` on [`GEMM_BAND`]-column bands
+/// of `w`, one band per rayon task, each into its own buffer, then gathered into `y [m, n]`.
+pub(crate) fn banded_gemm(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    assert!(x.len() == m * k && w.len() == k * n, "banded_gemm: x is {} (want {m}×{k}), w is {} (want {k}×{n})", x.len(), w.len());
+    let bands: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(GEMM_BAND))
+        .into_par_iter()
+        .map(|b| {
+            let c0 = b * GEMM_BAND;
+            let width = GEMM_BAND.min(n - c0);
+            let mut out = vec![0f32; m * width];
+            gemm_band(x, m, k, w, n, c0, width, &mut out);
+            (c0, out)
+        })
+        .collect();
+    let mut y = vec![0f32; m * n];
+    for (c0, out) in bands {
+        let width = out.len() / m.max(1);
+        for (dst, src) in y.chunks_exact_mut(n).zip(out.chunks_exact(width.max(1))) {
+            dst[c0..c0 + width].copy_from_slice(src);
+        }
+    }
+    y
+}
+
+/// `out [m, width] = x [m, k] · w[:, c0..c0 + width]` (`w` is `[k, n]` row-major), one thread.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+fn gemm_band(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, c0: usize, width: usize, out: &mut [f32]) {
+    assert!(x.len() == m * k && w.len() == k * n && c0 + width <= n && out.len() == m * width);
+    if m == 0 || width == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let rhs = &w[c0..];
+    // SAFETY: `gemm` reads `x[r * k + j]` for r < m, j < k (in bounds: x.len() == m·k), reads
+    // `rhs[j * n + c]` for j < k, c < width, whose largest index (k − 1)·n + width − 1 is below
+    // rhs.len() = k·n − c0 because c0 + width ≤ n, and writes `out[r * width + c]` for r < m,
+    // c < width (out.len() == m·width). `read_dst = false`: `out` is only written. The three
+    // regions do not overlap (`out` is a unique borrow). No threads: Parallelism::None.
+    unsafe {
+        gemm::gemm(
+            m,
+            width,
+            k,
+            out.as_mut_ptr(),
+            1,
+            width as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +259,24 @@ mod tests {
         }
         assert_eq!(am[2], 10, "ties keep the first index");
         assert!(lse[4].is_nan(), "a NaN logit makes the row's log-sum-exp NaN (caught by the caller)");
+    }
+
+    #[test]
+    fn banded_gemm_matches_naive() {
+        // n spans two full bands and a partial one; m above SMALL_M; odd k.
+        for (m, k, n) in [(9, 37, 2 * GEMM_BAND + 77), (33, 5, 100), (12, 130, GEMM_BAND)] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
+            let w: Vec<f32> = (0..k * n).map(|i| ((i * 11 % 17) as f32 - 8.0) / 9.0).collect();
+            let y = banded_gemm(&x, m, k, &w, n);
+            for r in 0..m {
+                for c in 0..n {
+                    let want: f64 = (0..k).map(|kk| f64::from(x[r * k + kk]) * f64::from(w[kk * n + c])).sum();
+                    assert!((f64::from(y[r * n + c]) - want).abs() < 1e-4, "m {m} n {n}: ({r},{c})");
+                }
+            }
+        }
+        assert_eq!(banded_gemm(&[1.0; 9], 9, 1, &[], 0), Vec::<f32>::new());
+        assert_eq!(banded_gemm(&[], 9, 0, &[], 3), vec![0.0; 27]);
     }
 
     #[test]
