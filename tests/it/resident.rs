@@ -94,6 +94,10 @@ fn check_same(text: &str, resident: &ResidentMerge, streamed: &mut dyn LanguageM
     let (a, b) = (streamed.logits(&IDS).expect("logits"), in_place.logits(&IDS).expect("logits"));
     assert!(a.iter().all(|x| x.is_finite()), "{what}: finite");
     assert_eq!(bits(&a), bits(&b), "{what}: in place differs from streamed");
+    // One row goes through the small-row kernel, which reads a bf16 copy of bf16-exact weights
+    // (bf16 recipes): the copy made for the previous candidate must not outlive the rewrite.
+    let (a, b) = (streamed.logits(&IDS[..1]).expect("logits"), in_place.logits(&IDS[..1]).expect("logits"));
+    assert_eq!(bits(&a), bits(&b), "{what}: one-row logits in place differ from streamed");
 }
 
 #[test]

@@ -15,6 +15,7 @@ use burn::backend::ndarray::NdArrayTensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 /// Largest row count the small-`m` kernel takes; above it [`banded_gemm`] is faster (0.5 B
 /// model's linears per forward, 2 cores: 1 row 0.094 s against 0.115 s, 2 rows 0.106 against
@@ -26,10 +27,34 @@ const SMALL_M: usize = 2;
 /// does not depend on `--threads`).
 const GEMM_BAND: usize = 256;
 
+/// A bf16 copy of a linear weight for [`small_m_matmul`], made by the CPU backend on the first
+/// few-row product after each change of the weight (the runtime drops it on every write), and
+/// only when every value is exactly a bf16 — weights read from a bf16 checkpoint or merged
+/// candidates rounded to bf16. The kernel then reads half the bytes and computes the same
+/// products in the same order: the output is bit-identical to the f32 weight's. Costs half the
+/// f32 weight's memory while it lives (1 GB for a 0.5 B model); an f32 checkpoint's weights
+/// get no copy (`None` is remembered, so the check runs once).
+#[derive(Debug, Default)]
+pub(crate) struct HalfCopy(OnceLock<Option<Vec<u16>>>);
+
+impl HalfCopy {
+    /// The bf16 bits of `w`, made on first use; `None` if some value is not exactly a bf16.
+    fn get(&self, w: &[f32]) -> Option<&[u16]> {
+        self.0
+            .get_or_init(|| {
+                w.par_chunks(1 << 16)
+                    .map(|c| c.iter().map(|v| (v.to_bits() & 0xffff == 0).then_some((v.to_bits() >> 16) as u16)).collect::<Option<Vec<u16>>>())
+                    .collect::<Option<Vec<Vec<u16>>>>()
+                    .map(|parts| parts.concat())
+            })
+            .as_deref()
+    }
+}
+
 /// Backends with optional fast paths; the defaults are plain burn ops.
 pub(crate) trait Kernels: Backend {
-    /// `x [m, k] · w [k, n]`.
-    fn linear(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
+    /// `x [m, k] · w [k, n]`; `half` may hold (or be given) a bf16 copy of `w`.
+    fn linear(x: Tensor<Self, 2>, w: &Tensor<Self, 2>, _half: &HalfCopy) -> Tensor<Self, 2> {
         x.matmul(w.clone())
     }
 
@@ -104,7 +129,7 @@ impl Kernels for NdArray<f32> {
         (rows.iter().map(|r| r.0).collect(), rows.iter().map(|r| r.1).collect(), rows.iter().map(|r| r.2).collect())
     }
 
-    fn linear(x: Tensor<Self, 2>, w: &Tensor<Self, 2>) -> Tensor<Self, 2> {
+    fn linear(x: Tensor<Self, 2>, w: &Tensor<Self, 2>, half: &HalfCopy) -> Tensor<Self, 2> {
         let [m, k] = x.dims();
         let n = w.dims()[1];
         let prim = w.clone().into_primitive().tensor();
@@ -113,7 +138,11 @@ impl Kernels for NdArray<f32> {
         let Some(ws) = view.as_slice() else { return x.matmul(w.clone()) };
         let device = x.device();
         let xs = super::runtime::to_host_f32(x);
-        let y = if m <= SMALL_M { small_m_matmul(&xs, m, k, ws, n) } else { banded_gemm(&xs, m, k, ws, n) };
+        let y = match (m <= SMALL_M).then(|| half.get(ws)) {
+            Some(Some(h)) => small_m_matmul(&xs, m, k, h, n),
+            Some(None) => small_m_matmul(&xs, m, k, ws, n),
+            None => banded_gemm(&xs, m, k, ws, n),
+        };
         Tensor::from_data(TensorData::new(y, [m, n]), &device)
     }
 }
@@ -140,12 +169,31 @@ impl Kernels for burn::backend::Cuda<burn::tensor::f16, i32> {}
 /// Weight rows applied per pass over the accumulators of [`small_m_matmul`].
 const K_UNROLL: usize = 8;
 
+/// A weight element of [`small_m_matmul`]: f32, or bf16 bits (widened exactly).
+pub(crate) trait WeightElem: Copy + Send + Sync {
+    fn f32(self) -> f32;
+}
+
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl WeightElem for u16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        f32::from_bits(u32::from(self) << 16)
+    }
+}
+
 /// `y = x · w` for few rows: `x [m, k]`, `w [k, n]`, both row-major. Column bands in parallel;
 /// within a band, each weight row segment is read once and applied to every row of `x`,
 /// [`K_UNROLL`] weight rows per pass so that each accumulator is loaded and stored once per
 /// eight products instead of once per product (1.7× on decode). Every output still sums its
 /// products in `k` order, one rounding per step: the result is the plain loop's, bit for bit.
-pub(crate) fn small_m_matmul(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+pub(crate) fn small_m_matmul<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
     let threads = rayon::current_num_threads().max(1);
     let band = (n.div_ceil(4 * threads)).next_multiple_of(16).clamp(16, 1024);
     let bands: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(band))
@@ -156,13 +204,13 @@ pub(crate) fn small_m_matmul(x: &[f32], m: usize, k: usize, w: &[f32], n: usize)
             let mut acc = vec![0f32; m * width];
             let ku = k / K_UNROLL * K_UNROLL;
             for kk in (0..ku).step_by(K_UNROLL) {
-                let segs: [&[f32]; K_UNROLL] = std::array::from_fn(|u| &w[(kk + u) * n + c0..(kk + u) * n + c1]);
+                let segs: [&[W]; K_UNROLL] = std::array::from_fn(|u| &w[(kk + u) * n + c0..(kk + u) * n + c1]);
                 for r in 0..m {
                     let xs: [f32; K_UNROLL] = std::array::from_fn(|u| x[r * k + kk + u]);
                     for (j, a) in acc[r * width..(r + 1) * width].iter_mut().enumerate() {
                         let mut v = *a;
                         for u in 0..K_UNROLL {
-                            v += xs[u] * segs[u][j];
+                            v += xs[u] * segs[u][j].f32();
                         }
                         *a = v;
                     }
@@ -173,7 +221,7 @@ pub(crate) fn small_m_matmul(x: &[f32], m: usize, k: usize, w: &[f32], n: usize)
                 for r in 0..m {
                     let xv = x[r * k + kk];
                     for (a, &wv) in acc[r * width..(r + 1) * width].iter_mut().zip(seg) {
-                        *a += xv * wv;
+                        *a += xv * wv.f32();
                     }
                 }
             }
@@ -317,6 +365,26 @@ mod tests {
                 assert_eq!(y[r * n + c].to_bits(), want.to_bits(), "({r},{c})");
             }
         }
+    }
+
+    #[test]
+    fn half_copy_only_for_exact_bf16_weights_and_gives_the_same_bits() {
+        let (m, k, n) = (1, 29, 70);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 17) as f32 - 8.0) / 3.0).collect();
+        // bf16-exact weights (low 16 bits clear), including -0.0 and a large value.
+        let mut w: Vec<f32> = (0..k * n).map(|i| f32::from_bits((((i * 7919) % 30_011) as u32 + 0x3c00) << 16)).collect();
+        w[3] = -0.0;
+        w[5] = f32::from_bits(0x4700_0000);
+        let half = HalfCopy::default();
+        let h = half.get(&w).expect("every value is a bf16");
+        assert_eq!(h.len(), w.len());
+        let (via_half, via_f32) = (small_m_matmul(&x, m, k, h, n), small_m_matmul(&x, m, k, &w, n));
+        assert!(via_half.iter().zip(&via_f32).all(|(a, b)| a.to_bits() == b.to_bits()));
+        // One value off the bf16 grid: no copy, and the answer is remembered.
+        w[100] = 1.0 + f32::EPSILON;
+        let half = HalfCopy::default();
+        assert!(half.get(&w).is_none());
+        assert!(half.get(&[1.0]).is_none(), "the first answer is kept until the weight changes");
     }
 
     #[test]

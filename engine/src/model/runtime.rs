@@ -23,7 +23,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType as BurnDType, Element, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::kernels::Kernels;
+use super::kernels::{HalfCopy, Kernels};
 use super::path::LayerPath;
 use super::rope::Rope;
 use super::spec::{Dims, ModelSpec, check_supported, sliding_window};
@@ -42,18 +42,37 @@ struct LayerW<B: Backend> {
     in_norm: Tensor<B, 1>,
     post_norm: Tensor<B, 1>,
     /// `[hidden, (heads + 2·kv_heads)·head_dim]`.
-    wqkv: Tensor<B, 2>,
+    wqkv: Linear<B>,
     bqkv: Option<Tensor<B, 1>>,
     /// `[heads·head_dim, hidden]`.
-    wo: Tensor<B, 2>,
+    wo: Linear<B>,
     bo: Option<Tensor<B, 1>>,
     q_norm: Option<Tensor<B, 1>>,
     k_norm: Option<Tensor<B, 1>>,
     /// `[hidden, 2·intermediate]` (gate then up).
-    wgu: Tensor<B, 2>,
+    wgu: Linear<B>,
     /// `[intermediate, hidden]`.
-    wdown: Tensor<B, 2>,
+    wdown: Linear<B>,
     window: Option<usize>,
+}
+
+/// A linear layer's weight `[in, out]` and its lazily made bf16 copy for few-row products
+/// ([`HalfCopy`]). The weight is only reachable mutably through [`Linear::weight_mut`], which
+/// drops the copy, so a stale copy can never be read.
+struct Linear<B: Backend> {
+    w: Tensor<B, 2>,
+    half: HalfCopy,
+}
+
+impl<B: Backend> Linear<B> {
+    fn new(w: Tensor<B, 2>) -> Self {
+        Self { w, half: HalfCopy::default() }
+    }
+
+    fn weight_mut(&mut self) -> &mut Tensor<B, 2> {
+        self.half = HalfCopy::default();
+        &mut self.w
+    }
 }
 
 impl<B: Backend> ModelW<B> {
@@ -63,7 +82,7 @@ impl<B: Backend> ModelW<B> {
         let e1 = || Tensor::<B, 1>::empty([0], &dev);
         let e2 = || Tensor::<B, 2>::empty([0, 0], &dev);
         self.embed = e2();
-        self.head = e2();
+        self.head = Linear::new(e2());
         self.norm = e1();
         self.layers.clear();
     }
@@ -77,7 +96,7 @@ struct ModelW<B: Backend> {
     embed: Tensor<B, 2>,
     norm: Tensor<B, 1>,
     /// `[hidden, vocab]`.
-    head: Tensor<B, 2>,
+    head: Linear<B>,
     /// The checkpoint tensor the head was read from (`lm_head.weight`, or the embedding when
     /// tied).
     head_tensor: &'static str,
@@ -164,8 +183,8 @@ fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, w: &Tensor<B, 1>, eps: 
     x * (var + eps).sqrt().recip() * w.clone().unsqueeze::<D>()
 }
 
-fn linear<B: Kernels>(x: Tensor<B, 2>, w: &Tensor<B, 2>, b: Option<&Tensor<B, 1>>) -> Tensor<B, 2> {
-    let y = <B as Kernels>::linear(x, w);
+fn linear<B: Kernels>(x: Tensor<B, 2>, w: &Linear<B>, b: Option<&Tensor<B, 1>>) -> Tensor<B, 2> {
+    let y = <B as Kernels>::linear(x, &w.w, &w.half);
     match b {
         Some(b) => y + b.clone().unsqueeze::<2>(),
         None => y,
@@ -334,7 +353,7 @@ impl<B: Kernels> Runtime<B> {
             x = x + a;
 
             // MLP.
-            let inter = layer.wdown.dims()[0];
+            let inter = layer.wdown.w.dims()[0];
             let h = rms_norm(x.clone(), &layer.post_norm, model.eps).reshape([b * s, hidden]);
             let gu = linear(h, &layer.wgu, None);
             let act = activation::silu(gu.clone().narrow(1, 0, inter)) * gu.narrow(1, inter, inter);
@@ -547,7 +566,7 @@ fn load_model<B: Backend>(spec: &ModelSpec<'_>, device: &B::Device) -> Result<Mo
         let r = |n: &str| read(spec, &format!("{p}{n}"));
         let ro = |n: &str| read_opt(spec, &format!("{p}{n}"));
         let (q, k, v) = (r("self_attn.q_proj.weight")?, r("self_attn.k_proj.weight")?, r("self_attn.v_proj.weight")?);
-        let wqkv = matrix_t::<B>(&[&*q, &*k, &*v], &format!("{p}self_attn.qkv"), device)?;
+        let wqkv = Linear::new(matrix_t::<B>(&[&*q, &*k, &*v], &format!("{p}self_attn.qkv"), device)?);
         let bqkv = match (ro("self_attn.q_proj.bias")?, ro("self_attn.k_proj.bias")?, ro("self_attn.v_proj.bias")?) {
             (Some(bq), Some(bk), Some(bv)) => {
                 let data: Vec<f32> = bq.data.iter().chain(&bk.data).chain(&bv.data).copied().collect();
@@ -564,12 +583,12 @@ fn load_model<B: Backend>(spec: &ModelSpec<'_>, device: &B::Device) -> Result<Mo
             post_norm: vector::<B>(r("post_attention_layernorm.weight")?, device),
             wqkv,
             bqkv,
-            wo: matrix_t::<B>(&[&*o], "o_proj", device)?,
+            wo: Linear::new(matrix_t::<B>(&[&*o], "o_proj", device)?),
             bo: ro("self_attn.o_proj.bias")?.map(|t| vector::<B>(t, device)),
             q_norm: q_norm.map(|t| vector::<B>(t, device)),
             k_norm: k_norm.map(|t| vector::<B>(t, device)),
-            wgu: matrix_t::<B>(&[&*gate, &*up], "gate_up", device)?,
-            wdown: matrix_t::<B>(&[&*down], "down_proj", device)?,
+            wgu: Linear::new(matrix_t::<B>(&[&*gate, &*up], "gate_up", device)?),
+            wdown: Linear::new(matrix_t::<B>(&[&*down], "down_proj", device)?),
             window: sliding_window(cfg, spec.arch, l),
         });
     }
@@ -579,7 +598,7 @@ fn load_model<B: Backend>(spec: &ModelSpec<'_>, device: &B::Device) -> Result<Mo
         arch: spec.arch,
         embed,
         norm,
-        head,
+        head: Linear::new(head),
         head_tensor,
         layers,
         rope: Rope::new(d.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref()),
@@ -680,20 +699,20 @@ fn slot_mut<B: Backend>(m: &mut ModelW<B>, id: SlotId) -> Option<Slot<'_, B>> {
     Some(match id {
         SlotId::Embed => Slot::Matrix(&mut m.embed),
         SlotId::Norm => Slot::Vector(&mut m.norm),
-        SlotId::Head => Slot::Matrix(&mut m.head),
+        SlotId::Head => Slot::Matrix(m.head.weight_mut()),
         SlotId::Layer(l, s) => {
             let layer = m.layers.get_mut(l)?;
             match s {
                 LayerSlot::InNorm => Slot::Vector(&mut layer.in_norm),
                 LayerSlot::PostNorm => Slot::Vector(&mut layer.post_norm),
-                LayerSlot::Wqkv => Slot::Matrix(&mut layer.wqkv),
+                LayerSlot::Wqkv => Slot::Matrix(layer.wqkv.weight_mut()),
                 LayerSlot::Bqkv => Slot::Vector(layer.bqkv.as_mut()?),
-                LayerSlot::Wo => Slot::Matrix(&mut layer.wo),
+                LayerSlot::Wo => Slot::Matrix(layer.wo.weight_mut()),
                 LayerSlot::Bo => Slot::Vector(layer.bo.as_mut()?),
                 LayerSlot::QNorm => Slot::Vector(layer.q_norm.as_mut()?),
                 LayerSlot::KNorm => Slot::Vector(layer.k_norm.as_mut()?),
-                LayerSlot::Wgu => Slot::Matrix(&mut layer.wgu),
-                LayerSlot::Wdown => Slot::Matrix(&mut layer.wdown),
+                LayerSlot::Wgu => Slot::Matrix(layer.wgu.weight_mut()),
+                LayerSlot::Wdown => Slot::Matrix(layer.wdown.weight_mut()),
             }
         }
     })
