@@ -94,6 +94,18 @@ pub fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     });
 }
 
+/// Decodes one little-endian element (`bytes` holds exactly `dtype.size()` bytes), without
+/// [`decode_into`]'s parallel split: for sampling single positions, where a rayon call per
+/// element cost more than the decoding.
+pub fn decode_one(dtype: DType, bytes: &[u8]) -> f32 {
+    match (dtype, bytes) {
+        (DType::F32, &[a, b, c, d]) => f32::from_le_bytes([a, b, c, d]),
+        (DType::F16, &[a, b]) => f16::from_le_bytes([a, b]).to_f32(),
+        (DType::BF16, &[a, b]) => bf16::from_le_bytes([a, b]).to_f32(),
+        _ => panic!("decode_one: {} bytes for one {dtype}", bytes.len()),
+    }
+}
+
 fn decode_half<H: bytemuck::Pod>(src: &[u8], dst: &mut [f32])
 where
     [H]: HalfFloatSliceExt,
@@ -210,6 +222,16 @@ mod tests {
         let v: Vec<f32> = (0..200_000).map(|i| ((i % 512) as f32 - 256.0) * 0.125).collect();
         for d in [DType::F32, DType::F16, DType::BF16] {
             assert_eq!(decode(d, &encode(d, &v)), v, "{d}");
+        }
+    }
+
+    #[test]
+    fn decode_one_equals_decode() {
+        let v = [1.5f32, -2.25, 3.0e-3, f32::MAX, -0.0];
+        for d in [DType::F32, DType::F16, DType::BF16] {
+            let bytes = encode(d, &v);
+            let one: Vec<f32> = bytes.chunks(d.size()).map(|b| decode_one(d, b)).collect();
+            assert_eq!(one.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), decode(d, &bytes).iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{d}");
         }
     }
 

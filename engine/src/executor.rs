@@ -182,7 +182,7 @@ impl InputReader for RawReader<'_> {
         let (dt, bytes) = self.inputs[i];
         let sz = dt.size();
         for (o, &p) in out.iter_mut().zip(positions) {
-            dtype::decode_into(dt, &bytes[p * sz..(p + 1) * sz], std::slice::from_mut(o));
+            *o = dtype::decode_one(dt, &bytes[p * sz..(p + 1) * sz]);
         }
     }
 }
