@@ -40,13 +40,10 @@ pub(crate) struct HalfCopy(OnceLock<Option<Vec<u16>>>);
 impl HalfCopy {
     /// The bf16 bits of `w`, made on first use; `None` if some value is not exactly a bf16.
     fn get(&self, w: &[f32]) -> Option<&[u16]> {
+        // Check first, then convert straight into one buffer: no per-chunk parts to concatenate
+        // (which held the copy twice at its peak).
         self.0
-            .get_or_init(|| {
-                w.par_chunks(1 << 16)
-                    .map(|c| c.iter().map(|v| (v.to_bits() & 0xffff == 0).then_some((v.to_bits() >> 16) as u16)).collect::<Option<Vec<u16>>>())
-                    .collect::<Option<Vec<Vec<u16>>>>()
-                    .map(|parts| parts.concat())
-            })
+            .get_or_init(|| w.par_iter().all(|v| v.to_bits() & 0xffff == 0).then(|| w.par_iter().map(|v| (v.to_bits() >> 16) as u16).collect()))
             .as_deref()
     }
 }
@@ -228,11 +225,16 @@ pub(crate) fn small_m_matmul<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[
             (c0, acc)
         })
         .collect();
+    gather_bands(bands, m, n)
+}
+
+/// `y [m, n]` from column bands `(first column, [m, width] row-major)` that tile its columns.
+fn gather_bands(bands: Vec<(usize, Vec<f32>)>, m: usize, n: usize) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
-    for (c0, acc) in bands {
-        let width = acc.len() / m.max(1);
-        for r in 0..m {
-            y[r * n + c0..r * n + c0 + width].copy_from_slice(&acc[r * width..(r + 1) * width]);
+    for (c0, band) in bands {
+        let width = band.len() / m.max(1);
+        for (dst, src) in y.chunks_exact_mut(n).zip(band.chunks_exact(width.max(1))) {
+            dst[c0..c0 + width].copy_from_slice(src);
         }
     }
     y
@@ -252,14 +254,7 @@ pub(crate) fn banded_gemm(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) ->
             (c0, out)
         })
         .collect();
-    let mut y = vec![0f32; m * n];
-    for (c0, out) in bands {
-        let width = out.len() / m.max(1);
-        for (dst, src) in y.chunks_exact_mut(n).zip(out.chunks_exact(width.max(1))) {
-            dst[c0..c0 + width].copy_from_slice(src);
-        }
-    }
-    y
+    gather_bands(bands, m, n)
 }
 
 /// `out [m, width] = x [m, k] · w[:, c0..c0 + width]` (`w` is `[k, n]` row-major), one thread.
