@@ -1,14 +1,16 @@
 //! Estimator fidelity (a benchmark, not a test), on two kinds of data where the full answer is
 //! known.
 //!
-//! `cargo run --release -p evomerge-fitness --example bench_estimators -- sim [TRAIN_MODELS] [DIMS]`
+//! `cargo run --release -p evomerge-fitness --example bench_estimators -- sim [TRAIN_MODELS] [SIM_DIMS]`
 //!
-//! A 2PL population (1,000 items) gives training models (to fit IRT / anchors) and 100 test
-//! "candidates" scored on 5 % and 10 % of the items.
+//! A SIM_DIMS-dimensional 2PL population (1,000 items) gives training models (to fit IRT /
+//! anchors) and 100 test "candidates" scored on 5 % and 10 % of the items.
+//!
+//! The IRT fit has `DIMS` ability dimensions; `DIMS=0` (the default) chooses them as `evomerge
+//! search` does, by cross-validation over the training models ([`Irt::fit_cross_validated`],
+//! with the 10 % subset of the first draw), and prints the cross-validated errors.
 //!
 //! `cargo run --release -p evomerge-fitness --example bench_estimators -- zoo [TASK] [TEST] [CAL...]`
-//! (`DIMS=1` fits a 1-D IRT instead of 2-D: on the zoo's `both` split it ranks worse, plain
-//! IRT τ −0.26 against 0.27, so 2-D stays the default.)
 //!
 //! Real merges of the demo zoo (`datasets/zoo`): task-arithmetic candidates drawn uniformly
 //! from the genome a search uses (per-layer weights of both experts, the bounds of
@@ -34,6 +36,7 @@ use evomerge_engine::model::{self, DeviceSpec, LanguageModel, ModelSpec, Tokeniz
 use evomerge_engine::resident::ResidentMerge;
 use evomerge_engine::{Checkpoint, MergePlan};
 use evomerge_fitness::estimators::sim::{random_items, simulate};
+use evomerge_fitness::estimators::irt::DIMS_OPTIONS;
 use evomerge_fitness::estimators::{AnchorPoints, Irt, IrtConfig, Responses, kendall_tau, weighted_mean};
 use evomerge_fitness::tasks::{Task, TaskSpec};
 use evomerge_fitness::TaskEstimator;
@@ -43,7 +46,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let num = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     match args.first().map(String::as_str) {
-        None | Some("sim") => sim(num(1, 300), num(2, 2)),
+        None | Some("sim") => sim(num(1, 300), num(2, 2), fit_dims()),
         Some("zoo") => {
             let task = args.get(1).cloned().unwrap_or_else(|| "both".into());
             if !["both", "add", "reverse"].contains(&task.as_str()) {
@@ -60,7 +63,12 @@ fn main() {
     }
 }
 
-fn sim(train_models: usize, dims: usize) {
+/// `DIMS` (default 0: cross-validated).
+fn fit_dims() -> usize {
+    std::env::var("DIMS").ok().and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+fn sim(train_models: usize, dims: usize, fit_dims: usize) {
     let (n_items, n_test) = (1000, 100);
     let all = simulate(train_models + n_test, n_items, dims, 7);
     let rows = |from: usize, to: usize| Responses::new(to - from, n_items, all.responses.data[from * n_items..to * n_items].to_vec());
@@ -68,7 +76,7 @@ fn sim(train_models: usize, dims: usize) {
     // diagnostic: the simulation's own item parameters (what a perfect IRT fit would give)
     let oracle = Irt { dims, alpha: all.alpha.clone(), beta: all.beta.clone(), theta: vec![] };
     println!("{train_models} training models, {dims}-D 2PL, {n_items} items, {n_test} test candidates");
-    report(&train, &test, dims, Some(&oracle));
+    report(&train, &test, fit_dims, Some(&oracle));
 }
 
 /// MAE / τ of every estimator at 5 % and 10 % of the items; `train` fits, `test` is estimated.
@@ -78,7 +86,19 @@ fn sim(train_models: usize, dims: usize) {
 fn report(train: &Responses, test: &Responses, dims: usize, oracle: Option<&Irt>) {
     let (n_items, n_test) = (test.items, test.models);
     let draws: u64 = std::env::var("DRAWS").ok().and_then(|s| s.parse().ok()).unwrap_or(5).max(1);
-    let fit = Irt::fit(train, &IrtConfig { dims, ..Default::default() });
+    let fit = if dims == 0 {
+        // DIMS=0: chosen by cross-validation on the training models, with the 10 % subset of
+        // the first draw (as `evomerge search` does for its one subset)
+        let items = random_items(n_items, n_items / 10, 11);
+        let t = Instant::now();
+        let cv = Irt::cross_validate_dims(train, &IrtConfig::default(), DIMS_OPTIONS, &items, 4);
+        let fit = Irt::fit_cross_validated(train, &IrtConfig::default(), &items);
+        let curve: Vec<String> = cv.iter().map(|(d, e)| format!("d={d}: {:.3}", e * 100.0)).collect();
+        println!("cross-validated dims: {} ({}; {:.1} s)", fit.dims, curve.join(", "), t.elapsed().as_secs_f64());
+        fit
+    } else {
+        Irt::fit(train, &IrtConfig { dims, ..Default::default() })
+    };
     let truth: Vec<f64> = (0..n_test).map(|m| test.mean(m)).collect();
     println!("{:<10} {:>10} {:>10} {:>8}   (mean of {draws} subset draws)", "budget", "method", "MAE (pts)", "tau");
     for k in [n_items / 20, n_items / 10] {
@@ -169,10 +189,10 @@ fn zoo(task: &str, n_test: usize, cals: Vec<usize>) {
     for &cal in &cals {
         let train: Vec<&Vec<f64>> = m.sources.iter().chain(&m.merges[n_test..n_test + cal]).collect();
         println!("\ncalibration: {} sources + {cal} random merges; {n_test} test merges", m.sources.len());
-        let dims = std::env::var("DIMS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+        let dims = fit_dims();
         // p-IRT*: item parameters fitted on every response of the calibration and the test
         // merges (what no estimator can have): the floor of the ability-based estimate here.
-        let oracle = Irt::fit(&rows(&train.iter().chain(&test).copied().collect::<Vec<_>>()), &IrtConfig { dims, ..Default::default() });
+        let oracle = Irt::fit(&rows(&train.iter().chain(&test).copied().collect::<Vec<_>>()), &IrtConfig { dims: if dims == 0 { 8 } else { dims }, ..Default::default() });
         report(&rows(&train), &rows(&test), dims, Some(&oracle));
     }
 }

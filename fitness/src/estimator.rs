@@ -6,7 +6,7 @@
 //! | `full` | all | the metric |
 //! | `random` | k, seeded, the same for every candidate | mean |
 //! | `anchor` | k cluster representatives (k-means++ on the calibration models' correctness) | cluster-mass-weighted mean |
-//! | `irt` / `pirt` / `gpirt` | k, seeded | 2PL IRT fitted on the calibration models (tinyBenchmarks) |
+//! | `irt` / `pirt` / `gpirt` | k, seeded | 2PL IRT fitted on the calibration models (tinyBenchmarks), 1–8 ability dimensions chosen by cross-validation |
 //! | `gpirt_anchor` | k anchor points | gp-IRT with the anchors' weighted mean as its direct estimate |
 //!
 //! On real merges of the demo zoo (BENCHMARKS.md, "Fitness estimators on real merges"),
@@ -133,8 +133,8 @@ impl TaskEstimator {
             }
             Method::Irt { k, seed } | Method::Pirt { k, seed } | Method::Gpirt { k, seed } => {
                 let cal = need_cal(calibration)?;
-                let irt = Irt::fit(&cal, &IrtConfig { seed, ..IrtConfig::default() });
                 let items = random_items(n, check_k(k)?, seed);
+                let irt = Irt::fit_cross_validated(&cal, &IrtConfig { seed, ..IrtConfig::default() }, &items);
                 let naive = vec![1.0 / k as f64; k];
                 let gp_lambda = matches!(method, Method::Gpirt { .. }).then(|| irt.choose_lambda(&cal, &items, &naive));
                 (items, Fitted::Irt { irt, gp_lambda, p: !matches!(method, Method::Irt { .. }), naive })
@@ -142,7 +142,7 @@ impl TaskEstimator {
             Method::GpirtAnchor { k, seed } => {
                 let cal = need_cal(calibration)?;
                 let a = AnchorPoints::fit(&cal, check_k(k)?, seed);
-                let irt = Irt::fit(&cal, &IrtConfig { seed, ..IrtConfig::default() });
+                let irt = Irt::fit_cross_validated(&cal, &IrtConfig { seed, ..IrtConfig::default() }, &a.items);
                 let gp_lambda = Some(irt.choose_lambda(&cal, &a.items, &a.weights));
                 (a.items, Fitted::Irt { irt, gp_lambda, p: true, naive: a.weights })
             }

@@ -135,6 +135,69 @@ mod tests {
         assert!(e_p < e_rand && e_gp <= e_rand, "MAE random {e_rand:.4}, p-IRT {e_p:.4}, gp-IRT {e_gp:.4}");
     }
 
+    /// Rows `from..to` of a simulated population (same items and item parameters throughout).
+    fn rows(r: &Responses, from: usize, to: usize) -> Responses {
+        Responses::new(to - from, r.items, r.data[from * r.items..to * r.items].to_vec())
+    }
+
+    fn slope(x: &[f64], y: &[f64]) -> f64 {
+        let n = x.len() as f64;
+        let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+        x.iter().zip(y).map(|(a, b)| (a - mx) * (b - my)).sum::<f64>() / x.iter().map(|a| (a - mx).powi(2)).sum::<f64>()
+    }
+
+    /// Few training models and many items put the fit's scale in θ (sd ≈ 3 here); a candidate's
+    /// ability must be estimated on that scale. Under the fit's own N(0, 1) prior plain IRT's
+    /// estimates were flattened to a slope of 0.54 on the expected scores; 0.74 now (what is
+    /// left is the Bayes shrinkage of an ability read from 80 items).
+    #[test]
+    fn irt_estimates_are_not_shrunk_with_few_training_models() {
+        let s = simulate(15 + 60, 800, 1, 5);
+        let (train, test) = (rows(&s.responses, 0, 15), rows(&s.responses, 15, 75));
+        let fit = Irt::fit(&train, &IrtConfig { dims: 1, ..Default::default() });
+        let items = random_items(800, 80, 9);
+        let (est, truth): (Vec<f64>, Vec<f64>) = (0..test.models)
+            .map(|m| {
+                let y: Vec<f64> = items.iter().map(|&i| test.get(m, i)).collect();
+                let p = &s.probabilities[(15 + m) * 800..(16 + m) * 800];
+                (fit.estimate(&items, &y).value, p.iter().sum::<f64>() / 800.0)
+            })
+            .unzip();
+        let b = slope(&truth, &est);
+        assert!((0.65..1.1).contains(&b), "slope of IRT estimates on the expected scores: {b:.3}");
+    }
+
+    /// Responses of `models` to `items` items of two skills: item i depends on ability
+    /// dimension i % 2 only (slope 1.5), so one dimension cannot describe them.
+    fn two_skills(models: usize, items: usize, seed: u64) -> Responses {
+        use rand_core::{Rng as _, SeedableRng};
+        let mut g = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut u = move || (g.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let mut normal = || (-2.0 * u().max(1e-300).ln()).sqrt() * (2.0 * std::f64::consts::PI * u()).cos();
+        let beta: Vec<f64> = (0..items).map(|_| normal()).collect();
+        let theta: Vec<[f64; 2]> = (0..models).map(|_| [normal(), normal()]).collect();
+        let mut g = rand_chacha::ChaCha8Rng::seed_from_u64(seed + 1);
+        let data = theta
+            .iter()
+            .flat_map(|t| (0..items).map(|i| 1.0 / (1.0 + (beta[i] - 1.5 * t[i % 2]).exp())).collect::<Vec<_>>())
+            .map(|p| if ((g.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p { 1.0 } else { 0.0 })
+            .collect();
+        Responses::new(models, items, data)
+    }
+
+    /// The cross-validated number of ability dimensions follows the data's own.
+    #[test]
+    fn cross_validation_chooses_the_data_dimensions() {
+        let items = random_items(300, 60, 2);
+        let chosen = |r: &Responses| {
+            let cv = Irt::cross_validate_dims(r, &IrtConfig::default(), &[1, 2, 4], &items, 4);
+            assert_eq!(cv.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 2, 4]);
+            Irt::fit_cross_validated(r, &IrtConfig::default(), &items).dims
+        };
+        let (one, two) = (chosen(&simulate(64, 300, 1, 3).responses), chosen(&two_skills(64, 300, 3)));
+        assert!(one == 1 && two >= 2, "chosen for 1-D data: {one}, for two skills: {two}");
+    }
+
     #[test]
     fn anchor_points_cover_the_items_with_weights_summing_to_one() {
         let s = simulate(40, 300, 2, 4);
