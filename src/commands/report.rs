@@ -21,11 +21,31 @@ use crate::commands::search::{DATAFLOW_DIR, best_by_mean, read_references};
 use crate::experiment::Experiment;
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  evomerge report runs/1700000000-demo\n\n\
+#[command(after_help = "Example:\n  evomerge report runs/1700000000-demo\n  \
+evomerge report runs/1700000000-demo --references grid.json\n\n\
 Writes RUN_DIR/report/index.md and the SVG plots it links; works while the run is live.")]
 pub struct ReportArgs {
     /// A run directory written by `evomerge search`.
     pub run_dir: PathBuf,
+    /// More reference points for the table and the front plot, next to the run's sources and
+    /// baseline: a JSON list of {"name", "kind", "objectives": {objective: value}}, the format
+    /// of RUN_DIR/references.json (e.g. hand-set merges scored with `evomerge eval`).
+    #[arg(long, value_name = "FILE")]
+    pub references: Option<PathBuf>,
+}
+
+/// The `--references` file: a list of objects, each with a name and numeric objectives.
+fn extra_references(path: &Path) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading --references {}", path.display()))?;
+    let v: Value = serde_json::from_str(&text).with_context(|| format!("--references {}: not JSON", path.display()))?;
+    let list = v.as_array().with_context(|| format!("--references {}: expected a JSON list of reference points", path.display()))?;
+    for (i, r) in list.iter().enumerate() {
+        let ok = r["name"].is_string() && r["objectives"].as_object().is_some_and(|o| !o.is_empty() && o.values().all(Value::is_number));
+        if !ok {
+            anyhow::bail!("--references {}: entry {i} needs \"name\" and \"objectives\" (an object of numbers)", path.display());
+        }
+    }
+    Ok(list.clone())
 }
 
 fn scored(v: &Value) -> bool {
@@ -237,7 +257,10 @@ pub fn run(args: ReportArgs) -> Result<()> {
     let exp = Experiment::from_run_dir(&args.run_dir)?;
     let ps = read_evaluations(&args.run_dir);
     let dfs = read_evaluations(&args.run_dir.join(DATAFLOW_DIR));
-    let refs = read_references(&args.run_dir);
+    let mut refs = read_references(&args.run_dir);
+    if let Some(p) = &args.references {
+        refs.extend(extra_references(p)?);
+    }
     let out = args.run_dir.join("report");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let names: Vec<String> = ps

@@ -318,6 +318,16 @@ fn dataflow_stage_runs_resumes_after_a_kill_and_exports_a_checkpoint_that_scores
     }
     let index = std::fs::read_to_string(full.join("report/index.md")).expect("index");
     assert!(index.contains("best data-flow candidate") && index.contains("source: llama-tiny-a"), "{index}");
+    // --references adds points (e.g. hand-set merges) to the table; bad files are named.
+    let extra = tmp.path().join("grid.json");
+    std::fs::write(&extra, r#"[{"name": "hand-set 0.5/0.5", "kind": "grid", "objectives": {"text_ppl/perplexity": 123.25}}]"#).expect("write");
+    run_ok(&["report", &full.display().to_string(), "--references", &extra.display().to_string()]);
+    let index = std::fs::read_to_string(full.join("report/index.md")).expect("index");
+    assert!(index.contains("| grid: hand-set 0.5/0.5 | 123.2500 |") && index.contains("source: llama-tiny-a"), "{index}");
+    std::fs::write(&extra, r#"[{"name": "no objectives"}]"#).expect("write");
+    let (code, _, err) = crate::common::run(&["report", &full.display().to_string(), "--references", &extra.display().to_string()]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("grid.json") && err.contains("entry 0"), "{err}");
 }
 
 /// Candidates merged in place (task arithmetic: elementwise) score exactly as candidates
