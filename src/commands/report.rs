@@ -74,6 +74,7 @@ const PS: RGBColor = RGBColor(31, 119, 180);
 const DFS: RGBColor = RGBColor(255, 127, 14);
 const REF: RGBColor = RGBColor(44, 160, 44);
 const BEST: RGBColor = RGBColor(214, 39, 40);
+const EXTRA: RGBColor = RGBColor(148, 103, 189);
 
 fn objective_plot(path: &Path, name: &str, higher: bool, ps: &[Value], dfs: &[Value]) -> Result<()> {
     let pts: Vec<(f64, f64, bool)> = ps
@@ -152,17 +153,55 @@ fn front_plot(path: &Path, names: &[String], ps: &[Value], dfs: &[Value], refs: 
             .label(format!("{label}: candidates and front"))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
     }
-    for r in refs {
-        if let Some(p) = xy(r) {
-            let name = r["name"].as_str().unwrap_or("?").to_string();
-            chart
-                .draw_series(std::iter::once(
-                    EmptyElement::at(p) + TriangleMarker::new((0, 0), 7, REF.filled()) + Text::new(name, (8, -4), ("sans-serif", 13)),
-                ))
-                .map_err(plot_err)?;
+    // References: the run's own (sources, baseline) in green, `--references` points of other
+    // kinds in purple; labels go left of points in the right quarter, so they stay inside.
+    for own in [true, false] {
+        let color = if own { REF } else { EXTRA };
+        let pts: Vec<((f64, f64), String)> = refs
+            .iter()
+            .filter(|r| matches!(r["kind"].as_str(), Some("source" | "baseline")) == own)
+            .filter_map(|r| Some((xy(r)?, r["name"].as_str().unwrap_or("?").to_string())))
+            .collect();
+        if pts.is_empty() {
+            continue;
         }
+        let right = x0 + 0.75 * (x1 - x0);
+        let label = if own {
+            "sources and baseline".to_string()
+        } else {
+            let kinds: Vec<&str> = refs.iter().filter_map(|r| r["kind"].as_str()).filter(|k| !matches!(*k, "source" | "baseline")).collect();
+            kinds.first().map_or("references".into(), |k| k.to_string())
+        };
+        chart
+            .draw_series(pts.into_iter().map(|(p, name)| {
+                let dx = if p.0 > right { -8 - 7 * name.chars().count() as i32 } else { 8 };
+                EmptyElement::at(p) + TriangleMarker::new((0, 0), 7, color.filled()) + Text::new(name, (dx, -4), ("sans-serif", 13))
+            }))
+            .map_err(plot_err)?
+            .label(label)
+            .legend(move |(x, y)| TriangleMarker::new((x + 9, y), 6, color.filled()));
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(plot_err)?;
+    // The legend goes into the corner with the fewest points.
+    let corner = |fx: f64, fy: f64| {
+        let (cx, cy) = (x0 + fx * (x1 - x0), y0 + fy * (y1 - y0));
+        all.iter().filter(|p| (p.0 - cx).abs() < 0.35 * (x1 - x0) && (p.1 - cy).abs() < 0.2 * (y1 - y0)).count()
+    };
+    let position = [
+        (corner(0.0, 0.0), SeriesLabelPosition::LowerLeft),
+        (corner(1.0, 0.0), SeriesLabelPosition::LowerRight),
+        (corner(0.0, 1.0), SeriesLabelPosition::UpperLeft),
+        (corner(1.0, 1.0), SeriesLabelPosition::UpperRight),
+    ]
+    .into_iter()
+    .min_by_key(|c| c.0)
+    .map_or(SeriesLabelPosition::UpperRight, |c| c.1);
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
     root.present().map_err(plot_err)
 }
 
