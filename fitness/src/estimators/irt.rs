@@ -182,6 +182,8 @@ impl Irt {
     pub fn fit_cross_validated(r: &Responses, cfg: &IrtConfig, items: &[usize]) -> Self {
         let cv = Self::cross_validate_dims(r, cfg, DIMS_OPTIONS, items, 4);
         let dims = cv.iter().min_by(|a, b| a.1.total_cmp(&b.1)).map_or(cfg.dims, |c| c.0);
+        let curve: Vec<String> = cv.iter().map(|(d, e)| format!("d={d}: {e:.4}")).collect();
+        tracing::info!("IRT fit on {} models: {dims} ability dimensions (cross-validated log-loss {})", r.models, curve.join(", "));
         Self::fit(r, &IrtConfig { dims, ..cfg.clone() })
     }
 
