@@ -89,6 +89,7 @@ const CHECKPOINT: &str = "checkpoint.json";
 const EVALS: &str = "evaluations.jsonl";
 const CONFIG_HASH: &str = "config.sha256";
 const REFERENCES: &str = "references.json";
+const CALIBRATION: &str = "calibration.jsonl";
 
 /// SHA-256 of the resolved configuration (hex).
 fn config_hash(text: &str) -> String {
@@ -101,7 +102,12 @@ struct Setup {
     exp: Experiment,
     layout: GenomeLayout,
     space: SearchSpace,
+    /// One per objective, built by [`calibrate`] (empty before).
     estimators: Vec<TaskEstimator>,
+    /// The objectives' tasks until [`calibrate`] turns them into estimators.
+    tasks: Vec<Task>,
+    tok: Tokenizer,
+    prefix: u32,
     runtime: Box<dyn LanguageModel>,
     /// The merge inputs held in the runtime's weight layout (candidates merged in place), when
     /// the method allows it and memory suffices; `None`: candidates are merged from the memory
@@ -267,53 +273,151 @@ fn setup(exp: Experiment, dry_run: bool) -> Result<Setup> {
         let spec = TaskSpec::load(&o.task).map_err(anyhow::Error::msg)?;
         tasks.push(Task::load(spec, o.data.as_deref(), o.fewshot_data.as_deref())?);
     }
-    let mut runtime = model::open(exp.device, &[ModelSpec::from_checkpoint(&base)])?;
-    let (resident, in_place, memory) = resident_merge(&exp, &layout, &base, runtime.as_mut(), !dry_run)?;
-    // Calibration (anchor / IRT estimators): every item's result for the source models and for
-    // `[calibration] candidates` random merges (skipped by a dry run, which fits on the sources).
+    let runtime = model::open(exp.device, &[ModelSpec::from_checkpoint(&base)])?;
+    let mut s = Setup { exp, layout, space, estimators: vec![], tasks, tok, prefix, runtime, resident: None, in_place: false, base, memory: 0 };
+    let (resident, in_place, memory) = resident_merge(&s.exp, &s.layout, &s.base, s.runtime.as_mut(), !dry_run)?;
+    (s.resident, s.in_place, s.memory) = (resident, in_place, memory);
+    Ok(s)
+}
+
+/// Builds the estimators. Anchor / IRT estimators first need every item's result for the source
+/// models and for `[calibration] candidates` random merges (a dry run fits on the sources
+/// alone). With `cache` (the run directory), each such row is appended to
+/// `calibration.jsonl` as soon as it is scored, and rows found there are not scored again: a
+/// run killed during calibration, or resumed later, picks up where it was.
+fn calibrate(s: &mut Setup, dry_run: bool, cache: Option<&Path>) -> Result<()> {
+    let exp = &s.exp;
     let needs_cal: Vec<bool> = exp.objectives.iter().map(|o| !matches!(o.estimator, Method::Full | Method::Random { .. })).collect();
+    let tasks = std::mem::take(&mut s.tasks);
     let mut cal: Vec<Vec<f64>> = vec![Vec::new(); tasks.len()];
     let mut rows = 0;
     if needs_cal.iter().any(|&n| n) {
-        let mut sources: Vec<Box<dyn LanguageModel>> = Vec::new();
-        for r in exp.merge.models.iter().chain(exp.merge.base_model.as_ref()) {
-            sources.push(model::open_dir(exp.device, &resolve_model(r, None)?)?);
+        let n_sources = exp.merge.models.len() + usize::from(exp.merge.base_model.is_some());
+        let n = if dry_run { 0 } else { exp.calibration.candidates };
+        let items: Vec<usize> = tasks.iter().zip(&needs_cal).map(|(t, &need)| if need { t.items.len() } else { 0 }).collect();
+        let mut store = match cache {
+            Some(dir) => Some(CalibrationCache::open(dir, &calibration_key(exp, &tasks)?, &items)?),
+            None => None,
+        };
+        let cached = store.as_ref().map_or(vec![], |c| c.rows.clone());
+        let total = n_sources + n;
+        if !cached.is_empty() {
+            eprintln!("calibration: {} of {total} rows read from {}", cached.len().min(total), CALIBRATION);
         }
         // one row of every calibrated objective's matrix: `model` on all its items
-        let add_row = |cal: &mut [Vec<f64>], model: &mut dyn LanguageModel| -> Result<()> {
-            for (t, task) in tasks.iter().enumerate().filter(|(t, _)| needs_cal[*t]) {
-                cal[t].extend(TaskEstimator::item_scores(task, &tok, prefix, model)?);
+        let (tok, prefix) = (&s.tok, s.prefix);
+        let mut add_row = |cal: &mut [Vec<f64>], row: usize, model: Option<&mut dyn LanguageModel>| -> Result<()> {
+            let scores: Vec<Vec<f64>> = match (cached.get(row), model) {
+                (Some(r), _) => r.clone(),
+                (None, Some(model)) => tasks
+                    .iter()
+                    .zip(&needs_cal)
+                    .map(|(task, &need)| if need { TaskEstimator::item_scores(task, tok, prefix, model) } else { Ok(vec![]) })
+                    .collect::<Result<_, _>>()?,
+                (None, None) => unreachable!("a row neither cached nor scored"),
+            };
+            if row >= cached.len() {
+                if let Some(c) = store.as_mut() {
+                    c.append(row, &scores)?;
+                }
+            }
+            for (c, r) in cal.iter_mut().zip(scores) {
+                c.extend(r);
             }
             Ok(())
         };
-        for m in &mut sources {
-            add_row(&mut cal, m.as_mut())?;
+        for (i, r) in exp.merge.models.iter().chain(exp.merge.base_model.as_ref()).enumerate() {
+            if i < cached.len() {
+                add_row(&mut cal, i, None)?;
+            } else {
+                let mut m = model::open_dir(exp.device, &resolve_model(r, None)?)?;
+                add_row(&mut cal, i, Some(m.as_mut()))?;
+            }
         }
-        rows = sources.len();
-        drop(sources);
-        let n = if dry_run { 0 } else { exp.calibration.candidates };
+        rows = n_sources;
         let t0 = Instant::now();
-        if n > 0 {
-            eprintln!("calibrating anchor / IRT estimators: {rows} source models and {n} random merges, every item of each such objective");
+        if n > cached.len().saturating_sub(n_sources) {
+            eprintln!("calibrating anchor / IRT estimators: {n_sources} source models and {n} random merges, every item of each such objective");
         }
-        for (i, genome) in calibration_genomes(&space, n, exp.seed).iter().enumerate() {
-            let recipe = layout.decode(genome)?;
-            let plan = MergePlan::build(&recipe, serde_norway::to_string(&recipe)?, None, exp.seed)?;
-            materialize(&plan, resident.as_ref(), runtime.as_mut())?;
-            add_row(&mut cal, runtime.as_mut())?;
+        for (i, genome) in calibration_genomes(&s.space, n, exp.seed).iter().enumerate() {
+            if rows < cached.len() {
+                add_row(&mut cal, rows, None)?;
+            } else {
+                let recipe = s.layout.decode(genome)?;
+                let plan = MergePlan::build(&recipe, serde_norway::to_string(&recipe)?, None, exp.seed)?;
+                materialize(&plan, s.resident.as_ref(), s.runtime.as_mut())?;
+                add_row(&mut cal, rows, Some(s.runtime.as_mut()))?;
+                tracing::info!("calibration merge {}/{n} scored on every item ({:.1} s)", i + 1, t0.elapsed().as_secs_f64());
+            }
             rows += 1;
-            tracing::info!("calibration merge {}/{n} scored on every item ({:.1} s)", i + 1, t0.elapsed().as_secs_f64());
         }
-        if n > 0 {
+        if n > cached.len().saturating_sub(n_sources) {
             eprintln!("calibration done in {:.1} s", t0.elapsed().as_secs_f64());
         }
     }
-    let mut estimators = Vec::new();
     for ((o, task), cal) in exp.objectives.iter().zip(tasks).zip(cal) {
         let cal = (!cal.is_empty()).then(|| Responses::new(rows, task.items.len(), cal));
-        estimators.push(TaskEstimator::new(task, tok.clone(), prefix, o.estimator, cal.as_ref())?);
+        s.estimators.push(TaskEstimator::new(task, s.tok.clone(), s.prefix, o.estimator, cal.as_ref())?);
     }
-    Ok(Setup { exp, layout, space, estimators, runtime, resident, in_place, base, memory })
+    Ok(())
+}
+
+/// What calibration rows depend on: the seed, the device, the merge, the genome, the
+/// objectives and their tasks' specs and items (not the number of calibration merges: their
+/// genomes are one seeded stream, so a longer list extends a shorter one).
+fn calibration_key(exp: &Experiment, tasks: &[Task]) -> Result<String> {
+    let tasks: Vec<_> = tasks.iter().map(|t| (&t.spec, &t.items)).collect();
+    let text = serde_json::to_string(&(exp.seed, &exp.device, &exp.merge, &exp.genome, &exp.objectives, tasks))?;
+    Ok(config_hash(&text))
+}
+
+/// `RUN_DIR/calibration.jsonl`: a header `{"key", "items"}`, then one line per calibration row
+/// (`{"row", "scores"}`: per objective, every item's score; empty for objectives without
+/// calibration), appended and synced as each is scored.
+struct CalibrationCache {
+    file: std::fs::File,
+    rows: Vec<Vec<Vec<f64>>>,
+}
+
+impl CalibrationCache {
+    /// Reads the rows a file with this key holds (up to a line cut by a crash); any other
+    /// file is replaced by a new header.
+    fn open(dir: &Path, key: &str, items: &[usize]) -> Result<Self> {
+        let path = dir.join(CALIBRATION);
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut lines = text.lines();
+        let header = lines.next().and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+        let fits = header.as_ref().is_some_and(|h| h["key"] == key && h["items"] == serde_json::json!(items));
+        let mut rows = vec![];
+        if fits {
+            for l in lines {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else { break };
+                let scores: Option<Vec<Vec<f64>>> = serde_json::from_value(v["scores"].clone()).ok();
+                match scores {
+                    Some(sc) if v["row"] == rows.len() && sc.iter().map(Vec::len).eq(items.iter().copied()) => rows.push(sc),
+                    _ => break,
+                }
+            }
+        } else if header.is_some() {
+            eprintln!("warning: {} was written for another configuration; calibrating again", path.display());
+        }
+        // Rewrite what was read (drops a cut last line), then append from there.
+        let mut text = serde_json::json!({"key": key, "items": items}).to_string() + "\n";
+        for (i, r) in rows.iter().enumerate() {
+            text += &(serde_json::json!({"row": i, "scores": r}).to_string() + "\n");
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        write_atomic(&path, &text)?;
+        let file = std::fs::OpenOptions::new().append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self { file, rows })
+    }
+
+    fn append(&mut self, row: usize, scores: &[Vec<f64>]) -> Result<()> {
+        use std::io::Write as _;
+        writeln!(self.file, "{}", serde_json::json!({"row": row, "scores": scores}))
+            .and_then(|()| self.file.sync_data())
+            .with_context(|| format!("appending to {CALIBRATION}"))
+    }
 }
 
 /// `n` genomes drawn uniformly from `space` (seeded by the run's seed, apart from the
@@ -1007,8 +1111,9 @@ pub fn search(args: SearchArgs) -> Result<()> {
     if let Some(d) = args.device {
         exp.device = d;
     }
-    let s = setup(exp, args.dry_run)?;
+    let mut s = setup(exp, args.dry_run)?;
     if args.dry_run {
+        calibrate(&mut s, true, None)?;
         println!(
             "{}: {} genes, {} objective(s), model {} ({} layers), about {:.2} GiB of memory, candidates merged {}; nothing run",
             s.exp.name,
@@ -1044,6 +1149,7 @@ pub fn search(args: SearchArgs) -> Result<()> {
     write_atomic(&run_dir.join(CONFIG), &resolved)?;
     write_atomic(&run_dir.join(CONFIG_HASH), &config_hash(&resolved))?;
     eprintln!("run directory: {}", run_dir.display());
+    calibrate(&mut s, false, Some(&run_dir))?;
     let cancel = cancel_flag()?;
     let runner = Runner::new(optimizer(&s)?, s.exp.budget.clone(), Some(run_dir.join(CHECKPOINT)), cancel.clone());
     drive(s, &run_dir, runner, cancel, args.progress, args.workers)
@@ -1061,7 +1167,8 @@ pub fn resume(args: ResumeArgs) -> Result<()> {
             cfg.display()
         );
     }
-    let s = setup(exp, false)?;
+    let mut s = setup(exp, false)?;
+    calibrate(&mut s, false, Some(&args.run_dir))?;
     let cancel = cancel_flag()?;
     let fresh = optimizer(&s)?;
     let ckpt = args.run_dir.join(CHECKPOINT);

@@ -370,32 +370,36 @@ fn in_place_and_streamed_candidates_record_the_same_evaluations() {
     assert_eq!(records(&c), ra, "candidates merged on the device scored differently");
 }
 
-/// A p-IRT-estimated objective on the zoo (a 0-1 metric, 40 items; p-IRT rather than gp-IRT,
-/// whose λ may pick the plain subset mean and so hide the fit): `[calibration]` merges
-/// are drawn from the run's seed, so two runs record the same evaluations (what exact resume
-/// relies on), and they are used: without them the same candidates get other estimates.
+/// An experiment file in `dir` with a p-IRT-estimated objective on the zoo (a 0-1 metric, 40
+/// items of the add skill), random search over 3 candidates and `calibration` calibration merges.
+fn irt_experiment(dir: &Path, name: &str, calibration: usize) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let zoo = root.join("datasets/zoo");
+    let data = dir.join("add.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(zoo.join("data/add-validation.jsonl")).expect("data").lines().take(40).map(String::from).collect();
+    std::fs::write(&data, lines.join("\n")).expect("write data");
+    let text = format!(
+        "name = \"irt\"\nseed = 3\n[merge]\nmethod = \"task_arithmetic\"\nbase_model = \"{z}/base\"\nmodels = [\"{z}/expert-add\", \"{z}/expert-reverse\"]\n\
+         [genome]\nsearch = [\"weight\"]\nlayers_per_group = 2\n\
+         [[objectives]]\ntask = \"{t}\"\ndata = \"{d}\"\nestimator = {{ method = \"pirt\", k = 10, seed = 0 }}\n\
+         [optimizer]\nkind = \"random\"\npopulation = 3\n[budget]\nmax_evaluations = 3\n[calibration]\ncandidates = {calibration}\n",
+        z = zoo.display(),
+        t = root.join("experiments/tasks/zoo-add.toml").display(),
+        d = data.display()
+    );
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(&p, text).expect("write experiment");
+    p.display().to_string()
+}
+
+/// p-IRT rather than gp-IRT, whose λ may pick the plain subset mean and so hide the fit:
+/// `[calibration]` merges are drawn from the run's seed, so two runs record the same
+/// evaluations (what exact resume relies on), and they are used: without them the same
+/// candidates get other estimates.
 #[test]
 fn calibration_merges_are_deterministic_and_feed_the_irt_fit() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let zoo = root.join("datasets/zoo");
-    let data = tmp.path().join("add.jsonl");
-    let lines: Vec<String> = std::fs::read_to_string(zoo.join("data/add-validation.jsonl")).expect("data").lines().take(40).map(String::from).collect();
-    std::fs::write(&data, lines.join("\n")).expect("write data");
-    let write = |name: &str, calibration: usize| {
-        let text = format!(
-            "name = \"irt\"\nseed = 3\n[merge]\nmethod = \"task_arithmetic\"\nbase_model = \"{z}/base\"\nmodels = [\"{z}/expert-add\", \"{z}/expert-reverse\"]\n\
-             [genome]\nsearch = [\"weight\"]\nlayers_per_group = 2\n\
-             [[objectives]]\ntask = \"{t}\"\ndata = \"{d}\"\nestimator = {{ method = \"pirt\", k = 10, seed = 0 }}\n\
-             [optimizer]\nkind = \"random\"\npopulation = 3\n[budget]\nmax_evaluations = 3\n[calibration]\ncandidates = {calibration}\n",
-            z = zoo.display(),
-            t = root.join("experiments/tasks/zoo-add.toml").display(),
-            d = data.display()
-        );
-        let p = tmp.path().join(format!("{name}.toml"));
-        std::fs::write(&p, text).expect("write experiment");
-        p.display().to_string()
-    };
+    let write = |name: &str, calibration: usize| irt_experiment(tmp.path(), name, calibration);
     let (cal, none) = (write("cal", 3), write("none", 0));
     let dry = run_ok(&["search", &cal, "--dry-run", "--workers", "3"]);
     assert!(dry.contains("fitted on the source models and 3 random merges"), "{dry}");
@@ -414,6 +418,48 @@ fn calibration_merges_are_deterministic_and_feed_the_irt_fit() {
     assert_eq!(genomes(&runs[0]), genomes(&runs[2]), "same seed, same candidates");
     let objectives = |r: &BTreeMap<u64, Value>| r.values().map(|v| v["objectives"].clone()).collect::<Vec<_>>();
     assert_ne!(objectives(&runs[0]), objectives(&runs[2]), "calibration merges changed no estimate");
+}
+
+/// Calibration rows are kept in `RUN_DIR/calibration.jsonl` as they are scored: a search killed
+/// during calibration resumes from the rows it has (a line cut by the kill is scored again),
+/// records what an uninterrupted run records, and a later resume scores no row again.
+#[test]
+fn calibration_survives_a_kill_and_is_not_scored_again() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let exp = irt_experiment(tmp.path(), "cal", 12);
+    let full = tmp.path().join("full");
+    run_ok(&["search", &exp, "--run-dir", &full.display().to_string(), "--progress", "off"]);
+    let want_cal = std::fs::read_to_string(full.join("calibration.jsonl")).expect("calibration.jsonl");
+    assert_eq!(want_cal.lines().count(), 1 + 3 + 12, "a header, 3 sources and 12 merges");
+    let want = records(&full);
+
+    let run = tmp.path().join("killed");
+    let cal_lines = || std::fs::read_to_string(run.join("calibration.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
+    let mut child = Command::new(bin())
+        .args(["search", &exp, "--run-dir", &run.display().to_string(), "--progress", "off"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let t0 = Instant::now();
+    while cal_lines() < 7 && t0.elapsed() < Duration::from_secs(120) && child.try_wait().expect("wait").is_none() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().ok();
+    child.wait().expect("reap");
+    // as if the kill had cut a line in half
+    let mut text = std::fs::read_to_string(run.join("calibration.jsonl")).expect("calibration.jsonl");
+    text.push_str("{\"row\": 99, \"sco");
+    std::fs::write(run.join("calibration.jsonl"), text).expect("write");
+    let (code, _, err) = crate::common::run(&["resume", &run.display().to_string(), "--progress", "off"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("rows read from calibration.jsonl"), "{err}");
+    assert_eq!(std::fs::read_to_string(run.join("calibration.jsonl")).expect("read"), want_cal, "calibration rows");
+    assert_eq!(records(&run), want, "evaluations after resuming a killed calibration");
+    // Resuming again reads every row and scores none.
+    let (code, _, err) = crate::common::run(&["resume", &run.display().to_string(), "--progress", "off"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("15 of 15 rows read") && !err.contains("random merges, every item"), "{err}");
 }
 
 /// Candidates scored several at a time (one model copy per worker) are recorded exactly as one
