@@ -106,11 +106,13 @@ pub fn status(args: StatusArgs) -> Result<()> {
     let per_hour = throughput(&args.run_dir, &recs);
     let top: Vec<&Value> = ranked(&recs).into_iter().take(args.top).collect();
     let multi = exp.objectives.len() > 1;
+    let calibration = crate::commands::search::calibration_progress(&args.run_dir, &exp);
     if args.json {
         println!(
             "{}",
             json!({"name": exp.name, "evaluations": recs.len(), "failures": failures, "candidates_per_hour": per_hour,
                    "budget": exp.budget, "pareto": multi, "top": top,
+                   "calibration": calibration.map(|(rows, of)| json!({"rows": rows, "of": of})),
                    "references": crate::commands::search::read_references(&args.run_dir)})
         );
         return Ok(());
@@ -123,6 +125,9 @@ pub fn status(args: StatusArgs) -> Result<()> {
         per_hour,
         exp.budget.max_evaluations.map_or("unbounded".into(), |m| format!("{m} evaluations"))
     );
+    if let Some((rows, of)) = calibration {
+        println!("calibration (anchor / IRT estimators): {rows} of {of} rows scored");
+    }
     println!("{}", if multi { "Pareto front:" } else { "best candidates:" });
     let names: Vec<String> = top.first().and_then(|r| r["objectives"].as_object()).map(|o| o.keys().cloned().collect()).unwrap_or_default();
     print!("{:>6} {:>5}", "id", "gen");

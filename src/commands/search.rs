@@ -362,6 +362,18 @@ fn calibrate(s: &mut Setup, dry_run: bool, cache: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
+/// Calibration rows scored so far and the rows the run needs (sources + calibration merges),
+/// for `status`; `None` when no objective uses an anchor / IRT estimator.
+pub fn calibration_progress(run_dir: &Path, exp: &Experiment) -> Option<(usize, usize)> {
+    if exp.objectives.iter().all(|o| matches!(o.estimator, Method::Full | Method::Random { .. })) {
+        return None;
+    }
+    let total = exp.merge.models.len() + usize::from(exp.merge.base_model.is_some()) + exp.calibration.candidates;
+    let text = std::fs::read_to_string(run_dir.join(CALIBRATION)).unwrap_or_default();
+    let rows = text.lines().skip(1).take_while(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()).count();
+    Some((rows.min(total), total))
+}
+
 /// What calibration rows depend on: the seed, the device, the merge, the genome, the
 /// objectives and their tasks' specs and items (not the number of calibration merges: their
 /// genomes are one seeded stream, so a longer list extends a shorter one).
@@ -414,7 +426,10 @@ impl CalibrationCache {
 
     fn append(&mut self, row: usize, scores: &[Vec<f64>]) -> Result<()> {
         use std::io::Write as _;
-        writeln!(self.file, "{}", serde_json::json!({"row": row, "scores": scores}))
+        // one write of the whole line: a kill leaves it whole or missing, rarely cut
+        let line = serde_json::json!({"row": row, "scores": scores}).to_string() + "\n";
+        self.file
+            .write_all(line.as_bytes())
             .and_then(|()| self.file.sync_data())
             .with_context(|| format!("appending to {CALIBRATION}"))
     }

@@ -447,6 +447,11 @@ fn calibration_survives_a_kill_and_is_not_scored_again() {
     }
     child.kill().ok();
     child.wait().expect("reap");
+    let whole = std::fs::read_to_string(run.join("calibration.jsonl")).map_or(0, |t| {
+        t.lines().skip(1).take_while(|l| serde_json::from_str::<Value>(l).is_ok()).count()
+    });
+    let st = run_ok(&["status", &run.display().to_string()]);
+    assert!(st.contains(&format!("calibration (anchor / IRT estimators): {} of 15 rows scored", whole.min(15))), "{st}");
     // as if the kill had cut a line in half
     let mut text = std::fs::read_to_string(run.join("calibration.jsonl")).expect("calibration.jsonl");
     text.push_str("{\"row\": 99, \"sco");
@@ -460,6 +465,8 @@ fn calibration_survives_a_kill_and_is_not_scored_again() {
     let (code, _, err) = crate::common::run(&["resume", &run.display().to_string(), "--progress", "off"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("15 of 15 rows read") && !err.contains("random merges, every item"), "{err}");
+    let st: Value = serde_json::from_str(&run_ok(&["status", &run.display().to_string(), "--json"])).expect("json");
+    assert_eq!(st["calibration"], serde_json::json!({"rows": 15, "of": 15}));
 }
 
 /// Candidates scored several at a time (one model copy per worker) are recorded exactly as one
