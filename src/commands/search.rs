@@ -109,6 +109,8 @@ struct Setup {
     tok: Tokenizer,
     prefix: u32,
     runtime: Box<dyn LanguageModel>,
+    /// Runtimes of further workers opened by [`calibrate`], which `drive` reuses.
+    spare: Vec<Box<dyn LanguageModel>>,
     /// The merge inputs held in the runtime's weight layout (candidates merged in place), when
     /// the method allows it and memory suffices; `None`: candidates are merged from the memory
     /// maps and swapped in.
@@ -274,7 +276,7 @@ fn setup(exp: Experiment, dry_run: bool) -> Result<Setup> {
         tasks.push(Task::load(spec, o.data.as_deref(), o.fewshot_data.as_deref())?);
     }
     let runtime = model::open(exp.device, &[ModelSpec::from_checkpoint(&base)])?;
-    let mut s = Setup { exp, layout, space, estimators: vec![], tasks, tok, prefix, runtime, resident: None, in_place: false, base, memory: 0 };
+    let mut s = Setup { exp, layout, space, estimators: vec![], tasks, tok, prefix, runtime, spare: vec![], resident: None, in_place: false, base, memory: 0 };
     let (resident, in_place, memory) = resident_merge(&s.exp, &s.layout, &s.base, s.runtime.as_mut(), !dry_run)?;
     (s.resident, s.in_place, s.memory) = (resident, in_place, memory);
     Ok(s)
@@ -282,16 +284,18 @@ fn setup(exp: Experiment, dry_run: bool) -> Result<Setup> {
 
 /// Builds the estimators. Anchor / IRT estimators first need every item's result for the source
 /// models and for `[calibration] candidates` random merges (a dry run fits on the sources
-/// alone). With `cache` (the run directory), each such row is appended to
-/// `calibration.jsonl` as soon as it is scored, and rows found there are not scored again: a
-/// run killed during calibration, or resumed later, picks up where it was.
-fn calibrate(s: &mut Setup, dry_run: bool, cache: Option<&Path>) -> Result<()> {
-    let exp = &s.exp;
-    let needs_cal: Vec<bool> = exp.objectives.iter().map(|o| !matches!(o.estimator, Method::Full | Method::Random { .. })).collect();
+/// alone). The merges are scored `workers` at a time where the search would (small models on
+/// the CPU, `--workers`), in order, so the rows do not depend on how many there were. With
+/// `cache` (the run directory), each row is appended to `calibration.jsonl` as soon as it is
+/// scored, and rows found there are not scored again: a run killed during calibration, or
+/// resumed later, picks up where it was.
+fn calibrate(s: &mut Setup, dry_run: bool, cache: Option<&Path>, workers: usize) -> Result<()> {
+    let needs_cal: Vec<bool> = s.exp.objectives.iter().map(|o| !matches!(o.estimator, Method::Full | Method::Random { .. })).collect();
     let tasks = std::mem::take(&mut s.tasks);
     let mut cal: Vec<Vec<f64>> = vec![Vec::new(); tasks.len()];
     let mut rows = 0;
     if needs_cal.iter().any(|&n| n) {
+        let exp = &s.exp;
         let n_sources = exp.merge.models.len() + usize::from(exp.merge.base_model.is_some());
         let n = if dry_run { 0 } else { exp.calibration.candidates };
         let items: Vec<usize> = tasks.iter().zip(&needs_cal).map(|(t, &need)| if need { t.items.len() } else { 0 }).collect();
@@ -299,63 +303,72 @@ fn calibrate(s: &mut Setup, dry_run: bool, cache: Option<&Path>) -> Result<()> {
             Some(dir) => Some(CalibrationCache::open(dir, &calibration_key(exp, &tasks)?, &items)?),
             None => None,
         };
-        let cached = store.as_ref().map_or(vec![], |c| c.rows.clone());
+        let mut done = store.as_mut().map_or(vec![], |c| std::mem::take(&mut c.rows));
         let total = n_sources + n;
-        if !cached.is_empty() {
-            eprintln!("calibration: {} of {total} rows read from {}", cached.len().min(total), CALIBRATION);
+        done.truncate(total);
+        if !done.is_empty() {
+            eprintln!("calibration: {} of {total} rows read from {CALIBRATION}", done.len());
         }
         // one row of every calibrated objective's matrix: `model` on all its items
         let (tok, prefix) = (&s.tok, s.prefix);
-        let mut add_row = |cal: &mut [Vec<f64>], row: usize, model: Option<&mut dyn LanguageModel>| -> Result<()> {
-            let scores: Vec<Vec<f64>> = match (cached.get(row), model) {
-                (Some(r), _) => r.clone(),
-                (None, Some(model)) => tasks
-                    .iter()
-                    .zip(&needs_cal)
-                    .map(|(task, &need)| if need { TaskEstimator::item_scores(task, tok, prefix, model) } else { Ok(vec![]) })
-                    .collect::<Result<_, _>>()?,
-                (None, None) => unreachable!("a row neither cached nor scored"),
-            };
-            if row >= cached.len() {
-                if let Some(c) = store.as_mut() {
-                    c.append(row, &scores)?;
-                }
+        let score = |model: &mut dyn LanguageModel| -> Result<Vec<Vec<f64>>> {
+            let rows = tasks.iter().zip(&needs_cal);
+            Ok(rows.map(|(task, &need)| if need { TaskEstimator::item_scores(task, tok, prefix, model) } else { Ok(vec![]) }).collect::<Result<_, _>>()?)
+        };
+        let mut keep = |done: &mut Vec<Vec<Vec<f64>>>, row: Vec<Vec<f64>>| -> Result<()> {
+            if let Some(c) = store.as_mut() {
+                c.append(done.len(), &row)?;
             }
-            for (c, r) in cal.iter_mut().zip(scores) {
-                c.extend(r);
-            }
+            done.push(row);
             Ok(())
         };
-        for (i, r) in exp.merge.models.iter().chain(exp.merge.base_model.as_ref()).enumerate() {
-            if i < cached.len() {
-                add_row(&mut cal, i, None)?;
-            } else {
-                let mut m = model::open_dir(exp.device, &resolve_model(r, None)?)?;
-                add_row(&mut cal, i, Some(m.as_mut()))?;
-            }
+        for r in exp.merge.models.iter().chain(exp.merge.base_model.as_ref()).skip(done.len()) {
+            let mut m = model::open_dir(exp.device, &resolve_model(r, None)?)?;
+            let row = score(m.as_mut())?;
+            keep(&mut done, row)?;
         }
-        rows = n_sources;
-        let t0 = Instant::now();
-        if n > cached.len().saturating_sub(n_sources) {
+        let genomes = calibration_genomes(&s.space, n, exp.seed);
+        let todo = &genomes[done.len().saturating_sub(n_sources).min(n)..];
+        if !todo.is_empty() {
             eprintln!("calibrating anchor / IRT estimators: {n_sources} source models and {n} random merges, every item of each such objective");
-        }
-        for (i, genome) in calibration_genomes(&s.space, n, exp.seed).iter().enumerate() {
-            if rows < cached.len() {
-                add_row(&mut cal, rows, None)?;
-            } else {
-                let recipe = s.layout.decode(genome)?;
-                let plan = MergePlan::build(&recipe, serde_norway::to_string(&recipe)?, None, exp.seed)?;
-                materialize(&plan, s.resident.as_ref(), s.runtime.as_mut())?;
-                add_row(&mut cal, rows, Some(s.runtime.as_mut()))?;
-                tracing::info!("calibration merge {}/{n} scored on every item ({:.1} s)", i + 1, t0.elapsed().as_secs_f64());
+            let w = worker_count(workers, exp.device, &s.base, s.memory, runtime_bytes(&s.base)).min(todo.len());
+            while s.spare.len() + 1 < w {
+                s.spare.push(model::open(exp.device, &[ModelSpec::from_checkpoint(&s.base)])?);
             }
-            rows += 1;
-        }
-        if n > cached.len().saturating_sub(n_sources) {
+            let t0 = Instant::now();
+            let (layout, resident) = (&s.layout, s.resident.as_ref());
+            let merge_and_score = |genome: &Vec<f64>, rt: &mut dyn LanguageModel| -> Result<Vec<Vec<f64>>> {
+                let recipe = layout.decode(genome)?;
+                let plan = MergePlan::build(&recipe, serde_norway::to_string(&recipe)?, None, exp.seed)?;
+                materialize(&plan, resident, rt)?;
+                score(rt)
+            };
+            let mut runtimes: Vec<&mut Box<dyn LanguageModel>> = std::iter::once(&mut s.runtime).chain(s.spare.iter_mut()).take(w).collect();
+            for chunk in todo.chunks(w) {
+                // one merge per worker, recorded in order
+                let mut out: Vec<Option<Result<Vec<Vec<f64>>>>> = chunk.iter().map(|_| None).collect();
+                rayon::scope(|sc| {
+                    for ((g, rt), slot) in chunk.iter().zip(runtimes.iter_mut()).zip(out.iter_mut()) {
+                        let merge_and_score = &merge_and_score;
+                        sc.spawn(move |_| *slot = Some(merge_and_score(g, rt.as_mut())));
+                    }
+                });
+                for r in out {
+                    let row = r.expect("every calibration merge scored")?;
+                    keep(&mut done, row)?;
+                }
+                tracing::info!("calibration merge {}/{n} scored on every item ({:.1} s)", done.len() - n_sources, t0.elapsed().as_secs_f64());
+            }
             eprintln!("calibration done in {:.1} s", t0.elapsed().as_secs_f64());
         }
+        rows = done.len();
+        for row in done {
+            for (c, r) in cal.iter_mut().zip(row) {
+                c.extend(r);
+            }
+        }
     }
-    for ((o, task), cal) in exp.objectives.iter().zip(tasks).zip(cal) {
+    for ((o, task), cal) in s.exp.objectives.iter().zip(tasks).zip(cal) {
         let cal = (!cal.is_empty()).then(|| Responses::new(rows, task.items.len(), cal));
         s.estimators.push(TaskEstimator::new(task, s.tok.clone(), s.prefix, o.estimator, cal.as_ref())?);
     }
@@ -890,13 +903,21 @@ fn interrupted(run_dir: &Path) -> ! {
 /// experiment has one (in `RUN_DIR/dataflow/`, its own checkpoint and evaluations).
 fn drive(mut s: Setup, run_dir: &Path, mut runner: Runner, cancel: Arc<AtomicBool>, mode: SearchProgress, workers: usize) -> Result<()> {
     let mode = mode.resolved();
-    let Setup { exp, layout, estimators, runtime, resident, base, memory, .. } = &mut s;
+    let Setup { exp, layout, estimators, runtime, spare, resident, base, memory, .. } = &mut s;
     let n = worker_count(workers, exp.device, base, *memory, runtime_bytes(base));
     if n > 1 && mode != SearchProgress::Jsonl {
         println!("{n} workers: candidates are scored {n} at a time (--workers to choose)");
     }
+    // the calibration's runtimes first (every candidate rewrites the weights it was left with)
+    spare.truncate(n.saturating_sub(1));
     let mut extra = (1..n)
-        .map(|_| Ok(Worker { runtime: model::open(exp.device, &[ModelSpec::from_checkpoint(base)])?, estimators: estimators.clone() }))
+        .map(|_| {
+            let runtime = match spare.pop() {
+                Some(rt) => rt,
+                None => model::open(exp.device, &[ModelSpec::from_checkpoint(base)])?,
+            };
+            Ok(Worker { runtime, estimators: estimators.clone() })
+        })
         .collect::<Result<Vec<_>>>()?;
     let kind = StageKind::Params { layout, seed: exp.seed, resident: resident.as_ref() };
     let end = run_stage(kind, estimators, runtime.as_mut(), &mut extra, run_dir, &mut runner, &cancel, mode, exp.budget.max_evaluations)?;
@@ -1128,7 +1149,7 @@ pub fn search(args: SearchArgs) -> Result<()> {
     }
     let mut s = setup(exp, args.dry_run)?;
     if args.dry_run {
-        calibrate(&mut s, true, None)?;
+        calibrate(&mut s, true, None, 1)?;
         println!(
             "{}: {} genes, {} objective(s), model {} ({} layers), about {:.2} GiB of memory, candidates merged {}; nothing run",
             s.exp.name,
@@ -1164,7 +1185,7 @@ pub fn search(args: SearchArgs) -> Result<()> {
     write_atomic(&run_dir.join(CONFIG), &resolved)?;
     write_atomic(&run_dir.join(CONFIG_HASH), &config_hash(&resolved))?;
     eprintln!("run directory: {}", run_dir.display());
-    calibrate(&mut s, false, Some(&run_dir))?;
+    calibrate(&mut s, false, Some(&run_dir), args.workers)?;
     let cancel = cancel_flag()?;
     let runner = Runner::new(optimizer(&s)?, s.exp.budget.clone(), Some(run_dir.join(CHECKPOINT)), cancel.clone());
     drive(s, &run_dir, runner, cancel, args.progress, args.workers)
@@ -1183,7 +1204,7 @@ pub fn resume(args: ResumeArgs) -> Result<()> {
         );
     }
     let mut s = setup(exp, false)?;
-    calibrate(&mut s, false, Some(&args.run_dir))?;
+    calibrate(&mut s, false, Some(&args.run_dir), args.workers)?;
     let cancel = cancel_flag()?;
     let fresh = optimizer(&s)?;
     let ckpt = args.run_dir.join(CHECKPOINT);

@@ -422,13 +422,15 @@ fn calibration_merges_are_deterministic_and_feed_the_irt_fit() {
 
 /// Calibration rows are kept in `RUN_DIR/calibration.jsonl` as they are scored: a search killed
 /// during calibration resumes from the rows it has (a line cut by the kill is scored again),
-/// records what an uninterrupted run records, and a later resume scores no row again.
+/// records what an uninterrupted run records, and a later resume scores no row again. Rows
+/// scored by three workers equal rows scored by one.
 #[test]
 fn calibration_survives_a_kill_and_is_not_scored_again() {
     let tmp = tempfile::tempdir().expect("tmp");
     let exp = irt_experiment(tmp.path(), "cal", 12);
     let full = tmp.path().join("full");
-    run_ok(&["search", &exp, "--run-dir", &full.display().to_string(), "--progress", "off"]);
+    // one worker here, three in the killed run: calibration rows must not depend on it
+    run_ok(&["search", &exp, "--run-dir", &full.display().to_string(), "--progress", "off", "--workers", "1"]);
     let want_cal = std::fs::read_to_string(full.join("calibration.jsonl")).expect("calibration.jsonl");
     assert_eq!(want_cal.lines().count(), 1 + 3 + 12, "a header, 3 sources and 12 merges");
     let want = records(&full);
@@ -436,7 +438,7 @@ fn calibration_survives_a_kill_and_is_not_scored_again() {
     let run = tmp.path().join("killed");
     let cal_lines = || std::fs::read_to_string(run.join("calibration.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
     let mut child = Command::new(bin())
-        .args(["search", &exp, "--run-dir", &run.display().to_string(), "--progress", "off"])
+        .args(["search", &exp, "--run-dir", &run.display().to_string(), "--progress", "off", "--workers", "3"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -456,7 +458,7 @@ fn calibration_survives_a_kill_and_is_not_scored_again() {
     let mut text = std::fs::read_to_string(run.join("calibration.jsonl")).expect("calibration.jsonl");
     text.push_str("{\"row\": 99, \"sco");
     std::fs::write(run.join("calibration.jsonl"), text).expect("write");
-    let (code, _, err) = crate::common::run(&["resume", &run.display().to_string(), "--progress", "off"]);
+    let (code, _, err) = crate::common::run(&["resume", &run.display().to_string(), "--progress", "off", "--workers", "3"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("rows read from calibration.jsonl"), "{err}");
     assert_eq!(std::fs::read_to_string(run.join("calibration.jsonl")).expect("read"), want_cal, "calibration rows");
