@@ -60,9 +60,10 @@ pub struct SearchArgs {
     /// Progress display.
     #[arg(long, value_enum, default_value = "auto")]
     pub progress: SearchProgress,
-    /// Candidates scored at once, each on its own copy of the model (0 = auto: one per core
-    /// for models up to 32 M parameters on the CPU, where one core runs a forward pass as
-    /// fast as all of them, memory permitting; else 1). Results do not depend on it.
+    /// Candidates (and calibration merges) scored at once, each on its own copy of the model
+    /// (0 = auto: one per core for models up to 32 M parameters on the CPU, where one core runs
+    /// a forward pass as fast as all of them, memory permitting; else 1). Results do not
+    /// depend on it.
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
 }
@@ -77,9 +78,10 @@ pub struct ResumeArgs {
     /// Progress display.
     #[arg(long, value_enum, default_value = "auto")]
     pub progress: SearchProgress,
-    /// Candidates scored at once, each on its own copy of the model (0 = auto: one per core
-    /// for models up to 32 M parameters on the CPU, where one core runs a forward pass as
-    /// fast as all of them, memory permitting; else 1). Results do not depend on it.
+    /// Candidates (and calibration merges) scored at once, each on its own copy of the model
+    /// (0 = auto: one per core for models up to 32 M parameters on the CPU, where one core runs
+    /// a forward pass as fast as all of them, memory permitting; else 1). Results do not
+    /// depend on it.
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
 }
