@@ -43,7 +43,7 @@ enum Command {
     Search(commands::search::SearchArgs),
     /// Continue a checkpointed run (already-scored candidates are replayed, not recomputed).
     Resume(commands::search::ResumeArgs),
-    /// Show a run's best candidates (or Pareto front), evaluations, failures, throughput.
+    /// Show a run's best candidates (or Pareto front), evaluations, failures, throughput, calibration progress.
     Status(commands::runs::StatusArgs),
     /// Write a run's candidate as a Hugging Face checkpoint (re-merged from its genome).
     Export(commands::runs::ExportArgs),

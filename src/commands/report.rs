@@ -21,7 +21,7 @@ use crate::commands::search::{DATAFLOW_DIR, best_by_mean, read_references};
 use crate::experiment::Experiment;
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  evomerge report runs/1700000000-demo\n  \
+#[command(after_help = "Examples:\n  evomerge report runs/1700000000-demo\n  \
 evomerge report runs/1700000000-demo --references grid.json\n\n\
 Writes RUN_DIR/report/index.md and the SVG plots it links; works while the run is live.")]
 pub struct ReportArgs {
