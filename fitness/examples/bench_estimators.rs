@@ -36,7 +36,6 @@ use evomerge_engine::model::{self, DeviceSpec, LanguageModel, ModelSpec, Tokeniz
 use evomerge_engine::resident::ResidentMerge;
 use evomerge_engine::{Checkpoint, MergePlan};
 use evomerge_fitness::estimators::sim::{random_items, simulate};
-use evomerge_fitness::estimators::irt::DIMS_OPTIONS;
 use evomerge_fitness::estimators::{AnchorPoints, Irt, IrtConfig, Responses, kendall_tau, weighted_mean};
 use evomerge_fitness::tasks::{Task, TaskSpec};
 use evomerge_fitness::TaskEstimator;
@@ -91,8 +90,7 @@ fn report(train: &Responses, test: &Responses, dims: usize, oracle: Option<&Irt>
         // the first draw (as `evomerge search` does for its one subset)
         let items = random_items(n_items, n_items / 10, 11);
         let t = Instant::now();
-        let cv = Irt::cross_validate_dims(train, &IrtConfig::default(), DIMS_OPTIONS, &items, 4);
-        let fit = Irt::fit_cross_validated(train, &IrtConfig::default(), &items);
+        let (fit, cv) = Irt::fit_cross_validated(train, &IrtConfig::default(), &items);
         let curve: Vec<String> = cv.iter().map(|(d, e)| format!("d={d}: {:.3}", e * 100.0)).collect();
         println!("cross-validated dims: {} ({}; {:.1} s)", fit.dims, curve.join(", "), t.elapsed().as_secs_f64());
         fit

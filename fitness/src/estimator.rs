@@ -72,6 +72,14 @@ pub enum Method {
     GpirtAnchor { k: usize, seed: u64 },
 }
 
+impl Method {
+    /// Whether the method is fitted on calibration results (every method but `full` and
+    /// `random`).
+    pub fn needs_calibration(&self) -> bool {
+        !matches!(self, Method::Full | Method::Random { .. })
+    }
+}
+
 #[derive(Clone)]
 enum Fitted {
     Mean,
@@ -121,7 +129,7 @@ impl TaskEstimator {
             Ok(c.clone())
         };
         let check_k = |k: usize| if k == 0 || k > n { Err(err(format!("subset of {k} items from {n}"))) } else { Ok(k) };
-        if !matches!(method, Method::Full | Method::Random { .. }) && task.spec.kind == Kind::Perplexity {
+        if method.needs_calibration() && task.spec.kind == Kind::Perplexity {
             return Err(err("anchor / IRT estimators need a 0-1 metric, not perplexity".into()));
         }
         let (items, fitted) = match method {
@@ -134,7 +142,7 @@ impl TaskEstimator {
             Method::Irt { k, seed } | Method::Pirt { k, seed } | Method::Gpirt { k, seed } => {
                 let cal = need_cal(calibration)?;
                 let items = random_items(n, check_k(k)?, seed);
-                let irt = Irt::fit_cross_validated(&cal, &IrtConfig { seed, ..IrtConfig::default() }, &items);
+                let (irt, _) = Irt::fit_cross_validated(&cal, &IrtConfig { seed, ..IrtConfig::default() }, &items);
                 let naive = vec![1.0 / k as f64; k];
                 let gp_lambda = matches!(method, Method::Gpirt { .. }).then(|| irt.choose_lambda(&cal, &items, &naive));
                 (items, Fitted::Irt { irt, gp_lambda, p: !matches!(method, Method::Irt { .. }), naive })
@@ -142,7 +150,7 @@ impl TaskEstimator {
             Method::GpirtAnchor { k, seed } => {
                 let cal = need_cal(calibration)?;
                 let a = AnchorPoints::fit(&cal, check_k(k)?, seed);
-                let irt = Irt::fit_cross_validated(&cal, &IrtConfig { seed, ..IrtConfig::default() }, &a.items);
+                let (irt, _) = Irt::fit_cross_validated(&cal, &IrtConfig { seed, ..IrtConfig::default() }, &a.items);
                 let gp_lambda = Some(irt.choose_lambda(&cal, &a.items, &a.weights));
                 (a.items, Fitted::Irt { irt, gp_lambda, p: true, naive: a.weights })
             }

@@ -146,6 +146,10 @@ impl Irt {
             let rows: Vec<usize> = (0..r.models).filter(|&m| keep(m)).collect();
             Responses::new(rows.len(), r.items, rows.iter().flat_map(|&m| r.row(m).iter().copied()).collect())
         };
+        // the items a held-out model is not scored on: where its predictions are judged
+        let mut seen = vec![false; r.items];
+        items.iter().for_each(|&i| seen[i] = true);
+        let unseen: Vec<usize> = (0..r.items).filter(|&i| !seen[i]).collect();
         let jobs: Vec<(usize, usize)> = options.iter().flat_map(|&d| (0..folds).map(move |f| (d, f))).collect();
         let errors: Vec<(usize, f64, usize)> = jobs
             .par_iter()
@@ -155,13 +159,8 @@ impl Irt {
                 let err: f64 = (0..held.models)
                     .map(|m| {
                         let y: Vec<f64> = items.iter().map(|&i| held.get(m, i)).collect();
-                        // log-loss of the items the model was not scored on, predicted from θ̂
                         let p = fit.probabilities(&fit.ability(items, &y));
-                        let mut seen = vec![false; held.items];
-                        items.iter().for_each(|&i| seen[i] = true);
-                        let unseen = (0..held.items).filter(|&i| !seen[i]);
-                        let loss: f64 = unseen.clone().map(|i| log_loss(p[i], held.get(m, i))).sum();
-                        loss / unseen.count().max(1) as f64
+                        unseen.iter().map(|&i| log_loss(p[i], held.get(m, i))).sum::<f64>() / unseen.len().max(1) as f64
                     })
                     .sum();
                 (d, err, held.models)
@@ -178,13 +177,13 @@ impl Irt {
 
     /// [`Irt::fit`] with the number of dimensions chosen by [`Irt::cross_validate_dims`] over
     /// [`DIMS_OPTIONS`] with 4 folds (the d of least error; `cfg.dims` when no option fits
-    /// the training models).
-    pub fn fit_cross_validated(r: &Responses, cfg: &IrtConfig, items: &[usize]) -> Self {
+    /// the training models); also returns the cross-validated error of each d.
+    pub fn fit_cross_validated(r: &Responses, cfg: &IrtConfig, items: &[usize]) -> (Self, Vec<(usize, f64)>) {
         let cv = Self::cross_validate_dims(r, cfg, DIMS_OPTIONS, items, 4);
         let dims = cv.iter().min_by(|a, b| a.1.total_cmp(&b.1)).map_or(cfg.dims, |c| c.0);
         let curve: Vec<String> = cv.iter().map(|(d, e)| format!("d={d}: {e:.4}")).collect();
         tracing::info!("IRT fit on {} models: {dims} ability dimensions (cross-validated log-loss {})", r.models, curve.join(", "));
-        Self::fit(r, &IrtConfig { dims, ..cfg.clone() })
+        (Self::fit(r, &IrtConfig { dims, ..cfg.clone() }), cv)
     }
 
     pub fn items(&self) -> usize {

@@ -170,17 +170,14 @@ mod tests {
     /// Responses of `models` to `items` items of two skills: item i depends on ability
     /// dimension i % 2 only (slope 1.5), so one dimension cannot describe them.
     fn two_skills(models: usize, items: usize, seed: u64) -> Responses {
-        use rand_core::{Rng as _, SeedableRng};
-        let mut g = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let mut u = move || (g.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        let mut normal = || (-2.0 * u().max(1e-300).ln()).sqrt() * (2.0 * std::f64::consts::PI * u()).cos();
-        let beta: Vec<f64> = (0..items).map(|_| normal()).collect();
-        let theta: Vec<[f64; 2]> = (0..models).map(|_| [normal(), normal()]).collect();
-        let mut g = rand_chacha::ChaCha8Rng::seed_from_u64(seed + 1);
+        use rand_core::SeedableRng;
+        let mut g = super::sim::Gen(rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+        let beta: Vec<f64> = (0..items).map(|_| g.normal()).collect();
+        let theta: Vec<[f64; 2]> = (0..models).map(|_| [g.normal(), g.normal()]).collect();
         let data = theta
             .iter()
             .flat_map(|t| (0..items).map(|i| 1.0 / (1.0 + (beta[i] - 1.5 * t[i % 2]).exp())).collect::<Vec<_>>())
-            .map(|p| if ((g.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p { 1.0 } else { 0.0 })
+            .map(|p| if g.uniform() < p { 1.0 } else { 0.0 })
             .collect();
         Responses::new(models, items, data)
     }
@@ -190,9 +187,9 @@ mod tests {
     fn cross_validation_chooses_the_data_dimensions() {
         let items = random_items(300, 60, 2);
         let chosen = |r: &Responses| {
-            let cv = Irt::cross_validate_dims(r, &IrtConfig::default(), &[1, 2, 4], &items, 4);
-            assert_eq!(cv.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 2, 4]);
-            Irt::fit_cross_validated(r, &IrtConfig::default(), &items).dims
+            let (fit, cv) = Irt::fit_cross_validated(r, &IrtConfig::default(), &items);
+            assert_eq!(cv.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 2, 4, 8]);
+            fit.dims
         };
         let (one, two) = (chosen(&simulate(64, 300, 1, 3).responses), chosen(&two_skills(64, 300, 3)));
         assert!(one == 1 && two >= 2, "chosen for 1-D data: {one}, for two skills: {two}");

@@ -18,13 +18,14 @@ pub struct Simulated {
     pub probabilities: Vec<f64>,
 }
 
-struct Gen(ChaCha8Rng);
+/// Seeded uniform and normal draws (Box–Muller).
+pub(crate) struct Gen(pub(crate) ChaCha8Rng);
 
 impl Gen {
-    fn uniform(&mut self) -> f64 {
+    pub(crate) fn uniform(&mut self) -> f64 {
         (self.0.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
-    fn normal(&mut self) -> f64 {
+    pub(crate) fn normal(&mut self) -> f64 {
         let (u, v) = (self.uniform().max(1e-300), self.uniform());
         (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
     }
