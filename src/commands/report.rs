@@ -167,10 +167,9 @@ fn front_plot(path: &Path, names: &[String], ps: &[Value], dfs: &[Value], refs: 
         }
         let right = x0 + 0.75 * (x1 - x0);
         let label = if own {
-            "sources and baseline".to_string()
+            "sources and baseline"
         } else {
-            let kinds: Vec<&str> = refs.iter().filter_map(|r| r["kind"].as_str()).filter(|k| !matches!(*k, "source" | "baseline")).collect();
-            kinds.first().map_or("references".into(), |k| k.to_string())
+            refs.iter().filter_map(|r| r["kind"].as_str()).find(|k| !matches!(*k, "source" | "baseline")).unwrap_or("references")
         };
         chart
             .draw_series(pts.into_iter().map(|(p, name)| {

@@ -27,7 +27,7 @@ use evomerge_engine::recipe::MergePlan;
 use evomerge_engine::{Checkpoint, TensorSource};
 use evomerge_fitness::tasks::{Task, TaskSpec};
 use evomerge_fitness::estimators::Responses;
-use evomerge_fitness::{FitnessEstimator, Method, TaskEstimator};
+use evomerge_fitness::{FitnessEstimator, TaskEstimator};
 use evomerge_search::runner::prev_path;
 use evomerge_search::{
     Candidate, CmaEs, CmaEsConfig, GeneKind, GenerationReport, Nsga2, Nsga2Config, Observer, Optimizer, Outcome,
@@ -292,13 +292,13 @@ fn setup(exp: Experiment, dry_run: bool) -> Result<Setup> {
 /// scored, and rows found there are not scored again: a run killed during calibration, or
 /// resumed later, picks up where it was.
 fn calibrate(s: &mut Setup, dry_run: bool, cache: Option<&Path>, workers: usize) -> Result<()> {
-    let needs_cal: Vec<bool> = s.exp.objectives.iter().map(|o| !matches!(o.estimator, Method::Full | Method::Random { .. })).collect();
+    let needs_cal: Vec<bool> = s.exp.objectives.iter().map(|o| o.estimator.needs_calibration()).collect();
     let tasks = std::mem::take(&mut s.tasks);
     let mut cal: Vec<Vec<f64>> = vec![Vec::new(); tasks.len()];
     let mut rows = 0;
     if needs_cal.iter().any(|&n| n) {
         let exp = &s.exp;
-        let n_sources = exp.merge.models.len() + usize::from(exp.merge.base_model.is_some());
+        let n_sources = source_count(exp);
         let n = if dry_run { 0 } else { exp.calibration.candidates };
         let items: Vec<usize> = tasks.iter().zip(&needs_cal).map(|(t, &need)| if need { t.items.len() } else { 0 }).collect();
         let mut store = match cache {
@@ -314,8 +314,8 @@ fn calibrate(s: &mut Setup, dry_run: bool, cache: Option<&Path>, workers: usize)
         // one row of every calibrated objective's matrix: `model` on all its items
         let (tok, prefix) = (&s.tok, s.prefix);
         let score = |model: &mut dyn LanguageModel| -> Result<Vec<Vec<f64>>> {
-            let rows = tasks.iter().zip(&needs_cal);
-            Ok(rows.map(|(task, &need)| if need { TaskEstimator::item_scores(task, tok, prefix, model) } else { Ok(vec![]) }).collect::<Result<_, _>>()?)
+            let per_task = tasks.iter().zip(&needs_cal);
+            Ok(per_task.map(|(task, &need)| if need { TaskEstimator::item_scores(task, tok, prefix, model) } else { Ok(vec![]) }).collect::<Result<_, _>>()?)
         };
         let mut keep = |done: &mut Vec<Vec<Vec<f64>>>, row: Vec<Vec<f64>>| -> Result<()> {
             if let Some(c) = store.as_mut() {
@@ -339,7 +339,7 @@ fn calibrate(s: &mut Setup, dry_run: bool, cache: Option<&Path>, workers: usize)
             }
             let t0 = Instant::now();
             let (layout, resident) = (&s.layout, s.resident.as_ref());
-            let merge_and_score = |genome: &Vec<f64>, rt: &mut dyn LanguageModel| -> Result<Vec<Vec<f64>>> {
+            let merge_and_score = |genome: &[f64], rt: &mut dyn LanguageModel| -> Result<Vec<Vec<f64>>> {
                 let recipe = layout.decode(genome)?;
                 let plan = MergePlan::build(&recipe, serde_norway::to_string(&recipe)?, None, exp.seed)?;
                 materialize(&plan, resident, rt)?;
@@ -380,13 +380,18 @@ fn calibrate(s: &mut Setup, dry_run: bool, cache: Option<&Path>, workers: usize)
 /// Calibration rows scored so far and the rows the run needs (sources + calibration merges),
 /// for `status`; `None` when no objective uses an anchor / IRT estimator.
 pub fn calibration_progress(run_dir: &Path, exp: &Experiment) -> Option<(usize, usize)> {
-    if exp.objectives.iter().all(|o| matches!(o.estimator, Method::Full | Method::Random { .. })) {
+    if !exp.objectives.iter().any(|o| o.estimator.needs_calibration()) {
         return None;
     }
-    let total = exp.merge.models.len() + usize::from(exp.merge.base_model.is_some()) + exp.calibration.candidates;
+    let total = source_count(exp) + exp.calibration.candidates;
     let text = std::fs::read_to_string(run_dir.join(CALIBRATION)).unwrap_or_default();
     let rows = text.lines().skip(1).take_while(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()).count();
     Some((rows.min(total), total))
+}
+
+/// The merge's source models (its models and the base): the first calibration rows.
+fn source_count(exp: &Experiment) -> usize {
+    exp.merge.models.len() + usize::from(exp.merge.base_model.is_some())
 }
 
 /// What calibration rows depend on: the seed, the device, the merge, the genome, the
@@ -1162,7 +1167,7 @@ pub fn search(args: SearchArgs) -> Result<()> {
             gib(s.memory),
             if s.in_place { "in place (inputs held in the model's layout)" } else { "from the memory-mapped checkpoints" }
         );
-        if s.exp.objectives.iter().any(|o| !matches!(o.estimator, Method::Full | Method::Random { .. })) {
+        if s.exp.objectives.iter().any(|o| o.estimator.needs_calibration()) {
             println!(
                 "anchor / IRT estimators: fitted on the source models and {} random merges, scored on every item before the first generation",
                 s.exp.calibration.candidates
