@@ -103,18 +103,19 @@ fn records_len(run: &Path) -> usize {
 /// Starts `search EXP --run-dir RUN` and kills it (SIGKILL: no handler runs) once `watch`
 /// holds `n` evaluation lines (or the search ended, or two minutes passed).
 fn search_killed_after(exp: &Path, run: &Path, watch: &Path, n: usize) {
-    let mut child = Command::new(bin())
-        .args(["search", &exp.display().to_string(), "--run-dir", &run.display().to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    killed_when(&["search", &exp.display().to_string(), "--run-dir", &run.display().to_string()], || records_len(watch) >= n);
+}
+
+/// Runs `evomerge ARGS` and kills it (SIGKILL) once `ready()` holds (or it ended, or two
+/// minutes passed).
+fn killed_when(args: &[&str], ready: impl Fn() -> bool) {
+    let mut child = Command::new(bin()).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
     let t0 = Instant::now();
-    while records_len(watch) < n && t0.elapsed() < Duration::from_secs(120) {
+    while !ready() && t0.elapsed() < Duration::from_secs(120) {
         if child.try_wait().expect("wait").is_some() {
             break;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(2));
     }
     child.kill().ok();
     child.wait().expect("reap");
@@ -437,18 +438,7 @@ fn calibration_survives_a_kill_and_is_not_scored_again() {
 
     let run = tmp.path().join("killed");
     let cal_lines = || std::fs::read_to_string(run.join("calibration.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
-    let mut child = Command::new(bin())
-        .args(["search", &exp, "--run-dir", &run.display().to_string(), "--progress", "off", "--workers", "3"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let t0 = Instant::now();
-    while cal_lines() < 7 && t0.elapsed() < Duration::from_secs(120) && child.try_wait().expect("wait").is_none() {
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child.kill().ok();
-    child.wait().expect("reap");
+    killed_when(&["search", &exp, "--run-dir", &run.display().to_string(), "--progress", "off", "--workers", "3"], || cal_lines() >= 7);
     let whole = std::fs::read_to_string(run.join("calibration.jsonl")).map_or(0, |t| {
         t.lines().skip(1).take_while(|l| serde_json::from_str::<Value>(l).is_ok()).count()
     });
