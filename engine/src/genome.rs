@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::{Architecture, Section};
 use crate::error::{EngineError, Result};
+use crate::io::OpenedCheckpoints;
+use crate::recipe::MergePlan;
 use crate::merge::{self, Kind, MergeMethod, Scope};
 use crate::recipe::param::{FilteredValue, ParamSetting, Value};
 use crate::recipe::schema::{InputModel, ParamMap, Recipe};
@@ -355,6 +357,13 @@ impl GenomeLayout {
             chat_template: None,
             name: None,
         })
+    }
+
+    /// The merge plan of `genome` over checkpoints opened once in `opened` (no file is opened
+    /// per candidate). Its `recipe_text` is empty: a plan for memory; to write a checkpoint,
+    /// render [`decode`](Self::decode)'s recipe as YAML and build with that text.
+    pub fn plan(&self, genome: &[f64], opened: &OpenedCheckpoints, seed: u64) -> Result<MergePlan> {
+        MergePlan::build_with(&self.decode(genome)?, String::new(), None, seed, opened)
     }
 
     /// Reads a genome back from a recipe this layout wrote (the value at each group's first

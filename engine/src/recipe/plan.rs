@@ -10,12 +10,13 @@
 //! method's [`ParamSpec`]s and range-checked — so a plan that builds will merge.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use super::schema::{ParamMap, Recipe};
 use crate::arch::Section;
 use crate::dtype::DType;
 use crate::error::{EngineError, Result};
-use crate::io::{Checkpoint, resolve_model};
+use crate::io::{Checkpoint, OpenedCheckpoints};
 use crate::merge::{self, BaseRole, MergeMethod, ParamSpec, Params, Scope};
 use crate::source::TensorSource;
 
@@ -38,8 +39,9 @@ pub struct TensorTask {
 #[derive(Debug)]
 pub struct MergePlan {
     pub method: &'static dyn MergeMethod,
-    /// Opened models, indexed by `TensorTask::inputs`.
-    pub models: Vec<Checkpoint>,
+    /// Opened models, indexed by `TensorTask::inputs` (shared with the [`OpenedCheckpoints`]
+    /// they came from: a search opens each source once, not once per candidate).
+    pub models: Vec<Arc<Checkpoint>>,
     /// The references as written in the recipe, parallel to `models`.
     pub model_refs: Vec<String>,
     pub tasks: Vec<TensorTask>,
@@ -73,8 +75,14 @@ impl MergePlan {
         Self::build(&recipe, text, path.parent(), seed)
     }
 
-    /// Plans a parsed recipe.
+    /// Plans a parsed recipe, opening its models.
     pub fn build(recipe: &Recipe, recipe_text: String, base_dir: Option<&Path>, seed: u64) -> Result<Self> {
+        Self::build_with(recipe, recipe_text, base_dir, seed, &OpenedCheckpoints::default())
+    }
+
+    /// Plans a parsed recipe over checkpoints opened (and validated) once in `opened`: the
+    /// search's path from a genome to a plan, with no file opened per candidate.
+    pub fn build_with(recipe: &Recipe, recipe_text: String, base_dir: Option<&Path>, seed: u64, opened: &OpenedCheckpoints) -> Result<Self> {
         let method = merge::method(&recipe.merge_method).ok_or_else(|| {
             EngineError::recipe(
                 "merge_method",
@@ -87,10 +95,7 @@ impl MergePlan {
         let model_refs = recipe.model_refs();
         let mut models = Vec::with_capacity(model_refs.len());
         for r in &model_refs {
-            let dir = resolve_model(r, base_dir)?;
-            let ck = Checkpoint::open(&dir, r.clone())?;
-            ck.validate()?;
-            models.push(ck);
+            models.push(opened.get(r, base_dir)?);
         }
         for (m, r) in models.iter().zip(&model_refs).skip(1) {
             if m.arch.name != models[0].arch.name {
@@ -191,7 +196,7 @@ fn check_param_names(method: &dyn MergeMethod, specs: &[ParamSpec], map: &ParamM
 
 fn expand_slices(
     recipe: &Recipe,
-    models: &[Checkpoint],
+    models: &[Arc<Checkpoint>],
     refs: &[String],
     base_global: Option<usize>,
     method: &dyn MergeMethod,
@@ -260,7 +265,7 @@ fn expand_slices(
 struct TaskCtx<'a> {
     method: &'a dyn MergeMethod,
     specs: &'a [ParamSpec],
-    models: &'a [Checkpoint],
+    models: &'a [Arc<Checkpoint>],
     refs: &'a [String],
     global: &'a ParamMap,
 }
