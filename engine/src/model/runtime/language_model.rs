@@ -1,0 +1,288 @@
+//! The `LanguageModel` impl: scoring, generation, weight loads and swaps, device merges.
+
+#[allow(unused_imports)]
+use super::*;
+
+impl<B: Kernels> LanguageModel for Runtime<B> {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn path(&self) -> &LayerPath {
+        &self.path
+    }
+
+    fn set_path(&mut self, path: LayerPath) -> Result<()> {
+        path.validate(&self.info.layers)?;
+        self.path = path;
+        Ok(())
+    }
+
+    fn logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check_usable()?;
+        if tokens.is_empty() {
+            return Err(EngineError::InvalidInput("no tokens to score".into()));
+        }
+        self.check_len(tokens.len(), "a sequence")?;
+        let positions: Vec<usize> = (0..tokens.len()).collect();
+        let h = self.hidden(&Step { ids: tokens, b: 1, s: tokens.len(), positions: &positions, key_valid: None }, None)?;
+        let logits = to_host_f32(self.head(h));
+        if logits.iter().any(|v| !v.is_finite()) {
+            return Err(self.non_finite("logits"));
+        }
+        Ok(logits)
+    }
+
+    fn score(&mut self, requests: &[ScoreRequest], batch_size: usize) -> Result<Vec<ScoreResult>> {
+        self.check_usable()?;
+        for (i, r) in requests.iter().enumerate() {
+            if r.context.is_empty() || r.continuation.is_empty() {
+                return Err(EngineError::InvalidInput(format!(
+                    "score request {i}: context and continuation must both hold at least one token"
+                )));
+            }
+            self.check_len(r.context.len() + r.continuation.len(), &format!("score request {i}"))?;
+        }
+        let mut order: Vec<usize> = (0..requests.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(requests[i].context.len() + requests[i].continuation.len()));
+        let mut out: Vec<Option<ScoreResult>> = vec![None; requests.len()];
+        for chunk in order.chunks(batch_size.max(1)) {
+            let reqs: Vec<&ScoreRequest> = chunk.iter().map(|&i| &requests[i]).collect();
+            for (&i, r) in chunk.iter().zip(self.score_batch(&reqs)?) {
+                out[i] = Some(r);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    fn generate(
+        &mut self,
+        prompts: &[Vec<u32>],
+        opts: &GenerateOptions,
+        stop: &dyn Fn(usize, &[u32]) -> bool,
+    ) -> Result<Vec<Generation>> {
+        self.check_usable()?;
+        if prompts.is_empty() {
+            return Ok(vec![]);
+        }
+        for (i, p) in prompts.iter().enumerate() {
+            if p.is_empty() {
+                return Err(EngineError::InvalidInput(format!("prompt {i} is empty")));
+            }
+            self.check_len(p.len(), &format!("prompt {i}"))?;
+        }
+        let b = prompts.len();
+        let s = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        // Left padding: every prompt ends in the last column, so one new column per step.
+        let mut ids = vec![0u32; b * s];
+        let mut positions = vec![0usize; b * s];
+        let mut valid: Vec<Vec<bool>> = Vec::with_capacity(b);
+        for (r, p) in prompts.iter().enumerate() {
+            let pad = s - p.len();
+            ids[r * s..r * s + pad].fill(p[0]);
+            ids[r * s + pad..(r + 1) * s].copy_from_slice(p);
+            for c in pad..s {
+                positions[r * s + c] = c - pad;
+            }
+            valid.push((0..s).map(|c| c >= pad).collect());
+        }
+        let flat = |v: &[Vec<bool>]| -> Vec<bool> { v.iter().flatten().copied().collect() };
+        let mut cache = KvCache { entries: vec![None; self.path.hops.len()], len: 0 };
+        let kv = flat(&valid);
+        let any_pad = kv.iter().any(|v| !v);
+        let h = self.hidden(
+            &Step { ids: &ids, b, s, positions: &positions, key_valid: any_pad.then_some(kv.as_slice()) },
+            Some(&mut cache),
+        )?;
+        let mut next = self.next_tokens(h, b, s)?;
+        let mut out: Vec<Generation> = (0..b).map(|_| Generation { tokens: vec![], reason: StopReason::MaxTokens }).collect();
+        let mut done = vec![opts.max_new_tokens == 0; b];
+        let mut step = 0;
+        loop {
+            for r in 0..b {
+                if done[r] {
+                    continue;
+                }
+                let t = next[r];
+                if opts.eos.contains(&t) {
+                    out[r].reason = StopReason::Eos;
+                    done[r] = true;
+                    continue;
+                }
+                out[r].tokens.push(t);
+                if stop(r, &out[r].tokens) {
+                    out[r].reason = StopReason::Stop;
+                    done[r] = true;
+                } else if out[r].tokens.len() >= opts.max_new_tokens {
+                    done[r] = true;
+                }
+            }
+            step += 1;
+            if done.iter().all(|&d| d) {
+                break;
+            }
+            let longest = prompts.iter().map(Vec::len).max().unwrap_or(0) + step;
+            if longest > self.info.max_context {
+                for r in 0..b {
+                    if !done[r] {
+                        out[r].reason = StopReason::ContextFull;
+                    }
+                }
+                break;
+            }
+            let pos: Vec<usize> = prompts.iter().map(|p| p.len() + step - 1).collect();
+            for v in &mut valid {
+                v.push(true);
+            }
+            let kv = flat(&valid);
+            let h = self.hidden(
+                &Step { ids: &next, b, s: 1, positions: &pos, key_valid: any_pad.then_some(kv.as_slice()) },
+                Some(&mut cache),
+            )?;
+            next = self.next_tokens(h, b, 1)?;
+        }
+        Ok(out)
+    }
+
+    fn load_weights(&mut self, model: usize, source: &dyn TensorSource) -> Result<()> {
+        if model >= self.models.len() {
+            return Err(EngineError::InvalidInput(format!("load_weights: no loaded model {model}")));
+        }
+        // The config and architecture stay those of the loaded model; only tensors change.
+        self.poisoned = None;
+        let (config, arch) = (self.models[model].config.clone(), self.models[model].arch);
+        let spec = ModelSpec { label: source.label(), config: &config, arch, tensors: source };
+        self.replace_model(model, &spec)
+    }
+
+    fn weight_layout(&self, model: usize) -> Result<Vec<WeightBuffer>> {
+        let m = self.models.get(model).ok_or_else(|| EngineError::InvalidInput(format!("weight_layout: no loaded model {model}")))?;
+        Ok(weight_buffers(m).into_iter().map(|(b, _)| b).collect())
+    }
+
+    fn write_weights(&mut self, model: usize, fill: &mut WeightFill<'_>) -> Result<()> {
+        self.check_usable()?;
+        if model >= self.models.len() {
+            return Err(EngineError::InvalidInput(format!("write_weights: no loaded model {model}")));
+        }
+        let device = self.device.clone();
+        let mut result = Ok(());
+        let m = &mut self.models[model];
+        for (index, (buf, id)) in weight_buffers(m).into_iter().enumerate() {
+            result = match slot_mut(m, id) {
+                Some(Slot::Vector(t)) => Self::rewrite(t, &buf, index, &device, fill),
+                Some(Slot::Matrix(t)) => Self::rewrite(t, &buf, index, &device, fill),
+                None => Err(EngineError::InvalidInput(format!("weight buffer {index} has no tensor"))),
+            };
+            if result.is_err() {
+                break;
+            }
+        }
+        if let Err(e) = &result {
+            self.poisoned = Some(format!("rewriting the weights of '{}' failed half way: {e}", self.models[model].label));
+        }
+        result
+    }
+
+    fn hold_inputs(&mut self, model: usize, count: usize, fill: &mut HeldFill<'_>) -> Result<bool> {
+        let m = self.models.get(model).ok_or_else(|| EngineError::InvalidInput(format!("hold_inputs: no loaded model {model}")))?;
+        self.held = None;
+        let mut held = Vec::new();
+        for (index, (buf, _)) in weight_buffers(m).into_iter().enumerate() {
+            let mut inputs = Vec::with_capacity(count);
+            for k in 0..count {
+                let mut host = vec![0f32; buf.numel()];
+                fill(index, k, &mut host)?;
+                inputs.push(upload::<B, 2>(host, [buf.rows, buf.cols], &self.device));
+            }
+            held.push(inputs);
+        }
+        self.held = Some((model, held));
+        Ok(true)
+    }
+
+    fn release_held(&mut self) {
+        self.held = None;
+    }
+
+    fn merge_held(&mut self, model: usize, parts: &mut HeldParts<'_>, round: DType) -> Result<bool> {
+        self.check_usable()?;
+        let Some((held_model, held)) = &self.held else { return Ok(false) };
+        if *held_model != model {
+            return Ok(false);
+        }
+        let m = &mut self.models[model];
+        // Compute every buffer before replacing any, so that a bad part leaves the model as it was.
+        let mut merged = Vec::new();
+        for (index, (buf, id)) in weight_buffers(m).into_iter().enumerate() {
+            let inputs = held.get(index).ok_or_else(|| EngineError::InvalidInput(format!("merge_held: no inputs held for weight buffer {index}")))?;
+            let mut cols = Vec::new();
+            let mut at = 0;
+            for part in parts(index)? {
+                if part.col != at || part.col + part.width > buf.cols {
+                    return Err(EngineError::InvalidInput(format!("merge_held: parts of weight buffer {index} do not tile its {} columns", buf.cols)));
+                }
+                at += part.width;
+                cols.push(held_part(inputs, &part, index)?);
+            }
+            if at != buf.cols {
+                return Err(EngineError::InvalidInput(format!("merge_held: parts of weight buffer {index} cover {at} of {} columns", buf.cols)));
+            }
+            let y = if cols.len() == 1 { cols.remove(0) } else { Tensor::cat(cols, 1) };
+            merged.push((B::round_through(y, round), id));
+        }
+        for (y, id) in merged {
+            match slot_mut(m, id) {
+                Some(Slot::Vector(t)) => {
+                    let dtype = t.dtype();
+                    *t = y.cast(FloatDType::from(dtype)).reshape([t.dims()[0]]);
+                }
+                Some(Slot::Matrix(t)) => {
+                    let dtype = t.dtype();
+                    *t = y.cast(FloatDType::from(dtype));
+                }
+                None => return Err(EngineError::InvalidInput("merge_held: a weight buffer has no tensor".into())),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// One [`HeldPart`] of a buffer from its held `inputs`, in f32 (with the CPU kernels' order of
+/// operations, see [`HeldMerge`]).
+pub(super) fn held_part<B: Backend>(inputs: &[Tensor<B, 2>], part: &HeldPart, index: usize) -> Result<Tensor<B, 2>> {
+    let x = |k: usize| -> Result<Tensor<B, 2>> {
+        let t = inputs.get(k).ok_or_else(|| EngineError::InvalidInput(format!("merge_held: weight buffer {index} holds no input {k}")))?;
+        Ok(t.clone().narrow(1, part.col, part.width).cast(FloatDType::F32))
+    };
+    Ok(match &part.merge {
+        HeldMerge::TaskArithmetic { base, terms, divisor, lambda } => {
+            let b = x(*base)?;
+            let mut t = b.zeros_like();
+            for &(k, w) in terms {
+                t = t + (x(k)? - b.clone()).mul_scalar(w);
+            }
+            if let Some(d) = divisor {
+                t = t.div_scalar(*d);
+            }
+            if let Some(l) = lambda {
+                t = t.mul_scalar(*l);
+            }
+            b + t
+        }
+        HeldMerge::Linear { terms, divisor } => {
+            let mut t: Option<Tensor<B, 2>> = None;
+            for &(k, w) in terms {
+                let xk = x(k)?;
+                let acc = t.take().unwrap_or_else(|| xk.zeros_like());
+                t = Some(acc + xk.mul_scalar(w));
+            }
+            let t = t.ok_or_else(|| EngineError::InvalidInput(format!("merge_held: weight buffer {index}: a linear merge of no inputs")))?;
+            match divisor {
+                Some(d) => t.div_scalar(*d),
+                None => t,
+            }
+        }
+    })
+}
+

@@ -1,0 +1,159 @@
+//! Reading a model's tensors into the runtime's layout, with the checks that make a bad
+//! checkpoint a clear error.
+
+#[allow(unused_imports)]
+use super::*;
+
+
+/// A tensor of the spec, borrowed when the source holds f32 already (merged candidates).
+pub(super) fn read<'a>(spec: &ModelSpec<'a>, name: &str) -> Result<Cow<'a, HostTensor>> {
+    spec.tensors.get_f32(name)
+}
+
+pub(super) fn read_opt<'a>(spec: &ModelSpec<'a>, name: &str) -> Result<Option<Cow<'a, HostTensor>>> {
+    match spec.tensors.meta(name) {
+        Some(_) => read(spec, name).map(Some),
+        None => Ok(None),
+    }
+}
+
+pub(super) fn vector<B: Backend>(t: Cow<'_, HostTensor>, device: &B::Device) -> Tensor<B, 1> {
+    let n = t.numel();
+    upload(t.into_owned().data, [n], device)
+}
+
+pub(super) fn matrix_t<B: Backend>(parts: &[&HostTensor], name: &str, device: &B::Device) -> Result<Tensor<B, 2>> {
+    let (data, inn, out) = transpose_concat(parts, name)?;
+    Ok(upload(data, [inn, out], device))
+}
+
+/// Checks, from metadata only, that `spec` holds every tensor the forward pass needs with the
+/// shapes its config implies (and optional groups complete), so that loading cannot fail half
+/// way for a shape reason.
+pub(super) fn check_tensors(spec: &ModelSpec<'_>) -> Result<()> {
+    let cfg = spec.config;
+    let d = Dims::of(cfg);
+    let src = spec.tensors;
+    let need = |name: &str, shape: &[usize]| -> Result<()> {
+        match src.meta(name) {
+            None => Err(EngineError::MissingTensor { model: spec.label.to_string(), tensor: name.to_string() }),
+            Some((got, _)) if got != shape => Err(EngineError::ShapeMismatch {
+                tensor: name.to_string(),
+                model: spec.label.to_string(),
+                got,
+                reference: "its config.json".into(),
+                expected: shape.to_vec(),
+            }),
+            Some(_) => Ok(()),
+        }
+    };
+    let (q, kv) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
+    need("model.embed_tokens.weight", &[d.vocab, d.hidden])?;
+    need("model.norm.weight", &[d.hidden])?;
+    if !cfg.tie_word_embeddings || src.meta("lm_head.weight").is_some() {
+        need("lm_head.weight", &[d.vocab, d.hidden])?;
+    }
+    let unsupported = |reason: String| EngineError::UnsupportedModel { model: spec.label.to_string(), reason };
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}.");
+        for (n, shape) in [
+            ("self_attn.q_proj.weight", vec![q, d.hidden]),
+            ("self_attn.k_proj.weight", vec![kv, d.hidden]),
+            ("self_attn.v_proj.weight", vec![kv, d.hidden]),
+            ("self_attn.o_proj.weight", vec![d.hidden, q]),
+            ("mlp.gate_proj.weight", vec![d.intermediate, d.hidden]),
+            ("mlp.up_proj.weight", vec![d.intermediate, d.hidden]),
+            ("mlp.down_proj.weight", vec![d.hidden, d.intermediate]),
+            ("input_layernorm.weight", vec![d.hidden]),
+            ("post_attention_layernorm.weight", vec![d.hidden]),
+        ] {
+            need(&format!("{p}{n}"), &shape)?;
+        }
+        let has = |n: &str| src.meta(&format!("{p}{n}")).is_some();
+        let biases = [has("self_attn.q_proj.bias"), has("self_attn.k_proj.bias"), has("self_attn.v_proj.bias")];
+        if biases.contains(&true) {
+            if biases.contains(&false) {
+                return Err(unsupported(format!("layer {l} has biases on only some of q/k/v")));
+            }
+            need(&format!("{p}self_attn.q_proj.bias"), &[q])?;
+            need(&format!("{p}self_attn.k_proj.bias"), &[kv])?;
+            need(&format!("{p}self_attn.v_proj.bias"), &[kv])?;
+        }
+        if has("self_attn.o_proj.bias") {
+            need(&format!("{p}self_attn.o_proj.bias"), &[d.hidden])?;
+        }
+        match (has("self_attn.q_norm.weight"), has("self_attn.k_norm.weight")) {
+            (true, true) => {
+                need(&format!("{p}self_attn.q_norm.weight"), &[d.head_dim])?;
+                need(&format!("{p}self_attn.k_norm.weight"), &[d.head_dim])?;
+            }
+            (false, false) => {}
+            _ => return Err(unsupported(format!("layer {l} has only one of q_norm / k_norm"))),
+        }
+    }
+    Ok(())
+}
+
+/// Uploads a model whose tensors [`check_tensors`] accepted.
+pub(super) fn load_model<B: Backend>(spec: &ModelSpec<'_>, device: &B::Device) -> Result<ModelW<B>> {
+    let cfg = spec.config;
+    let d = Dims::of(cfg);
+    let embed_name = "model.embed_tokens.weight";
+    let embed_h = read(spec, embed_name)?;
+    let (head, head_tensor) = match (cfg.tie_word_embeddings, read_opt(spec, "lm_head.weight")?) {
+        (_, Some(h)) => (matrix_t::<B>(&[&*h], "lm_head.weight", device)?, "lm_head.weight"),
+        (true, None) => (matrix_t::<B>(&[&*embed_h], embed_name, device)?, embed_name),
+        (false, None) => {
+            return Err(EngineError::MissingTensor { model: spec.label.to_string(), tensor: "lm_head.weight".into() });
+        }
+    };
+    let embed = upload::<B, 2>(embed_h.into_owned().data, [d.vocab, d.hidden], device);
+    let norm = vector::<B>(read(spec, "model.norm.weight")?, device);
+    let layers_n = cfg.num_hidden_layers;
+    let mut layers = Vec::with_capacity(layers_n);
+    for l in 0..layers_n {
+        let p = format!("model.layers.{l}.");
+        let r = |n: &str| read(spec, &format!("{p}{n}"));
+        let ro = |n: &str| read_opt(spec, &format!("{p}{n}"));
+        let (q, k, v) = (r("self_attn.q_proj.weight")?, r("self_attn.k_proj.weight")?, r("self_attn.v_proj.weight")?);
+        let wqkv = Linear::new(matrix_t::<B>(&[&*q, &*k, &*v], &format!("{p}self_attn.qkv"), device)?);
+        let bqkv = match (ro("self_attn.q_proj.bias")?, ro("self_attn.k_proj.bias")?, ro("self_attn.v_proj.bias")?) {
+            (Some(bq), Some(bk), Some(bv)) => {
+                let data: Vec<f32> = bq.data.iter().chain(&bk.data).chain(&bv.data).copied().collect();
+                let n = data.len();
+                Some(upload::<B, 1>(data, [n], device))
+            }
+            _ => None, // check_tensors: all three or none
+        };
+        let o = r("self_attn.o_proj.weight")?;
+        let (gate, up, down) = (r("mlp.gate_proj.weight")?, r("mlp.up_proj.weight")?, r("mlp.down_proj.weight")?);
+        let (q_norm, k_norm) = (ro("self_attn.q_norm.weight")?, ro("self_attn.k_norm.weight")?);
+        layers.push(LayerW {
+            in_norm: vector::<B>(r("input_layernorm.weight")?, device),
+            post_norm: vector::<B>(r("post_attention_layernorm.weight")?, device),
+            wqkv,
+            bqkv,
+            wo: Linear::new(matrix_t::<B>(&[&*o], "o_proj", device)?),
+            bo: ro("self_attn.o_proj.bias")?.map(|t| vector::<B>(t, device)),
+            q_norm: q_norm.map(|t| vector::<B>(t, device)),
+            k_norm: k_norm.map(|t| vector::<B>(t, device)),
+            wgu: Linear::new(matrix_t::<B>(&[&*gate, &*up], "gate_up", device)?),
+            wdown: Linear::new(matrix_t::<B>(&[&*down], "down_proj", device)?),
+            window: sliding_window(cfg, spec.arch, l),
+        });
+    }
+    Ok(ModelW {
+        label: spec.label.to_string(),
+        config: cfg.clone(),
+        arch: spec.arch,
+        embed,
+        norm,
+        head: Linear::new(head),
+        head_tensor,
+        layers,
+        rope: Rope::new(d.head_dim, cfg.rope_theta, cfg.rope_scaling.as_ref()),
+        eps: cfg.rms_norm_eps,
+        max_context: cfg.max_position_embeddings,
+    })
+}
+
