@@ -17,6 +17,7 @@
 //! exact hypervolume ([`pareto`]). The [`Runner`] owns the loop: budgets, observers,
 //! cancellation and atomic checkpoints.
 
+pub mod atomic;
 pub mod base;
 pub mod cmaes;
 pub mod error;
@@ -30,6 +31,7 @@ pub mod runner;
 pub mod space;
 pub mod testfns;
 
+pub use atomic::write_atomic;
 pub use base::{Candidate, Evaluation, Optimizer, OptimizerState, Outcome, StopReason};
 pub use cmaes::{CmaEs, CmaEsConfig};
 pub use error::SearchError;

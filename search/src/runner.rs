@@ -1,12 +1,13 @@
 //! The run loop: budgets, termination, observers, cancellation and atomic checkpoints.
 //!
 //! The runner owns the loop; the optimizer only asks and tells, and the objective is a closure
-//! (the binary plugs merge + fitness in later). After every generation — and when cancelled
+//! (`evomerge-run` plugs merge + fitness in). After every generation — and when cancelled
 //! (Ctrl-C / SIGTERM set the flag the caller passes) — the whole state is written atomically:
-//! `checkpoint.json.tmp` is written and fsynced, the current `checkpoint.json` becomes
-//! `checkpoint.prev.json`, and the temporary file is renamed into place (then the directory is
-//! fsynced). [`Runner::resume`] reads the checkpoint, falling back to the previous one (and
-//! saying so) when it is corrupt or truncated. Evaluations told before a cancellation are kept;
+//! the new state is written to `checkpoint.json.tmp` and fsynced, the current `checkpoint.json`
+//! becomes `checkpoint.prev.json`, the temporary file is renamed into place and the directory
+//! fsynced (`crate::atomic`). [`Runner::resume`] reads the checkpoint, falling back to the
+//! previous one (and saying so) when it is corrupt or truncated. Evaluations told before a
+//! cancellation are kept;
 //! candidates still pending are re-asked after a resume.
 
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::atomic::{commit, write_synced};
 use crate::base::{Candidate, Evaluation, Optimizer, OptimizerState, Outcome, StopReason};
 use crate::error::SearchError;
 
@@ -91,25 +93,14 @@ pub fn prev_path(p: &Path) -> PathBuf {
     p.with_extension(PREV)
 }
 
-/// Writes `bytes` to `path` atomically, keeping the previous file as `*.prev.json`.
+/// Writes `bytes` to `path` atomically ([`crate::write_atomic`]), keeping the previous file as
+/// `*.prev.json`.
 pub fn write_checkpoint(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("json.tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
+    let tmp = write_synced(path, bytes)?;
     if path.exists() {
         std::fs::rename(path, prev_path(path))?;
     }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    commit(&tmp, path)
 }
 
 impl Runner {
