@@ -7,15 +7,14 @@ use clap::{Parser, Subcommand};
 
 mod commands;
 mod exit;
-mod experiment;
 
 // Keeps freed memory for reuse: see evomerge_engine::alloc (measured there).
 #[global_allocator]
 static GLOBAL: evomerge_engine::alloc::Allocator = evomerge_engine::alloc::Allocator;
 
-/// Evolutionary model-merge search for LLMs: merge Hugging Face checkpoints the way mergekit
-/// does, much faster, and run them (score, generate) with a forward pass that matches
-/// transformers (search over merge recipes comes in later releases).
+/// Evolutionary model-merge search for LLMs: search merge recipes (CMA-ES, NSGA-II, random;
+/// parameter space and data-flow paths) in a resumable run directory, merge Hugging Face
+/// checkpoints the way mergekit does, and run, evaluate and export them.
 #[derive(Debug, Parser)]
 #[command(name = "evomerge", version, about, long_about = None, propagate_version = true)]
 struct Cli {

@@ -14,11 +14,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
 use plotters::prelude::*;
+use evomerge_run::run_dir::{BEST as BEST_MERGE, write_atomic};
+use evomerge_run::{EvaluationRecord, Experiment, Reference, RunDir, best_by_mean, ranked};
 use serde_json::Value;
-
-use crate::commands::runs::{ranked, read_evaluations};
-use crate::commands::search::{DATAFLOW_DIR, best_by_mean, read_references};
-use crate::experiment::Experiment;
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  evomerge report runs/1700000000-demo\n  \
@@ -35,7 +33,7 @@ pub struct ReportArgs {
 }
 
 /// The `--references` file: a list of objects, each with a name and numeric objectives.
-fn extra_references(path: &Path) -> Result<Vec<Value>> {
+fn extra_references(path: &Path) -> Result<Vec<Reference>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading --references {}", path.display()))?;
     let v: Value = serde_json::from_str(&text).with_context(|| format!("--references {}: not JSON", path.display()))?;
     let list = v.as_array().with_context(|| format!("--references {}: expected a JSON list of reference points", path.display()))?;
@@ -45,15 +43,32 @@ fn extra_references(path: &Path) -> Result<Vec<Value>> {
             anyhow::bail!("--references {}: entry {i} needs \"name\" and \"objectives\" (an object of numbers)", path.display());
         }
     }
-    Ok(list.clone())
+    list.iter()
+        .enumerate()
+        .map(|(i, r)| serde_json::from_value(r.clone()).with_context(|| format!("--references {}: entry {i}", path.display())))
+        .collect()
 }
 
-fn scored(v: &Value) -> bool {
-    v["failure"].is_null() && v["objectives"].is_object()
+/// A point with named objectives: a candidate's record or a reference.
+trait Point {
+    fn value(&self, name: &str) -> Option<f64>;
 }
 
-fn objective(v: &Value, name: &str) -> Option<f64> {
-    v["objectives"][name].as_f64().filter(|x| x.is_finite())
+impl Point for EvaluationRecord {
+    fn value(&self, name: &str) -> Option<f64> {
+        self.objective(name)
+    }
+}
+
+impl Point for Reference {
+    fn value(&self, name: &str) -> Option<f64> {
+        self.objectives.get(name)
+    }
+}
+
+/// Objective `name` of a point, when finite.
+fn objective(v: &impl Point, name: &str) -> Option<f64> {
+    v.value(name).filter(|x| x.is_finite())
 }
 
 fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
@@ -76,7 +91,7 @@ const REF: RGBColor = RGBColor(44, 160, 44);
 const BEST: RGBColor = RGBColor(214, 39, 40);
 const EXTRA: RGBColor = RGBColor(148, 103, 189);
 
-fn objective_plot(path: &Path, name: &str, higher: bool, ps: &[Value], dfs: &[Value]) -> Result<()> {
+fn objective_plot(path: &Path, name: &str, higher: bool, ps: &[EvaluationRecord], dfs: &[EvaluationRecord]) -> Result<()> {
     let pts: Vec<(f64, f64, bool)> = ps
         .iter()
         .map(|r| (r, false))
@@ -122,10 +137,13 @@ fn objective_plot(path: &Path, name: &str, higher: bool, ps: &[Value], dfs: &[Va
     root.present().map_err(plot_err)
 }
 
-fn front_plot(path: &Path, names: &[String], ps: &[Value], dfs: &[Value], refs: &[Value]) -> Result<()> {
+fn front_plot(path: &Path, names: &[String], ps: &[EvaluationRecord], dfs: &[EvaluationRecord], refs: &[Reference]) -> Result<()> {
     let (a, b) = (&names[0], &names[1]);
-    let xy = |r: &Value| Some((objective(r, a)?, objective(r, b)?));
-    let all: Vec<(f64, f64)> = ps.iter().chain(dfs).chain(refs).filter_map(xy).collect();
+    fn xy_of(r: &impl Point, a: &str, b: &str) -> Option<(f64, f64)> {
+        Some((objective(r, a)?, objective(r, b)?))
+    }
+    let xy = |r: &EvaluationRecord| xy_of(r, a, b);
+    let all: Vec<(f64, f64)> = ps.iter().chain(dfs).filter_map(xy).chain(refs.iter().filter_map(|r| xy_of(r, a, b))).collect();
     let (x0, x1) = range(all.iter().map(|p| p.0));
     let (y0, y1) = range(all.iter().map(|p| p.1));
     let root = SVGBackend::new(path, (760, 560)).into_drawing_area();
@@ -139,7 +157,7 @@ fn front_plot(path: &Path, names: &[String], ps: &[Value], dfs: &[Value], refs: 
         .map_err(plot_err)?;
     chart.configure_mesh().x_desc(a.as_str()).y_desc(b.as_str()).draw().map_err(plot_err)?;
     for (recs, color, label) in [(ps, PS, "parameter space"), (dfs, DFS, "data flow")] {
-        let ok: Vec<&Value> = recs.iter().filter(|r| scored(r) && xy(r).is_some()).collect();
+        let ok: Vec<&EvaluationRecord> = recs.iter().filter(|r| r.scores().is_some() && xy(r).is_some()).collect();
         if ok.is_empty() {
             continue;
         }
@@ -159,8 +177,8 @@ fn front_plot(path: &Path, names: &[String], ps: &[Value], dfs: &[Value], refs: 
         let color = if own { REF } else { EXTRA };
         let pts: Vec<((f64, f64), String)> = refs
             .iter()
-            .filter(|r| matches!(r["kind"].as_str(), Some("source" | "baseline")) == own)
-            .filter_map(|r| Some((xy(r)?, r["name"].as_str().unwrap_or("?").to_string())))
+            .filter(|r| matches!(r.kind.as_str(), "source" | "baseline") == own)
+            .filter_map(|r| Some((xy_of(r, a, b)?, r.name.clone())))
             .collect();
         if pts.is_empty() {
             continue;
@@ -169,7 +187,7 @@ fn front_plot(path: &Path, names: &[String], ps: &[Value], dfs: &[Value], refs: 
         let label = if own {
             "sources and baseline"
         } else {
-            refs.iter().filter_map(|r| r["kind"].as_str()).find(|k| !matches!(*k, "source" | "baseline")).unwrap_or("references")
+            refs.iter().map(|r| r.kind.as_str()).find(|k| !matches!(*k, "source" | "baseline")).unwrap_or("references")
         };
         chart
             .draw_series(pts.into_iter().map(|(p, name)| {
@@ -205,9 +223,9 @@ fn front_plot(path: &Path, names: &[String], ps: &[Value], dfs: &[Value], refs: 
 }
 
 /// Per-group values of the best parameter-space candidate, one line per (parameter, model, filter).
-fn parameters_plot(path: &Path, exp: &Experiment, best: &Value) -> Result<Vec<(String, Vec<f64>)>> {
+fn parameters_plot(path: &Path, exp: &Experiment, best: &EvaluationRecord) -> Result<Vec<(String, Vec<f64>)>> {
     let (_, layout) = exp.layout()?;
-    let genome: Vec<f64> = best["genome"].as_array().context("genome")?.iter().filter_map(Value::as_f64).collect();
+    let genome = best.genome.clone();
     let mut series: Vec<(String, Vec<(usize, f64)>)> = vec![];
     for (g, x) in layout.genes().iter().zip(&genome) {
         let model = g.model.map_or(String::new(), |m| {
@@ -226,7 +244,7 @@ fn parameters_plot(path: &Path, exp: &Experiment, best: &Value) -> Result<Vec<(S
     let root = SVGBackend::new(path, (760, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("parameters of candidate {} per layer group", best["id"]), ("sans-serif", 20))
+        .caption(format!("parameters of candidate {} per layer group", best.id), ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(64)
@@ -247,11 +265,11 @@ fn parameters_plot(path: &Path, exp: &Experiment, best: &Value) -> Result<Vec<(S
 }
 
 /// The best data-flow candidate's path: layer (stacked per model) against hop index.
-fn path_plot(path: &Path, exp: &Experiment, best: &Value, layers: &[usize]) -> Result<()> {
+fn path_plot(path: &Path, exp: &Experiment, best: &EvaluationRecord, layers: &[usize]) -> Result<()> {
     let path_json: evomerge_engine::model::LayerPath = {
         let df = exp.dataflow.as_ref().context("no dataflow section")?;
         let l = evomerge_engine::dataflow::DataFlowLayout::new(layers, &df.genome)?;
-        let genome: Vec<f64> = best["genome"].as_array().context("genome")?.iter().filter_map(Value::as_f64).collect();
+        let genome = best.genome.clone();
         l.decode(&genome)?
     };
     let offsets: Vec<usize> = layers.iter().scan(0, |s, &c| {
@@ -264,7 +282,7 @@ fn path_plot(path: &Path, exp: &Experiment, best: &Value, layers: &[usize]) -> R
     let root = SVGBackend::new(path, (760, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("data-flow path of candidate {} ({} hops)", best["id"], hops.len()), ("sans-serif", 20))
+        .caption(format!("data-flow path of candidate {} ({} hops)", best.id, hops.len()), ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(64)
@@ -292,32 +310,26 @@ fn path_plot(path: &Path, exp: &Experiment, best: &Value, layers: &[usize]) -> R
 }
 
 pub fn run(args: ReportArgs) -> Result<()> {
-    let exp = Experiment::from_run_dir(&args.run_dir)?;
-    let ps = read_evaluations(&args.run_dir);
-    let dfs = read_evaluations(&args.run_dir.join(DATAFLOW_DIR));
-    let mut refs = read_references(&args.run_dir);
+    let run = RunDir::new(&args.run_dir);
+    let exp = run.experiment()?;
+    let ps = run.evaluations();
+    let dfs = run.dataflow_evaluations();
+    let mut refs = run.references();
     if let Some(p) = &args.references {
         refs.extend(extra_references(p)?);
     }
     let out = args.run_dir.join("report");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let names: Vec<String> = ps
-        .iter()
-        .chain(&dfs)
-        .find(|r| scored(r))
-        .and_then(|r| r["objectives"].as_object())
-        .map(|o| o.keys().cloned().collect())
-        .context("the run has no scored candidate yet")?;
+    let first = ps.iter().chain(&dfs).find_map(|r| r.scores()).context("the run has no scored candidate yet")?;
+    let names: Vec<String> = first.objectives.names().map(String::from).collect();
     // Direction of each objective: minimized = -value means higher is better.
     let higher: Vec<bool> = names
         .iter()
         .enumerate()
         .map(|(i, n)| {
-            ps.iter().chain(&dfs).find(|r| scored(r)).is_some_and(|r| {
-                let v = objective(r, n).unwrap_or(0.0);
-                let m = r["minimized"][i].as_f64().unwrap_or(0.0);
-                v != 0.0 && (m + v).abs() < 1e-12 * v.abs().max(1.0)
-            })
+            let v = first.objectives.get(n).filter(|x| x.is_finite()).unwrap_or(0.0);
+            let m = first.minimized.get(i).copied().filter(|x| !x.is_nan()).unwrap_or(0.0);
+            v != 0.0 && (m + v).abs() < 1e-12 * v.abs().max(1.0)
         })
         .collect();
     let mut md = String::new();
@@ -326,27 +338,27 @@ pub fn run(args: ReportArgs) -> Result<()> {
         md,
         "{} parameter-space evaluations ({} failed), {} data-flow evaluations; method `{}`, optimizer `{:?}`.\n",
         ps.len(),
-        ps.iter().filter(|r| !r["failure"].is_null()).count(),
+        ps.iter().filter(|r| r.failure().is_some()).count(),
         dfs.len(),
         exp.merge.method,
         exp.optimizer.kind
     );
     // Results table: best candidates of each stage and the references.
     let _ = writeln!(md, "| candidate | {} |\n|---|{}", names.join(" | "), "---|".repeat(names.len()));
-    let row = |md: &mut String, label: &str, r: &Value| {
+    fn row(md: &mut String, names: &[String], label: &str, r: &impl Point) {
         let vals: Vec<String> = names.iter().map(|n| objective(r, n).map_or("-".into(), |v| format!("{v:.4}"))).collect();
         let _ = writeln!(md, "| {label} | {} |", vals.join(" | "));
-    };
+    }
     let best_ps = best_by_mean(&ps);
     let best_dfs = best_by_mean(&dfs);
     if let Some(b) = best_ps {
-        row(&mut md, &format!("best parameter-space candidate ({})", b["id"]), b);
+        row(&mut md, &names, &format!("best parameter-space candidate ({})", b.id), b);
     }
     if let Some(b) = best_dfs {
-        row(&mut md, &format!("best data-flow candidate ({})", b["id"]), b);
+        row(&mut md, &names, &format!("best data-flow candidate ({})", b.id), b);
     }
     for r in &refs {
-        row(&mut md, &format!("{}: {}", r["kind"].as_str().unwrap_or(""), r["name"].as_str().unwrap_or("")), r);
+        row(&mut md, &names, &format!("{}: {}", r.kind, r.name), r);
     }
     let _ = writeln!(md, "\nBest = lowest mean of the minimized objectives.\n");
     for (n, &h) in names.iter().zip(&higher) {
@@ -361,7 +373,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
         let _ = writeln!(md, "Parameter-space Pareto front ({} members):\n\n| id | {} |\n|---|{}", f.len(), names.join(" | "), "---|".repeat(names.len()));
         for r in f {
             let vals: Vec<String> = names.iter().map(|n| objective(r, n).map_or("-".into(), |v| format!("{v:.4}"))).collect();
-            let _ = writeln!(md, "| {} | {} |", r["id"], vals.join(" | "));
+            let _ = writeln!(md, "| {} | {} |", r.id, vals.join(" | "));
         }
         md.push('\n');
     }
@@ -376,7 +388,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
     if let (Some(b), Some(df)) = (best_dfs, &exp.dataflow) {
         let mut layers = vec![];
         for m in &df.models {
-            let dir = if m == crate::commands::search::BEST {
+            let dir = if m == BEST_MERGE {
                 exp.merge.base_model.clone().unwrap_or_else(|| exp.merge.models[0].clone())
             } else {
                 m.clone()
@@ -385,10 +397,10 @@ pub fn run(args: ReportArgs) -> Result<()> {
             layers.push(cfg.num_hidden_layers);
         }
         path_plot(&out.join("path.svg"), &exp, b, &layers)?;
-        let _ = writeln!(md, "![data-flow path](path.svg)\n\nPath: `{}`\n", b["path"].as_str().unwrap_or("?"));
+        let _ = writeln!(md, "![data-flow path](path.svg)\n\nPath: `{}`\n", b.scores().and_then(|s| s.path.as_deref()).unwrap_or("?"));
     }
     let index = out.join("index.md");
-    std::fs::write(&index, md).with_context(|| format!("writing {}", index.display()))?;
+    write_atomic(&index, &md)?;
     println!("report written to {}", index.display());
     Ok(())
 }

@@ -7,10 +7,11 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use evomerge_engine::executor::{self, MergeOptions};
 use evomerge_engine::recipe::MergePlan;
-use evomerge_search::pareto::nondominated_ranks;
-use serde_json::{Value, json};
-
-use crate::experiment::Experiment;
+use evomerge_run::records::LogEvent;
+use evomerge_run::run_dir::BEST;
+use evomerge_run::run_dir::write_atomic;
+use evomerge_run::{EvaluationRecord, RunDir, best_by_mean, ranked};
+use serde_json::json;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -46,74 +47,43 @@ pub struct ExportArgs {
     pub force: bool,
 }
 
-/// The scored and failed records of a run, in file order.
-pub fn read_records(run_dir: &Path) -> Result<(Experiment, Vec<Value>)> {
-    Ok((Experiment::from_run_dir(run_dir)?, read_evaluations(run_dir)))
-}
-
-/// The records of `dir/evaluations.jsonl` (a run directory or its `dataflow/` stage), in file
-/// order, one per candidate id; a line cut by a crash is skipped. Empty when there is no file.
-pub fn read_evaluations(dir: &Path) -> Vec<Value> {
-    let evals = std::fs::read_to_string(dir.join("evaluations.jsonl")).unwrap_or_default();
-    let mut seen = std::collections::HashSet::new();
-    evals.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|v| seen.insert(v["id"].as_u64())).collect()
-}
-
-/// A record's minimized objective values (`None` for a failure).
-pub fn minimized(v: &Value) -> Option<Vec<f64>> {
-    if !v["failure"].is_null() {
-        return None;
-    }
-    v["minimized"].as_array().map(|a| a.iter().filter_map(Value::as_f64).collect())
-}
-
-/// Scored records ordered best first (one objective) or the Pareto front (several), sorted by
-/// the first minimized objective.
-pub fn ranked(recs: &[Value]) -> Vec<&Value> {
-    let scored: Vec<&Value> = recs.iter().filter(|r| minimized(r).is_some()).collect();
-    let points: Vec<Vec<f64>> = scored.iter().filter_map(|r| minimized(r)).collect();
-    let mut out: Vec<(&Value, Vec<f64>)> = if points.first().is_some_and(|p| p.len() > 1) {
-        let ranks = nondominated_ranks(&points);
-        scored.into_iter().zip(points).zip(ranks).filter(|(_, r)| *r == 0).map(|(x, _)| x).collect()
-    } else {
-        scored.into_iter().zip(points).collect()
-    };
-    out.sort_by(|a, b| a.1[0].total_cmp(&b.1[0]));
-    out.into_iter().map(|(r, _)| r).collect()
-}
-
 /// Candidates per hour of wall time: from the run's last generation event in `log.jsonl` (the
 /// runner's clock, across sessions; right when candidates are scored several at a time), else
 /// from the records' own seconds.
-fn throughput(run_dir: &Path, recs: &[Value]) -> f64 {
-    let last = std::fs::read_to_string(run_dir.join("log.jsonl")).ok().and_then(|t| {
-        t.lines()
-            .rev()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["event"] == "generation")
-            .find_map(|v| Some((v["evaluations"].as_f64()?, v["seconds"].as_f64()?)))
+fn throughput(run: &RunDir, recs: &[EvaluationRecord]) -> f64 {
+    let last = run.log_events().into_iter().rev().find_map(|e| match e {
+        LogEvent::Generation { evaluations, seconds, .. } => Some((evaluations as f64, seconds)),
+        _ => None,
     });
     let (n, seconds) = match last {
         Some((n, s)) if s > 0.0 => (n, s),
-        _ => (recs.len() as f64, recs.iter().filter_map(|r| r["seconds"].as_f64()).sum()),
+        _ => (recs.len() as f64, recs.iter().map(|r| r.seconds).filter(|s| !s.is_nan()).sum()),
     };
     if seconds > 0.0 { n / seconds * 3600.0 } else { 0.0 }
 }
 
+/// A record's objective `name`, NaN when absent.
+fn value(r: &EvaluationRecord, name: &str) -> f64 {
+    r.objective(name).unwrap_or(f64::NAN)
+}
+
 pub fn status(args: StatusArgs) -> Result<()> {
-    let (exp, recs) = read_records(&args.run_dir)?;
-    let failures = recs.iter().filter(|r| !r["failure"].is_null()).count();
-    let per_hour = throughput(&args.run_dir, &recs);
-    let top: Vec<&Value> = ranked(&recs).into_iter().take(args.top).collect();
+    let run = RunDir::new(&args.run_dir);
+    let exp = run.experiment()?;
+    let recs = run.evaluations();
+    let failures = recs.iter().filter(|r| r.failure().is_some()).count();
+    let per_hour = throughput(&run, &recs);
+    let top: Vec<&EvaluationRecord> = ranked(&recs).into_iter().take(args.top).collect();
     let multi = exp.objectives.len() > 1;
-    let calibration = crate::commands::search::calibration_progress(&args.run_dir, &exp);
+    let calibration = run.calibration_progress(&exp);
+    let refs = run.references();
     if args.json {
         println!(
             "{}",
             json!({"name": exp.name, "evaluations": recs.len(), "failures": failures, "candidates_per_hour": per_hour,
                    "budget": exp.budget, "pareto": multi, "top": top,
                    "calibration": calibration.map(|(rows, of)| json!({"rows": rows, "of": of})),
-                   "references": crate::commands::search::read_references(&args.run_dir)})
+                   "references": refs})
         );
         return Ok(());
     }
@@ -129,36 +99,35 @@ pub fn status(args: StatusArgs) -> Result<()> {
         println!("calibration (anchor / IRT estimators): {rows} of {of} rows scored");
     }
     println!("{}", if multi { "Pareto front:" } else { "best candidates:" });
-    let names: Vec<String> = top.first().and_then(|r| r["objectives"].as_object()).map(|o| o.keys().cloned().collect()).unwrap_or_default();
+    let names: Vec<String> = top.first().and_then(|r| r.scores()).map(|s| s.objectives.names().map(String::from).collect()).unwrap_or_default();
     print!("{:>6} {:>5}", "id", "gen");
     for n in &names {
         print!(" {n:>24}");
     }
     println!(" {:>7}", "items");
     for r in top {
-        print!("{:>6} {:>5}", r["id"].to_string(), r["generation"].to_string());
+        print!("{:>6} {:>5}", r.id, r.generation);
         for n in &names {
-            print!(" {:>24.6}", r["objectives"][n].as_f64().unwrap_or(f64::NAN));
+            print!(" {:>24.6}", value(r, n));
         }
-        println!(" {:>7}", r["items"].to_string());
+        println!(" {:>7}", r.scores().map_or(0, |s| s.items));
     }
-    let dfs = read_evaluations(&args.run_dir.join(crate::commands::search::DATAFLOW_DIR));
-    if let Some(b) = crate::commands::search::best_by_mean(&dfs) {
-        println!("data-flow stage: {} evaluations; best candidate {} (lowest mean minimized objective):", dfs.len(), b["id"]);
-        print!("{:>12}", b["id"].to_string());
+    let dfs = run.dataflow_evaluations();
+    if let Some(b) = best_by_mean(&dfs) {
+        println!("data-flow stage: {} evaluations; best candidate {} (lowest mean minimized objective):", dfs.len(), b.id);
+        print!("{:>12}", b.id);
         for n in &names {
-            print!(" {:>24.6}", b["objectives"][n].as_f64().unwrap_or(f64::NAN));
+            print!(" {:>24.6}", value(b, n));
         }
-        println!("\n  path: {}", b["path"].as_str().unwrap_or("?"));
+        println!("\n  path: {}", b.scores().and_then(|s| s.path.as_deref()).unwrap_or("?"));
     }
-    let refs = crate::commands::search::read_references(&args.run_dir);
     if !refs.is_empty() {
         println!("references (same items):");
-        let width = refs.iter().filter_map(|r| r["name"].as_str()).map(str::len).max().unwrap_or(12).max(12);
+        let width = refs.iter().map(|r| r.name.len()).max().unwrap_or(12).max(12);
         for r in &refs {
-            print!("{:<width$}", r["name"].as_str().unwrap_or("?"));
+            print!("{:<width$}", r.name);
             for n in &names {
-                print!(" {:>24.6}", r["objectives"][n].as_f64().unwrap_or(f64::NAN));
+                print!(" {:>24.6}", r.objectives.get(n).unwrap_or(f64::NAN));
             }
             println!();
         }
@@ -170,27 +139,27 @@ pub fn export(args: ExportArgs) -> Result<()> {
     if let Some(p) = args.pick.strip_prefix("dfs:") {
         return export_dataflow(&args, p);
     }
-    let (exp, recs) = read_records(&args.run_dir)?;
+    let run = RunDir::new(&args.run_dir);
+    let (exp, recs) = (run.experiment()?, run.evaluations());
     let ranked = ranked(&recs);
     let pick = match args.pick.as_str() {
         // The candidate the run's summary and its data-flow stage call best: lowest mean
         // minimized objective (with several objectives, front:0 is only the first one's best).
-        "best" => super::search::best_by_mean(&recs).context("no scored candidate in the run yet")?,
+        "best" => best_by_mean(&recs).context("no scored candidate in the run yet")?,
         p if p.starts_with("front:") => {
             let k: usize = p[6..].parse().with_context(|| format!("'{p}': expected front:K"))?;
             ranked.get(k).copied().with_context(|| format!("the front has {} members", ranked.len()))?
         }
         id => {
             let id: u64 = id.parse().with_context(|| format!("--pick '{id}': expected best, front:K or a candidate id"))?;
-            recs.iter().find(|r| r["id"].as_u64() == Some(id)).with_context(|| format!("no candidate {id} in the run"))?
+            recs.iter().find(|r| r.id == id).with_context(|| format!("no candidate {id} in the run"))?
         }
     };
-    if let Some(f) = pick["failure"].as_str() {
-        bail!("candidate {} failed ({f}); pick another", pick["id"]);
-    }
-    let genome: Vec<f64> = pick["genome"].as_array().context("record without genome")?.iter().filter_map(Value::as_f64).collect();
+    let Some(scores) = pick.scores() else {
+        bail!("candidate {} failed ({}); pick another", pick.id, pick.failure().unwrap_or_default());
+    };
     let (_, layout) = exp.layout()?;
-    let mut recipe = layout.decode(&genome)?;
+    let mut recipe = layout.decode(&pick.genome)?;
     recipe.out_dtype = args.dtype.clone();
     let yaml = serde_norway::to_string(&recipe)?;
     let plan = MergePlan::build(&recipe, yaml, None, exp.seed)?;
@@ -201,21 +170,20 @@ pub fn export(args: ExportArgs) -> Result<()> {
     let mut text = std::fs::read_to_string(&card).unwrap_or_default();
     text.push_str(&format!(
         "\n## Search result\n\nCandidate {} (generation {}) of run `{}` ({} optimizer, {} evaluations in the run).\n\n",
-        pick["id"],
-        pick["generation"],
+        pick.id,
+        pick.generation,
         exp.name,
         serde_json::to_value(exp.optimizer.kind)?.as_str().unwrap_or("?"),
         recs.len()
     ));
     text.push_str("| objective | value | std. error | estimator | items scored |\n|---|---|---|---|---|\n");
-    let ses = pick["std_errors"].as_array().cloned().unwrap_or_default();
-    for (i, (name, v)) in pick["objectives"].as_object().into_iter().flatten().enumerate() {
+    for (i, (name, v)) in scores.objectives.0.iter().enumerate() {
         let est = exp.objectives.get(i).map(|o| serde_json::to_string(&o.estimator).unwrap_or_default()).unwrap_or_default();
-        let se = ses.get(i).and_then(Value::as_f64).filter(|x| x.is_finite()).map_or("-".into(), |x| format!("{x:.6}"));
-        text.push_str(&format!("| {name} | {:.6} | {se} | `{est}` | {} |\n", v.as_f64().unwrap_or(f64::NAN), pick["items"]));
+        let se = scores.std_errors.get(i).filter(|x| x.is_finite()).map_or("-".into(), |x| format!("{x:.6}"));
+        text.push_str(&format!("| {name} | {v:.6} | {se} | `{est}` | {} |\n", scores.items));
     }
-    std::fs::write(&card, text).with_context(|| format!("writing {}", card.display()))?;
-    println!("exported candidate {} to {}", pick["id"], args.out.display());
+    write_atomic(&card, &text)?;
+    println!("exported candidate {} to {}", pick.id, args.out.display());
     Ok(())
 }
 
@@ -242,19 +210,20 @@ pub fn dataflow_recipe(path: &evomerge_engine::model::LayerPath, paths: &[String
 }
 
 fn export_dataflow(args: &ExportArgs, pick: &str) -> Result<()> {
-    let exp = Experiment::from_run_dir(&args.run_dir)?;
+    let run = RunDir::new(&args.run_dir);
+    let exp = run.experiment()?;
     let df = exp.dataflow.clone().context("this run has no data-flow stage")?;
-    let recs = read_evaluations(&args.run_dir.join(crate::commands::search::DATAFLOW_DIR));
+    let recs = run.dataflow_evaluations();
     let rec = match pick {
-        "best" => crate::commands::search::best_by_mean(&recs).context("no scored data-flow candidate yet")?,
+        "best" => best_by_mean(&recs).context("no scored data-flow candidate yet")?,
         id => {
             let id: u64 = id.parse().with_context(|| format!("--pick dfs:{id}: expected dfs:best or dfs:ID"))?;
-            recs.iter().find(|r| r["id"].as_u64() == Some(id)).with_context(|| format!("no data-flow candidate {id}"))?
+            recs.iter().find(|r| r.id == id).with_context(|| format!("no data-flow candidate {id}"))?
         }
     };
-    if let Some(f) = rec["failure"].as_str() {
-        bail!("data-flow candidate {} failed ({f}); pick another", rec["id"]);
-    }
+    let Some(scores) = rec.scores() else {
+        bail!("data-flow candidate {} failed ({}); pick another", rec.id, rec.failure().unwrap_or_default());
+    };
     if args.out.exists() && !args.force {
         bail!("{} exists; pass --force to replace it", args.out.display());
     }
@@ -270,16 +239,16 @@ fn export_dataflow(args: &ExportArgs, pick: &str) -> Result<()> {
     let mut paths = vec![];
     let mut ps_yaml = None;
     for m in &df.models {
-        if m == crate::commands::search::BEST {
-            let (genome, best) = crate::commands::search::best_params_candidate(&args.run_dir)?;
+        if m == BEST {
+            let best = run.best_params_candidate()?;
             let (_, layout) = exp.layout()?;
-            let mut recipe = layout.decode(&genome)?;
+            let mut recipe = layout.decode(&best.genome)?;
             recipe.out_dtype = Some("float32".into());
             let yaml = serde_norway::to_string(&recipe)?;
             let plan = MergePlan::build(&recipe, yaml.clone(), None, exp.seed)?;
             let _ = std::fs::remove_dir_all(&tmp);
             executor::execute(&plan, &tmp, &MergeOptions::default(), &mut |_| {})?;
-            ps_yaml = Some((best["id"].clone(), yaml));
+            ps_yaml = Some((best.id, yaml));
             paths.push(tmp.display().to_string());
         } else {
             paths.push(evomerge_engine::io::resolve_model(m, None)?.display().to_string());
@@ -291,8 +260,7 @@ fn export_dataflow(args: &ExportArgs, pick: &str) -> Result<()> {
             .map(|p| evomerge_engine::io::ModelConfig::from_dir(Path::new(p)).map(|c| c.num_hidden_layers))
             .collect::<Result<_, _>>()?;
         let layout = evomerge_engine::dataflow::DataFlowLayout::new(&layers, &df.genome)?;
-        let genome: Vec<f64> = rec["genome"].as_array().context("record without genome")?.iter().filter_map(Value::as_f64).collect();
-        let path = layout.decode(&genome)?;
+        let path = layout.decode(&rec.genome)?;
         let yaml = dataflow_recipe(&path, &paths, &dtype);
         let recipe = evomerge_engine::recipe::Recipe::parse(&yaml, "data-flow export")?;
         let plan = MergePlan::build(&recipe, yaml.clone(), None, exp.seed)?;
@@ -309,7 +277,7 @@ fn export_dataflow(args: &ExportArgs, pick: &str) -> Result<()> {
          (a layer that repeats is duplicated):\n\n`{described}`\n\n(`mK:L×s`: layer L of model K, hidden state scaled by s on entry.) \
          Models: {}.\n\nHop scales are folded into `o_proj` and `down_proj` (divided by the running product of scales); \
          this is exact up to the RMSNorm ε, because the norms remove the scale of their input.\n",
-        rec["id"],
+        rec.id,
         exp.name,
         df.models.iter().enumerate().map(|(i, m)| format!("{i} = `{m}`")).collect::<Vec<_>>().join(", ")
     ));
@@ -320,10 +288,10 @@ fn export_dataflow(args: &ExportArgs, pick: &str) -> Result<()> {
         ));
     }
     text.push_str("\n| objective | value |\n|---|---|\n");
-    for (n, v) in rec["objectives"].as_object().into_iter().flatten() {
-        text.push_str(&format!("| {n} | {:.6} |\n", v.as_f64().unwrap_or(f64::NAN)));
+    for (n, v) in &scores.objectives.0 {
+        text.push_str(&format!("| {n} | {v:.6} |\n"));
     }
-    std::fs::write(&card, text).with_context(|| format!("writing {}", card.display()))?;
-    println!("exported data-flow candidate {} to {} ({} layers: {described})", rec["id"], args.out.display(), described.split(' ').count());
+    write_atomic(&card, &text)?;
+    println!("exported data-flow candidate {} to {} ({} layers: {described})", rec.id, args.out.display(), described.split(' ').count());
     Ok(())
 }

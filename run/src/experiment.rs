@@ -40,7 +40,6 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
 use evomerge_engine::Checkpoint;
 use evomerge_engine::dataflow::DataFlowConfig;
 use evomerge_engine::genome::{GenomeConfig, GenomeLayout};
@@ -49,6 +48,8 @@ use evomerge_engine::model::DeviceSpec;
 use evomerge_fitness::Method;
 use evomerge_search::Budget;
 use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, RunError};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -195,8 +196,8 @@ impl Default for OptimizerSpec {
 impl Experiment {
     /// Reads and checks an experiment file; relative paths become relative to its folder.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut e: Experiment = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|err| RunError::Reading { path: path.to_path_buf(), err })?;
+        let mut e: Experiment = toml::from_str(&text).map_err(|err| RunError::bad_file(path, err))?;
         let base = path.parent().unwrap_or(Path::new("."));
         // Local model paths become absolute, so that the resolved config and the recipes a run
         // writes work from any directory; anything else is a hub id.
@@ -212,13 +213,13 @@ impl Experiment {
         if let Some(df) = &mut e.dataflow {
             df.models = df.models.iter().map(|m| if m == "best" { m.clone() } else { local(m) }).collect();
             if df.models.is_empty() {
-                bail!("{}: dataflow.models is empty", path.display());
+                return Err(RunError::Experiment(format!("{}: dataflow.models is empty", path.display())));
             }
             if df.genome.model_a >= df.models.len() {
-                bail!("{}: dataflow.genome.model_a = {} but dataflow.models has {}", path.display(), df.genome.model_a, df.models.len());
+                return Err(RunError::Experiment(format!("{}: dataflow.genome.model_a = {} but dataflow.models has {}", path.display(), df.genome.model_a, df.models.len())));
             }
             if df.optimizer.seed_sources {
-                bail!("{}: dataflow.optimizer.seed_sources is a parameter-space setting (the data-flow stage starts from model A)", path.display());
+                return Err(RunError::Experiment(format!("{}: dataflow.optimizer.seed_sources is a parameter-space setting (the data-flow stage starts from model A)", path.display())));
             }
         }
         for o in &mut e.objectives {
@@ -238,24 +239,34 @@ impl Experiment {
             e.run_root = base.join(&e.run_root);
         }
         if e.objectives.is_empty() {
-            bail!("{}: at least one [[objectives]] entry is needed", path.display());
+            return Err(RunError::Experiment(format!("{}: at least one [[objectives]] entry is needed", path.display())));
         }
         if e.merge.models.is_empty() {
-            bail!("{}: merge.models is empty", path.display());
+            return Err(RunError::Experiment(format!("{}: merge.models is empty", path.display())));
         }
         Ok(e)
     }
 
     /// The resolved configuration as written to `config.resolved.toml`.
     pub fn to_toml(&self) -> Result<String> {
-        Ok(toml::to_string(self)?)
+        toml::to_string(self).map_err(|e| RunError::Experiment(format!("writing the resolved configuration: {e}")))
     }
 
     /// The experiment of a run directory (its `config.resolved.toml`).
     pub fn from_run_dir(run_dir: &Path) -> Result<Self> {
-        let cfg = run_dir.join(RESOLVED);
-        let text = std::fs::read_to_string(&cfg).with_context(|| format!("{} is not a run directory", run_dir.display()))?;
-        toml::from_str(&text).with_context(|| cfg.display().to_string())
+        let cfg = run_dir.join(crate::run_dir::CONFIG);
+        let text = std::fs::read_to_string(&cfg).map_err(|e| RunError::RunDir(format!("{} is not a run directory: {e}", run_dir.display())))?;
+        toml::from_str(&text).map_err(|e| RunError::bad_file(&cfg, e))
+    }
+
+    /// The merge's source models (its models and the base): the first calibration rows.
+    pub fn source_count(&self) -> usize {
+        self.merge.models.len() + usize::from(self.merge.base_model.is_some())
+    }
+
+    /// The source models' references: the models, then the base.
+    pub fn sources(&self) -> impl Iterator<Item = &String> {
+        self.merge.models.iter().chain(self.merge.base_model.as_ref())
     }
 
     /// The base model (the first model when there is none) and the genome layout over it.
@@ -274,5 +285,3 @@ impl Experiment {
     }
 }
 
-/// The resolved configuration's file name in a run directory.
-pub const RESOLVED: &str = "config.resolved.toml";

@@ -1,0 +1,264 @@
+//! A whole run: setup, calibration, the parameter-space stage, the references, the data-flow
+//! stage. [`start`] creates a run directory, [`resume`] continues one, [`dry_run`] checks an
+//! experiment and runs nothing.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use evomerge_engine::dataflow::DataFlowLayout;
+use evomerge_engine::executor::merge_to_memory;
+use evomerge_engine::io::resolve_model;
+use evomerge_engine::model::{self, ModelSpec};
+use evomerge_engine::Checkpoint;
+use evomerge_search::runner::prev_path;
+use evomerge_search::{CmaEs, CmaEsConfig, GeneKind, Nsga2, Nsga2Config, Optimizer, RandomSearch, Runner, SearchSpace, Termination};
+
+use crate::calibration::calibrate;
+use crate::error::{Result, RunError};
+use crate::evaluate::{StageKind, Worker};
+use crate::experiment::{Experiment, OptimizerKind, OptimizerSpec};
+use crate::observer::{Notice, Quiet, RunObserver};
+use crate::pool::WorkerRef;
+use crate::records::Reference;
+use crate::references::references;
+use crate::resources::{runtime_bytes, worker_count};
+use crate::run_dir::{BEST, CHECKPOINT, CONFIG, CONFIG_HASH, RunDir, config_hash};
+use crate::setup::Setup;
+use crate::stage::{EventLog, run_stage};
+
+/// How a run is carried out (nothing here changes its results).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Candidates (and calibration merges) scored at once; 0 = auto
+    /// ([`crate::resources::worker_count`]).
+    pub workers: usize,
+    /// Set (by Ctrl-C, say) to stop at the next batch with a checkpoint written.
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEnd {
+    /// Every stage ran to its end; the references it was compared with.
+    Finished { references: Vec<Reference> },
+    /// Cancelled: a checkpoint was written; `resume` continues.
+    Interrupted,
+}
+
+/// What `search --dry-run` found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DryRun {
+    pub name: String,
+    pub genes: usize,
+    pub objectives: usize,
+    pub model: PathBuf,
+    pub layers: usize,
+    /// Estimated peak host memory (bytes).
+    pub memory: u64,
+    pub in_place: bool,
+    /// Random merges the anchor / IRT estimators will be calibrated on (`None`: no such estimator).
+    pub calibration_merges: Option<usize>,
+    pub workers: usize,
+}
+
+/// Checks `exp` as far as running it would (models, genome, tasks, memory, estimators fitted
+/// on the sources); runs nothing and writes nothing.
+pub fn dry_run(exp: Experiment, workers: usize) -> Result<DryRun> {
+    let mut s = Setup::new(exp, true)?;
+    calibrate(&mut s, true, None, 1, &mut Quiet)?;
+    let needs_cal = s.exp.objectives.iter().any(|o| o.estimator.needs_calibration());
+    Ok(DryRun {
+        name: s.exp.name.clone(),
+        genes: s.space.dim(),
+        objectives: s.estimators.len(),
+        model: s.base.dir().to_path_buf(),
+        layers: s.layout.groups().last().map_or(0, |g| g.1),
+        memory: s.memory,
+        in_place: s.in_place,
+        calibration_merges: needs_cal.then_some(s.exp.calibration.candidates),
+        workers: worker_count(workers, s.exp.device, &s.base, s.memory, runtime_bytes(&s.base)),
+    })
+}
+
+/// Starts a run of `exp` in `run_dir` (default `<run_root>/<unix time>-<name>`): checks it,
+/// writes the resolved configuration, calibrates, runs every stage.
+pub fn start(exp: Experiment, run_dir: Option<PathBuf>, opts: &RunOptions, observer: &mut dyn RunObserver) -> Result<(RunDir, RunEnd)> {
+    let mut s = Setup::new(exp, false)?;
+    let run_dir = RunDir::new(match run_dir {
+        Some(d) => d,
+        None => {
+            let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            s.exp.run_root.join(format!("{stamp}-{}", s.exp.name))
+        }
+    });
+    let dir = run_dir.path();
+    if run_dir.file(CONFIG).exists() {
+        return Err(RunError::RunDir(format!("{} already holds a run; continue it with `evomerge resume {}`", dir.display(), dir.display())));
+    }
+    std::fs::create_dir_all(dir).map_err(RunError::io(dir))?;
+    let resolved = s.exp.to_toml()?;
+    run_dir.write(CONFIG, &resolved)?;
+    run_dir.write(CONFIG_HASH, &config_hash(&resolved))?;
+    observer.notice(&Notice::RunDirectory(dir.to_path_buf()));
+    calibrate(&mut s, false, Some(dir), opts.workers, observer)?;
+    let runner = Runner::new(optimizer(&s)?, s.exp.budget.clone(), Some(run_dir.file(CHECKPOINT)), opts.cancel.clone());
+    let end = drive(s, &run_dir, runner, opts, observer)?;
+    Ok((run_dir, end))
+}
+
+/// Continues the run in `run_dir` from its checkpoint; already-scored candidates are replayed
+/// from its records. The configuration must be the one it started with unless `force` (a
+/// changed budget is fine to continue; anything else changes the trajectory).
+pub fn resume(run_dir: &Path, force: bool, opts: &RunOptions, observer: &mut dyn RunObserver) -> Result<RunEnd> {
+    let run_dir = RunDir::new(run_dir);
+    let exp = run_dir.experiment()?;
+    let recorded = std::fs::read_to_string(run_dir.file(CONFIG_HASH)).unwrap_or_default();
+    if recorded.trim() != config_hash(&exp.to_toml()?) && !force {
+        return Err(RunError::RunDir(format!(
+            "{} changed since the run started; resuming would not continue the same search (use --force to accept)",
+            run_dir.file(CONFIG).display()
+        )));
+    }
+    let mut s = Setup::new(exp, false)?;
+    calibrate(&mut s, false, Some(run_dir.path()), opts.workers, observer)?;
+    let fresh = optimizer(&s)?;
+    let runner = open_runner(fresh, &run_dir.file(CHECKPOINT), s.exp.budget.clone(), &opts.cancel, run_dir.path(), observer)?;
+    drive(s, &run_dir, runner, opts, observer)
+}
+
+/// A runner for `checkpoint`: fresh when none was written (stopped during the first
+/// generation: the start state follows from the config and seed), else restored from it.
+fn open_runner(
+    fresh: Box<dyn Optimizer>,
+    checkpoint: &Path,
+    budget: evomerge_search::Budget,
+    cancel: &Arc<AtomicBool>,
+    dir: &Path,
+    observer: &mut dyn RunObserver,
+) -> Result<Runner> {
+    if !checkpoint.exists() && !prev_path(checkpoint).exists() {
+        return Ok(Runner::new(fresh, budget, Some(checkpoint.to_path_buf()), cancel.clone()));
+    }
+    let mut log = EventLog::new(dir, None, observer);
+    Ok(Runner::resume(checkpoint.to_path_buf(), fresh.name(), budget, cancel.clone(), &mut log)?)
+}
+
+/// The parameter-space optimizer of a setup.
+fn optimizer(s: &Setup) -> Result<Box<dyn Optimizer>> {
+    let x0: Vec<f64> = s.layout.genes().iter().map(|g| (g.init - g.lower) / (g.upper - g.lower)).collect();
+    let sources = if s.exp.optimizer.seed_sources { s.layout.source_genomes() } else { vec![] };
+    make_optimizer(&s.exp.optimizer, s.space.clone(), x0, sources, s.exp.objectives.len(), s.exp.seed)
+}
+
+/// An optimizer over `space` starting at `x0` (unit coordinates; CMA-ES's mean). NSGA-II's
+/// first population also holds `seeds` (genomes in the genes' units).
+pub fn make_optimizer(o: &OptimizerSpec, space: SearchSpace, x0: Vec<f64>, seeds: Vec<Vec<f64>>, n_obj: usize, seed: u64) -> Result<Box<dyn Optimizer>> {
+    if n_obj > 1 && o.kind == OptimizerKind::Cmaes {
+        return Err(RunError::Experiment(format!("CMA-ES optimizes one objective; use optimizer.kind = \"nsga2\" (or \"random\") for {n_obj}")));
+    }
+    // The start point (default parameters; model A itself for a data-flow stage) in the genes'
+    // own units, as both optimizers take it.
+    let start: Vec<f64> = x0.iter().enumerate().map(|(i, u)| space.lower[i] + u * (space.upper[i] - space.lower[i])).collect();
+    Ok(match o.kind {
+        // CMA-ES's mean starts there.
+        OptimizerKind::Cmaes => {
+            Box::new(CmaEs::new(space, &CmaEsConfig { population: o.population, sigma0: o.sigma0, x0: Some(start), seed, ..Default::default() })?)
+        }
+        OptimizerKind::Nsga2 => {
+            // It is one member of the first population, with the seeds.
+            let initial: Vec<Vec<f64>> = std::iter::once(start).chain(seeds).collect();
+            Box::new(Nsga2::new(space, &Nsga2Config { population: o.population.unwrap_or(40), objectives: n_obj, seed, initial, ..Default::default() })?)
+        }
+        OptimizerKind::Random => Box::new(RandomSearch::new(space, o.population.unwrap_or(8), n_obj, seed)?),
+    })
+}
+
+/// Search space of a data-flow layout (indicators are binary genes) and its start point.
+fn dataflow_space(l: &DataFlowLayout) -> Result<(SearchSpace, Vec<f64>)> {
+    let genes = l.genes();
+    let space = SearchSpace::new(
+        genes.iter().map(|g| g.name.clone()).collect(),
+        genes.iter().map(|g| g.lower).collect(),
+        genes.iter().map(|g| g.upper).collect(),
+        genes.iter().map(|g| if g.binary { GeneKind::Binary } else { GeneKind::Real }).collect(),
+    )?;
+    let x0 = genes.iter().map(|g| (g.init - g.lower) / (g.upper - g.lower)).collect();
+    Ok((space, x0))
+}
+
+/// Runs the parameter-space stage, scores the references, then the data-flow stage if the
+/// experiment has one (in `RUN_DIR/dataflow/`, its own checkpoint and evaluations).
+fn drive(mut s: Setup, run_dir: &RunDir, mut runner: Runner, opts: &RunOptions, observer: &mut dyn RunObserver) -> Result<RunEnd> {
+    let n = worker_count(opts.workers, s.exp.device, &s.base, s.memory, runtime_bytes(&s.base));
+    if n > 1 {
+        observer.notice(&Notice::Workers(n));
+    }
+    // the calibration's runtimes first (every candidate rewrites the weights it was left with)
+    s.spare.truncate(n.saturating_sub(1));
+    let mut extra = Vec::with_capacity(n.saturating_sub(1));
+    for _ in 1..n {
+        let runtime = match s.spare.pop() {
+            Some(rt) => rt,
+            None => s.open_runtime()?,
+        };
+        extra.push(Worker { runtime, estimators: s.estimators.clone() });
+    }
+    {
+        let kind = StageKind::Params { layout: &s.layout, opened: &s.opened, materializer: &s.materializer, seed: s.exp.seed };
+        let mut workers: Vec<WorkerRef<'_>> = vec![(s.runtime.as_mut(), s.estimators.as_mut_slice())];
+        workers.extend(extra.iter_mut().map(|w| (w.runtime.as_mut() as _, w.estimators.as_mut_slice())));
+        let end = run_stage(kind, &mut workers, run_dir.path(), &mut runner, &opts.cancel, s.exp.budget.max_evaluations, observer)?;
+        if end == Termination::Interrupted {
+            return Ok(RunEnd::Interrupted);
+        }
+    }
+    drop(extra);
+    let refs = references(&mut s, run_dir)?;
+    // The data-flow stage opens its own runtime: free the resident inputs first (and their
+    // device copies).
+    s.materializer = evomerge_engine::Materializer::Streamed;
+    s.runtime.release_held();
+    observer.event(&crate::records::LogEvent::References { references: refs.clone() });
+    if let Some(df) = s.exp.dataflow.clone() {
+        let dir = run_dir.dataflow_dir();
+        std::fs::create_dir_all(&dir).map_err(RunError::io(&dir))?;
+        let best_ps = run_dir.best_params_candidate()?;
+        let merged = merge_to_memory(&s.layout.plan(&best_ps.genome, &s.opened, s.exp.seed)?)?;
+        let mut cks = vec![];
+        for m in df.models.iter().filter(|m| m.as_str() != BEST) {
+            cks.push(Checkpoint::open(&resolve_model(m, None)?, m.clone())?);
+        }
+        let mut it = cks.iter();
+        let base = &s.base;
+        let specs: Vec<ModelSpec<'_>> = df
+            .models
+            .iter()
+            .map(|m| match m.as_str() {
+                BEST => Some(ModelSpec { label: "best parameter-space merge", config: &base.config, arch: base.arch, tensors: &merged }),
+                _ => it.next().map(ModelSpec::from_checkpoint),
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(|| RunError::Experiment("dataflow models".into()))?;
+        let counts: Vec<usize> = specs.iter().map(|m| m.config.num_hidden_layers).collect();
+        let mut rt = model::open(s.exp.device, &specs)?;
+        let df_layout = DataFlowLayout::new(&counts, &df.genome)?;
+        let (space, x0) = dataflow_space(&df_layout)?;
+        let fresh = make_optimizer(&df.optimizer, space, x0, vec![], s.estimators.len(), s.exp.seed)?;
+        let mut runner2 = open_runner(fresh, &dir.join(CHECKPOINT), df.budget.clone(), &opts.cancel, &dir, observer)?;
+        observer.notice(&Notice::DataFlowStage { genes: df_layout.genes().len(), models: counts.len(), layers: df_layout.total_layers() });
+        let kind = StageKind::DataFlow { layout: &df_layout };
+        // A data-flow worker holds every stage model: fewer may fit than in the first stage.
+        let n = n.min(worker_count(opts.workers, s.exp.device, base, 0, runtime_bytes(base) * specs.len() as u64));
+        let mut extra = (1..n)
+            .map(|_| Ok(Worker { runtime: model::open(s.exp.device, &specs)?, estimators: s.estimators.clone() }))
+            .collect::<Result<Vec<_>>>()?;
+        let mut workers: Vec<WorkerRef<'_>> = vec![(rt.as_mut(), s.estimators.as_mut_slice())];
+        workers.extend(extra.iter_mut().map(|w| (w.runtime.as_mut() as _, w.estimators.as_mut_slice())));
+        let end = run_stage(kind, &mut workers, &dir, &mut runner2, &opts.cancel, df.budget.max_evaluations, observer)?;
+        if end == Termination::Interrupted {
+            return Ok(RunEnd::Interrupted);
+        }
+    }
+    Ok(RunEnd::Finished { references: refs })
+}

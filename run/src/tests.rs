@@ -1,0 +1,143 @@
+//! The run driven in-process on the fixture models: a two-generation search, its records,
+//! references and best recipe; an interrupted run with a line cut by a crash, resumed, giving
+//! the uninterrupted run's records; and `evaluate` reproducing a recorded candidate.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use evomerge_search::{Candidate, Outcome};
+
+use crate::calibration::calibrate;
+use crate::evaluate::{StageKind, evaluate};
+use crate::observer::{Notice, RunObserver, Stage};
+use crate::records::{EvaluationRecord, LogEvent};
+use crate::{Experiment, RunEnd, RunOptions, Setup};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `experiments/search-tiny.toml` (TIES on the fixture models, perplexity, CMA-ES with 4 per
+/// generation) with absolute paths and a budget of `evaluations`.
+fn experiment(dir: &Path, evaluations: u64) -> Experiment {
+    let root = root();
+    let text = std::fs::read_to_string(root.join("experiments/search-tiny.toml")).expect("experiment");
+    let text = text
+        .replace("max_evaluations = 12", &format!("max_evaluations = {evaluations}"))
+        .replace("\"../", &format!("\"{}/", root.display()))
+        .replace("\"tasks/", &format!("\"{}/", root.join("experiments/tasks").display()));
+    let path = dir.join("experiment.toml");
+    std::fs::write(&path, text).expect("write");
+    Experiment::load(&path).expect("load")
+}
+
+/// Counts what the run reports, and sets `cancel` after `stop_after` outcomes.
+#[derive(Default)]
+struct Collect {
+    generations: usize,
+    told: usize,
+    finished: Vec<Stage>,
+    stop_after: Option<(usize, Arc<AtomicBool>)>,
+}
+
+impl RunObserver for Collect {
+    fn notice(&mut self, n: &Notice) {
+        if let Notice::StageFinished { stage, .. } = n {
+            self.finished.push(*stage);
+        }
+    }
+    fn event(&mut self, e: &LogEvent) {
+        if matches!(e, LogEvent::Generation { .. }) {
+            self.generations += 1;
+        }
+    }
+    fn evaluated(&mut self, _c: &Candidate, _o: &Outcome) {
+        self.told += 1;
+        if let Some((n, flag)) = &self.stop_after {
+            if self.told >= *n {
+                flag.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Records without their timings.
+fn untimed(recs: Vec<EvaluationRecord>) -> Vec<EvaluationRecord> {
+    recs.into_iter()
+        .map(|mut r| {
+            r.seconds = 0.0;
+            if let crate::RecordOutcome::Scored(s) = &mut r.outcome {
+                s.materialize_seconds = 0.0;
+            }
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn a_two_generation_search_runs_in_process_and_a_crashed_run_resumes_to_the_same_records() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let opts = RunOptions { workers: 1, ..Default::default() };
+
+    // Uninterrupted: two generations of 4.
+    let mut seen = Collect::default();
+    let (run, end) = crate::start(experiment(tmp.path(), 8), Some(tmp.path().join("whole")), &opts, &mut seen).expect("run");
+    let RunEnd::Finished { references } = end else { panic!("interrupted") };
+    let whole = run.evaluations();
+    assert_eq!(whole.len(), 8);
+    assert_eq!(whole.iter().map(|r| r.generation).max(), Some(1), "two generations");
+    assert!(whole.iter().all(|r| r.scores().is_some()), "{whole:?}");
+    assert_eq!(seen.generations, 2);
+    assert_eq!(seen.finished, vec![Stage::Params]);
+    assert_eq!(references.len(), 4, "three sources and the baseline");
+    assert_eq!(run.references(), references, "references.json holds what the run returned");
+    // best.yaml is the best record's recipe
+    let best = crate::best_by_mean(&whole).expect("best");
+    let (_, layout) = run.experiment().expect("exp").layout().expect("layout");
+    let yaml = serde_norway::to_string(&layout.decode(&best.genome).expect("decode")).expect("yaml");
+    assert_eq!(std::fs::read_to_string(run.file("best.yaml")).expect("best.yaml"), yaml);
+
+    // Interrupted after 5 outcomes (mid second generation), then a crash cuts a sixth line.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let opts_cut = RunOptions { workers: 1, cancel: cancel.clone() };
+    let mut stopper = Collect { stop_after: Some((5, cancel)), ..Default::default() };
+    let (cut, end) = crate::start(experiment(tmp.path(), 8), Some(tmp.path().join("cut")), &opts_cut, &mut stopper).expect("run");
+    assert_eq!(end, RunEnd::Interrupted);
+    assert_eq!(cut.evaluations().len(), 5);
+    let evals = cut.file(crate::run_dir::EVALUATIONS);
+    let sixth = serde_json::to_string(&whole[5]).expect("json");
+    let mut text = std::fs::read_to_string(&evals).expect("read");
+    text.push_str(&sixth[..sixth.len() / 2]);
+    std::fs::write(&evals, text).expect("cut");
+
+    let mut resumed = Collect::default();
+    let end = crate::resume(cut.path(), false, &opts, &mut resumed).expect("resume");
+    assert!(matches!(end, RunEnd::Finished { .. }));
+    assert_eq!(untimed(cut.evaluations()), untimed(whole.clone()), "the resumed run recorded what the whole run did");
+    assert_eq!(std::fs::read(cut.file("best.yaml")).expect("cut best"), std::fs::read(run.file("best.yaml")).expect("best"));
+    // A finished run resumes to nothing new.
+    crate::resume(cut.path(), false, &opts, &mut Collect::default()).expect("resume again");
+    assert_eq!(cut.evaluations().len(), 8);
+}
+
+#[test]
+fn evaluate_reproduces_a_recorded_candidate() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let opts = RunOptions { workers: 1, ..Default::default() };
+    let (run, _) = crate::start(experiment(tmp.path(), 4), Some(tmp.path().join("r")), &opts, &mut Collect::default()).expect("run");
+    let recorded = run.evaluations().pop().expect("a record");
+
+    // What a worker does: the run's setup, then one candidate.
+    let mut s = Setup::new(run.experiment().expect("exp"), false).expect("setup");
+    calibrate(&mut s, false, None, 1, &mut crate::Quiet).expect("estimators");
+    let kind = StageKind::Params { layout: &s.layout, opened: &s.opened, materializer: &s.materializer, seed: s.exp.seed };
+    let c = Candidate { id: recorded.id, generation: recorded.generation, genome: recorded.genome.clone() };
+    let record = evaluate(&kind, &c, s.runtime.as_mut(), &mut s.estimators);
+    assert_eq!(untimed(vec![record]), untimed(vec![recorded]));
+    assert_eq!(s.opened.len(), 3, "the sources were opened once");
+    // An out-of-bounds genome is a failed record, not an error.
+    let bad = Candidate { id: 99, generation: 0, genome: vec![f64::NAN; c.genome.len()] };
+    let r = evaluate(&kind, &bad, s.runtime.as_mut(), &mut s.estimators);
+    assert!(r.failure().is_some_and(|f| f.contains("outside")), "{r:?}");
+}
