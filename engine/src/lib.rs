@@ -13,6 +13,12 @@
 //!              io::ShardedWriter (streamed shards) inside io::OutputDir (atomic rename)
 //! ```
 //!
+//! A search takes the same path without YAML or disk output: [`genome::GenomeLayout::plan`]
+//! turns a genome into a `MergePlan` over checkpoints opened once ([`io::OpenedCheckpoints`]),
+//! and the run's [`Materializer`] merges it into the runtime's weights (streamed from the
+//! memory maps, or in place from inputs held resident by [`resident`], on the host or the
+//! device). [`dataflow`] decodes data-flow genomes into layer paths.
+//!
 //! The model runtime ([`model`]) runs checkpoints or merged tensors with burn: a forward pass
 //! that follows data-flow layer paths, batched log-likelihood scoring and greedy generation.
 

@@ -1,4 +1,4 @@
-//! evomerge-fitness: lightweight fitness estimation (and, later, the evaluation tasks).
+//! evomerge-fitness: the evaluation tasks and the lightweight fitness estimators built on them.
 //!
 //! ```text
 //! item-level results of the source models (+ calibration candidates)

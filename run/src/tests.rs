@@ -12,7 +12,7 @@ use crate::calibration::calibrate;
 use crate::evaluate::{StageKind, evaluate};
 use crate::observer::{Notice, RunObserver, Stage};
 use crate::records::{EvaluationRecord, LogEvent};
-use crate::{Experiment, RunEnd, RunOptions, Setup};
+use crate::{Experiment, RunDir, RunEnd, RunOptions, Setup};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -62,15 +62,15 @@ impl RunObserver for Collect {
     }
 }
 
-/// Records without their timings.
-fn untimed(recs: Vec<EvaluationRecord>) -> Vec<EvaluationRecord> {
+/// Records as their JSON lines without their timings (NaN standard errors compare equal).
+fn untimed(recs: Vec<EvaluationRecord>) -> Vec<String> {
     recs.into_iter()
         .map(|mut r| {
             r.seconds = 0.0;
             if let crate::RecordOutcome::Scored(s) = &mut r.outcome {
                 s.materialize_seconds = 0.0;
             }
-            r
+            serde_json::to_string(&r).expect("json")
         })
         .collect()
 }
@@ -140,4 +140,73 @@ fn evaluate_reproduces_a_recorded_candidate() {
     let bad = Candidate { id: 99, generation: 0, genome: vec![f64::NAN; c.genome.len()] };
     let r = evaluate(&kind, &bad, s.runtime.as_mut(), &mut s.estimators);
     assert!(r.failure().is_some_and(|f| f.contains("outside")), "{r:?}");
+}
+
+/// Run directories written by the release before this crate (`run/tests/data/README.md`).
+fn release_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/release-f9ec06e").join(name)
+}
+
+#[test]
+fn run_directories_of_the_previous_release_load_and_every_record_round_trips_byte_for_byte() {
+    for name in ["tiny", "demo"] {
+        let dir = release_dir(name);
+        let run = RunDir::new(&dir);
+        let exp = run.experiment().expect("config.resolved.toml");
+        for stage in [dir.clone(), run.dataflow_dir()] {
+            let Ok(text) = std::fs::read_to_string(stage.join(crate::run_dir::EVALUATIONS)) else { continue };
+            for line in text.lines() {
+                let r: EvaluationRecord = serde_json::from_str(line).expect("a record");
+                assert_eq!(serde_json::to_string(&r).expect("json"), line, "{name}");
+            }
+            let log = std::fs::read_to_string(stage.join(crate::run_dir::LOG)).expect("log");
+            for line in log.lines() {
+                let e: LogEvent = serde_json::from_str(line).unwrap_or_else(|e| panic!("{name}: {line}: {e}"));
+                assert_eq!(serde_json::to_string(&e).expect("json"), line);
+            }
+        }
+        let refs = std::fs::read_to_string(run.file(crate::run_dir::REFERENCES)).expect("references");
+        assert_eq!(serde_json::to_string_pretty(&run.references()).expect("json"), refs);
+        assert_eq!(run.references().len(), exp.source_count() + 1);
+    }
+    // What the release printed at the end of these runs.
+    let demo = RunDir::new(release_dir("demo"));
+    assert_eq!(demo.evaluations().len(), 160);
+    assert_eq!(crate::best_by_mean(&demo.evaluations()).map(|r| r.id), Some(67));
+    assert_eq!(crate::best_by_mean(&demo.dataflow_evaluations()).map(|r| r.id), Some(0));
+    assert!(crate::ranked(&demo.evaluations()).len() > 1, "a two-objective front");
+    let tiny = RunDir::new(release_dir("tiny"));
+    let recs = tiny.evaluations();
+    let best = crate::best_by_mean(&recs).expect("best");
+    assert_eq!((best.id, best.objective("text_ppl/perplexity").map(|v| (v * 1e6).round() / 1e6)), (2, Some(2022.625998)));
+}
+
+#[test]
+fn a_run_of_the_previous_release_resumes_with_a_larger_budget() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("tiny");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let root = std::fs::canonicalize(root()).expect("root");
+    for entry in std::fs::read_dir(release_dir("tiny")).expect("read") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("text");
+        // its models and task, where this checkout has them (the release kept the task's path
+        // relative to the directory it was started from)
+        let text = text
+            .replace("/work/main", &root.display().to_string())
+            .replace("\"experiments/tasks/", &format!("\"{}/experiments/tasks/", root.display()))
+            .replace("max_evaluations = 12", "max_evaluations = 16");
+        std::fs::write(dir.join(path.file_name().expect("name")), text).expect("write");
+    }
+    let old = std::fs::read_to_string(dir.join(crate::run_dir::EVALUATIONS)).expect("old");
+    let opts = RunOptions { workers: 1, ..Default::default() };
+    let refused = crate::resume(&dir, false, &opts, &mut Collect::default()).expect_err("the budget changed");
+    assert!(refused.to_string().contains("changed since the run started"), "{refused}");
+    let end = crate::resume(&dir, true, &opts, &mut Collect::default()).expect("resume");
+    assert!(matches!(end, RunEnd::Finished { .. }));
+    let new = std::fs::read_to_string(dir.join(crate::run_dir::EVALUATIONS)).expect("new");
+    assert!(new.starts_with(&old), "the release's records are kept as they were");
+    let recs = RunDir::new(&dir).evaluations();
+    assert_eq!(recs.len(), 16);
+    assert!(recs.iter().all(|r| r.scores().is_some()));
 }
