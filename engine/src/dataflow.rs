@@ -276,7 +276,7 @@ mod tests {
         let n = 6;
         let mut w = vec![1.0; n * n];
         w[4 * n + 1] = 0.7; // m1:1 (global 4) → m0:1 (global 1)
-        w[1 * n + 4] = 1.2; // m0:1 → m1:1
+        w[n + 4] = 1.2; // m0:1 → m1:1 (row 1)
         w[4 * n + 2] = 0.9; // m1:1 → m0:2 (the fixed last layer)
         x.extend(w);
         let p = l.decode(&x).expect("decode");

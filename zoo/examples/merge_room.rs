@@ -87,8 +87,8 @@ fn main() {
         &[(pool("add"), mixv[0]), (pool("reverse"), mixv[1]), (pool("sort"), mixv[2])], &dev, |s, l| eprintln!("base {s} {l:.3}"));
     eprintln!("base trained in {:.0} s", t0.elapsed().as_secs_f64());
     let nval: usize = env("NVAL", 300);
-    let val = |name: &str| &sk.iter().find(|s| s.0 == name).unwrap().1.validation[..nval];
-    let test = |name: &str| &sk.iter().find(|s| s.0 == name).unwrap().1.test[..];
+    let val = |name: &str| &sk.iter().find(|s| s.0 == name).expect("a zoo skill").1.validation[..nval];
+    let test = |name: &str| &sk.iter().find(|s| s.0 == name).expect("a zoo skill").1.test[..];
     let acc = |m: &TinyLlama<B>, v: bool| {
         let (fa, fr) = if v { (val("add"), val("reverse")) } else { (test("add"), test("reverse")) };
         (train::accuracy(m, &d, fa, &dev), train::accuracy(m, &d, fr, &dev))

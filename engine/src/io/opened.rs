@@ -8,11 +8,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use super::{Checkpoint, resolve_model};
 use crate::error::Result;
 
+/// A model reference and the folder it is resolved against.
+type Key = (String, Option<PathBuf>);
+
 /// Opened, validated checkpoints keyed by reference and the folder it was resolved against.
 /// Thread-safe: plans may be built on several workers at once.
 #[derive(Debug, Default)]
 pub struct OpenedCheckpoints {
-    opened: Mutex<HashMap<(String, Option<PathBuf>), Arc<Checkpoint>>>,
+    opened: Mutex<HashMap<Key, Arc<Checkpoint>>>,
 }
 
 impl OpenedCheckpoints {
