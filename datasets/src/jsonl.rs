@@ -236,13 +236,17 @@ mod tests {
     #[test]
     fn choices_from_one_column_each() {
         // WinoGrande rows: option1 / option2, answer "1" / "2"
-        let f = write(&[r#"{"sentence": "The cup fell off the table because _ was wobbly.", "option1": "the cup", "option2": "the table", "answer": "2"}"#]);
-        let m: FieldMap = toml::from_str("question = 'sentence'\nchoices = ['option1', 'option2']\ngold = 'answer'\ngold_kind = 'letter'\n").expect("map");
+        let f = write(&[
+            r#"{"sentence": "The cup fell off the table because _ was wobbly.", "option1": "the cup", "option2": "the table", "answer": "2"}"#,
+        ]);
+        let m: FieldMap =
+            toml::from_str("question = 'sentence'\nchoices = ['option1', 'option2']\ngold = 'answer'\ngold_kind = 'letter'\n").expect("map");
         assert_eq!(m.choices, Some(Choices::Columns(vec!["option1".into(), "option2".into()])));
         let (items, _) = read_jsonl(f.path(), &m, OnError::Stop).expect("read");
         assert_eq!(items[0].choices, vec!["the cup", "the table"]);
         assert_eq!(items[0].gold, Gold::Choice(1));
-        let bad: FieldMap = toml::from_str("question = 'sentence'\nchoices = ['option1', 'option3']\ngold = 'answer'\ngold_kind = 'letter'\n").expect("map");
+        let bad: FieldMap =
+            toml::from_str("question = 'sentence'\nchoices = ['option1', 'option3']\ngold = 'answer'\ngold_kind = 'letter'\n").expect("map");
         let e = read_jsonl(f.path(), &bad, OnError::Stop).expect_err("missing column").to_string();
         assert!(e.contains("missing field 'option3'"), "{e}");
     }

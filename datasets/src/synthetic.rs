@@ -48,7 +48,13 @@ fn generate(seed: u64, n: usize, task: &str, mut make: impl FnMut(&mut Draw) -> 
     let items: Vec<Item> = pairs
         .into_iter()
         .enumerate()
-        .map(|(i, (question, answer))| Item { id: format!("{task}-{i}"), question, choices: vec![], gold: Gold::Text(answer), fields: Default::default() })
+        .map(|(i, (question, answer))| Item {
+            id: format!("{task}-{i}"),
+            question,
+            choices: vec![],
+            gold: Gold::Text(answer),
+            fields: Default::default(),
+        })
         .collect();
     let (n_train, n_val) = (items.len() * 8 / 10, items.len() / 10);
     let mut it = items.into_iter();

@@ -7,11 +7,11 @@
 
 use std::time::Instant;
 
+use evomerge_engine::Checkpoint;
 use evomerge_engine::executor::merge_to_memory;
 use evomerge_engine::model::{self, DeviceSpec, ModelSpec};
 use evomerge_engine::recipe::MergePlan;
 use evomerge_engine::resident::ResidentMerge;
-use evomerge_engine::Checkpoint;
 
 #[global_allocator]
 static GLOBAL: evomerge_engine::alloc::Allocator = evomerge_engine::alloc::Allocator;

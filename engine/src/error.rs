@@ -32,13 +32,7 @@ pub enum EngineError {
     UnsupportedDtype { path: PathBuf, tensor: String, dtype: String },
     /// Models disagree on a tensor's shape.
     #[error("tensor '{tensor}': shape {got:?} in '{model}' differs from {expected:?} in '{reference}'")]
-    ShapeMismatch {
-        tensor: String,
-        model: String,
-        got: Vec<usize>,
-        reference: String,
-        expected: Vec<usize>,
-    },
+    ShapeMismatch { tensor: String, model: String, got: Vec<usize>, reference: String, expected: Vec<usize> },
     /// Models disagree on their architecture.
     #[error("architecture mismatch: '{model}' is {got}, '{reference}' is {expected}")]
     ArchitectureMismatch { model: String, got: String, reference: String, expected: String },

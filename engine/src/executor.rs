@@ -219,9 +219,7 @@ fn stream(
     ws: &mut Workspace,
     sink: &mut dyn FnMut(&[f32]) -> std::result::Result<(), String>,
 ) -> Result<std::result::Result<bool, String>> {
-    let reader = RawReader {
-        inputs: task.inputs.iter().map(|(m, n)| plan.models[*m].raw(n).map(|(d, _, b)| (d, b))).collect::<Result<_>>()?,
-    };
+    let reader = RawReader { inputs: task.inputs.iter().map(|(m, n)| plan.models[*m].raw(n).map(|(d, _, b)| (d, b))).collect::<Result<_>>()? };
     let input = StreamInput {
         tensor: &task.name,
         shape: &task.shape,
@@ -267,11 +265,8 @@ pub fn merge_to_memory(plan: &MergePlan) -> Result<MemorySource> {
 pub fn execute(plan: &MergePlan, out: &Path, opts: &MergeOptions, progress: &mut dyn FnMut(MergeProgress)) -> Result<MergeSummary> {
     let start = Instant::now();
     let dir = OutputDir::create(out, opts.overwrite)?;
-    let entries: Vec<TensorEntry> = plan
-        .tasks
-        .iter()
-        .map(|t| TensorEntry { name: t.name.clone(), shape: t.shape.clone(), dtype: plan.out_dtype })
-        .collect();
+    let entries: Vec<TensorEntry> =
+        plan.tasks.iter().map(|t| TensorEntry { name: t.name.clone(), shape: t.shape.clone(), dtype: plan.out_dtype }).collect();
     let bytes_out: u64 = entries.iter().map(TensorEntry::bytes).sum();
     progress(MergeProgress::Started { tensors: entries.len(), bytes_out });
     let writer = ShardedWriter::new(dir.path(), entries, opts.shard_size)?;

@@ -27,8 +27,8 @@ use serde::{Deserialize, Serialize};
 use crate::arch::{Architecture, Section};
 use crate::error::{EngineError, Result};
 use crate::io::OpenedCheckpoints;
-use crate::recipe::MergePlan;
 use crate::merge::{self, Kind, MergeMethod, Scope};
+use crate::recipe::MergePlan;
 use crate::recipe::param::{FilteredValue, ParamSetting, Value};
 use crate::recipe::schema::{InputModel, ParamMap, Recipe};
 
@@ -99,17 +99,9 @@ fn bad(reason: impl Into<String>) -> EngineError {
 impl GenomeLayout {
     /// `models` are the recipe's `models:` references (per-model genes follow their order);
     /// `arch` and `layers` describe them.
-    pub fn new(
-        method_name: &str,
-        models: Vec<String>,
-        base: Option<String>,
-        arch: &Architecture,
-        layers: usize,
-        cfg: &GenomeConfig,
-    ) -> Result<Self> {
-        let method = merge::method(method_name).ok_or_else(|| {
-            bad(format!("unknown merge method '{method_name}' (known: {})", merge::method_names().join(", ")))
-        })?;
+    pub fn new(method_name: &str, models: Vec<String>, base: Option<String>, arch: &Architecture, layers: usize, cfg: &GenomeConfig) -> Result<Self> {
+        let method = merge::method(method_name)
+            .ok_or_else(|| bad(format!("unknown merge method '{method_name}' (known: {})", merge::method_names().join(", "))))?;
         if layers == 0 || models.is_empty() {
             return Err(bad("needs at least one model with at least one layer"));
         }
@@ -121,17 +113,17 @@ impl GenomeLayout {
         let layer_names: Vec<String> = arch.section(Section::Layer).map(|w| w.name_for(0)).collect();
         let mut probes = Vec::new();
         for f in &cfg.filters {
-            let p = layer_names.iter().find(|n| n.contains(f.as_str())).ok_or_else(|| {
-                bad(format!("filter '{f}' matches no layer tensor of {} (e.g. {})", arch.name, layer_names[0]))
-            })?;
+            let p = layer_names
+                .iter()
+                .find(|n| n.contains(f.as_str()))
+                .ok_or_else(|| bad(format!("filter '{f}' matches no layer tensor of {} (e.g. {})", arch.name, layer_names[0])))?;
             probes.push(p.clone());
         }
         let rest = layer_names.iter().find(|n| !cfg.filters.iter().any(|f| n.contains(f.as_str())));
         if let Some(r) = rest {
             probes.push(r.clone());
         }
-        let filter_slots: Vec<Option<usize>> =
-            (0..cfg.filters.len()).map(Some).chain(rest.is_some().then_some(None)).collect();
+        let filter_slots: Vec<Option<usize>> = (0..cfg.filters.len()).map(Some).chain(rest.is_some().then_some(None)).collect();
         for name in cfg.fixed.keys().chain(cfg.bounds.keys()).chain(&cfg.search) {
             if !specs.iter().any(|s| s.name == name) {
                 let known: Vec<&str> = specs.iter().map(|s| s.name).collect();
@@ -179,18 +171,7 @@ impl GenomeLayout {
         if genes.is_empty() {
             return Err(bad("no parameter to search (genome.search is empty)"));
         }
-        Ok(Self {
-            method,
-            models,
-            base,
-            layers,
-            groups,
-            filters: cfg.filters.clone(),
-            smooth: cfg.smooth,
-            fixed: cfg.fixed.clone(),
-            genes,
-            probes,
-        })
+        Ok(Self { method, models, base, layers, groups, filters: cfg.filters.clone(), smooth: cfg.smooth, fixed: cfg.fixed.clone(), genes, probes })
     }
 
     pub fn genes(&self) -> &[Gene] {
@@ -281,11 +262,7 @@ impl GenomeLayout {
     fn setting(&self, genome: &[f64], param: &str, model: Option<usize>) -> ParamSetting {
         let ng = self.groups.len();
         let value = |filter: Option<usize>| {
-            let start = self
-                .genes
-                .iter()
-                .position(|g| g.param == param && g.model == model && g.filter == filter)
-                .unwrap_or(0);
+            let start = self.genes.iter().position(|g| g.param == param && g.model == model && g.filter == filter).unwrap_or(0);
             let layer_values = self.per_layer(&genome[start..start + ng]);
             if layer_values.len() == 1 { Value::Number(layer_values[0]) } else { Value::Gradient(layer_values) }
         };
@@ -345,9 +322,7 @@ impl GenomeLayout {
         Ok(Recipe {
             merge_method: self.method.name().to_string(),
             slices: None,
-            models: Some(
-                self.models.iter().zip(per_model).map(|(m, parameters)| InputModel { model: m.clone(), parameters }).collect(),
-            ),
+            models: Some(self.models.iter().zip(per_model).map(|(m, parameters)| InputModel { model: m.clone(), parameters }).collect()),
             parameters: global,
             base_model: self.base.clone(),
             dtype: Some("float32".into()),

@@ -25,10 +25,10 @@
 pub mod alloc;
 pub mod arch;
 pub mod buffer;
+pub mod dataflow;
 pub mod dtype;
 pub mod error;
 pub mod executor;
-pub mod dataflow;
 pub mod genome;
 pub mod io;
 pub mod materialize;

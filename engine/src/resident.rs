@@ -31,9 +31,9 @@ use rayon::prelude::*;
 use crate::dtype::{self, DType};
 use crate::error::{EngineError, Result};
 use crate::merge::MergeInput;
+use crate::merge::base::Scratch;
 use crate::merge::generalized::plain_divisor;
 use crate::merge::linear;
-use crate::merge::base::Scratch;
 use crate::merge::rng::tensor_seed;
 use crate::model::{HeldMerge, HeldPart, LanguageModel, WeightBuffer, WeightPart, transpose_concat_into};
 use crate::recipe::{MergePlan, TensorTask};
@@ -71,7 +71,12 @@ impl std::fmt::Debug for ResidentMerge {
 
 /// The task that fills `part` and the keys of its inputs, or why the plan cannot be merged
 /// in place.
-fn part_inputs<'p>(plan: &'p MergePlan, tasks: &HashMap<&str, &'p TensorTask>, buf: &WeightBuffer, part: &WeightPart) -> std::result::Result<(&'p TensorTask, Vec<Key>), String> {
+fn part_inputs<'p>(
+    plan: &'p MergePlan,
+    tasks: &HashMap<&str, &'p TensorTask>,
+    buf: &WeightBuffer,
+    part: &WeightPart,
+) -> std::result::Result<(&'p TensorTask, Vec<Key>), String> {
     let task = tasks.get(part.tensor.as_str()).ok_or_else(|| format!("the merge has no tensor '{}'", part.tensor))?;
     let numel: usize = task.shape.iter().product();
     if numel != buf.rows * part.width || task.shape.len() > 2 || (task.shape.len() == 2 && task.shape[usize::from(!part.transposed)] != part.width) {

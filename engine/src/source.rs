@@ -78,9 +78,9 @@ impl TensorSource for MemorySource {
     }
 
     fn get_f32(&self, name: &str) -> Result<std::borrow::Cow<'_, Tensor>> {
-        self.tensors.get(name).map(std::borrow::Cow::Borrowed).ok_or_else(|| EngineError::MissingTensor {
-            model: self.label.clone(),
-            tensor: name.to_string(),
-        })
+        self.tensors
+            .get(name)
+            .map(std::borrow::Cow::Borrowed)
+            .ok_or_else(|| EngineError::MissingTensor { model: self.label.clone(), tensor: name.to_string() })
     }
 }

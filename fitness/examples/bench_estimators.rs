@@ -35,10 +35,10 @@ use evomerge_engine::genome::{GenomeConfig, GenomeLayout};
 use evomerge_engine::model::{self, DeviceSpec, LanguageModel, ModelSpec, Tokenizer};
 use evomerge_engine::resident::ResidentMerge;
 use evomerge_engine::{Checkpoint, MergePlan};
+use evomerge_fitness::TaskEstimator;
 use evomerge_fitness::estimators::sim::{random_items, simulate};
 use evomerge_fitness::estimators::{AnchorPoints, Irt, IrtConfig, Responses, kendall_tau, weighted_mean};
 use evomerge_fitness::tasks::{Task, TaskSpec};
-use evomerge_fitness::TaskEstimator;
 use rand_core::{Rng, SeedableRng};
 
 fn main() {
@@ -136,7 +136,9 @@ fn report(train: &Responses, test: &Responses, dims: usize, oracle: Option<&Irt>
             println!("{:<10} {:>10} {:>10.2} {:>8.3}", format!("{k} ({}%)", k * 100 / n_items), names[j], mae[j], tau[j]);
         }
         if oracle.is_some() {
-            println!("           (p-IRT*: p-IRT with the true item parameters (zoo: fitted on the test merges too), the floor of the ability estimate)");
+            println!(
+                "           (p-IRT*: p-IRT with the true item parameters (zoo: fitted on the test merges too), the floor of the ability estimate)"
+            );
         }
         println!("           (λ per draw, random subset / anchors: {})", lambdas.join(", "));
     }
@@ -190,7 +192,10 @@ fn zoo(task: &str, n_test: usize, cals: Vec<usize>) {
         let dims = fit_dims();
         // p-IRT*: item parameters fitted on every response of the calibration and the test
         // merges (what no estimator can have): the floor of the ability-based estimate here.
-        let oracle = Irt::fit(&rows(&train.iter().chain(&test).copied().collect::<Vec<_>>()), &IrtConfig { dims: if dims == 0 { 8 } else { dims }, ..Default::default() });
+        let oracle = Irt::fit(
+            &rows(&train.iter().chain(&test).copied().collect::<Vec<_>>()),
+            &IrtConfig { dims: if dims == 0 { 8 } else { dims }, ..Default::default() },
+        );
         report(&rows(&train), &rows(&test), dims, Some(&oracle));
     }
 }
@@ -212,8 +217,8 @@ fn score_zoo(root: &Path, zoo: &Path, name: &str, need: usize, mut m: ZooMatrix)
     }
     let models = vec![dir("expert-add").display().to_string(), dir("expert-reverse").display().to_string()];
     let cfg: GenomeConfig = toml::from_str("search = [\"weight\"]\nlayers_per_group = 1").expect("genome");
-    let layout = GenomeLayout::new("task_arithmetic", models, Some(dir("base").display().to_string()), base.arch, base.num_layers(), &cfg)
-        .expect("layout");
+    let layout =
+        GenomeLayout::new("task_arithmetic", models, Some(dir("base").display().to_string()), base.arch, base.num_layers(), &cfg).expect("layout");
     let mut runtime: Box<dyn LanguageModel> = model::open(DeviceSpec::Cpu, &[ModelSpec::from_checkpoint(&base)]).expect("runtime");
     let plan_of = |g: &[f64]| {
         let recipe = layout.decode(g).expect("decode");

@@ -62,14 +62,32 @@ pub trait FitnessEstimator {
 #[serde(rename_all = "snake_case", tag = "method")]
 pub enum Method {
     Full,
-    Random { k: usize, seed: u64 },
-    Anchor { k: usize, seed: u64 },
-    Irt { k: usize, seed: u64 },
-    Pirt { k: usize, seed: u64 },
-    Gpirt { k: usize, seed: u64 },
+    Random {
+        k: usize,
+        seed: u64,
+    },
+    Anchor {
+        k: usize,
+        seed: u64,
+    },
+    Irt {
+        k: usize,
+        seed: u64,
+    },
+    Pirt {
+        k: usize,
+        seed: u64,
+    },
+    Gpirt {
+        k: usize,
+        seed: u64,
+    },
     /// gp-IRT on anchor points instead of a random subset (tinyBenchmarks' gp-IRT is defined
     /// for either; the direct part is the anchors' cluster-mass-weighted mean).
-    GpirtAnchor { k: usize, seed: u64 },
+    GpirtAnchor {
+        k: usize,
+        seed: u64,
+    },
 }
 
 impl Method {
@@ -85,7 +103,12 @@ enum Fitted {
     Mean,
     Weighted(Vec<f64>),
     /// `naive`: weights of the direct estimate gp-IRT mixes in (uniform on a random subset).
-    Irt { irt: Irt, gp_lambda: Option<f64>, p: bool, naive: Vec<f64> },
+    Irt {
+        irt: Irt,
+        gp_lambda: Option<f64>,
+        p: bool,
+        naive: Vec<f64>,
+    },
 }
 
 /// One task, one estimation method. A clone shares nothing (its own result cache): one per
@@ -112,13 +135,7 @@ impl TaskEstimator {
     /// Builds the estimator. `calibration` (models × all items, scores in [0, 1]) is needed by
     /// `anchor` and the IRT methods; it comes from [`TaskEstimator::responses`] on the source
     /// models.
-    pub fn new(
-        task: Task,
-        tok: Tokenizer,
-        prefix: u32,
-        method: Method,
-        calibration: Option<&Responses>,
-    ) -> Result<Self, TaskError> {
+    pub fn new(task: Task, tok: Tokenizer, prefix: u32, method: Method, calibration: Option<&Responses>) -> Result<Self, TaskError> {
         let n = task.items.len();
         let err = |reason: String| TaskError::Spec { task: task.spec.name.clone(), reason };
         let need_cal = |cal: Option<&Responses>| -> Result<Responses, TaskError> {
@@ -210,15 +227,8 @@ impl FitnessEstimator for TaskEstimator {
     fn evaluate(&mut self, model: &mut dyn LanguageModel, fingerprint: &str) -> Result<Fitness, TaskError> {
         let t0 = Instant::now();
         let before = self.cache.len();
-        let (records, tokens) = self.task.evaluate_cached(
-            model,
-            &self.tok,
-            self.prefix,
-            &self.items,
-            self.batch_size,
-            &mut self.cache,
-            fingerprint,
-        )?;
+        let (records, tokens) =
+            self.task.evaluate_cached(model, &self.tok, self.prefix, &self.items, self.batch_size, &mut self.cache, fingerprint)?;
         let scored = self.cache.len() - before;
         let (value, se) = if self.task.spec.kind == Kind::Perplexity {
             let r = self.task.aggregate(records.clone(), tokens, 0.0);
@@ -228,14 +238,7 @@ impl FitnessEstimator for TaskEstimator {
             let e = self.estimate(&scores);
             (e.value, e.std_error)
         };
-        Ok(Fitness {
-            values: vec![value],
-            std_errors: vec![se],
-            items: scored,
-            tokens,
-            seconds: t0.elapsed().as_secs_f64(),
-            records,
-        })
+        Ok(Fitness { values: vec![value], std_errors: vec![se], items: scored, tokens, seconds: t0.elapsed().as_secs_f64(), records })
     }
 }
 

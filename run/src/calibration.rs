@@ -50,7 +50,9 @@ pub fn calibrate(s: &mut Setup, dry_run: bool, cache: Option<&Path>, workers: us
         let (tok, prefix) = (&s.tok, s.prefix);
         let score = |model: &mut dyn LanguageModel| -> Result<Vec<Vec<f64>>> {
             let per_task = tasks.iter().zip(&needs_cal);
-            Ok(per_task.map(|(task, &need)| if need { TaskEstimator::item_scores(task, tok, prefix, model) } else { Ok(vec![]) }).collect::<Result<_, _>>()?)
+            Ok(per_task
+                .map(|(task, &need)| if need { TaskEstimator::item_scores(task, tok, prefix, model) } else { Ok(vec![]) })
+                .collect::<Result<_, _>>()?)
         };
         let mut keep = |done: &mut Vec<Vec<Vec<f64>>>, row: Vec<Vec<f64>>| -> Result<()> {
             if let Some(c) = store.as_mut() {
@@ -165,10 +167,7 @@ impl CalibrationCache {
         use std::io::Write as _;
         // one write of the whole line: a kill leaves it whole or missing, rarely cut
         let line = json_line(&CalibrationRow { row, scores: scores.to_vec() });
-        self.file
-            .write_all(line.as_bytes())
-            .and_then(|()| self.file.sync_data())
-            .map_err(|err| RunError::Io { path: CALIBRATION.into(), err })
+        self.file.write_all(line.as_bytes()).and_then(|()| self.file.sync_data()).map_err(|err| RunError::Io { path: CALIBRATION.into(), err })
     }
 }
 

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use evomerge_engine::Checkpoint;
 use evomerge_engine::dataflow::DataFlowLayout;
 use evomerge_engine::executor::merge_to_memory;
 use evomerge_engine::io::resolve_model;
 use evomerge_engine::model::{self, ModelSpec};
-use evomerge_engine::Checkpoint;
 use evomerge_search::runner::prev_path;
 use evomerge_search::{CmaEs, CmaEsConfig, GeneKind, Nsga2, Nsga2Config, Optimizer, RandomSearch, Runner, SearchSpace, Termination};
 
@@ -153,7 +153,14 @@ fn optimizer(s: &Setup) -> Result<Box<dyn Optimizer>> {
 
 /// An optimizer over `space` starting at `x0` (unit coordinates; CMA-ES's mean). NSGA-II's
 /// first population also holds `seeds` (genomes in the genes' units).
-pub fn make_optimizer(o: &OptimizerSpec, space: SearchSpace, x0: Vec<f64>, seeds: Vec<Vec<f64>>, n_obj: usize, seed: u64) -> Result<Box<dyn Optimizer>> {
+pub fn make_optimizer(
+    o: &OptimizerSpec,
+    space: SearchSpace,
+    x0: Vec<f64>,
+    seeds: Vec<Vec<f64>>,
+    n_obj: usize,
+    seed: u64,
+) -> Result<Box<dyn Optimizer>> {
     if n_obj > 1 && o.kind == OptimizerKind::Cmaes {
         return Err(RunError::Experiment(format!("CMA-ES optimizes one objective; use optimizer.kind = \"nsga2\" (or \"random\") for {n_obj}")));
     }
@@ -168,7 +175,10 @@ pub fn make_optimizer(o: &OptimizerSpec, space: SearchSpace, x0: Vec<f64>, seeds
         OptimizerKind::Nsga2 => {
             // It is one member of the first population, with the seeds.
             let initial: Vec<Vec<f64>> = std::iter::once(start).chain(seeds).collect();
-            Box::new(Nsga2::new(space, &Nsga2Config { population: o.population.unwrap_or(40), objectives: n_obj, seed, initial, ..Default::default() })?)
+            Box::new(Nsga2::new(
+                space,
+                &Nsga2Config { population: o.population.unwrap_or(40), objectives: n_obj, seed, initial, ..Default::default() },
+            )?)
         }
         OptimizerKind::Random => Box::new(RandomSearch::new(space, o.population.unwrap_or(8), n_obj, seed)?),
     })

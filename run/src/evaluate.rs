@@ -146,13 +146,28 @@ pub fn repeat(kind: &StageKind<'_>, c: &Candidate, estimators: &[TaskEstimator],
     record(c, estimators, result, t0, 0.0, path)
 }
 
-fn record(c: &Candidate, estimators: &[TaskEstimator], result: Result<Scored>, t0: Instant, materialize_seconds: f64, path: Option<String>) -> EvaluationRecord {
+fn record(
+    c: &Candidate,
+    estimators: &[TaskEstimator],
+    result: Result<Scored>,
+    t0: Instant,
+    materialize_seconds: f64,
+    path: Option<String>,
+) -> EvaluationRecord {
     let outcome = match result {
         Ok(s) => {
             let directions = estimators.iter().map(|e| &e.objectives()[0]);
             let minimized = s.values.iter().zip(directions.clone()).map(|(v, o)| o.direction.to_minimized(*v)).collect();
             let objectives = Objectives(directions.zip(&s.values).map(|(o, v)| (o.name.clone(), *v)).collect());
-            RecordOutcome::Scored(Scores { objectives, std_errors: s.std_errors, minimized, items: s.items, tokens: s.tokens, materialize_seconds, path })
+            RecordOutcome::Scored(Scores {
+                objectives,
+                std_errors: s.std_errors,
+                minimized,
+                items: s.items,
+                tokens: s.tokens,
+                materialize_seconds,
+                path,
+            })
         }
         Err(e) => RecordOutcome::Failed(error_chain(&e)),
     };

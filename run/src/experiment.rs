@@ -216,10 +216,18 @@ impl Experiment {
                 return Err(RunError::Experiment(format!("{}: dataflow.models is empty", path.display())));
             }
             if df.genome.model_a >= df.models.len() {
-                return Err(RunError::Experiment(format!("{}: dataflow.genome.model_a = {} but dataflow.models has {}", path.display(), df.genome.model_a, df.models.len())));
+                return Err(RunError::Experiment(format!(
+                    "{}: dataflow.genome.model_a = {} but dataflow.models has {}",
+                    path.display(),
+                    df.genome.model_a,
+                    df.models.len()
+                )));
             }
             if df.optimizer.seed_sources {
-                return Err(RunError::Experiment(format!("{}: dataflow.optimizer.seed_sources is a parameter-space setting (the data-flow stage starts from model A)", path.display())));
+                return Err(RunError::Experiment(format!(
+                    "{}: dataflow.optimizer.seed_sources is a parameter-space setting (the data-flow stage starts from model A)",
+                    path.display()
+                )));
             }
         }
         for o in &mut e.objectives {
@@ -284,4 +292,3 @@ impl Experiment {
         Ok((base, layout))
     }
 }
-

@@ -23,17 +23,35 @@ pub enum Notice {
     /// A new run's directory was created.
     RunDirectory(PathBuf),
     /// Calibration rows found on disk.
-    CalibrationRowsRead { read: usize, total: usize },
+    CalibrationRowsRead {
+        read: usize,
+        total: usize,
+    },
     /// Calibration merges start being scored.
-    CalibrationStarted { sources: usize, merges: usize },
-    CalibrationDone { seconds: f64 },
+    CalibrationStarted {
+        sources: usize,
+        merges: usize,
+    },
+    CalibrationDone {
+        seconds: f64,
+    },
     /// Candidates are scored this many at a time (more than one).
     Workers(usize),
     /// A stage ended (not interrupted): its termination, evaluations, folder, and with one
     /// objective the best minimized value and the file holding it.
-    StageFinished { stage: Stage, termination: String, evaluations: u64, dir: PathBuf, best: Option<(f64, PathBuf)> },
+    StageFinished {
+        stage: Stage,
+        termination: String,
+        evaluations: u64,
+        dir: PathBuf,
+        best: Option<(f64, PathBuf)>,
+    },
     /// The data-flow stage starts.
-    DataFlowStage { genes: usize, models: usize, layers: usize },
+    DataFlowStage {
+        genes: usize,
+        models: usize,
+        layers: usize,
+    },
     /// Something the user should know that does not stop the run.
     Warning(String),
 }

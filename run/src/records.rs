@@ -381,7 +381,10 @@ mod tests {
     #[test]
     fn log_events_keep_their_wire_format() {
         let e = LogEvent::Finished { termination: "Evaluations".into(), evaluations: 4, best_minimized: None };
-        assert_eq!(serde_json::to_string(&e).expect("json"), r#"{"event":"finished","termination":"Evaluations","evaluations":4,"best_minimized":null}"#);
+        assert_eq!(
+            serde_json::to_string(&e).expect("json"),
+            r#"{"event":"finished","termination":"Evaluations","evaluations":4,"best_minimized":null}"#
+        );
         let line = r#"{"event":"generation","generation":2,"evaluations":8,"failures":0,"best_minimized":1.5,"mean_minimized":null,"candidates_per_hour":3600.0,"eta_seconds":null,"seconds":8.0}"#;
         let g: LogEvent = serde_json::from_str(line).expect("parse");
         assert_eq!(serde_json::to_string(&g).expect("json"), line);

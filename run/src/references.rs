@@ -17,7 +17,12 @@ use crate::setup::Setup;
 
 /// Objective values and minimized values of the runtime's model 0, after loading `source`
 /// into it (`None`: it holds the weights already).
-fn score(estimators: &mut [TaskEstimator], runtime: &mut dyn LanguageModel, source: Option<&dyn TensorSource>, key: &str) -> Result<(Objectives, Vec<f64>)> {
+fn score(
+    estimators: &mut [TaskEstimator],
+    runtime: &mut dyn LanguageModel,
+    source: Option<&dyn TensorSource>,
+    key: &str,
+) -> Result<(Objectives, Vec<f64>)> {
     if let Some(source) = source {
         runtime.load_weights(0, source)?;
     }

@@ -120,9 +120,7 @@ impl RunDir {
     /// The parameter-space candidate the data-flow stage starts from: the best (one objective)
     /// or the candidate with the best mean minimized objective.
     pub fn best_params_candidate(&self) -> Result<EvaluationRecord> {
-        best_by_mean(&self.evaluations())
-            .cloned()
-            .ok_or_else(|| RunError::RunDir("the parameter-space stage has no scored candidate".into()))
+        best_by_mean(&self.evaluations()).cloned().ok_or_else(|| RunError::RunDir("the parameter-space stage has no scored candidate".into()))
     }
 
     /// Writes `text` to the run's file `name` atomically.

@@ -41,7 +41,11 @@ pub struct Setup {
 
 impl std::fmt::Debug for Setup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Setup").field("exp", &self.exp.name).field("genes", &self.space.dim()).field("in_place", &self.in_place).finish_non_exhaustive()
+        f.debug_struct("Setup")
+            .field("exp", &self.exp.name)
+            .field("genes", &self.space.dim())
+            .field("in_place", &self.in_place)
+            .finish_non_exhaustive()
     }
 }
 
@@ -121,11 +125,9 @@ impl Setup {
             Ok(bytes) => {
                 let need = runtime_bytes(&self.base) + bytes;
                 match memory_available() {
-                    Some(avail) if need > avail => format!(
-                        "holding the inputs in the runtime's layout needs {:.1} GiB, {:.1} GiB are available",
-                        gib(need),
-                        gib(avail)
-                    ),
+                    Some(avail) if need > avail => {
+                        format!("holding the inputs in the runtime's layout needs {:.1} GiB, {:.1} GiB are available", gib(need), gib(avail))
+                    }
                     _ => {
                         (self.in_place, self.memory) = (true, need);
                         if !build {

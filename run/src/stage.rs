@@ -210,7 +210,13 @@ pub fn run_stage(
         let evaluations = runner.optimizer().evaluations();
         events.event(&LogEvent::Finished { termination: format!("{end:?}"), evaluations, best_minimized: best });
         let best = best.filter(|_| n_objectives == 1).map(|v| (v, dir.join(kind.best_file())));
-        events.observer.notice(&Notice::StageFinished { stage: kind.stage(), termination: format!("{end:?}"), evaluations, dir: dir.to_path_buf(), best });
+        events.observer.notice(&Notice::StageFinished {
+            stage: kind.stage(),
+            termination: format!("{end:?}"),
+            evaluations,
+            dir: dir.to_path_buf(),
+            best,
+        });
     }
     Ok(end)
 }

@@ -408,7 +408,11 @@ impl CmaEs {
         let window = 10 + (30.0 * n / self.lambda as f64).ceil() as usize;
         if self.best_history.len() >= window {
             let recent = &self.best_history[self.best_history.len() - window..];
-            let (lo, hi) = recent.iter().chain(&self.last_values).filter(|v| v.is_finite()).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+            let (lo, hi) = recent
+                .iter()
+                .chain(&self.last_values)
+                .filter(|v| v.is_finite())
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
             if hi - lo < self.tol_fun {
                 return Some(StopReason::TolFun);
             }
@@ -574,7 +578,8 @@ mod tests {
         assert_eq!(c.clone().ask(), pending);
         // and so does a half-told generation with a failure in it
         let (first, rest) = pending.split_at(pending.len() / 2);
-        a.tell(first.iter().map(|c| if c.id % 2 == 0 { Evaluation::failed(c.id, "x") } else { Evaluation::scored(c.id, vec![1.0]) }).collect()).expect("tell");
+        a.tell(first.iter().map(|c| if c.id % 2 == 0 { Evaluation::failed(c.id, "x") } else { Evaluation::scored(c.id, vec![1.0]) }).collect())
+            .expect("tell");
         let mut c = OptimizerState::from_json(&a.state().to_json()).expect("json").restore("cmaes").expect("cmaes");
         assert_eq!(c.ask(), rest.to_vec());
     }
@@ -617,7 +622,11 @@ mod tests {
         assert_eq!((opt.mean.clone(), opt.sigma), before);
         let cands = opt.ask();
         let n = cands.len();
-        let evals = cands.iter().enumerate().map(|(i, c)| if i % 2 == 0 { Evaluation::failed(c.id, "nan") } else { Evaluation::scored(c.id, vec![sphere(&c.genome)]) }).collect();
+        let evals = cands
+            .iter()
+            .enumerate()
+            .map(|(i, c)| if i % 2 == 0 { Evaluation::failed(c.id, "nan") } else { Evaluation::scored(c.id, vec![sphere(&c.genome)]) })
+            .collect();
         opt.tell(evals).expect("tell");
         assert_eq!(opt.evaluations() as usize, 2 * n);
         assert!(opt.best().is_some());

@@ -106,11 +106,7 @@ impl Nsga2 {
 
     /// The current non-dominated set: `(genome, objectives)` of the rank-0 scored parents.
     pub fn front(&self) -> Vec<(&[f64], &[f64])> {
-        self.parents
-            .iter()
-            .filter(|m| m.rank == 0)
-            .filter_map(|m| m.objectives.as_deref().map(|o| (m.genome.as_slice(), o)))
-            .collect()
+        self.parents.iter().filter(|m| m.rank == 0).filter_map(|m| m.objectives.as_deref().map(|o| (m.genome.as_slice(), o))).collect()
     }
 
     fn random_genome(&mut self) -> Vec<f64> {
@@ -172,7 +168,13 @@ impl Nsga2 {
                     if self.rng.uniform() < pm {
                         let (lo, hi) = (self.space.lower[i], self.space.upper[i]);
                         c[i] = match self.space.kinds[i] {
-                            GeneKind::Binary => if c[i] > 0.0 { lo } else { hi },
+                            GeneKind::Binary => {
+                                if c[i] > 0.0 {
+                                    lo
+                                } else {
+                                    hi
+                                }
+                            }
                             GeneKind::Real => self.mutate(c[i], lo, hi),
                         };
                     }
@@ -326,8 +328,8 @@ mod seeded_tests {
 
     #[test]
     fn initial_genomes_open_the_first_population() {
-        let space = SearchSpace::new(vec!["a".into(), "b".into()], vec![0.0, -1.0], vec![1.0, 1.0], vec![GeneKind::Real, GeneKind::Binary])
-            .expect("space");
+        let space =
+            SearchSpace::new(vec!["a".into(), "b".into()], vec![0.0, -1.0], vec![1.0, 1.0], vec![GeneKind::Real, GeneKind::Binary]).expect("space");
         let cfg = Nsga2Config { population: 4, initial: vec![vec![0.25, 0.5], vec![7.0, -3.0]], ..Default::default() };
         let mut o = Nsga2::new(space.clone(), &cfg).expect("nsga2");
         let first: Vec<Vec<f64>> = o.ask().into_iter().map(|c| c.genome).collect();
@@ -357,11 +359,13 @@ mod tests {
 
     /// Hypervolume of the true ZDT front (g = 1), from a dense sample of f₁ ∈ [0, 1].
     fn zdt_optimum(f: fn(&[f64]) -> Vec<f64>, r: &[f64]) -> f64 {
-        let pts: Vec<Vec<f64>> = (0..=20_000).map(|i| {
-            let mut x = vec![0.0; 2];
-            x[0] = i as f64 / 20_000.0;
-            f(&x)
-        }).collect();
+        let pts: Vec<Vec<f64>> = (0..=20_000)
+            .map(|i| {
+                let mut x = vec![0.0; 2];
+                x[0] = i as f64 / 20_000.0;
+                f(&x)
+            })
+            .collect();
         hypervolume(&pts, r)
     }
 
@@ -420,19 +424,25 @@ mod tests {
 
     #[test]
     fn binary_genes_stay_binary_and_failures_rank_last() {
-        let space = SearchSpace::new(
-            vec!["on".into(), "x".into()],
-            vec![-1.0, 0.0],
-            vec![1.0, 1.0],
-            vec![GeneKind::Binary, GeneKind::Real],
-        )
-        .expect("space");
+        let space =
+            SearchSpace::new(vec!["on".into(), "x".into()], vec![-1.0, 0.0], vec![1.0, 1.0], vec![GeneKind::Binary, GeneKind::Real]).expect("space");
         let mut opt = Nsga2::new(space.clone(), &Nsga2Config { population: 8, objectives: 2, seed: 4, ..Default::default() }).expect("nsga2");
         for _ in 0..10 {
             let c = opt.ask();
             assert!(c.iter().all(|c| (c.genome[0] == 1.0 || c.genome[0] == -1.0) && space.contains(&c.genome)));
             // genomes with the bit off fail
-            opt.tell(c.iter().map(|c| if space.is_on(&c.genome, 0) { Evaluation::scored(c.id, vec![c.genome[1], 1.0 - c.genome[1]]) } else { Evaluation::failed(c.id, "off") }).collect()).expect("tell");
+            opt.tell(
+                c.iter()
+                    .map(|c| {
+                        if space.is_on(&c.genome, 0) {
+                            Evaluation::scored(c.id, vec![c.genome[1], 1.0 - c.genome[1]])
+                        } else {
+                            Evaluation::failed(c.id, "off")
+                        }
+                    })
+                    .collect(),
+            )
+            .expect("tell");
         }
         assert!(!opt.front().is_empty());
         assert!(opt.front().iter().all(|(g, _)| g[0] == 1.0));

@@ -30,7 +30,17 @@ impl RandomSearch {
         if batch == 0 || objectives == 0 {
             return Err(SearchError::BadConfig("batch and objective count must be positive".into()));
         }
-        Ok(Self { space, batch, objectives, rng: Rng::seeded(seed), next_id: 0, generation: 0, pending: BTreeMap::new(), told: 0, best: BestSoFar::default() })
+        Ok(Self {
+            space,
+            batch,
+            objectives,
+            rng: Rng::seeded(seed),
+            next_id: 0,
+            generation: 0,
+            pending: BTreeMap::new(),
+            told: 0,
+            best: BestSoFar::default(),
+        })
     }
 }
 
@@ -46,9 +56,8 @@ impl Optimizer for RandomSearch {
     fn ask(&mut self) -> Vec<Candidate> {
         if self.pending.is_empty() {
             for _ in 0..self.batch {
-                let g: Vec<f64> = (0..self.space.dim())
-                    .map(|i| self.space.lower[i] + (self.space.upper[i] - self.space.lower[i]) * self.rng.uniform())
-                    .collect();
+                let g: Vec<f64> =
+                    (0..self.space.dim()).map(|i| self.space.lower[i] + (self.space.upper[i] - self.space.lower[i]) * self.rng.uniform()).collect();
                 self.pending.insert(self.next_id, g);
                 self.next_id += 1;
             }

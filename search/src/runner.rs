@@ -111,7 +111,13 @@ impl Runner {
 
     /// Continues the run saved at `checkpoint` (falling back to the previous checkpoint when the
     /// latest is unreadable); `expected` is the optimizer the run must be using.
-    pub fn resume(checkpoint: PathBuf, expected: &str, budget: Budget, cancel: Arc<AtomicBool>, observer: &mut dyn Observer) -> Result<Self, SearchError> {
+    pub fn resume(
+        checkpoint: PathBuf,
+        expected: &str,
+        budget: Budget,
+        cancel: Arc<AtomicBool>,
+        observer: &mut dyn Observer,
+    ) -> Result<Self, SearchError> {
         let read = |p: &Path| -> Result<(RunState, OptimizerState), SearchError> {
             let text = std::fs::read_to_string(p).map_err(|e| SearchError::BadCheckpoint(format!("{}: {e}", p.display())))?;
             let run: RunState = serde_json::from_str(&text).map_err(|e| SearchError::BadCheckpoint(format!("{}: {e}", p.display())))?;
@@ -331,10 +337,13 @@ mod tests {
         let mut r = Runner::new(cmaes(), Budget { max_evaluations: Some(25), ..Default::default() }, None, flag);
         let mut n = 0;
         let t = r
-            .run(&mut |c: &Candidate| {
-                n += 1;
-                if n % 5 == 0 { Outcome::Failed("nan".into()) } else { objective(c) }
-            }, &mut Silent)
+            .run(
+                &mut |c: &Candidate| {
+                    n += 1;
+                    if n % 5 == 0 { Outcome::Failed("nan".into()) } else { objective(c) }
+                },
+                &mut Silent,
+            )
             .expect("run");
         assert_eq!(t, Termination::Evaluations);
         let evals = r.optimizer().evaluations();

@@ -9,10 +9,7 @@ pub fn sphere(x: &[f64]) -> f64 {
 /// Σ 10^(6·i/(n−1)) xᵢ² (condition number 1e6).
 pub fn ellipsoid(x: &[f64]) -> f64 {
     let n = x.len();
-    x.iter()
-        .enumerate()
-        .map(|(i, v)| 10f64.powf(6.0 * i as f64 / (n.max(2) - 1) as f64) * v * v)
-        .sum()
+    x.iter().enumerate().map(|(i, v)| 10f64.powf(6.0 * i as f64 / (n.max(2) - 1) as f64) * v * v).sum()
 }
 
 /// Σ 100(xᵢ₊₁ − xᵢ²)² + (1 − xᵢ)²; minimum 0 at (1, …, 1).
@@ -52,9 +49,5 @@ fn zdt_g(x: &[f64]) -> f64 {
 pub fn dtlz2(x: &[f64]) -> Vec<f64> {
     let g: f64 = x[2..].iter().map(|v| (v - 0.5).powi(2)).sum();
     let h = std::f64::consts::FRAC_PI_2;
-    vec![
-        (1.0 + g) * (x[0] * h).cos() * (x[1] * h).cos(),
-        (1.0 + g) * (x[0] * h).cos() * (x[1] * h).sin(),
-        (1.0 + g) * (x[0] * h).sin(),
-    ]
+    vec![(1.0 + g) * (x[0] * h).cos() * (x[1] * h).cos(), (1.0 + g) * (x[0] * h).cos() * (x[1] * h).sin(), (1.0 + g) * (x[0] * h).sin()]
 }

@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
-use plotters::prelude::*;
 use evomerge_run::run_dir::{BEST as BEST_MERGE, write_atomic};
 use evomerge_run::{EvaluationRecord, Experiment, Reference, RunDir, best_by_mean, ranked};
+use plotters::prelude::*;
 use serde_json::Value;
 
 #[derive(Debug, Args)]
@@ -161,9 +161,7 @@ fn front_plot(path: &Path, names: &[String], ps: &[EvaluationRecord], dfs: &[Eva
         if ok.is_empty() {
             continue;
         }
-        chart
-            .draw_series(ok.iter().filter_map(|r| xy(r)).map(|p| Circle::new(p, 3, color.mix(0.35).filled())))
-            .map_err(plot_err)?;
+        chart.draw_series(ok.iter().filter_map(|r| xy(r)).map(|p| Circle::new(p, 3, color.mix(0.35).filled()))).map_err(plot_err)?;
         let f: Vec<(f64, f64)> = ranked(recs).into_iter().filter_map(xy).collect();
         chart
             .draw_series(LineSeries::new(f.clone(), color.stroke_width(2)).point_size(4))
@@ -212,13 +210,7 @@ fn front_plot(path: &Path, names: &[String], ps: &[EvaluationRecord], dfs: &[Eva
     .into_iter()
     .min_by_key(|c| c.0)
     .map_or(SeriesLabelPosition::UpperRight, |c| c.1);
-    chart
-        .configure_series_labels()
-        .position(position)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(plot_err)?;
+    chart.configure_series_labels().position(position).background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(plot_err)?;
     root.present().map_err(plot_err)
 }
 
@@ -272,11 +264,14 @@ fn path_plot(path: &Path, exp: &Experiment, best: &EvaluationRecord, layers: &[u
         let genome = best.genome.clone();
         l.decode(&genome)?
     };
-    let offsets: Vec<usize> = layers.iter().scan(0, |s, &c| {
-        let o = *s;
-        *s += c;
-        Some(o)
-    }).collect();
+    let offsets: Vec<usize> = layers
+        .iter()
+        .scan(0, |s, &c| {
+            let o = *s;
+            *s += c;
+            Some(o)
+        })
+        .collect();
     let total: usize = layers.iter().sum();
     let hops = &path_json.hops;
     let root = SVGBackend::new(path, (760, 460)).into_drawing_area();
@@ -370,7 +365,13 @@ pub fn run(args: ReportArgs) -> Result<()> {
         front_plot(&out.join("front.svg"), &names, &ps, &dfs, &refs)?;
         let _ = writeln!(md, "![Pareto front](front.svg)\n");
         let f = ranked(&ps);
-        let _ = writeln!(md, "Parameter-space Pareto front ({} members):\n\n| id | {} |\n|---|{}", f.len(), names.join(" | "), "---|".repeat(names.len()));
+        let _ = writeln!(
+            md,
+            "Parameter-space Pareto front ({} members):\n\n| id | {} |\n|---|{}",
+            f.len(),
+            names.join(" | "),
+            "---|".repeat(names.len())
+        );
         for r in f {
             let vals: Vec<String> = names.iter().map(|n| objective(r, n).map_or("-".into(), |v| format!("{v:.4}"))).collect();
             let _ = writeln!(md, "| {} | {} |", r.id, vals.join(" | "));
@@ -388,11 +389,7 @@ pub fn run(args: ReportArgs) -> Result<()> {
     if let (Some(b), Some(df)) = (best_dfs, &exp.dataflow) {
         let mut layers = vec![];
         for m in &df.models {
-            let dir = if m == BEST_MERGE {
-                exp.merge.base_model.clone().unwrap_or_else(|| exp.merge.models[0].clone())
-            } else {
-                m.clone()
-            };
+            let dir = if m == BEST_MERGE { exp.merge.base_model.clone().unwrap_or_else(|| exp.merge.models[0].clone()) } else { m.clone() };
             let cfg = evomerge_engine::io::ModelConfig::from_dir(&evomerge_engine::io::resolve_model(&dir, None)?)?;
             layers.push(cfg.num_hidden_layers);
         }

@@ -167,9 +167,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     }
     let opts = GenerateOptions { max_new_tokens: args.max_new_tokens, eos: eos_ids(&dir)? };
     let stops = &args.stop;
-    let hit = |ids: &[u32]| -> bool {
-        !stops.is_empty() && tok.decode(ids, false).is_ok_and(|t| stops.iter().any(|s| t.contains(s.as_str())))
-    };
+    let hit = |ids: &[u32]| -> bool { !stops.is_empty() && tok.decode(ids, false).is_ok_and(|t| stops.iter().any(|s| t.contains(s.as_str()))) };
     let out = m.generate(std::slice::from_ref(&prompt), &opts, &|_, ids| hit(ids))?;
     let g = &out[0];
     let mut text = tok.decode(&g.tokens, true)?;
@@ -179,10 +177,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
         }
     }
     if args.json {
-        println!(
-            "{}",
-            json!({"model": args.model, "prompt_ids": prompt, "new_ids": g.tokens, "text": text, "stop_reason": g.reason})
-        );
+        println!("{}", json!({"model": args.model, "prompt_ids": prompt, "new_ids": g.tokens, "text": text, "stop_reason": g.reason}));
     } else {
         println!("{text}");
         eprintln!("[{} new tokens, stopped: {:?}]", g.tokens.len(), g.reason);

@@ -255,10 +255,8 @@ fn export_dataflow(args: &ExportArgs, pick: &str) -> Result<()> {
         }
     }
     let result = (|| -> Result<String> {
-        let layers: Vec<usize> = paths
-            .iter()
-            .map(|p| evomerge_engine::io::ModelConfig::from_dir(Path::new(p)).map(|c| c.num_hidden_layers))
-            .collect::<Result<_, _>>()?;
+        let layers: Vec<usize> =
+            paths.iter().map(|p| evomerge_engine::io::ModelConfig::from_dir(Path::new(p)).map(|c| c.num_hidden_layers)).collect::<Result<_, _>>()?;
         let layout = evomerge_engine::dataflow::DataFlowLayout::new(&layers, &df.genome)?;
         let path = layout.decode(&rec.genome)?;
         let yaml = dataflow_recipe(&path, &paths, &dtype);

@@ -14,9 +14,11 @@ use evomerge_run::{Experiment, Notice, Reference, RunDir, RunEnd, RunObserver, R
 use evomerge_search::{Candidate, Outcome};
 
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:\n  evomerge search experiments/demo.toml\n  evomerge search experiments/search-tiny.toml --run-dir runs/try1 --workers 1\n\n\
+#[command(
+    after_help = "Examples:\n  evomerge search experiments/demo.toml\n  evomerge search experiments/search-tiny.toml --run-dir runs/try1 --workers 1\n\n\
 The experiment file format is documented in experiments/README.md. Ctrl-C writes a checkpoint;\n\
-`evomerge resume RUN_DIR` continues the run.")]
+`evomerge resume RUN_DIR` continues the run."
+)]
 pub struct SearchArgs {
     /// Experiment TOML file.
     pub experiment: PathBuf,
@@ -264,9 +266,5 @@ fn print_standing(refs: &[Reference], run_dir: &RunDir) {
     }
     let best = rows.iter().map(|r| r.2).fold(f64::INFINITY, f64::min);
     let beaten = refs.iter().filter(|r| r.mean_minimized().is_some_and(|m| best < m)).count();
-    println!(
-        "the best searched candidate beats {beaten} of {} references{}",
-        refs.len(),
-        if multi { " on the mean of the objectives" } else { "" }
-    );
+    println!("the best searched candidate beats {beaten} of {} references{}", refs.len(), if multi { " on the mean of the objectives" } else { "" });
 }

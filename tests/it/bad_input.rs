@@ -142,7 +142,11 @@ fn unknown_yaml_key() {
 
 #[test]
 fn unknown_parameter() {
-    let (c, e) = fail(&with_a("{F}/models/llama-tiny-a").replace("{weight: 0.5}\n  - model: {F}/models/llama-tiny-b", "{weight: 0.5, densty: 0.3}\n  - model: {F}/models/llama-tiny-b"), |_| {});
+    let (c, e) = fail(
+        &with_a("{F}/models/llama-tiny-a")
+            .replace("{weight: 0.5}\n  - model: {F}/models/llama-tiny-b", "{weight: 0.5, densty: 0.3}\n  - model: {F}/models/llama-tiny-b"),
+        |_| {},
+    );
     assert_fails(c, &e, &["unknown parameter 'densty'", "weight"]);
 }
 
@@ -164,12 +168,8 @@ fn output_directory_not_writable() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let blocker = tmp.path().join("file");
     std::fs::write(&blocker, "x").expect("write");
-    let o = Command::new(bin())
-        .current_dir(fixtures())
-        .args(["merge", "merges/linear.yaml", "--out"])
-        .arg(blocker.join("out"))
-        .output()
-        .expect("run");
+    let o =
+        Command::new(bin()).current_dir(fixtures()).args(["merge", "merges/linear.yaml", "--out"]).arg(blocker.join("out")).output().expect("run");
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("output") && err.contains("file/out"), "{err}");

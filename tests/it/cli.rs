@@ -23,7 +23,9 @@ fn merge_writes_a_loadable_checkpoint_equal_to_mergekit() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("merged 39 tensors"), "{stdout}");
     // written files
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md", "mergekit_config.yml"] {
+    for f in
+        ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "README.md", "mergekit_config.yml"]
+    {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     assert_eq!(load(&out), load(&fixtures().join("merges").join("ties")));
@@ -32,22 +34,26 @@ fn merge_writes_a_loadable_checkpoint_equal_to_mergekit() {
     assert_eq!(cfg["dtype"], "float32");
     let card = std::fs::read_to_string(out.join("README.md")).expect("card");
     assert!(card.contains("ties") && card.contains("models/llama-tiny-base (base)"), "{card}");
-    assert_eq!(std::fs::read_to_string(out.join("mergekit_config.yml")).expect("recipe"),
-        std::fs::read_to_string(fixtures().join("merges/ties.yaml")).expect("yaml"));
+    assert_eq!(
+        std::fs::read_to_string(out.join("mergekit_config.yml")).expect("recipe"),
+        std::fs::read_to_string(fixtures().join("merges/ties.yaml")).expect("yaml")
+    );
 }
 
 #[test]
 fn sharded_bf16_output_reads_back_through_the_index() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let yaml = tmp.path().join("r.yaml");
-    let text = std::fs::read_to_string(fixtures().join("merges/task_arithmetic.yaml")).expect("yaml")
+    let text = std::fs::read_to_string(fixtures().join("merges/task_arithmetic.yaml"))
+        .expect("yaml")
         .replace("out_dtype: float32", "out_dtype: bfloat16")
         .replace("models/", &format!("{}/models/", fixtures().display()));
     std::fs::write(&yaml, text).expect("write");
     let out = tmp.path().join("out");
     let o = Command::new(bin()).args(["merge"]).arg(&yaml).arg("--out").arg(&out).args(["--shard-size", "100KB"]).output().expect("run");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).expect("index")).expect("json");
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).expect("index")).expect("json");
     let shards: std::collections::BTreeSet<&str> = index["weight_map"].as_object().expect("map").values().filter_map(|v| v.as_str()).collect();
     assert!(shards.len() > 3, "{shards:?}");
     assert_eq!(index["metadata"]["total_size"], 186_432 * 2);
@@ -117,10 +123,20 @@ fn readme_first_command_works() {
     let exp = tmp.path().join("demo.toml");
     std::fs::write(&exp, text).expect("write");
     let run = tmp.path().join("run");
-    let o = Command::new(bin()).args(["search", &exp.display().to_string(), "--run-dir", &run.display().to_string(), "--progress", "off"]).output().expect("run");
+    let o = Command::new(bin())
+        .args(["search", &exp.display().to_string(), "--run-dir", &run.display().to_string(), "--progress", "off"])
+        .output()
+        .expect("run");
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for needle in ["searched: candidate", "searched + data flow", "source: expert-add", "source: expert-reverse", "baseline: task_arithmetic at the start point", "references"] {
+    for needle in [
+        "searched: candidate",
+        "searched + data flow",
+        "source: expert-add",
+        "source: expert-reverse",
+        "baseline: task_arithmetic at the start point",
+        "references",
+    ] {
         assert!(out.contains(needle), "'{needle}' not in:\n{out}");
     }
 }

@@ -48,8 +48,7 @@ fn multiple_choice_log_likelihoods_equal_the_transformers_references() {
     let mut m = model::open_dir(crate::common::test_device(), &dir).expect("model");
     let tok = Tokenizer::from_dir(&dir).expect("tokenizer");
     let r = task.evaluate(m.as_mut(), &tok, 1, &EvalOptions::default()).expect("eval");
-    let refs: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("refs/llama-tiny-a.json")).expect("refs")).expect("json");
+    let refs: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("refs/llama-tiny-a.json")).expect("refs")).expect("json");
     for (item, mc) in r.items.iter().zip(refs["multiple_choice"].as_array().expect("mc")) {
         for (got, c) in item.logliks.iter().zip(mc["choices"].as_array().expect("choices")) {
             let want = c["sum_logprob"].as_f64().expect("sum");
@@ -82,9 +81,7 @@ fn arc_preset_reads_jsonl_and_parquet_alike() {
 #[test]
 fn gsm8k_preset_generates_extracts_and_matches() {
     let m = model_dir("llama-tiny-b").display().to_string();
-    let r = eval_json(&[
-        "--model", &m, "--task", "gsm8k", "--data", &data("gsm8k_sample.jsonl").display().to_string(), "--limit", "2",
-    ]);
+    let r = eval_json(&["--model", &m, "--task", "gsm8k", "--data", &data("gsm8k_sample.jsonl").display().to_string(), "--limit", "2"]);
     assert_eq!(r["metric"], "exact_match");
     assert_eq!(r["n"], 2);
     // A random tiny model does not write "#### N": lm-eval's "[invalid]", scored 0.
@@ -103,7 +100,10 @@ fn winogrande_puts_each_option_in_the_context_and_scores_the_rest() {
     let task = Task::load(spec, Some(&data("winogrande_sample.jsonl")), None).expect("task");
     let reqs = task.requests(0, &task.items[0]).expect("requests");
     let ctx: Vec<&str> = reqs.iter().map(|r| r.0.as_str()).collect();
-    assert_eq!(ctx, ["The trophy doesn't fit into the brown suitcase because the trophy", "The trophy doesn't fit into the brown suitcase because the suitcase"]);
+    assert_eq!(
+        ctx,
+        ["The trophy doesn't fit into the brown suitcase because the trophy", "The trophy doesn't fit into the brown suitcase because the suitcase"]
+    );
     assert!(reqs.iter().all(|r| r.1 == " is too large."), "{reqs:?}");
     assert_eq!(task.items[1].gold, evomerge_datasets::Gold::Choice(1), "answer \"2\" = option2");
 

@@ -103,7 +103,8 @@ fn slerp_midpoint_of_orthogonal_unit_vectors_stays_on_the_sphere() {
     let (a, b) = (vec![1.0f32, 0.0], vec![0.0f32, 1.0]);
     let mut g = Params::default();
     g.set("t", 0.5);
-    let input = MergeInput { tensor: "w", shape: &[2], tensors: vec![&a, &b], base: Some(0), model_params: vec![Params::default(); 2], params: g, seed: 0 };
+    let input =
+        MergeInput { tensor: "w", shape: &[2], tensors: vec![&a, &b], base: Some(0), model_params: vec![Params::default(); 2], params: g, seed: 0 };
     let out = merge::base::merge_to_vec(m, &input).expect("ok");
     let h = std::f32::consts::FRAC_1_SQRT_2;
     assert!((out[0] - h).abs() < 1e-6 && (out[1] - h).abs() < 1e-6, "{out:?}");
@@ -130,7 +131,8 @@ fn nearswap_moves_only_close_weights() {
     let mut g = Params::default();
     g.set("t", 0.1);
     let (v0, v1) = (vec![0.0f32, 0.0], vec![0.05f32, 1.0]);
-    let input = MergeInput { tensor: "w", shape: &[2], tensors: vec![&v0, &v1], base: Some(0), model_params: vec![Params::default(); 2], params: g, seed: 0 };
+    let input =
+        MergeInput { tensor: "w", shape: &[2], tensors: vec![&v0, &v1], base: Some(0), model_params: vec![Params::default(); 2], params: g, seed: 0 };
     let out = merge::base::merge_to_vec(m, &input).expect("ok");
     // |diff| 0.05 < t -> fully swapped; |diff| 1 -> λ = 0.1
     assert_eq!(out[0], 0.05);
@@ -144,7 +146,15 @@ fn sce_select_topk_keeps_high_variance_elements() {
     let (a, b) = (vec![1.0f32, 0.1, 0.0, 0.0], vec![-1.0f32, 0.1, 0.0, 0.0]);
     let mut g = Params::default();
     g.set("select_topk", 0.5);
-    let input = MergeInput { tensor: "w", shape: &[4], tensors: vec![&base, &a, &b], base: Some(0), model_params: vec![Params::default(); 3], params: g, seed: 0 };
+    let input = MergeInput {
+        tensor: "w",
+        shape: &[4],
+        tensors: vec![&base, &a, &b],
+        base: Some(0),
+        model_params: vec![Params::default(); 3],
+        params: g,
+        seed: 0,
+    };
     let out = merge::base::merge_to_vec(m, &input).expect("ok");
     // one element has non-zero variance, so k = ⌊0.5·1⌋ = 0 elements survive selection
     assert_eq!(out, vec![0.0; 4]);

@@ -12,8 +12,7 @@ fn model(name: &str) -> String {
 }
 
 fn refs(name: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join("refs").join(format!("{name}.json"))).expect("refs"))
-        .expect("json")
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("refs").join(format!("{name}.json"))).expect("refs")).expect("json")
 }
 
 #[test]
@@ -79,18 +78,28 @@ fn bad_inputs_are_clear_errors() {
     // Token id out of vocabulary.
     assert_fails(&["score", "-m", &model("llama-tiny-a"), "--token-ids", "1,300"], &["token id 300", "vocabulary (size 300)"]);
     // Unsupported architecture: named, with the supported list.
-    let gpt2 = broken(&t.join("gpt2"), |c| {
-        c.insert("model_type".into(), "gpt2".into());
-        c.insert("architectures".into(), serde_json::json!(["GPT2LMHeadModel"]));
-    }, &[], &[]);
+    let gpt2 = broken(
+        &t.join("gpt2"),
+        |c| {
+            c.insert("model_type".into(), "gpt2".into());
+            c.insert("architectures".into(), serde_json::json!(["GPT2LMHeadModel"]));
+        },
+        &[],
+        &[],
+    );
     assert_fails(&["score", "-m", &gpt2, "--text", "hi"], &["GPT2LMHeadModel", "llama, mistral, qwen2, qwen3"]);
     // Missing tensor.
     let missing = broken(&t.join("missing"), |_| {}, &[], &["model.layers.2.mlp.up_proj.weight"]);
     assert_fails(&["score", "-m", &missing, "--text", "hi"], &["model.layers.2.mlp.up_proj.weight"]);
     // Prompt longer than the context.
-    let short = broken(&t.join("short"), |c| {
-        c.insert("max_position_embeddings".into(), 8.into());
-    }, &[], &[]);
+    let short = broken(
+        &t.join("short"),
+        |c| {
+            c.insert("max_position_embeddings".into(), 8.into());
+        },
+        &[],
+        &[],
+    );
     assert_fails(&["score", "-m", &short, "--text", "the robot merged two apples. the owl"], &["longer than the model's context (8 positions)"]);
     assert_fails(&["generate", "-m", &short, "--prompt", "the robot merged two apples"], &["prompt 0", "longer than the model's context"]);
     // NaN weights: a typed, candidate-scoped error, not garbage numbers.

@@ -17,22 +17,15 @@ struct Refs {
 }
 
 fn load_refs(stem: &Path) -> Refs {
-    let json: Value =
-        serde_json::from_str(&std::fs::read_to_string(stem.with_extension("json")).expect("ref json")).expect("json");
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(stem.with_extension("json")).expect("ref json")).expect("json");
     let bytes = std::fs::read(stem.with_extension("safetensors")).expect("ref safetensors");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse refs");
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {
         let data = view.data();
         let vals: Vec<f64> = match view.dtype() {
-            safetensors::Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-                .collect(),
-            safetensors::Dtype::I64 => data
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64)
-                .collect(),
+            safetensors::Dtype::F32 => data.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect(),
+            safetensors::Dtype::I64 => data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64).collect(),
             other => panic!("unexpected dtype {other:?} in refs"),
         };
         tensors.insert(name, (view.shape().to_vec(), vals));
@@ -114,10 +107,8 @@ fn log_likelihoods_and_greedy_generations_match_transformers() {
         for mc in refs.json["multiple_choice"].as_array().expect("mc") {
             let ctx = ids(&mc["context_ids"]);
             let choices = mc["choices"].as_array().expect("choices");
-            let reqs: Vec<ScoreRequest> = choices
-                .iter()
-                .map(|c| ScoreRequest { context: ctx.clone(), continuation: ids(&c["continuation_ids"]) })
-                .collect();
+            let reqs: Vec<ScoreRequest> =
+                choices.iter().map(|c| ScoreRequest { context: ctx.clone(), continuation: ids(&c["continuation_ids"]) }).collect();
             let got = m.score(&reqs, 3).expect("score mc");
             for (c, g) in choices.iter().zip(&got) {
                 let want = c["sum_logprob"].as_f64().expect("sum");
@@ -126,12 +117,7 @@ fn log_likelihoods_and_greedy_generations_match_transformers() {
                     assert!((gt - wt.as_f64().expect("lp")).abs() <= crate::common::tol(1e-4, 1e-2), "{name}: token log-prob");
                 }
             }
-            let best = got
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.sum.total_cmp(&b.1.sum))
-                .map(|(i, _)| i)
-                .expect("choices");
+            let best = got.iter().enumerate().max_by(|a, b| a.1.sum.total_cmp(&b.1.sum)).map(|(i, _)| i).expect("choices");
             if let Some(want) = mc.get("best_choice").and_then(Value::as_u64) {
                 assert_eq!(best as u64, want, "{name}: best choice");
             }
@@ -154,10 +140,8 @@ fn log_likelihoods_and_greedy_generations_match_transformers() {
 fn padded_batches_equal_single_sequences() {
     let mut m = open(&fixtures().join("models").join("llama-tiny-a"));
     let refs = load_refs(&fixtures().join("refs").join("llama-tiny-a"));
-    let seqs: Vec<Vec<u32>> =
-        refs.json["sequences"].as_array().expect("seqs").iter().map(|s| ids(&s["input_ids"])).collect();
-    let reqs: Vec<ScoreRequest> =
-        seqs.iter().map(|t| ScoreRequest { context: t[..2].to_vec(), continuation: t[2..].to_vec() }).collect();
+    let seqs: Vec<Vec<u32>> = refs.json["sequences"].as_array().expect("seqs").iter().map(|s| ids(&s["input_ids"])).collect();
+    let reqs: Vec<ScoreRequest> = seqs.iter().map(|t| ScoreRequest { context: t[..2].to_vec(), continuation: t[2..].to_vec() }).collect();
     let batched = m.score(&reqs, 4).expect("batched");
     for (r, b) in reqs.iter().zip(&batched) {
         let single = m.score(std::slice::from_ref(r), 1).expect("single");

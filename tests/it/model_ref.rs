@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use evomerge_engine::io::ModelConfig;
-use evomerge_engine::model::{self, GenerateOptions, Hop, LayerPath, LanguageModel};
+use evomerge_engine::model::{self, GenerateOptions, Hop, LanguageModel, LayerPath};
 use evomerge_engine::{Checkpoint, TensorSource};
 use serde_json::Value;
 
@@ -40,9 +40,7 @@ fn rms(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
 /// `W [out, in] · x (+ b)`.
 fn mv(w: &[f64], x: &[f64], b: Option<&[f64]>) -> Vec<f64> {
     let n = x.len();
-    (0..w.len() / n)
-        .map(|o| w[o * n..(o + 1) * n].iter().zip(x).map(|(a, b)| a * b).sum::<f64>() + b.map_or(0.0, |b| b[o]))
-        .collect()
+    (0..w.len() / n).map(|o| w[o * n..(o + 1) * n].iter().zip(x).map(|(a, b)| a * b).sum::<f64>() + b.map_or(0.0, |b| b[o])).collect()
 }
 
 fn rope(v: &mut [f64], pos: usize, theta: f64) {
@@ -100,12 +98,8 @@ fn reference(models: &[RefModel], path: &LayerPath, ids: &[u32], window: Option<
             for head in 0..nh {
                 let kvh = head / g;
                 let keys: Vec<usize> = (0..=i).filter(|&j| window.is_none_or(|win| i - j < win)).collect();
-                let scores: Vec<f64> = keys
-                    .iter()
-                    .map(|&j| {
-                        (0..hd).map(|d| qs[i][head * hd + d] * ks[j][kvh * hd + d]).sum::<f64>() / (hd as f64).sqrt()
-                    })
-                    .collect();
+                let scores: Vec<f64> =
+                    keys.iter().map(|&j| (0..hd).map(|d| qs[i][head * hd + d] * ks[j][kvh * hd + d]).sum::<f64>() / (hd as f64).sqrt()).collect();
                 let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let z: f64 = e.iter().sum();
@@ -155,10 +149,8 @@ pub fn variant(src: &str, dst: &Path, edit: impl Fn(&mut serde_json::Map<String,
             tensors.insert(name, (vec![*len], data));
         }
     }
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .into_iter()
-        .map(|(n, (s, d))| (n, s, d.iter().flat_map(|v| v.to_le_bytes()).collect()))
-        .collect();
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
+        tensors.into_iter().map(|(n, (s, d))| (n, s, d.iter().flat_map(|v| v.to_le_bytes()).collect())).collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
         .iter()
         .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).expect("view")))
@@ -218,10 +210,7 @@ fn qwen2_qwen3_and_mistral_features_agree_with_the_reference() {
                     c.insert("model_type".into(), "qwen3".into());
                     c.insert("architectures".into(), serde_json::json!(["Qwen3ForCausalLM"]));
                 },
-                &[
-                    ("model.layers.{layer}.self_attn.q_norm.weight", 16, 1.0),
-                    ("model.layers.{layer}.self_attn.k_norm.weight", 16, 1.0),
-                ],
+                &[("model.layers.{layer}.self_attn.q_norm.weight", 16, 1.0), ("model.layers.{layer}.self_attn.k_norm.weight", 16, 1.0)],
                 &[],
             ),
             _ => variant(
@@ -294,8 +283,7 @@ fn data_flow_path_matches_the_reference_and_generates_through_the_cache() {
 
     // Greedy generation with the per-hop KV cache == argmax of full recomputation.
     let prompt = IDS[..6].to_vec();
-    let out = m.generate(std::slice::from_ref(&prompt), &GenerateOptions { max_new_tokens: 6, eos: vec![] }, &|_, _| false)
-        .expect("generate");
+    let out = m.generate(std::slice::from_ref(&prompt), &GenerateOptions { max_new_tokens: 6, eos: vec![] }, &|_, _| false).expect("generate");
     let mut seq = prompt.clone();
     let v = m.info().dims.vocab;
     for _ in 0..6 {

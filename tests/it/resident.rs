@@ -4,11 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
+use evomerge_engine::Checkpoint;
 use evomerge_engine::executor::merge_to_memory;
 use evomerge_engine::model::{self, DeviceSpec, LanguageModel, ModelSpec};
 use evomerge_engine::recipe::{MergePlan, Recipe};
 use evomerge_engine::resident::ResidentMerge;
-use evomerge_engine::Checkpoint;
 use serde_json::json;
 
 use crate::common::fixtures;

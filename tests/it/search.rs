@@ -64,10 +64,8 @@ fn search_writes_the_run_directory_and_the_best_recipe_reproduces_its_score() {
     let out = tmp.path().join("best-model");
     run_ok(&["merge", &run.join("best.yaml").display().to_string(), "--out", &out.display().to_string()]);
     let task = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/tasks/text-ppl.toml");
-    let v: Value = serde_json::from_str(&run_ok(&[
-        "eval", "--model", &out.display().to_string(), "--task", &task.display().to_string(), "--json",
-    ]))
-    .expect("json");
+    let v: Value = serde_json::from_str(&run_ok(&["eval", "--model", &out.display().to_string(), "--task", &task.display().to_string(), "--json"]))
+        .expect("json");
     let got = v["value"].as_f64().expect("value");
     assert!((got - best).abs() <= 1e-9 * best, "exported model: {got} vs recorded {best}");
     // A second search into the same directory is refused.
@@ -147,7 +145,8 @@ fn nsga2_finds_a_front_that_status_lists_and_export_writes() {
     };
     assert!(first_weights(&run).iter().all(|w| w.iter().any(|&x| x != 0.0 && x != 1.0)), "no source genome by default");
     let seeded = tmp.path().join("seeded.toml");
-    std::fs::write(&seeded, std::fs::read_to_string(&exp).expect("read").replace("kind = \"nsga2\"", "kind = \"nsga2\"\nseed_sources = true")).expect("write");
+    std::fs::write(&seeded, std::fs::read_to_string(&exp).expect("read").replace("kind = \"nsga2\"", "kind = \"nsga2\"\nseed_sources = true"))
+        .expect("write");
     let run2 = tmp.path().join("run-seeded");
     run_ok(&["search", &seeded.display().to_string(), "--run-dir", &run2.display().to_string()]);
     let weights = first_weights(&run2);
@@ -190,7 +189,16 @@ fn nsga2_finds_a_front_that_status_lists_and_export_writes() {
         })
         .collect();
     std::fs::write(&path, lines.join("\n") + "\n").expect("rewrite");
-    let export = |pick: &str| run_ok(&["export", &run.display().to_string(), "--pick", pick, "--out", &tmp.path().join(format!("x-{}", pick.replace(':', ""))).display().to_string()]);
+    let export = |pick: &str| {
+        run_ok(&[
+            "export",
+            &run.display().to_string(),
+            "--pick",
+            pick,
+            "--out",
+            &tmp.path().join(format!("x-{}", pick.replace(':', ""))).display().to_string(),
+        ])
+    };
     assert!(export("front:0").contains("exported candidate 1 "));
     let msg = export("best");
     assert!(msg.contains("exported candidate 2 "), "{msg}");
@@ -235,7 +243,8 @@ fn bad_experiments_are_clear_errors() {
     }
     // seed_sources belongs to the parameter-space optimizer; the data-flow stage starts at model A.
     let df = dataflow_experiment(tmp.path(), 4, 4);
-    std::fs::write(&df, std::fs::read_to_string(&df).expect("read").replace("population = 4 }", "population = 4, seed_sources = true }")).expect("write");
+    std::fs::write(&df, std::fs::read_to_string(&df).expect("read").replace("population = 4 }", "population = 4, seed_sources = true }"))
+        .expect("write");
     let (code, _, err) = crate::common::run(&["search", &df.display().to_string(), "--dry-run"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("dataflow.optimizer.seed_sources"), "{err}");
@@ -337,18 +346,17 @@ fn dataflow_stage_runs_resumes_after_a_kill_and_exports_a_checkpoint_that_scores
 fn in_place_and_streamed_candidates_record_the_same_evaluations() {
     let tmp = tempfile::tempdir().expect("tmp");
     let exp = experiment(tmp.path(), 8);
-    let text = std::fs::read_to_string(&exp).expect("read").replace("method = \"ties\"", "method = \"task_arithmetic\"").replace(
-        "search = [\"weight\", \"density\"]",
-        "search = [\"weight\"]",
-    );
+    let text = std::fs::read_to_string(&exp)
+        .expect("read")
+        .replace("method = \"ties\"", "method = \"task_arithmetic\"")
+        .replace("search = [\"weight\", \"density\"]", "search = [\"weight\"]");
     std::fs::write(&exp, text).expect("write");
     let e = exp.display().to_string();
     // The base model in f32 is 4 bytes per parameter: the streamed path needs ≈ 8 per
     // parameter, the resident one 4 + 3·4 = 16; a cap of 10 leaves only the streamed path.
-    let params = std::fs::metadata(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama-tiny-base/model.safetensors"))
-        .expect("size")
-        .len()
-        / 4;
+    let params =
+        std::fs::metadata(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/llama-tiny-base/model.safetensors")).expect("size").len()
+            / 4;
     let cap = (10 * params).to_string();
     let dry = run_ok(&["search", &e, "--dry-run"]);
     assert!(dry.contains("merged in place"), "{dry}");
@@ -365,7 +373,8 @@ fn in_place_and_streamed_candidates_record_the_same_evaluations() {
     assert_eq!(ra, rb, "in-place and streamed candidates scored differently");
     // the GPU path (inputs held by the runtime, merged with burn ops), here on burn-ndarray
     let c = tmp.path().join("device");
-    let (code, _, err) = run_env(&["search", &e, "--run-dir", &c.display().to_string(), "--progress", "off", "--log", "info"], &[("EVOMERGE_DEVICE_MERGE", "1")]);
+    let (code, _, err) =
+        run_env(&["search", &e, "--run-dir", &c.display().to_string(), "--progress", "off", "--log", "info"], &[("EVOMERGE_DEVICE_MERGE", "1")]);
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("merged there"), "the device path was not taken: {err}");
     assert_eq!(records(&c), ra, "candidates merged on the device scored differently");
@@ -377,7 +386,8 @@ fn irt_experiment(dir: &Path, name: &str, calibration: usize) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let zoo = root.join("datasets/zoo");
     let data = dir.join("add.jsonl");
-    let lines: Vec<String> = std::fs::read_to_string(zoo.join("data/add-validation.jsonl")).expect("data").lines().take(40).map(String::from).collect();
+    let lines: Vec<String> =
+        std::fs::read_to_string(zoo.join("data/add-validation.jsonl")).expect("data").lines().take(40).map(String::from).collect();
     std::fs::write(&data, lines.join("\n")).expect("write data");
     let text = format!(
         "name = \"irt\"\nseed = 3\n[merge]\nmethod = \"task_arithmetic\"\nbase_model = \"{z}/base\"\nmodels = [\"{z}/expert-add\", \"{z}/expert-reverse\"]\n\
@@ -439,9 +449,8 @@ fn calibration_survives_a_kill_and_is_not_scored_again() {
     let run = tmp.path().join("killed");
     let cal_lines = || std::fs::read_to_string(run.join("calibration.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
     killed_when(&["search", &exp, "--run-dir", &run.display().to_string(), "--progress", "off", "--workers", "3"], || cal_lines() >= 7);
-    let whole = std::fs::read_to_string(run.join("calibration.jsonl")).map_or(0, |t| {
-        t.lines().skip(1).take_while(|l| serde_json::from_str::<Value>(l).is_ok()).count()
-    });
+    let whole = std::fs::read_to_string(run.join("calibration.jsonl"))
+        .map_or(0, |t| t.lines().skip(1).take_while(|l| serde_json::from_str::<Value>(l).is_ok()).count());
     let st = run_ok(&["status", &run.display().to_string()]);
     assert!(st.contains(&format!("calibration (anchor / IRT estimators): {} of 15 rows scored", whole.min(15))), "{st}");
     // as if the kill had cut a line in half

@@ -83,8 +83,14 @@ fn main() {
     let mixv: Vec<f64> = env::<String>("BASE_MIX", default_mix).split(',').map(|v| v.parse().expect("BASE_MIX")).collect();
     let base_stage = Stage { steps: env("BASE_STEPS", std.base.steps), lr: env("BASE_LR", std.base.lr), ..std.base.clone() };
     let t0 = std::time::Instant::now();
-    let base = train::train(TinyLlama::<T>::init(&d, seed, &dev), &d, &base_stage,
-        &[(pool("add"), mixv[0]), (pool("reverse"), mixv[1]), (pool("sort"), mixv[2])], &dev, |s, l| eprintln!("base {s} {l:.3}"));
+    let base = train::train(
+        TinyLlama::<T>::init(&d, seed, &dev),
+        &d,
+        &base_stage,
+        &[(pool("add"), mixv[0]), (pool("reverse"), mixv[1]), (pool("sort"), mixv[2])],
+        &dev,
+        |s, l| eprintln!("base {s} {l:.3}"),
+    );
     eprintln!("base trained in {:.0} s", t0.elapsed().as_secs_f64());
     let nval: usize = env("NVAL", 300);
     let val = |name: &str| &sk.iter().find(|s| s.0 == name).expect("a zoo skill").1.validation[..nval];
@@ -136,8 +142,24 @@ fn main() {
         let (at, rt) = (acc(&a, false), acc(&r, false));
         println!(
             "{spec} ({secs:.0} s): expert-add {:.3}/{:.3} m{:.3} | expert-rev {:.3}/{:.3} m{:.3} | grid {:.3} ({}, {}) {:.3}/{:.3} | search {:.3} {:.3}/{:.3} | TEST add-exp m{:.3} rev-exp m{:.3} grid m{:.3} search m{:.3}",
-            aa.0, aa.1, (aa.0 + aa.1) / 2.0, ra.0, ra.1, (ra.0 + ra.1) / 2.0, grid.0, grid.1, grid.2, grid.3 .0, grid.3 .1,
-            best.0, best.3 .0, best.3 .1, (at.0 + at.1) / 2.0, (rt.0 + rt.1) / 2.0, (gt.0 + gt.1) / 2.0, (st_.0 + st_.1) / 2.0
+            aa.0,
+            aa.1,
+            (aa.0 + aa.1) / 2.0,
+            ra.0,
+            ra.1,
+            (ra.0 + ra.1) / 2.0,
+            grid.0,
+            grid.1,
+            grid.2,
+            grid.3.0,
+            grid.3.1,
+            best.0,
+            best.3.0,
+            best.3.1,
+            (at.0 + at.1) / 2.0,
+            (rt.0 + rt.1) / 2.0,
+            (gt.0 + gt.1) / 2.0,
+            (st_.0 + st_.1) / 2.0
         );
     }
 }

@@ -158,12 +158,7 @@ pub fn build(out: &Path, cfg: &ZooConfig, log: &mut dyn FnMut(&str)) -> Result<Z
     let _ = std::fs::remove_dir_all(&tmp);
     for (name, m) in &models {
         let stage = if *name == "base" { &cfg.base } else { &cfg.expert };
-        let acc: Vec<String> = summary
-            .accuracy
-            .iter()
-            .filter(|a| a.0 == *name)
-            .map(|a| format!("| {} | {:.1} % |", a.1, a.2 * 100.0))
-            .collect();
+        let acc: Vec<String> = summary.accuracy.iter().filter(|a| a.0 == *name).map(|a| format!("| {} | {:.1} % |", a.1, a.2 * 100.0)).collect();
         export(m, &d, &tmp.join(name), &card(name, cfg, stage, &acc))?;
     }
     let data = tmp.join("data");

@@ -25,10 +25,7 @@ pub fn encode(text: &str) -> Vec<u32> {
 
 /// Text of ids, special tokens dropped.
 pub fn decode(ids: &[u32]) -> String {
-    ids.iter()
-        .filter(|&&i| (FIRST_CHAR..USED as u32).contains(&i))
-        .filter_map(|&i| char::from_u32(i - FIRST_CHAR + ' ' as u32))
-        .collect()
+    ids.iter().filter(|&&i| (FIRST_CHAR..USED as u32).contains(&i)).filter_map(|&i| char::from_u32(i - FIRST_CHAR + ' ' as u32)).collect()
 }
 
 /// The `tokenizer.json` document.

@@ -93,13 +93,11 @@ impl Architecture {
     pub fn for_config(cfg: &ModelConfig, path: &std::path::Path) -> Result<&'static Architecture> {
         let reg = Self::registry();
         let by_arch = cfg.architectures.first().and_then(|a| reg.iter().find(|r| r.architectures.contains(a)));
-        by_arch
-            .or_else(|| reg.iter().find(|r| r.model_types.contains(&cfg.model_type)))
-            .ok_or_else(|| EngineError::UnsupportedArchitecture {
-                path: path.to_path_buf(),
-                arch: cfg.architectures.first().cloned().unwrap_or_else(|| cfg.model_type.clone()),
-                supported: Self::supported(),
-            })
+        by_arch.or_else(|| reg.iter().find(|r| r.model_types.contains(&cfg.model_type))).ok_or_else(|| EngineError::UnsupportedArchitecture {
+            path: path.to_path_buf(),
+            arch: cfg.architectures.first().cloned().unwrap_or_else(|| cfg.model_type.clone()),
+            supported: Self::supported(),
+        })
     }
 
     /// Weights of one section, in declaration order.

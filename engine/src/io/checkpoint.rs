@@ -65,11 +65,7 @@ impl Checkpoint {
     /// The storage dtype of the checkpoint: the config's, else the first tensor's.
     pub fn dtype(&self) -> DType {
         self.config.dtype.unwrap_or_else(|| {
-            self.files
-                .iter()
-                .flat_map(|f| f.tensors().values())
-                .find_map(|m| DType::from_safetensors(m.dtype))
-                .unwrap_or(DType::F32)
+            self.files.iter().flat_map(|f| f.tensors().values()).find_map(|m| DType::from_safetensors(m.dtype)).unwrap_or(DType::F32)
         })
     }
 
@@ -109,16 +105,10 @@ impl Checkpoint {
         }
         for (tensor, file) in read_weight_map(&path)? {
             let Some(&i) = self.index.get(&tensor) else {
-                return Err(EngineError::BadJson {
-                    path,
-                    reason: format!("weight_map lists '{tensor}' in {file}, but no shard holds it"),
-                });
+                return Err(EngineError::BadJson { path, reason: format!("weight_map lists '{tensor}' in {file}, but no shard holds it") });
             };
             if self.files[i].path().file_name().and_then(|f| f.to_str()) != Some(file.as_str()) {
-                return Err(EngineError::BadJson {
-                    path,
-                    reason: format!("weight_map puts '{tensor}' in {file}, but it is in another shard"),
-                });
+                return Err(EngineError::BadJson { path, reason: format!("weight_map puts '{tensor}' in {file}, but it is in another shard") });
             }
         }
         Ok(())
@@ -153,10 +143,7 @@ fn shard_files(dir: &Path) -> Result<Vec<String>> {
     if dir.join(SINGLE_FILE).is_file() {
         return Ok(vec![SINGLE_FILE.to_string()]);
     }
-    Err(EngineError::ModelNotFound {
-        model: dir.display().to_string(),
-        reason: format!("no {SINGLE_FILE} or {INDEX_FILE} in the directory"),
-    })
+    Err(EngineError::ModelNotFound { model: dir.display().to_string(), reason: format!("no {SINGLE_FILE} or {INDEX_FILE} in the directory") })
 }
 
 impl TensorSource for Checkpoint {

@@ -65,14 +65,9 @@ impl ModelConfig {
 
     /// Parses the text of a `config.json`.
     pub fn parse(text: &str) -> std::result::Result<Self, String> {
-        let raw: Map<String, Value> =
-            serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        let raw: Map<String, Value> = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
         let need = |k: &str| get_usize(&raw, k).ok_or_else(|| format!("missing integer key '{k}'"));
-        let model_type = raw
-            .get("model_type")
-            .and_then(Value::as_str)
-            .ok_or("missing key 'model_type'")?
-            .to_string();
+        let model_type = raw.get("model_type").and_then(Value::as_str).ok_or("missing key 'model_type'")?.to_string();
         let architectures = raw
             .get("architectures")
             .and_then(Value::as_array)
@@ -87,10 +82,7 @@ impl ModelConfig {
         // transformers 5: rope_parameters {rope_theta, rope_type, factor, ...};
         // transformers 4: top-level rope_theta + optional rope_scaling {type|rope_type, ...}.
         let rope_params = raw.get("rope_parameters").and_then(Value::as_object);
-        let rope_theta = rope_params
-            .and_then(|p| get_f64(p, "rope_theta"))
-            .or_else(|| get_f64(&raw, "rope_theta"))
-            .unwrap_or(10000.0);
+        let rope_theta = rope_params.and_then(|p| get_f64(p, "rope_theta")).or_else(|| get_f64(&raw, "rope_theta")).unwrap_or(10000.0);
         let scaling_obj = raw.get("rope_scaling").and_then(Value::as_object).or(rope_params);
         let rope_scaling = match scaling_obj {
             Some(s) => parse_rope_scaling(s)?,

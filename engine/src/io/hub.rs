@@ -29,11 +29,7 @@ fn looks_like_hub_id(s: &str) -> bool {
     let id = s.split('@').next().unwrap_or(s);
     let parts: Vec<&str> = id.split('/').collect();
     parts.len() == 2
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                && !p.starts_with('.')
-        })
+        && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !p.starts_with('.'))
 }
 
 /// Resolves `reference` to a directory containing `config.json`.
@@ -52,10 +48,7 @@ pub fn resolve_model(reference: &str, base_dir: Option<&Path>) -> Result<PathBuf
     }
     if !looks_like_hub_id(reference) {
         let tried: Vec<String> = candidates.iter().map(|c| c.display().to_string()).collect();
-        return Err(EngineError::ModelNotFound {
-            model: reference.to_string(),
-            reason: format!("no such directory (tried {})", tried.join(", ")),
-        });
+        return Err(EngineError::ModelNotFound { model: reference.to_string(), reason: format!("no such directory (tried {})", tried.join(", ")) });
     }
     resolve_in_cache(reference, &hub_cache_dir())
 }

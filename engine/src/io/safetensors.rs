@@ -41,21 +41,14 @@ impl SafetensorsFile {
         // as SIGBUS, which is the documented limit of memory-mapped I/O.
         #[allow(unsafe_code)]
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;
-        let corrupt = |reason: String| EngineError::CorruptSafetensors {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let corrupt = |reason: String| EngineError::CorruptSafetensors { path: path.to_path_buf(), reason };
         let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
             corrupt(match e {
                 safetensors::SafeTensorError::HeaderTooSmall => {
                     format!("file is {} bytes, too short for a header", mmap.len())
                 }
-                safetensors::SafeTensorError::InvalidHeaderLength => {
-                    "header length points past the end of the file".to_string()
-                }
-                safetensors::SafeTensorError::MetadataIncompleteBuffer => {
-                    "tensor offsets do not match the file size (truncated file?)".to_string()
-                }
+                safetensors::SafeTensorError::InvalidHeaderLength => "header length points past the end of the file".to_string(),
+                safetensors::SafeTensorError::MetadataIncompleteBuffer => "tensor offsets do not match the file size (truncated file?)".to_string(),
                 other => other.to_string(),
             })
         })?;
@@ -65,11 +58,7 @@ impl SafetensorsFile {
             .into_iter()
             .map(|(name, info)| {
                 let (s, e) = info.data_offsets;
-                let tm = TensorMeta {
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    range: data_start + s..data_start + e,
-                };
+                let tm = TensorMeta { dtype: info.dtype, shape: info.shape.clone(), range: data_start + s..data_start + e };
                 (name, tm)
             })
             .collect();

@@ -74,11 +74,7 @@ impl ShardedWriter {
             .into_iter()
             .enumerate()
             .map(|(i, r)| Shard {
-                file: if n == 1 {
-                    "model.safetensors".to_string()
-                } else {
-                    format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
-                },
+                file: if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", i + 1, n) },
                 entries: r,
             })
             .collect();
@@ -165,10 +161,7 @@ impl ShardedWriter {
         let mut off = 0u64;
         for e in &self.entries[s.entries.clone()] {
             let end = off + e.bytes();
-            header.insert(
-                e.name.clone(),
-                json!({"dtype": e.dtype.safetensors_name(), "shape": e.shape, "data_offsets": [off, end]}),
-            );
+            header.insert(e.name.clone(), json!({"dtype": e.dtype.safetensors_name(), "shape": e.shape, "data_offsets": [off, end]}));
             off = end;
         }
         let mut h = serde_json::to_string(&header).map_err(|e| self.out_err(e.to_string()))?.into_bytes();
@@ -350,10 +343,7 @@ impl OutputDir {
                 return Err(err("exists and is not empty (pass --force to replace it)".into()));
             }
         }
-        let name = target
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| err("has no final path component".into()))?;
+        let name = target.file_name().and_then(|n| n.to_str()).ok_or_else(|| err("has no final path component".into()))?;
         let parent = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -435,7 +425,8 @@ mod tests {
             w.write_next(name, bytemuck::cast_slice(&v)).expect("write");
         }
         w.finish().expect("finish");
-        let index: Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("model.safetensors.index.json")).expect("index")).expect("json");
+        let index: Value =
+            serde_json::from_str(&std::fs::read_to_string(tmp.path().join("model.safetensors.index.json")).expect("index")).expect("json");
         assert_eq!(index["metadata"]["total_size"], 204);
         assert_eq!(index["weight_map"]["c"], "model-00002-of-00003.safetensors");
         let f = SafetensorsFile::open(&tmp.path().join("model-00002-of-00003.safetensors")).expect("open");

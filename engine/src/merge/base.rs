@@ -136,12 +136,7 @@ pub struct MergeInput<'a> {
 impl MergeInput<'_> {
     /// `(tensor, params)` of every non-base input.
     pub fn others(&self) -> impl Iterator<Item = (&[f32], &Params)> {
-        self.tensors
-            .iter()
-            .zip(&self.model_params)
-            .enumerate()
-            .filter(move |(i, _)| Some(*i) != self.base)
-            .map(|(_, (t, p))| (*t, p))
+        self.tensors.iter().zip(&self.model_params).enumerate().filter(move |(i, _)| Some(*i) != self.base).map(|(_, (t, p))| (*t, p))
     }
 
     /// The base tensor, or an error naming the method.

@@ -80,9 +80,25 @@ mod tests {
                 assert!(s.search.0 <= s.search.1, "{}.{}", m.name(), s.name);
             }
         }
-        for expected in ["linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties", "dare_linear",
-            "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough", "multislerp",
-            "karcher", "sce", "nearswap"] {
+        for expected in [
+            "linear",
+            "slerp",
+            "nuslerp",
+            "task_arithmetic",
+            "ties",
+            "dare_ties",
+            "dare_linear",
+            "breadcrumbs",
+            "breadcrumbs_ties",
+            "della",
+            "della_linear",
+            "model_stock",
+            "passthrough",
+            "multislerp",
+            "karcher",
+            "sce",
+            "nearswap",
+        ] {
             assert!(method(expected).is_some(), "{expected}");
         }
     }

@@ -54,10 +54,7 @@ impl MergeMethod for NuSlerp {
         let t = if sum.abs() < 1e-6 { 0.5 } else { others[1].1 / sum };
         let base = input.base.map(|b| input.tensors[b]);
         let (a, b): (Vec<f32>, Vec<f32>) = match base {
-            Some(base) => (
-                others[0].0.iter().zip(base).map(|(x, y)| x - y).collect(),
-                others[1].0.iter().zip(base).map(|(x, y)| x - y).collect(),
-            ),
+            Some(base) => (others[0].0.iter().zip(base).map(|(x, y)| x - y).collect(), others[1].0.iter().zip(base).map(|(x, y)| x - y).collect()),
             None => (others[0].0.to_vec(), others[1].0.to_vec()),
         };
         let n = a.len();

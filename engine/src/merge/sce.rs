@@ -74,15 +74,15 @@ impl MergeMethod for Sce {
             w.iter_mut().for_each(|x| *x /= s);
         }
         out.par_iter_mut().enumerate().for_each(|(e, o)| {
-                let total: f32 = deltas.iter().map(|d| d[e]).sum();
-                let majority = if total >= 0.0 { 1.0 } else { -1.0 };
-                let (mut mixed, mut div) = (0f32, 0f32);
-                for (d, wi) in deltas.iter().zip(&w) {
-                    if d[e] != 0.0 && d[e].signum() == majority {
-                        mixed += d[e] * wi;
-                        div += wi;
-                    }
+            let total: f32 = deltas.iter().map(|d| d[e]).sum();
+            let majority = if total >= 0.0 { 1.0 } else { -1.0 };
+            let (mut mixed, mut div) = (0f32, 0f32);
+            for (d, wi) in deltas.iter().zip(&w) {
+                if d[e] != 0.0 && d[e].signum() == majority {
+                    mixed += d[e] * wi;
+                    div += wi;
                 }
+            }
             *o = base[e] + mixed / if div == 0.0 { 1.0 } else { div };
         });
         Ok(())

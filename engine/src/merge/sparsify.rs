@@ -106,9 +106,7 @@ pub fn sparsify(
         }
         Sparsifier::DellaMagprune => {
             if density + epsilon >= 1.0 || density - epsilon <= 0.0 {
-                return Err(format!(
-                    "della needs 0 < density ± epsilon < 1 (density {density}, epsilon {epsilon})"
-                ));
+                return Err(format!("della needs 0 < density ± epsilon < 1 (density {density}, epsilon {epsilon})"));
             }
             let cols = n / rows.max(1);
             delta.par_chunks_mut(cols.max(1)).enumerate().for_each(|(r, row)| {

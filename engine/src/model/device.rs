@@ -40,10 +40,7 @@ impl FromStr for DeviceSpec {
     type Err = EngineError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || EngineError::Device {
-            device: s.to_string(),
-            reason: "expected 'cpu', 'cuda' or 'cuda:N'".into(),
-        };
+        let bad = || EngineError::Device { device: s.to_string(), reason: "expected 'cpu', 'cuda' or 'cuda:N'".into() };
         match s.trim() {
             "cpu" => Ok(DeviceSpec::Cpu),
             "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),

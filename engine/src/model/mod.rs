@@ -179,12 +179,7 @@ pub trait LanguageModel: Send {
     /// Greedy continuations of a batch of prompts (left-padded, KV cache). `stop(i, tokens)` is
     /// asked after every new token of prompt `i`; returning true ends that generation
     /// (text-level stop sequences live there).
-    fn generate(
-        &mut self,
-        prompts: &[Vec<u32>],
-        opts: &GenerateOptions,
-        stop: &dyn Fn(usize, &[u32]) -> bool,
-    ) -> Result<Vec<Generation>>;
+    fn generate(&mut self, prompts: &[Vec<u32>], opts: &GenerateOptions, stop: &dyn Fn(usize, &[u32]) -> bool) -> Result<Vec<Generation>>;
 
     /// Replaces the weights of loaded model `model` by those of `source` (same shapes), tensor
     /// by tensor, keeping everything else (other models, path, tables) in place.

@@ -33,11 +33,7 @@ pub struct LayerPath {
 impl LayerPath {
     /// Every layer of `model`, in order, at scale 1.
     pub fn identity(model: usize, layers: usize) -> Self {
-        Self {
-            embed_model: model,
-            head_model: model,
-            hops: (0..layers).map(|layer| Hop { model, layer, scale: 1.0 }).collect(),
-        }
+        Self { embed_model: model, head_model: model, hops: (0..layers).map(|layer| Hop { model, layer, scale: 1.0 }).collect() }
     }
 
     /// Checks every reference against the loaded models' layer counts and every scale.
@@ -50,16 +46,10 @@ impl LayerPath {
         }
         for (i, h) in self.hops.iter().enumerate() {
             let Some(&layers) = layer_counts.get(h.model) else {
-                return Err(EngineError::InvalidInput(format!(
-                    "layer path hop {i}: model {} but {n} model(s) are loaded",
-                    h.model
-                )));
+                return Err(EngineError::InvalidInput(format!("layer path hop {i}: model {} but {n} model(s) are loaded", h.model)));
             };
             if h.layer >= layers {
-                return Err(EngineError::InvalidInput(format!(
-                    "layer path hop {i}: layer {} but model {} has {layers} layers",
-                    h.layer, h.model
-                )));
+                return Err(EngineError::InvalidInput(format!("layer path hop {i}: layer {} but model {} has {layers} layers", h.layer, h.model)));
             }
             if !h.scale.is_finite() {
                 return Err(EngineError::InvalidInput(format!("layer path hop {i}: scale {} is not finite", h.scale)));

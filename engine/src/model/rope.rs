@@ -15,8 +15,7 @@ impl Rope {
     /// (`_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`).
     pub fn new(head_dim: usize, theta: f64, scaling: Option<&RopeScaling>) -> Self {
         let base = theta as f32;
-        let mut inv_freq: Vec<f32> =
-            (0..head_dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32)).collect();
+        let mut inv_freq: Vec<f32> = (0..head_dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32)).collect();
         match scaling {
             None => {}
             Some(RopeScaling::Linear { factor }) => {
@@ -84,12 +83,7 @@ mod tests {
         let lin = Rope::new(8, 10000.0, Some(&RopeScaling::Linear { factor: 4.0 }));
         assert!((lin.inv_freq[1] - 0.025).abs() < 1e-8);
         // Llama 3.1 values: high frequencies untouched, the lowest divided by the factor.
-        let s = RopeScaling::Llama3 {
-            factor: 8.0,
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_position_embeddings: 8192,
-        };
+        let s = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 8192 };
         let plain = Rope::new(128, 500000.0, None);
         let l3 = Rope::new(128, 500000.0, Some(&s));
         assert_eq!(l3.inv_freq[0], plain.inv_freq[0]);

@@ -27,8 +27,7 @@ impl Tokenizer {
         if !path.is_file() {
             return Err(EngineError::Tokenizer { path: path.to_path_buf(), reason: "file not found".into() });
         }
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| EngineError::Tokenizer { path: path.to_path_buf(), reason: e.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| EngineError::Tokenizer { path: path.to_path_buf(), reason: e.to_string() })?;
         Ok(Self { inner, path: path.to_path_buf() })
     }
 

@@ -65,11 +65,9 @@ impl ParamSetting {
     pub fn resolve(&self, tensor: &str, t: f64) -> Result<Option<f64>, String> {
         match self {
             ParamSetting::Plain(v) => v.at(t).map(Some),
-            ParamSetting::Filtered(entries) => entries
-                .iter()
-                .find(|e| e.filter.as_ref().is_none_or(|f| tensor.contains(f.as_str())))
-                .map(|e| e.value.at(t))
-                .transpose(),
+            ParamSetting::Filtered(entries) => {
+                entries.iter().find(|e| e.filter.as_ref().is_none_or(|f| tensor.contains(f.as_str()))).map(|e| e.value.at(t)).transpose()
+            }
         }
     }
 }

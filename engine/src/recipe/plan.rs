@@ -118,7 +118,8 @@ impl MergePlan {
         let arch = models[donor].arch;
         let donor_cfg = &models[donor].config;
         let out_dtype = match recipe.out_dtype.as_deref().or(recipe.dtype.as_deref()) {
-            Some(s) => DType::parse(s).ok_or_else(|| EngineError::recipe("out_dtype", format!("unsupported dtype '{s}' (use float32, float16 or bfloat16)")))?,
+            Some(s) => DType::parse(s)
+                .ok_or_else(|| EngineError::recipe("out_dtype", format!("unsupported dtype '{s}' (use float32, float16 or bfloat16)")))?,
             None => models[donor].dtype(),
         };
         if let Some(d) = recipe.dtype.as_deref() {
@@ -186,7 +187,10 @@ fn check_param_names(method: &dyn MergeMethod, specs: &[ParamSpec], map: &ParamM
                 ));
             }
             Some(s) if s.scope == Scope::Global && !global_level => {
-                return Err(EngineError::recipe(ctx, format!("'{k}' is a global parameter of '{}': set it under the top-level `parameters:`", method.name())));
+                return Err(EngineError::recipe(
+                    ctx,
+                    format!("'{k}' is a global parameter of '{}': set it under the top-level `parameters:`", method.name()),
+                ));
             }
             _ => {}
         }
@@ -214,7 +218,12 @@ fn expand_slices(
             if models[mi].num_layers() != n {
                 return Err(EngineError::recipe(
                     "models",
-                    format!("'{}' has {} layers, '{}' has {n}: use `slices:` to merge models of different depth", m.model, models[mi].num_layers(), ms[0].model),
+                    format!(
+                        "'{}' has {} layers, '{}' has {n}: use `slices:` to merge models of different depth",
+                        m.model,
+                        models[mi].num_layers(),
+                        ms[0].model
+                    ),
                 ));
             }
             sources.push(Source { model: mi, start: 0, params: m.parameters.clone() });
@@ -254,7 +263,13 @@ fn expand_slices(
             if !range.contains(&s.sources.len()) {
                 return Err(EngineError::recipe(
                     format!("slices[{j}]"),
-                    format!("merge method '{}' takes {}..={} inputs (base included), got {}", method.name(), range.start(), range.end(), s.sources.len()),
+                    format!(
+                        "merge method '{}' takes {}..={} inputs (base included), got {}",
+                        method.name(),
+                        range.start(),
+                        range.end(),
+                        s.sources.len()
+                    ),
                 ));
             }
         }

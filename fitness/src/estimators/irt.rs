@@ -92,12 +92,14 @@ impl Irt {
         };
         let mut theta: Vec<f64> = (0..l * d).map(|k| init(k, cfg.seed + 1)).collect();
         let mut alpha: Vec<f64> = (0..n * d).map(|k| 1.0 + init(k, cfg.seed + 2)).collect();
-        let mut beta: Vec<f64> = (0..n).map(|i| {
-            // start at the logit of the item's mean score
-            let m = (0..l).map(|j| r.get(j, i)).sum::<f64>() / l as f64;
-            let m = m.clamp(0.02, 0.98);
-            -(m / (1.0 - m)).ln()
-        }).collect();
+        let mut beta: Vec<f64> = (0..n)
+            .map(|i| {
+                // start at the logit of the item's mean score
+                let m = (0..l).map(|j| r.get(j, i)).sum::<f64>() / l as f64;
+                let m = m.clamp(0.02, 0.98);
+                -(m / (1.0 - m)).ln()
+            })
+            .collect();
         let (mut at, mut aa, mut ab) = (Adam::new(l * d), Adam::new(n * d), Adam::new(n));
         let (mut gt, mut ga, mut gb) = (vec![0.0; l * d], vec![0.0; n * d], vec![0.0; n]);
         for step in 1..=cfg.iterations {
@@ -193,9 +195,7 @@ impl Irt {
     /// P(correct) of every item for ability θ.
     pub fn probabilities(&self, theta: &[f64]) -> Vec<f64> {
         let d = self.dims;
-        (0..self.items())
-            .map(|i| sigmoid(self.alpha[i * d..(i + 1) * d].iter().zip(theta).map(|(a, t)| a * t).sum::<f64>() - self.beta[i]))
-            .collect()
+        (0..self.items()).map(|i| sigmoid(self.alpha[i * d..(i + 1) * d].iter().zip(theta).map(|(a, t)| a * t).sum::<f64>() - self.beta[i])).collect()
     }
 
     /// The ability prior: N(0, diag(s²)) with s² each dimension's variance over the training

@@ -75,8 +75,8 @@ pub fn kendall_tau(a: &[f64], b: &[f64]) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::sim::{random_items, simulate};
+    use super::*;
 
     fn corr(a: &[f64], b: &[f64]) -> f64 {
         let n = a.len() as f64;

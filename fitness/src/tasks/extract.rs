@@ -84,11 +84,8 @@ pub struct Normalizer {
 
 impl Normalizer {
     pub fn new(n: &Normalize) -> Result<Self, String> {
-        let ignore = n
-            .regexes_to_ignore
-            .iter()
-            .map(|p| Regex::new(p).map_err(|e| format!("regexes_to_ignore '{p}': {e}")))
-            .collect::<Result<_, _>>()?;
+        let ignore =
+            n.regexes_to_ignore.iter().map(|p| Regex::new(p).map_err(|e| format!("regexes_to_ignore '{p}': {e}"))).collect::<Result<_, _>>()?;
         Ok(Self { ignore, case: n.ignore_case, punct: n.ignore_punctuation })
     }
 

@@ -146,13 +146,7 @@ fn argmax(xs: &[f64]) -> usize {
 /// lm-eval's `_encode_pair`: trailing whitespace of the context moves to the continuation;
 /// continuation tokens are `encode(context + continuation)` past `encode(context)`. An empty
 /// context becomes `[prefix]`.
-pub fn encode_pair(
-    tok: &Tokenizer,
-    context: &str,
-    continuation: &str,
-    add_bos: bool,
-    prefix: u32,
-) -> Result<(Vec<u32>, Vec<u32>), EngineError> {
+pub fn encode_pair(tok: &Tokenizer, context: &str, continuation: &str, add_bos: bool, prefix: u32) -> Result<(Vec<u32>, Vec<u32>), EngineError> {
     let trimmed = context.trim_end();
     let (ctx, cont) = (trimmed, format!("{}{continuation}", &context[trimmed.len()..]));
     if ctx.is_empty() {
@@ -170,9 +164,10 @@ impl Task {
     pub fn load(spec: TaskSpec, data: Option<&std::path::Path>, fewshot_data: Option<&std::path::Path>) -> Result<Self, TaskError> {
         let name = spec.name.clone();
         let err = |reason: String| TaskError::Spec { task: name.clone(), reason };
-        let path = data.map(std::path::Path::to_path_buf).or_else(|| spec.data.path.clone()).ok_or_else(|| {
-            err("no data file: give `--data FILE` (or data.path in the task file)".into())
-        })?;
+        let path = data
+            .map(std::path::Path::to_path_buf)
+            .or_else(|| spec.data.path.clone())
+            .ok_or_else(|| err("no data file: give `--data FILE` (or data.path in the task file)".into()))?;
         let (items, skipped) = read_items(&path, &spec.data.fields, spec.data.on_error)?;
         let fs_path = fewshot_data.map(std::path::Path::to_path_buf).or_else(|| spec.data.fewshot_path.clone());
         let (fewshot_pool, pool_is_data) = match (&fs_path, spec.prompt.fewshot) {
@@ -264,8 +259,7 @@ impl Task {
 
     /// The task's text clean-up ([`Preprocess`]) of a rendered prompt or choice.
     fn pp(&self, text: String) -> String {
-        static BRACKETS: std::sync::LazyLock<regex::Regex> =
-            std::sync::LazyLock::new(|| regex::Regex::new(r"\[.*?\]").expect("valid regex"));
+        static BRACKETS: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| regex::Regex::new(r"\[.*?\]").expect("valid regex"));
         match self.spec.prompt.preprocess {
             Preprocess::None => text,
             Preprocess::Hellaswag => {
@@ -330,8 +324,7 @@ impl Task {
         fingerprint: &str,
     ) -> Result<(Vec<ItemResult>, usize), TaskError> {
         let name = &self.spec.name;
-        let missing: Vec<usize> =
-            idx.iter().copied().filter(|&i| cache.get(fingerprint, name, &self.items[i].id).is_none()).collect();
+        let missing: Vec<usize> = idx.iter().copied().filter(|&i| cache.get(fingerprint, name, &self.items[i].id).is_none()).collect();
         let (fresh, tokens) = self.score_items(model, tok, prefix, &missing, batch_size)?;
         for r in fresh {
             cache.insert(fingerprint, name, r);

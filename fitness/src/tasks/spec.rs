@@ -344,8 +344,7 @@ mod tests {
         assert!(TaskSpec::parse(&format!("{base}[metric]\nname = 'exact_match'\n"), None).is_ok());
         let e = TaskSpec::parse(&format!("{base}[metric]\nname = 'acc'\n"), None).expect_err("acc on generation");
         assert!(e.contains("does not apply"), "{e}");
-        let e = TaskSpec::parse(&format!("{base}[metric]\nname = 'exact_match'\n[prompt]\ntemplat = 'x'\n"), None)
-            .expect_err("typo");
+        let e = TaskSpec::parse(&format!("{base}[metric]\nname = 'exact_match'\n[prompt]\ntemplat = 'x'\n"), None).expect_err("typo");
         assert!(e.contains("templat"), "{e}");
         let e = TaskSpec::load("arc_challeng").expect_err("unknown");
         assert!(e.contains("arc_challenge"), "{e}");

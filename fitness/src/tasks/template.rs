@@ -124,13 +124,7 @@ impl Template {
                         ("choice", Some(c)) => c.choice.to_string(),
                         ("letter", Some(c)) => letter(c.index),
                         ("index", Some(c)) => c.index.to_string(),
-                        ("choices", _) => item
-                            .choices
-                            .iter()
-                            .enumerate()
-                            .map(|(i, c)| format!("{}. {c}", letter(i)))
-                            .collect::<Vec<_>>()
-                            .join("\n"),
+                        ("choices", _) => item.choices.iter().enumerate().map(|(i, c)| format!("{}. {c}", letter(i))).collect::<Vec<_>>().join("\n"),
                         (n, _) => item.field(n).map(str::to_string).ok_or_else(|| {
                             format!(
                                 "template '{}': item '{}' has no field '{n}' (fields: question, answer, choices{}{})",
@@ -141,9 +135,10 @@ impl Template {
                             )
                         })?,
                     };
-                    let v = filters.iter().try_fold(v, |v, f| f.apply(v)).map_err(|e| {
-                        format!("template '{}': item '{}', field '{name}': {e}", self.source, item.id)
-                    })?;
+                    let v = filters
+                        .iter()
+                        .try_fold(v, |v, f| f.apply(v))
+                        .map_err(|e| format!("template '{}': item '{}', field '{name}': {e}", self.source, item.id))?;
                     out.push_str(&v);
                 }
             }
@@ -181,12 +176,18 @@ mod tests {
         let mut it = item();
         it.question = "The cup fell off the table because _ was wobbly. ".into();
         let ctx = Template::parse("{question|before:_}{choice}").expect("parse");
-        assert_eq!(ctx.render(&it, Some(ChoiceCtx { choice: "the table", index: 1 })).expect("render"), "The cup fell off the table because the table");
+        assert_eq!(
+            ctx.render(&it, Some(ChoiceCtx { choice: "the table", index: 1 })).expect("render"),
+            "The cup fell off the table because the table"
+        );
         let cont = Template::parse("{question | after:_ | trim}").expect("parse");
         assert_eq!(cont.render(&it, None).expect("render"), "was wobbly.");
         let e = Template::parse("{subject|before:_}").expect("parse").render(&it, None).expect_err("no marker");
         assert!(e.contains("'_' not found") && e.contains("item '7'"), "{e}");
-        assert_eq!(Template::parse("{question|capitalize}").expect("parse").render(&it, None).expect("render"), "The cup fell off the table because _ was wobbly. ");
+        assert_eq!(
+            Template::parse("{question|capitalize}").expect("parse").render(&it, None).expect("render"),
+            "The cup fell off the table because _ was wobbly. "
+        );
         it.question = "then HE runs.".into();
         assert_eq!(Template::parse("{question|capitalize}").expect("parse").render(&it, None).expect("render"), "Then he runs.");
         let e = Template::parse("{question|upper}").expect_err("unknown filter");

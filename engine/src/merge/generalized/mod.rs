@@ -39,8 +39,8 @@ use rayon::prelude::*;
 use crate::buffer::HugeBuf;
 
 use super::base::{BaseRole, ChunkSink, MergeInput, MergeMethod, ParamSpec, Params, STREAM_CHUNK, Scope, Scratch, StreamInput, stream_elementwise};
-use super::select::{RankSearch, SMALL, gather, key, sample_positions};
 use super::rng::CounterRng;
+use super::select::{RankSearch, SMALL, gather, key, sample_positions};
 use super::sparsify::{Sparsifier, sparsify, window};
 
 const CHUNK: usize = 1 << 14;
@@ -181,7 +181,6 @@ impl MergeMethod for GeneralizedTaskArithmetic {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,8 +225,22 @@ mod tests {
     }
 
     /// (whole-tensor result, streamed result or None if declined); model 0 is the base
-    fn whole_and_streamed(m: &GeneralizedTaskArithmetic, ts: &[Vec<f32>], g: &Params, mp: &[Params], shape: &[usize]) -> (Vec<f32>, Option<Vec<f32>>) {
-        let input = MergeInput { tensor: "t", shape, tensors: ts.iter().map(Vec::as_slice).collect(), base: Some(0), model_params: mp.to_vec(), params: g.clone(), seed: 9 };
+    fn whole_and_streamed(
+        m: &GeneralizedTaskArithmetic,
+        ts: &[Vec<f32>],
+        g: &Params,
+        mp: &[Params],
+        shape: &[usize],
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
+        let input = MergeInput {
+            tensor: "t",
+            shape,
+            tensors: ts.iter().map(Vec::as_slice).collect(),
+            base: Some(0),
+            model_params: mp.to_vec(),
+            params: g.clone(),
+            seed: 9,
+        };
         let whole = merge_to_vec(m, &input).expect("whole");
         let reader = SliceReader(ts.iter().map(Vec::as_slice).collect());
         let si = StreamInput { tensor: "t", shape, reader: &reader, base: Some(0), model_params: mp, params: g, seed: 9 };
@@ -256,8 +269,15 @@ mod tests {
                 assert!(worst < 1e-6, "{}: {worst}", m.name);
             } else {
                 let diff: Vec<usize> = (0..n).filter(|&i| whole[i].to_bits() != streamed[i].to_bits()).collect();
-                assert!(diff.is_empty(), "{}: {} elements differ, first at {:?}: {:?} vs {:?}", m.name, diff.len(), diff.first(),
-                    diff.first().map(|&i| whole[i]), diff.first().map(|&i| streamed[i]));
+                assert!(
+                    diff.is_empty(),
+                    "{}: {} elements differ, first at {:?}: {:?} vs {:?}",
+                    m.name,
+                    diff.len(),
+                    diff.first(),
+                    diff.first().map(|&i| whole[i]),
+                    diff.first().map(|&i| streamed[i])
+                );
             }
         }
     }
@@ -310,4 +330,3 @@ mod tests {
         }
     }
 }
-

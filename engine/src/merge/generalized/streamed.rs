@@ -5,7 +5,15 @@ use super::*;
 
 impl GeneralizedTaskArithmetic {
     /// Rank-based sparsifiers: materialize and sparsify δᵢ, then stream the combination.
-    pub(super) fn stream_materialized(&self, input: &StreamInput, method: Sparsifier, b: usize, others: &[usize], scratch: &mut Scratch, sink: &mut ChunkSink) -> Result<(), String> {
+    pub(super) fn stream_materialized(
+        &self,
+        input: &StreamInput,
+        method: Sparsifier,
+        b: usize,
+        others: &[usize],
+        scratch: &mut Scratch,
+        sink: &mut ChunkSink,
+    ) -> Result<(), String> {
         let n = input.numel();
         let k = others.len();
         let rescale = input.params.flag("rescale");
@@ -220,7 +228,14 @@ impl GeneralizedTaskArithmetic {
     }
 
     /// DARE in two streaming passes (see [`MergeMethod::merge_streaming`]).
-    pub(super) fn stream_random(&self, input: &StreamInput, b: usize, others: &[usize], scratch: &mut Scratch, sink: &mut ChunkSink) -> Result<(), String> {
+    pub(super) fn stream_random(
+        &self,
+        input: &StreamInput,
+        b: usize,
+        others: &[usize],
+        scratch: &mut Scratch,
+        sink: &mut ChunkSink,
+    ) -> Result<(), String> {
         let k = others.len();
         let masks: Vec<(f64, CounterRng)> =
             (0..k).map(|slot| (input.model_params[others[slot]].get("density"), CounterRng::new(input.seed, slot as u64))).collect();

@@ -3,7 +3,6 @@
 #[allow(unused_imports)]
 use super::*;
 
-
 /// The divisor of the plain (no consensus) combination: Σᵢ wᵢ as an f32 sum in model order,
 /// 1 when |Σᵢ wᵢ| < 1e-8 (mergekit's rule).
 pub fn plain_divisor(weights: impl IntoIterator<Item = f32>) -> f32 {
@@ -76,7 +75,16 @@ impl GeneralizedTaskArithmetic {
     /// thread-local buffer reused across calls: 100+ KB allocations per chunk would be served
     /// by mmap and fault in fresh pages every time.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn combine_parts(&self, params: &Params, model_params: &[Params], others: &[usize], base: &[f32], tv: TaskVectors, scales: &[f32], out: &mut [f32]) {
+    pub(super) fn combine_parts(
+        &self,
+        params: &Params,
+        model_params: &[Params],
+        others: &[usize],
+        base: &[f32],
+        tv: TaskVectors,
+        scales: &[f32],
+        out: &mut [f32],
+    ) {
         let normalize = params.flag("normalize");
         let lambda = params.get("lambda") as f32;
         let weights: Vec<f32> = others.iter().map(|&i| model_params[i].get("weight") as f32).collect();
@@ -176,4 +184,3 @@ impl GeneralizedTaskArithmetic {
         Ok(())
     }
 }
-

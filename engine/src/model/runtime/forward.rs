@@ -73,9 +73,7 @@ impl<B: Kernels> Runtime<B> {
                 let q = past + i;
                 let row = &mut m[(r * s + i) * t..(r * s + i + 1) * t];
                 for (j, v) in row.iter_mut().enumerate() {
-                    let visible = j <= q
-                        && window.is_none_or(|w| q - j < w)
-                        && st.key_valid.is_none_or(|kv| kv[r * t + j]);
+                    let visible = j <= q && window.is_none_or(|w| q - j < w) && st.key_valid.is_none_or(|kv| kv[r * t + j]);
                     if !visible {
                         *v = self.mask_value;
                     }

@@ -37,9 +37,7 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
         self.check_usable()?;
         for (i, r) in requests.iter().enumerate() {
             if r.context.is_empty() || r.continuation.is_empty() {
-                return Err(EngineError::InvalidInput(format!(
-                    "score request {i}: context and continuation must both hold at least one token"
-                )));
+                return Err(EngineError::InvalidInput(format!("score request {i}: context and continuation must both hold at least one token")));
             }
             self.check_len(r.context.len() + r.continuation.len(), &format!("score request {i}"))?;
         }
@@ -55,12 +53,7 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
         Ok(out.into_iter().flatten().collect())
     }
 
-    fn generate(
-        &mut self,
-        prompts: &[Vec<u32>],
-        opts: &GenerateOptions,
-        stop: &dyn Fn(usize, &[u32]) -> bool,
-    ) -> Result<Vec<Generation>> {
+    fn generate(&mut self, prompts: &[Vec<u32>], opts: &GenerateOptions, stop: &dyn Fn(usize, &[u32]) -> bool) -> Result<Vec<Generation>> {
         self.check_usable()?;
         if prompts.is_empty() {
             return Ok(vec![]);
@@ -90,10 +83,7 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
         let mut cache = KvCache { entries: vec![None; self.path.hops.len()], len: 0 };
         let kv = flat(&valid);
         let any_pad = kv.iter().any(|v| !v);
-        let h = self.hidden(
-            &Step { ids: &ids, b, s, positions: &positions, key_valid: any_pad.then_some(kv.as_slice()) },
-            Some(&mut cache),
-        )?;
+        let h = self.hidden(&Step { ids: &ids, b, s, positions: &positions, key_valid: any_pad.then_some(kv.as_slice()) }, Some(&mut cache))?;
         let mut next = self.next_tokens(h, b, s)?;
         let mut out: Vec<Generation> = (0..b).map(|_| Generation { tokens: vec![], reason: StopReason::MaxTokens }).collect();
         let mut done = vec![opts.max_new_tokens == 0; b];
@@ -135,10 +125,7 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
                 v.push(true);
             }
             let kv = flat(&valid);
-            let h = self.hidden(
-                &Step { ids: &next, b, s: 1, positions: &pos, key_valid: any_pad.then_some(kv.as_slice()) },
-                Some(&mut cache),
-            )?;
+            let h = self.hidden(&Step { ids: &next, b, s: 1, positions: &pos, key_valid: any_pad.then_some(kv.as_slice()) }, Some(&mut cache))?;
             next = self.next_tokens(h, b, 1)?;
         }
         Ok(out)
@@ -220,7 +207,10 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
             let mut at = 0;
             for part in parts(index)? {
                 if part.col != at || part.col + part.width > buf.cols {
-                    return Err(EngineError::InvalidInput(format!("merge_held: parts of weight buffer {index} do not tile its {} columns", buf.cols)));
+                    return Err(EngineError::InvalidInput(format!(
+                        "merge_held: parts of weight buffer {index} do not tile its {} columns",
+                        buf.cols
+                    )));
                 }
                 at += part.width;
                 cols.push(held_part(inputs, &part, index)?);
@@ -285,4 +275,3 @@ pub(super) fn held_part<B: Backend>(inputs: &[Tensor<B, 2>], part: &HeldPart, in
         }
     })
 }
-

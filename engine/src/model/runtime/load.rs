@@ -4,7 +4,6 @@
 #[allow(unused_imports)]
 use super::*;
 
-
 /// A tensor of the spec, borrowed when the source holds f32 already (merged candidates).
 pub(super) fn read<'a>(spec: &ModelSpec<'a>, name: &str) -> Result<Cow<'a, HostTensor>> {
     spec.tensors.get_f32(name)
@@ -156,4 +155,3 @@ pub(super) fn load_model<B: Backend>(spec: &ModelSpec<'_>, device: &B::Device) -
         max_context: cfg.max_position_embeddings,
     })
 }
-

@@ -44,15 +44,15 @@ use super::path::LayerPath;
 use super::rope::Rope;
 use super::spec::{Dims, ModelSpec, check_supported, sliding_window};
 use super::{
-    DeviceSpec, GenerateOptions, Generation, HeldFill, HeldMerge, HeldPart, HeldParts, LanguageModel, ModelInfo, ScoreRequest, ScoreResult, StopReason, WeightBuffer, WeightFill,
-    WeightPart,
+    DeviceSpec, GenerateOptions, Generation, HeldFill, HeldMerge, HeldPart, HeldParts, LanguageModel, ModelInfo, ScoreRequest, ScoreResult,
+    StopReason, WeightBuffer, WeightFill, WeightPart,
 };
-use crate::dtype::DType;
-use burn::tensor::FloatDType;
 use crate::arch::Architecture;
+use crate::dtype::DType;
 use crate::error::{EngineError, Result};
 use crate::io::ModelConfig;
 use crate::source::{Tensor as HostTensor, TensorSource};
+use burn::tensor::FloatDType;
 
 struct LayerW<B: Backend> {
     in_norm: Tensor<B, 1>,
@@ -226,4 +226,3 @@ struct Step<'a> {
     positions: &'a [usize],
     key_valid: Option<&'a [bool]>,
 }
-

@@ -117,7 +117,13 @@ pub(super) fn slot_mut<B: Backend>(m: &mut ModelW<B>, id: SlotId) -> Option<Slot
 impl<B: Kernels> Runtime<B> {
     /// Rewrites one weight tensor through `fill`: the tensor's memory is taken out, filled and
     /// put back ([`Kernels::host_buffer`]: the same allocation on the CPU).
-    pub(super) fn rewrite<const D: usize>(t: &mut Tensor<B, D>, buf: &WeightBuffer, index: usize, device: &B::Device, fill: &mut WeightFill<'_>) -> Result<()> {
+    pub(super) fn rewrite<const D: usize>(
+        t: &mut Tensor<B, D>,
+        buf: &WeightBuffer,
+        index: usize,
+        device: &B::Device,
+        fill: &mut WeightFill<'_>,
+    ) -> Result<()> {
         let dims = t.dims();
         let shape: [usize; D] = if D == 1 { [buf.numel(); D] } else { std::array::from_fn(|i| if i == 0 { buf.rows } else { buf.cols }) };
         if dims != shape {
@@ -130,4 +136,3 @@ impl<B: Kernels> Runtime<B> {
         Ok(())
     }
 }
-
