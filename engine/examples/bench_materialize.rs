@@ -48,6 +48,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("in place rep {rep}: plan {t_plan:.3} s, materialize {:.3} s", t.elapsed().as_secs_f64() - t_plan);
     }
     let in_place = m.logits(&tokens)?;
+    // Planning a candidate: from disk (every checkpoint opened and validated, as the search did
+    // before evomerge-run) against over checkpoints opened once per run (GenomeLayout::plan).
+    let text = std::fs::read_to_string(recipe)?;
+    let parsed = evomerge_engine::Recipe::parse(&text, "recipe")?;
+    let opened = evomerge_engine::OpenedCheckpoints::default();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let time = |f: &dyn Fn() -> evomerge_engine::Result<MergePlan>| -> Result<Vec<f64>, Box<dyn std::error::Error>> {
+        (0..21)
+            .map(|_| {
+                let t = Instant::now();
+                f()?;
+                Ok(t.elapsed().as_secs_f64())
+            })
+            .collect()
+    };
+    let from_disk = median(time(&|| MergePlan::build(&parsed, text.clone(), recipe.parent(), 0))?);
+    let over_opened = median(time(&|| MergePlan::build_with(&parsed, String::new(), recipe.parent(), 0, &opened))?);
+    println!("plan per candidate (median of 21): from disk {:.2} ms, over opened checkpoints {:.2} ms", from_disk * 1e3, over_opened * 1e3);
     for rep in 0..2 {
         let t = Instant::now();
         m.write_weights(0, &mut |_, out| {
