@@ -76,7 +76,37 @@ pub enum OnError {
 pub struct RowError {
     pub path: PathBuf,
     pub line: usize,
-    pub reason: String,
+    pub reason: RowProblem,
+}
+
+/// What is wrong with a row (the field mapping's names are quoted).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RowProblem {
+    /// The row is not JSON (or, in a parquet file, cannot be read): the parser's message.
+    #[error("{0}")]
+    Unreadable(String),
+    #[error("missing field '{0}'")]
+    MissingField(String),
+    #[error("field '{0}' is not text")]
+    NotText(String),
+    #[error("field '{0}' is not an array")]
+    NotAnArray(String),
+    #[error("a choice in '{0}' is not text")]
+    ChoiceNotText(String),
+    #[error("choice field '{0}' is not text")]
+    ChoiceFieldNotText(String),
+    #[error("field '{0}' is not text or a number")]
+    GoldNotText(String),
+    #[error("gold '{gold}' is past the {choices} choices")]
+    GoldPastChoices { gold: String, choices: usize },
+    #[error("gold '{0}' is not an index")]
+    NotAnIndex(String),
+    #[error("gold '{0}' is not a letter")]
+    NotALetter(String),
+    #[error("gold '{0}' is not one of the choices")]
+    NotAChoice(String),
+    #[error("no choices")]
+    NoChoices,
 }
 
 /// Errors of the dataset readers.
@@ -96,7 +126,7 @@ pub enum DatasetError {
 /// readers; `line` is the 1-based line or row number).
 pub(crate) fn collect_rows(
     path: &Path,
-    rows: impl Iterator<Item = (usize, Result<Value, String>)>,
+    rows: impl Iterator<Item = (usize, Result<Value, RowProblem>)>,
     map: &FieldMap,
     on_error: OnError,
 ) -> Result<(Vec<Item>, Vec<RowError>), DatasetError> {
@@ -134,48 +164,48 @@ fn as_text(v: &Value) -> Option<String> {
 }
 
 /// Builds an item from one parsed row.
-pub fn item_from_row(row: &Value, map: &FieldMap, line: usize) -> Result<Item, String> {
-    let field = |p: &str| lookup(row, p).ok_or_else(|| format!("missing field '{p}'"));
-    let question = as_text(field(&map.question)?).ok_or_else(|| format!("field '{}' is not text", map.question))?;
+pub fn item_from_row(row: &Value, map: &FieldMap, line: usize) -> Result<Item, RowProblem> {
+    let field = |p: &str| lookup(row, p).ok_or_else(|| RowProblem::MissingField(p.to_string()));
+    let question = as_text(field(&map.question)?).ok_or_else(|| RowProblem::NotText(map.question.clone()))?;
     let choices: Vec<String> = match &map.choices {
         None => vec![],
         Some(Choices::Array(p)) => field(p)?
             .as_array()
-            .ok_or_else(|| format!("field '{p}' is not an array"))?
+            .ok_or_else(|| RowProblem::NotAnArray(p.clone()))?
             .iter()
-            .map(|c| as_text(c).ok_or_else(|| format!("a choice in '{p}' is not text")))
+            .map(|c| as_text(c).ok_or_else(|| RowProblem::ChoiceNotText(p.clone())))
             .collect::<Result<_, _>>()?,
         Some(Choices::Columns(ps)) => {
-            ps.iter().map(|p| as_text(field(p)?).ok_or_else(|| format!("choice field '{p}' is not text"))).collect::<Result<_, _>>()?
+            ps.iter().map(|p| as_text(field(p)?).ok_or_else(|| RowProblem::ChoiceFieldNotText(p.clone()))).collect::<Result<_, _>>()?
         }
     };
-    let raw = as_text(field(&map.gold)?).ok_or_else(|| format!("field '{}' is not text or a number", map.gold))?;
+    let raw = as_text(field(&map.gold)?).ok_or_else(|| RowProblem::GoldNotText(map.gold.clone()))?;
     let in_range = |i: usize| {
-        if i < choices.len() { Ok(Gold::Choice(i)) } else { Err(format!("gold '{raw}' is past the {} choices", choices.len())) }
+        if i < choices.len() { Ok(Gold::Choice(i)) } else { Err(RowProblem::GoldPastChoices { gold: raw.clone(), choices: choices.len() }) }
     };
     let gold = match map.gold_kind {
         GoldKind::Text => Gold::Text(raw.clone()),
-        GoldKind::Index => in_range(raw.trim().parse::<usize>().map_err(|_| format!("gold '{raw}' is not an index"))?)?,
+        GoldKind::Index => in_range(raw.trim().parse::<usize>().map_err(|_| RowProblem::NotAnIndex(raw.clone()))?)?,
         GoldKind::Letter => {
             let t = raw.trim();
             let i = match (t.len(), t.chars().next()) {
                 (1, Some(c)) if c.is_ascii_uppercase() => c as usize - 'A' as usize,
-                _ => t.parse::<usize>().ok().and_then(|n| n.checked_sub(1)).ok_or_else(|| format!("gold '{raw}' is not a letter"))?,
+                _ => t.parse::<usize>().ok().and_then(|n| n.checked_sub(1)).ok_or_else(|| RowProblem::NotALetter(raw.clone()))?,
             };
             in_range(i)?
         }
-        GoldKind::ChoiceText => in_range(choices.iter().position(|c| c == &raw).ok_or_else(|| format!("gold '{raw}' is not one of the choices"))?)?,
+        GoldKind::ChoiceText => in_range(choices.iter().position(|c| c == &raw).ok_or_else(|| RowProblem::NotAChoice(raw.clone()))?)?,
     };
     if map.choices.is_some() && choices.is_empty() {
-        return Err("no choices".into());
+        return Err(RowProblem::NoChoices);
     }
     let id = match &map.id {
-        Some(p) => as_text(field(p)?).ok_or_else(|| format!("field '{p}' is not text"))?,
+        Some(p) => as_text(field(p)?).ok_or_else(|| RowProblem::NotText(p.clone()))?,
         None => line.to_string(),
     };
     let mut fields = std::collections::BTreeMap::new();
     for p in &map.extra {
-        let v = as_text(field(p)?).ok_or_else(|| format!("field '{p}' is not text"))?;
+        let v = as_text(field(p)?).ok_or_else(|| RowProblem::NotText(p.clone()))?;
         fields.insert(p.clone(), v);
     }
     Ok(Item { id, question, choices, gold, fields })
@@ -188,7 +218,7 @@ pub fn read_jsonl(path: &Path, map: &FieldMap, on_error: OnError) -> Result<(Vec
     for (i, line) in BufReader::new(f).lines().enumerate() {
         let text = line.map_err(|err| DatasetError::Io { path: path.to_path_buf(), err })?;
         if !text.trim().is_empty() {
-            lines.push((i + 1, serde_json::from_str::<Value>(&text).map_err(|e| format!("invalid JSON: {e}"))));
+            lines.push((i + 1, serde_json::from_str::<Value>(&text).map_err(|e| RowProblem::Unreadable(format!("invalid JSON: {e}")))));
         }
     }
     collect_rows(path, lines.into_iter(), map, on_error)
@@ -264,8 +294,8 @@ mod tests {
         assert_eq!(items.len(), 1);
         let lines: Vec<usize> = skipped.iter().map(|e| e.line).collect();
         assert_eq!(lines, vec![2, 3, 4]);
-        assert!(skipped[0].reason.contains("past the 2 choices"), "{}", skipped[0]);
-        assert!(skipped[2].reason.contains("missing field 'q'"), "{}", skipped[2]);
+        assert_eq!(skipped[0].reason, RowProblem::GoldPastChoices { gold: "5".into(), choices: 2 }, "{}", skipped[0]);
+        assert_eq!(skipped[2].reason, RowProblem::MissingField("q".into()), "{}", skipped[2]);
         let err = read_jsonl(f.path(), &m, OnError::Stop).expect_err("stop").to_string();
         assert!(err.contains(&format!("{}:2:", f.path().display())), "{err}");
     }

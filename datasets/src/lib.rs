@@ -17,7 +17,7 @@ pub mod synthetic;
 use std::path::Path;
 
 pub use item::{Gold, Item};
-pub use jsonl::{Choices, DatasetError, FieldMap, GoldKind, OnError, RowError, read_jsonl};
+pub use jsonl::{Choices, DatasetError, FieldMap, GoldKind, OnError, RowError, RowProblem, read_jsonl};
 pub use parquet::read_parquet;
 
 /// Reads a dataset file by its extension: `.jsonl` / `.json` (JSON Lines) or `.parquet`.
