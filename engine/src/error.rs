@@ -41,7 +41,7 @@ pub enum EngineError {
     BadRecipe { context: String, reason: String },
     /// A merge method failed on one tensor.
     #[error("merging tensor '{tensor}' with {method}: {reason}")]
-    Merge { tensor: String, method: String, reason: String },
+    Merge { tensor: String, method: String, reason: crate::merge::MergeError },
     /// The user interrupted the operation (Ctrl-C / SIGTERM); nothing was left half-written.
     #[error("interrupted")]
     Interrupted,

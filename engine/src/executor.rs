@@ -20,9 +20,9 @@ use crate::dtype;
 use crate::error::{EngineError, Result};
 use crate::io::writer::{pretty, write_file};
 use crate::io::{OutputDir, ShardedWriter, TensorEntry};
-use crate::merge::MergeInput;
 use crate::merge::base::{InputReader, Scratch, StreamInput};
 use crate::merge::rng::tensor_seed;
+use crate::merge::{MergeError, MergeInput};
 use crate::recipe::{MergePlan, TensorTask};
 use crate::source::{MemorySource, Tensor};
 
@@ -192,12 +192,12 @@ impl InputReader for RawReader<'_> {
 fn stream_task(plan: &MergePlan, task: &TensorTask, ws: &mut Workspace, out: &PartSender) -> Result<Option<bool>> {
     let mut writer_stopped = false;
     let t = Instant::now();
-    let mut sink = |chunk: &[f32]| -> std::result::Result<(), String> {
+    let mut sink = |chunk: &[f32]| -> std::result::Result<(), MergeError> {
         if out.send(&task.name, plan.out_dtype, chunk) {
             Ok(())
         } else {
             writer_stopped = true;
-            Err("the writer stopped".into())
+            Err(MergeError::SinkClosed)
         }
     };
     let streamed = stream(plan, task, ws, &mut sink)?;
@@ -217,8 +217,8 @@ fn stream(
     plan: &MergePlan,
     task: &TensorTask,
     ws: &mut Workspace,
-    sink: &mut dyn FnMut(&[f32]) -> std::result::Result<(), String>,
-) -> Result<std::result::Result<bool, String>> {
+    sink: &mut dyn FnMut(&[f32]) -> std::result::Result<(), MergeError>,
+) -> Result<std::result::Result<bool, MergeError>> {
     let reader = RawReader { inputs: task.inputs.iter().map(|(m, n)| plan.models[*m].raw(n).map(|(d, _, b)| (d, b))).collect::<Result<_>>()? };
     let input = StreamInput {
         tensor: &task.name,
@@ -232,7 +232,7 @@ fn stream(
     Ok(plan.method.merge_streaming(&input, &mut ws.scratch, sink))
 }
 
-fn merge_error(plan: &MergePlan, task: &TensorTask, reason: String) -> EngineError {
+fn merge_error(plan: &MergePlan, task: &TensorTask, reason: MergeError) -> EngineError {
     EngineError::Merge { tensor: task.name.clone(), method: plan.method.name().to_string(), reason }
 }
 
@@ -246,7 +246,7 @@ pub fn merge_to_memory(plan: &MergePlan) -> Result<MemorySource> {
     for task in &plan.tasks {
         let numel: usize = task.shape.iter().product();
         let mut data: Vec<f32> = Vec::with_capacity(numel);
-        let mut sink = |chunk: &[f32]| -> std::result::Result<(), String> {
+        let mut sink = |chunk: &[f32]| -> std::result::Result<(), MergeError> {
             dtype::round_extend(plan.out_dtype, chunk, &mut data);
             Ok(())
         };

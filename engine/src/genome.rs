@@ -359,7 +359,7 @@ impl GenomeLayout {
                 };
                 let layer = self.groups[g.group].0;
                 let t = if self.layers > 1 { layer as f64 / (self.layers - 1) as f64 } else { 1.0 };
-                setting.resolve(probe, t).map_err(bad)?.ok_or_else(|| bad(format!("no value of '{}' for {probe}", g.param)))
+                setting.resolve(probe, t).map_err(|e| bad(e.to_string()))?.ok_or_else(|| bad(format!("no value of '{}' for {probe}", g.param)))
             })
             .collect()
     }

@@ -69,6 +69,22 @@ impl std::fmt::Debug for ResidentMerge {
     }
 }
 
+/// Why a plan cannot be merged in place (the run then streams its candidates instead).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NotResident {
+    #[error("{0} is not an elementwise method")]
+    NotElementwise(&'static str),
+    #[error("the merge has no tensor '{0}'")]
+    NoTensor(String),
+    #[error("'{tensor}' has shape {shape:?}, the runtime expects {rows} x {width}")]
+    Shape { tensor: String, shape: Vec<usize>, rows: usize, width: usize },
+    #[error("input '{input}' of model {model} has shape {shape:?}, the output {output:?}")]
+    InputShape { input: String, model: usize, shape: Vec<usize>, output: Vec<usize> },
+    /// An input tensor could not be read: the engine's message.
+    #[error("{0}")]
+    Input(String),
+}
+
 /// The task that fills `part` and the keys of its inputs, or why the plan cannot be merged
 /// in place.
 fn part_inputs<'p>(
@@ -76,17 +92,17 @@ fn part_inputs<'p>(
     tasks: &HashMap<&str, &'p TensorTask>,
     buf: &WeightBuffer,
     part: &WeightPart,
-) -> std::result::Result<(&'p TensorTask, Vec<Key>), String> {
-    let task = tasks.get(part.tensor.as_str()).ok_or_else(|| format!("the merge has no tensor '{}'", part.tensor))?;
+) -> std::result::Result<(&'p TensorTask, Vec<Key>), NotResident> {
+    let task = tasks.get(part.tensor.as_str()).ok_or_else(|| NotResident::NoTensor(part.tensor.clone()))?;
     let numel: usize = task.shape.iter().product();
     if numel != buf.rows * part.width || task.shape.len() > 2 || (task.shape.len() == 2 && task.shape[usize::from(!part.transposed)] != part.width) {
-        return Err(format!("'{}' has shape {:?}, the runtime expects {} x {}", part.tensor, task.shape, buf.rows, part.width));
+        return Err(NotResident::Shape { tensor: part.tensor.clone(), shape: task.shape.clone(), rows: buf.rows, width: part.width });
     }
     let keys = task.inputs.iter().map(|(m, n)| (*m, n.clone(), part.transposed)).collect::<Vec<_>>();
     for (m, n, _) in &keys {
-        let (_, shape, _) = plan.models[*m].raw(n).map_err(|e| e.to_string())?;
+        let (_, shape, _) = plan.models[*m].raw(n).map_err(|e| NotResident::Input(e.to_string()))?;
         if shape != task.shape.as_slice() {
-            return Err(format!("input '{n}' of model {m} has shape {shape:?}, the output {:?}", task.shape));
+            return Err(NotResident::InputShape { input: n.clone(), model: *m, shape: shape.to_vec(), output: task.shape.clone() });
         }
     }
     Ok((task, keys))
@@ -100,9 +116,9 @@ impl ResidentMerge {
     /// Bytes the resident inputs of `plan` take for `layout`, or why the plan cannot be merged
     /// in place (a method that is not elementwise, a tensor the runtime needs but the merge
     /// lacks).
-    pub fn bytes_needed(plan: &MergePlan, layout: &[WeightBuffer]) -> std::result::Result<u64, String> {
+    pub fn bytes_needed(plan: &MergePlan, layout: &[WeightBuffer]) -> std::result::Result<u64, NotResident> {
         if !plan.method.elementwise() {
-            return Err(format!("{} is not an elementwise method", plan.method.name()));
+            return Err(NotResident::NotElementwise(plan.method.name()));
         }
         let tasks = task_map(plan);
         let mut seen: HashMap<Key, u64> = HashMap::new();
@@ -110,7 +126,7 @@ impl ResidentMerge {
             for part in &buf.parts {
                 let (_, keys) = part_inputs(plan, &tasks, buf, part)?;
                 for k in keys {
-                    let size = plan.models[k.0].raw(&k.1).map_err(|e| e.to_string())?.0.size();
+                    let size = plan.models[k.0].raw(&k.1).map_err(|e| NotResident::Input(e.to_string()))?.0.size();
                     seen.insert(k, (buf.rows * part.width * size) as u64);
                 }
             }
@@ -121,12 +137,12 @@ impl ResidentMerge {
     /// Copies the inputs of `plan` into `layout` (the runtime's [`LanguageModel::weight_layout`]).
     /// Later plans must use the same models (by directory) and input tensors.
     pub fn new(plan: &MergePlan, layout: Vec<WeightBuffer>) -> Result<Self> {
-        let bytes = Self::bytes_needed(plan, &layout).map_err(EngineError::InvalidInput)?;
+        let bytes = Self::bytes_needed(plan, &layout).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
         let tasks = task_map(plan);
         let mut arrays: HashMap<Key, Resident> = HashMap::new();
         for buf in &layout {
             for part in &buf.parts {
-                let (_, keys) = part_inputs(plan, &tasks, buf, part).map_err(EngineError::InvalidInput)?;
+                let (_, keys) = part_inputs(plan, &tasks, buf, part).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
                 for key in keys {
                     if arrays.contains_key(&key) {
                         continue;
@@ -157,7 +173,7 @@ impl ResidentMerge {
         for buf in &self.layout {
             let mut parts = vec![];
             for part in &buf.parts {
-                let (task, keys) = part_inputs(plan, &tasks, buf, part).map_err(EngineError::InvalidInput)?;
+                let (task, keys) = part_inputs(plan, &tasks, buf, part).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
                 let inputs = keys
                     .iter()
                     .map(|k| self.arrays.get(k).ok_or_else(|| EngineError::InvalidInput(format!("input '{}' of model {} is not resident", k.1, k.0))))
@@ -205,7 +221,7 @@ impl ResidentMerge {
             let mut models: Option<Vec<usize>> = None;
             let mut parts = vec![];
             for part in &buf.parts {
-                let (_, keys) = part_inputs(plan, &tasks, buf, part).map_err(EngineError::InvalidInput)?;
+                let (_, keys) = part_inputs(plan, &tasks, buf, part).map_err(|e| EngineError::InvalidInput(e.to_string()))?;
                 let ms: Vec<usize> = keys.iter().map(|k| k.0).collect();
                 if models.as_ref().is_some_and(|m| *m != ms) {
                     return Ok(false);

@@ -88,7 +88,7 @@ impl Setup {
         let tok = Tokenizer::from_dir(base.dir())?;
         let mut tasks = Vec::new();
         for o in &exp.objectives {
-            let spec = TaskSpec::load(&o.task).map_err(RunError::Experiment)?;
+            let spec = TaskSpec::load(&o.task)?;
             tasks.push(Task::load(spec, o.data.as_deref(), o.fewshot_data.as_deref())?);
         }
         let runtime = model::open(exp.device, &[ModelSpec::from_checkpoint(&base)])?;
@@ -121,7 +121,7 @@ impl Setup {
         let plan = self.layout.plan(&self.layout.initial(), &self.opened, self.exp.seed)?;
         let weights = self.runtime.weight_layout(0)?;
         let why_not = match ResidentMerge::bytes_needed(&plan, &weights) {
-            Err(why) => why,
+            Err(why) => why.to_string(),
             Ok(bytes) => {
                 let need = runtime_bytes(&self.base) + bytes;
                 match memory_available() {

@@ -19,7 +19,7 @@ fn params(m: &dyn MergeMethod, scope: Scope, weight: f64) -> Params {
 }
 
 /// Runs `m` on `tensors` (base at index 0 when the method uses one).
-fn run(m: &dyn MergeMethod, tensors: &[Vec<f32>], weights: &[f64], shape: &[usize]) -> Result<Vec<f32>, String> {
+fn run(m: &dyn MergeMethod, tensors: &[Vec<f32>], weights: &[f64], shape: &[usize]) -> Result<Vec<f32>, merge::MergeError> {
     let input = MergeInput {
         tensor: "model.layers.0.mlp.up_proj.weight",
         shape,

@@ -146,7 +146,8 @@ fn methods_that_are_not_elementwise_or_other_models_are_refused() {
         "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5, density: 0.5}}\ndtype: float32\n"
     );
     let why = ResidentMerge::bytes_needed(&plan(&ties), &rt.weight_layout(0).expect("layout")).expect_err("ties is not elementwise");
-    assert!(why.contains("ties") && why.contains("elementwise"), "{why}");
+    assert_eq!(why, evomerge_engine::resident::NotResident::NotElementwise("ties"));
+    assert_eq!(why.to_string(), "ties is not an elementwise method");
 
     // held for base + a + b; a plan over other models is refused before any weight moves
     let texts = recipes(&m, "float32");

@@ -55,19 +55,38 @@ fn get_f64(m: &Map<String, Value>, k: &str) -> Option<f64> {
     m.get(k).and_then(Value::as_f64)
 }
 
+/// Why a `config.json` cannot be used (wrapped with its path in [`EngineError::BadJson`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    #[error("missing integer key '{0}'")]
+    MissingInteger(String),
+    #[error("missing key 'model_type'")]
+    NoModelType,
+    #[error("num_attention_heads is 0")]
+    NoHeads,
+    #[error("unsupported dtype '{0}'")]
+    UnsupportedDtype(String),
+    #[error("rope scaling '{0}' needs 'factor'")]
+    RopeFactor(String),
+    #[error("unsupported rope scaling type '{0}' (supported: default, linear, llama3)")]
+    RopeType(String),
+}
+
 impl ModelConfig {
     /// Reads `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| EngineError::io(&path, e))?;
-        Self::parse(&text).map_err(|reason| EngineError::BadJson { path, reason })
+        Self::parse(&text).map_err(|e| EngineError::BadJson { path, reason: e.to_string() })
     }
 
     /// Parses the text of a `config.json`.
-    pub fn parse(text: &str) -> std::result::Result<Self, String> {
-        let raw: Map<String, Value> = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
-        let need = |k: &str| get_usize(&raw, k).ok_or_else(|| format!("missing integer key '{k}'"));
-        let model_type = raw.get("model_type").and_then(Value::as_str).ok_or("missing key 'model_type'")?.to_string();
+    pub fn parse(text: &str) -> std::result::Result<Self, ConfigError> {
+        let raw: Map<String, Value> = serde_json::from_str(text).map_err(|e| ConfigError::InvalidJson(e.to_string()))?;
+        let need = |k: &str| get_usize(&raw, k).ok_or_else(|| ConfigError::MissingInteger(k.to_string()));
+        let model_type = raw.get("model_type").and_then(Value::as_str).ok_or(ConfigError::NoModelType)?.to_string();
         let architectures = raw
             .get("architectures")
             .and_then(Value::as_array)
@@ -76,7 +95,7 @@ impl ModelConfig {
         let hidden_size = need("hidden_size")?;
         let num_attention_heads = need("num_attention_heads")?;
         if num_attention_heads == 0 {
-            return Err("num_attention_heads is 0".into());
+            return Err(ConfigError::NoHeads);
         }
         let head_dim = get_usize(&raw, "head_dim").unwrap_or(hidden_size / num_attention_heads);
         // transformers 5: rope_parameters {rope_theta, rope_type, factor, ...};
@@ -89,7 +108,7 @@ impl ModelConfig {
             None => None,
         };
         let dtype = match raw.get("dtype").or_else(|| raw.get("torch_dtype")).and_then(Value::as_str) {
-            Some(s) => Some(DType::parse(s).ok_or_else(|| format!("unsupported dtype '{s}'"))?),
+            Some(s) => Some(DType::parse(s).ok_or_else(|| ConfigError::UnsupportedDtype(s.to_string()))?),
             None => None,
         };
         let eos_token_ids = match raw.get("eos_token_id") {
@@ -141,9 +160,9 @@ impl ModelConfig {
     }
 }
 
-fn parse_rope_scaling(s: &Map<String, Value>) -> std::result::Result<Option<RopeScaling>, String> {
+fn parse_rope_scaling(s: &Map<String, Value>) -> std::result::Result<Option<RopeScaling>, ConfigError> {
     let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
-    let factor = || get_f64(s, "factor").ok_or_else(|| format!("rope scaling '{kind}' needs 'factor'"));
+    let factor = || get_f64(s, "factor").ok_or_else(|| ConfigError::RopeFactor(kind.to_string()));
     match kind {
         "default" => Ok(None),
         "linear" => Ok(Some(RopeScaling::Linear { factor: factor()? })),
@@ -153,7 +172,7 @@ fn parse_rope_scaling(s: &Map<String, Value>) -> std::result::Result<Option<Rope
             high_freq_factor: get_f64(s, "high_freq_factor").unwrap_or(4.0),
             original_max_position_embeddings: get_usize(s, "original_max_position_embeddings").unwrap_or(8192),
         })),
-        other => Err(format!("unsupported rope scaling type '{other}' (supported: default, linear, llama3)")),
+        other => Err(ConfigError::RopeType(other.to_string())),
     }
 }
 
@@ -202,6 +221,6 @@ mod tests {
     #[test]
     fn missing_keys_are_named() {
         let err = ModelConfig::parse(r#"{"model_type":"llama"}"#).expect_err("bad");
-        assert!(err.contains("hidden_size"), "{err}");
+        assert_eq!(err, ConfigError::MissingInteger("hidden_size".into()));
     }
 }

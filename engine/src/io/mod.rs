@@ -15,7 +15,7 @@ pub mod safetensors;
 pub mod writer;
 
 pub use checkpoint::Checkpoint;
-pub use config::{ModelConfig, RopeScaling};
+pub use config::{ConfigError, ModelConfig, RopeScaling};
 pub use hub::resolve_model;
 pub use opened::OpenedCheckpoints;
 pub use writer::{OutputDir, ShardedWriter, TensorEntry};

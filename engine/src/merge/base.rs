@@ -7,6 +7,7 @@
 use std::fmt::Debug;
 
 use crate::buffer::HugeBuf;
+use crate::merge::error::MergeError;
 
 /// Whether a parameter is set once for the merge or once per input model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +65,7 @@ impl ParamSpec {
     }
 
     /// Checks `v` against the kind and range.
-    pub fn check(&self, v: f64) -> Result<(), String> {
+    pub fn check(&self, v: f64) -> Result<(), MergeError> {
         let ok = match self.kind {
             Kind::Float { min, max } => v.is_finite() && v >= min && v <= max,
             Kind::Int { min, max } => v.fract() == 0.0 && v >= min as f64 && v <= max as f64,
@@ -74,9 +75,9 @@ impl ParamSpec {
             return Ok(());
         }
         Err(match self.kind {
-            Kind::Float { min, max } => format!("{} = {v} is outside [{min}, {max}]", self.name),
-            Kind::Int { min, max } => format!("{} = {v} is not an integer in [{min}, {max}]", self.name),
-            Kind::Bool => format!("{} = {v} is not a boolean", self.name),
+            Kind::Float { min, max } => MergeError::OutOfRange { name: self.name, value: v, min, max },
+            Kind::Int { min, max } => MergeError::NotAnInteger { name: self.name, value: v, min, max },
+            Kind::Bool => MergeError::NotABoolean { name: self.name, value: v },
         })
     }
 }
@@ -140,8 +141,8 @@ impl MergeInput<'_> {
     }
 
     /// The base tensor, or an error naming the method.
-    pub fn base_tensor(&self) -> Result<&[f32], String> {
-        self.base.map(|b| self.tensors[b]).ok_or_else(|| "needs a base_model".to_string())
+    pub fn base_tensor(&self) -> Result<&[f32], MergeError> {
+        self.base.map(|b| self.tensors[b]).ok_or(MergeError::NoBase)
     }
 
     pub fn numel(&self) -> usize {
@@ -200,7 +201,7 @@ impl StreamInput<'_> {
 }
 
 /// Receives a streaming merge's output, chunk by chunk, in order.
-pub type ChunkSink<'a> = dyn FnMut(&[f32]) -> Result<(), String> + 'a;
+pub type ChunkSink<'a> = dyn FnMut(&[f32]) -> Result<(), MergeError> + 'a;
 
 /// Elements per streamed chunk: small enough that the working set of a few inputs stays in
 /// cache and never needs fresh memory, large enough to amortize the parallel split.
@@ -218,7 +219,12 @@ thread_local! {
 /// Streams an [`MergeMethod::elementwise`] method: per chunk, every sub-chunk is decoded from
 /// all inputs into per-thread buffers and merged straight into the output chunk (one parallel
 /// pass, working set in L2), then the chunk is emitted.
-pub fn stream_elementwise<M: MergeMethod + ?Sized>(m: &M, input: &StreamInput, scratch: &mut Scratch, sink: &mut ChunkSink) -> Result<(), String> {
+pub fn stream_elementwise<M: MergeMethod + ?Sized>(
+    m: &M,
+    input: &StreamInput,
+    scratch: &mut Scratch,
+    sink: &mut ChunkSink,
+) -> Result<(), MergeError> {
     use rayon::prelude::*;
     let n = input.numel();
     let k = input.reader.count();
@@ -274,13 +280,13 @@ pub trait MergeMethod: Send + Sync + Debug {
     /// Merges one tensor into `out` (`input.numel()` elements; its prior content is garbage).
     /// `scratch` holds reusable buffers so that large tensors do not fault in fresh memory on
     /// every call. Errors are plain reasons; the caller adds tensor and method.
-    fn merge(&self, input: &MergeInput, scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String>;
+    fn merge(&self, input: &MergeInput, scratch: &mut Scratch, out: &mut [f32]) -> Result<(), MergeError>;
 
     /// Merges without whole-tensor buffers: reads the inputs in chunks (in as many passes as
     /// it needs) and hands the output to `sink` in order. Returns `Ok(false)`, having called
     /// `sink` never, when it cannot for this tensor; the executor then uses
     /// [`merge`](Self::merge). The default streams [`elementwise`](Self::elementwise) methods.
-    fn merge_streaming(&self, input: &StreamInput, scratch: &mut Scratch, sink: &mut ChunkSink) -> Result<bool, String> {
+    fn merge_streaming(&self, input: &StreamInput, scratch: &mut Scratch, sink: &mut ChunkSink) -> Result<bool, MergeError> {
         if !self.elementwise() {
             return Ok(false);
         }
@@ -321,7 +327,7 @@ impl Scratch {
 }
 
 /// Runs `m` with a fresh scratch and returns the output (convenient for tests and small tensors).
-pub fn merge_to_vec(m: &dyn MergeMethod, input: &MergeInput) -> Result<Vec<f32>, String> {
+pub fn merge_to_vec(m: &dyn MergeMethod, input: &MergeInput) -> Result<Vec<f32>, MergeError> {
     let mut out = vec![0f32; input.numel()];
     m.merge(input, &mut Scratch::default(), &mut out)?;
     Ok(out)

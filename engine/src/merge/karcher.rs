@@ -8,6 +8,7 @@
 //! `(Σ αᵢ‖xᵢ‖) · m`. Reference: Karcher 1977, https://en.wikipedia.org/wiki/Karcher_mean.
 
 use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
+use crate::merge::error::MergeError;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Karcher;
@@ -40,7 +41,7 @@ impl MergeMethod for Karcher {
         BaseRole::Unused
     }
 
-    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
+    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), MergeError> {
         let xs = &input.tensors;
         if xs.len() == 1 {
             out.copy_from_slice(xs[0]);

@@ -8,6 +8,7 @@
 use rayon::prelude::*;
 
 use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
+use crate::merge::error::MergeError;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Linear;
@@ -43,7 +44,7 @@ impl MergeMethod for Linear {
         BaseRole::Unused
     }
 
-    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
+    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), MergeError> {
         let w: Vec<f32> = input.model_params.iter().map(|p| p.get("weight") as f32).collect();
         let div = divisor(input.params.flag("normalize"), &w);
         // Model-major per chunk (vectorizable); f32 sums in model order, as mergekit.

@@ -17,6 +17,7 @@
 //! deliberate departure is stated in the method's doc comment.
 
 pub mod base;
+pub mod error;
 pub mod generalized;
 pub mod karcher;
 pub mod linear;
@@ -32,6 +33,7 @@ pub mod slerp;
 pub mod sparsify;
 
 pub use base::{BaseRole, Kind, MergeInput, MergeMethod, ParamSpec, Params, Scope};
+pub use error::MergeError;
 
 /// Every merge method, in a stable order.
 pub fn registry() -> Vec<&'static dyn MergeMethod> {

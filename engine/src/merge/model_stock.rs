@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
+use crate::merge::error::MergeError;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ModelStock;
@@ -46,11 +47,11 @@ impl MergeMethod for ModelStock {
         BaseRole::Required
     }
 
-    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
+    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), MergeError> {
         let base = input.base_tensor()?;
         let ws: Vec<&[f32]> = input.others().map(|(x, _)| x).collect();
         if ws.len() < 2 {
-            return Err(format!("model_stock needs at least two models besides the base, got {}", ws.len()));
+            return Err(MergeError::ModelCount { method: "model_stock", need: "needs at least two models besides the base", got: ws.len() });
         }
         let cols = if input.params.flag("filter_wise") && input.shape.len() >= 2 { *input.shape.last().unwrap_or(&1) } else { base.len() };
         let inv_n = 1.0 / ws.len() as f32;

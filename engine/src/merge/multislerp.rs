@@ -8,6 +8,7 @@
 //! result `r · Σ wᵢ‖xᵢ‖` (+ base). f64 internally.
 
 use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
+use crate::merge::error::MergeError;
 
 #[derive(Debug, Clone, Copy)]
 pub struct MultiSlerp;
@@ -37,7 +38,7 @@ impl MergeMethod for MultiSlerp {
         BaseRole::Optional
     }
 
-    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
+    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), MergeError> {
         let base = input.base.map(|b| input.tensors[b]);
         let others: Vec<(&[f32], f64)> = input.others().map(|(x, p)| (x, p.get("weight"))).collect();
         if others.len() == 1 {
@@ -75,7 +76,7 @@ impl MergeMethod for MultiSlerp {
                 add_base(r);
                 return Ok(());
             }
-            return Err("the weighted mean of the unit inputs is zero (antipodal inputs with balancing weights)".into());
+            return Err(MergeError::ZeroMean);
         }
         mean.iter_mut().for_each(|m| *m /= mn);
         let mut tangent = vec![0f64; n];

@@ -7,6 +7,7 @@
 use rayon::prelude::*;
 
 use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
+use crate::merge::error::MergeError;
 
 #[derive(Debug, Clone, Copy)]
 pub struct NearSwap;
@@ -36,9 +37,9 @@ impl MergeMethod for NearSwap {
         Some(2..=2)
     }
 
-    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
+    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), MergeError> {
         let v0 = input.base_tensor()?;
-        let (v1, _) = input.others().next().ok_or("nearswap needs a second model")?;
+        let (v1, _) = input.others().next().ok_or(MergeError::ModelCount { method: "nearswap", need: "needs a second model", got: 1 })?;
         let t = input.params.get("t") as f32;
         out.par_iter_mut().zip(v0.par_iter().zip(v1)).for_each(|(o, (&a, &b))| {
             let l = t / (a - b).abs();

@@ -9,6 +9,7 @@
 
 use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
 use super::slerp::{combine, norms_dot};
+use crate::merge::error::MergeError;
 
 #[derive(Debug, Clone, Copy)]
 pub struct NuSlerp;
@@ -45,10 +46,10 @@ impl MergeMethod for NuSlerp {
         BaseRole::Optional
     }
 
-    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
+    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), MergeError> {
         let others: Vec<(&[f32], f64)> = input.others().map(|(x, p)| (x, p.get("weight"))).collect();
         if others.len() != 2 {
-            return Err(format!("nuslerp merges exactly two models (plus an optional base), got {}", others.len()));
+            return Err(MergeError::ModelCount { method: "nuslerp", need: "merges exactly two models (plus an optional base)", got: others.len() });
         }
         let sum = others[0].1 + others[1].1;
         let t = if sum.abs() < 1e-6 { 0.5 } else { others[1].1 / sum };

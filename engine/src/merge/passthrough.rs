@@ -2,6 +2,7 @@
 //! builds frankenmerges: each output layer is a layer of one source model, renumbered.
 
 use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
+use crate::merge::error::MergeError;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Passthrough;
@@ -31,7 +32,7 @@ impl MergeMethod for Passthrough {
         Some(1..=1)
     }
 
-    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
+    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), MergeError> {
         let s = input.model_params[0].get("scale") as f32;
         let x = input.tensors[0];
         out.iter_mut().zip(x).for_each(|(o, v)| *o = v * s);

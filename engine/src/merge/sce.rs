@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
 use super::select::keep_rank_window;
+use crate::merge::error::MergeError;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Sce;
@@ -35,7 +36,7 @@ impl MergeMethod for Sce {
         BaseRole::Required
     }
 
-    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
+    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), MergeError> {
         let base = input.base_tensor()?;
         let mut deltas: Vec<Vec<f32>> = input.others().map(|(x, _)| x.iter().zip(base).map(|(a, b)| a - b).collect()).collect();
         if deltas.is_empty() {

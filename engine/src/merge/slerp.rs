@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 use super::base::{BaseRole, MergeInput, MergeMethod, ParamSpec, Scope, Scratch};
+use crate::merge::error::MergeError;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Slerp;
@@ -62,9 +63,9 @@ impl MergeMethod for Slerp {
         Some(2..=2)
     }
 
-    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
+    fn merge(&self, input: &MergeInput, _scratch: &mut Scratch, out: &mut [f32]) -> Result<(), MergeError> {
         let v0 = input.base_tensor()?;
-        let (v1, _) = input.others().next().ok_or("slerp needs a second model")?;
+        let (v1, _) = input.others().next().ok_or(MergeError::ModelCount { method: "slerp", need: "needs a second model", got: 1 })?;
         let t = input.params.get("t");
         let (aa, bb, ab) = norms_dot(v0, v1);
         let na = if aa.sqrt() > 1e-8 { aa.sqrt() } else { 1.0 };

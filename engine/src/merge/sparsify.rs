@@ -24,6 +24,7 @@ use rayon::prelude::*;
 
 use super::rng::CounterRng;
 use super::select::keep_rank_window;
+use crate::merge::error::MergeError;
 
 const CHUNK: usize = 1 << 16;
 
@@ -71,7 +72,7 @@ pub fn sparsify(
     epsilon: f64,
     rescale: bool,
     rng: CounterRng,
-) -> Result<f32, String> {
+) -> Result<f32, MergeError> {
     if density >= 1.0 {
         return Ok(1.0);
     }
@@ -106,7 +107,7 @@ pub fn sparsify(
         }
         Sparsifier::DellaMagprune => {
             if density + epsilon >= 1.0 || density - epsilon <= 0.0 {
-                return Err(format!("della needs 0 < density ± epsilon < 1 (density {density}, epsilon {epsilon})"));
+                return Err(MergeError::DellaWindow { density, epsilon });
             }
             let cols = n / rows.max(1);
             delta.par_chunks_mut(cols.max(1)).enumerate().for_each(|(r, row)| {

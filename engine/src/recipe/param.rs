@@ -7,6 +7,7 @@
 //! `n = 1`); weights outside the layers (embeddings, final norm, LM head) at `t = 0`. A
 //! gradient of length `L` is interpolated at `t·(L−1)` (numpy's `interp`).
 
+use crate::merge::error::MergeError;
 use serde::{Deserialize, Serialize};
 
 /// A scalar or a gradient.
@@ -37,7 +38,7 @@ pub enum ParamSetting {
 
 impl Value {
     /// The value at relative position `t ∈ [0, 1]`.
-    pub fn at(&self, t: f64) -> Result<f64, String> {
+    pub fn at(&self, t: f64) -> Result<f64, MergeError> {
         match self {
             Value::Bool(b) => Ok(if *b { 1.0 } else { 0.0 }),
             Value::Number(x) => Ok(*x),
@@ -47,9 +48,9 @@ impl Value {
 }
 
 /// Piecewise-linear interpolation of `g` (evenly spaced over [0, 1]) at `t`.
-pub fn interp(g: &[f64], t: f64) -> Result<f64, String> {
+pub fn interp(g: &[f64], t: f64) -> Result<f64, MergeError> {
     match g.len() {
-        0 => Err("empty gradient".into()),
+        0 => Err(MergeError::EmptyGradient),
         1 => Ok(g[0]),
         n => {
             let x = t.clamp(0.0, 1.0) * (n - 1) as f64;
@@ -62,7 +63,7 @@ pub fn interp(g: &[f64], t: f64) -> Result<f64, String> {
 
 impl ParamSetting {
     /// The value for `tensor` at position `t`, or `None` when no filter entry matches.
-    pub fn resolve(&self, tensor: &str, t: f64) -> Result<Option<f64>, String> {
+    pub fn resolve(&self, tensor: &str, t: f64) -> Result<Option<f64>, MergeError> {
         match self {
             ParamSetting::Plain(v) => v.at(t).map(Some),
             ParamSetting::Filtered(entries) => {

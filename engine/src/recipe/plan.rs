@@ -323,7 +323,7 @@ impl TaskCtx<'_> {
         let lookup = |maps: &[&ParamMap], spec: &ParamSpec, who: &str| -> Result<f64> {
             for m in maps {
                 if let Some(setting) = m.get(spec.name) {
-                    if let Some(v) = setting.resolve(out_name, t).map_err(&bad)? {
+                    if let Some(v) = setting.resolve(out_name, t).map_err(|e| bad(e.to_string()))? {
                         spec.check(v).map_err(|e| bad(format!("{who}{e}")))?;
                         return Ok(v);
                     }

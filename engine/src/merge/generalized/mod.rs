@@ -28,6 +28,7 @@
 mod streamed;
 mod whole;
 
+use crate::merge::error::MergeError;
 #[allow(unused_imports)]
 use streamed::*;
 pub use whole::plain_divisor;
@@ -116,7 +117,7 @@ impl MergeMethod for GeneralizedTaskArithmetic {
         BaseRole::Required
     }
 
-    fn merge(&self, input: &MergeInput, scratch: &mut Scratch, out: &mut [f32]) -> Result<(), String> {
+    fn merge(&self, input: &MergeInput, scratch: &mut Scratch, out: &mut [f32]) -> Result<(), MergeError> {
         let base = input.base_tensor()?;
         let rescale = input.params.flag("rescale");
         let k = input.others().count();
@@ -151,12 +152,12 @@ impl MergeMethod for GeneralizedTaskArithmetic {
     /// inputs), sparsified exactly as [`merge`](MergeMethod::merge) does, and the combination
     /// is streamed. Results equal `merge`'s bit for bit (DARE's rescale up to the order of an
     /// f64 sum).
-    fn merge_streaming(&self, input: &StreamInput, scratch: &mut Scratch, sink: &mut ChunkSink) -> Result<bool, String> {
+    fn merge_streaming(&self, input: &StreamInput, scratch: &mut Scratch, sink: &mut ChunkSink) -> Result<bool, MergeError> {
         let Some(method) = self.sparsifier else {
             stream_elementwise(self, input, scratch, sink)?;
             return Ok(true);
         };
-        let b = input.base.ok_or("needs a base_model")?;
+        let b = input.base.ok_or(MergeError::NoBase)?;
         let others: Vec<usize> = (0..input.reader.count()).filter(|&i| i != b).collect();
         let plain_topk = method == Sparsifier::Magnitude && !input.params.flag("rescale") && input.numel() >= SMALL;
         if method == Sparsifier::Random && input.numel() >= SMALL {

@@ -2,6 +2,7 @@
 
 #[allow(unused_imports)]
 use super::*;
+use crate::merge::error::MergeError;
 
 impl GeneralizedTaskArithmetic {
     /// Rank-based sparsifiers: materialize and sparsify δᵢ, then stream the combination.
@@ -13,7 +14,7 @@ impl GeneralizedTaskArithmetic {
         others: &[usize],
         scratch: &mut Scratch,
         sink: &mut ChunkSink,
-    ) -> Result<(), String> {
+    ) -> Result<(), MergeError> {
         let n = input.numel();
         let k = others.len();
         let rescale = input.params.flag("rescale");
@@ -64,7 +65,13 @@ impl GeneralizedTaskArithmetic {
     /// Pass 2 keeps the keys above the cut and the ties whose stable rank is ≥ `r` (the same
     /// elements as [`sparsify`]), and combines exactly as [`Self::combine_parts`]: the output
     /// equals the whole-tensor path bit for bit.
-    pub(super) fn stream_topk<const K: usize>(&self, input: &StreamInput, b: usize, others: &[usize], sink: &mut ChunkSink) -> Result<(), String> {
+    pub(super) fn stream_topk<const K: usize>(
+        &self,
+        input: &StreamInput,
+        b: usize,
+        others: &[usize],
+        sink: &mut ChunkSink,
+    ) -> Result<(), MergeError> {
         let n = input.numel();
         let nsub = n.div_ceil(SUB);
         let mut cuts = [Cut::ALL; K];
@@ -149,7 +156,7 @@ impl GeneralizedTaskArithmetic {
         others: &[usize],
         sparsify: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
         sink: &mut ChunkSink,
-    ) -> Result<(), String> {
+    ) -> Result<(), MergeError> {
         let n = input.numel();
         let weights: [f32; K] = std::array::from_fn(|slot| input.model_params[others[slot]].get("weight") as f32);
         let combine = Combine::new(input.params, &weights, self.consensus);
@@ -180,7 +187,13 @@ impl GeneralizedTaskArithmetic {
     /// sub-chunk (f64, added in sub-chunk order: the same factors whatever the thread count),
     /// pass 2 redraws the same counter-based masks, rescales, weights and combines with the
     /// f32 operations of [`Self::combine_parts`].
-    pub(super) fn stream_dare<const K: usize>(&self, input: &StreamInput, b: usize, others: &[usize], sink: &mut ChunkSink) -> Result<(), String> {
+    pub(super) fn stream_dare<const K: usize>(
+        &self,
+        input: &StreamInput,
+        b: usize,
+        others: &[usize],
+        sink: &mut ChunkSink,
+    ) -> Result<(), MergeError> {
         let n = input.numel();
         let nsub = n.div_ceil(SUB);
         let masks: [(f64, CounterRng); K] =
@@ -235,7 +248,7 @@ impl GeneralizedTaskArithmetic {
         others: &[usize],
         scratch: &mut Scratch,
         sink: &mut ChunkSink,
-    ) -> Result<(), String> {
+    ) -> Result<(), MergeError> {
         let k = others.len();
         let masks: Vec<(f64, CounterRng)> =
             (0..k).map(|slot| (input.model_params[others[slot]].get("density"), CounterRng::new(input.seed, slot as u64))).collect();

@@ -2,6 +2,7 @@
 
 #[allow(unused_imports)]
 use super::*;
+use crate::merge::error::MergeError;
 
 /// The divisor of the plain (no consensus) combination: Σᵢ wᵢ as an f32 sum in model order,
 /// 1 when |Σᵢ wᵢ| < 1e-8 (mergekit's rule).
@@ -161,8 +162,8 @@ impl GeneralizedTaskArithmetic {
         b: usize,
         others: &[usize],
         scratch: &mut Scratch,
-        mut f: impl FnMut(usize, &mut [HugeBuf<f32>]) -> Result<(), String>,
-    ) -> Result<(), String> {
+        mut f: impl FnMut(usize, &mut [HugeBuf<f32>]) -> Result<(), MergeError>,
+    ) -> Result<(), MergeError> {
         let n = input.numel();
         let k = others.len();
         let bufs = scratch.buffers(k + 2, STREAM_CHUNK);
