@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::estimators::sim::random_items;
 use crate::estimators::{AnchorPoints, Estimate, Irt, IrtConfig, Responses, weighted_mean};
-use crate::tasks::{ItemResult, Kind, ResultCache, Task, TaskError};
+use crate::tasks::{ItemResult, Kind, ResultCache, SpecError, Task, TaskError};
 
 /// A named objective.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,7 +137,7 @@ impl TaskEstimator {
     /// models.
     pub fn new(task: Task, tok: Tokenizer, prefix: u32, method: Method, calibration: Option<&Responses>) -> Result<Self, TaskError> {
         let n = task.items.len();
-        let err = |reason: String| TaskError::Spec { task: task.spec.name.clone(), reason };
+        let err = |reason: String| TaskError::Spec { task: task.spec.name.clone(), reason: Box::new(SpecError::Estimator(reason)) };
         let need_cal = |cal: Option<&Responses>| -> Result<Responses, TaskError> {
             let c = cal.ok_or_else(|| err("this estimator needs calibration results of the source models".into()))?;
             if c.items != n {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use evomerge_engine::EngineError;
-use evomerge_fitness::tasks::TaskError;
+use evomerge_fitness::tasks::{SpecError, TaskError};
 use evomerge_search::SearchError;
 
 /// Errors raised by `evomerge-run`.
@@ -32,6 +32,9 @@ pub enum RunError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Task(#[from] TaskError),
+    /// A task of the experiment that cannot be loaded.
+    #[error(transparent)]
+    Spec(Box<SpecError>),
     #[error(transparent)]
     Search(#[from] SearchError),
 }
@@ -44,6 +47,12 @@ impl RunError {
 
     pub(crate) fn bad_file(path: impl AsRef<Path>, reason: impl std::fmt::Display) -> Self {
         RunError::BadFile { path: path.as_ref().to_path_buf(), reason: reason.to_string() }
+    }
+}
+
+impl From<SpecError> for RunError {
+    fn from(e: SpecError) -> Self {
+        RunError::Spec(Box::new(e))
     }
 }
 

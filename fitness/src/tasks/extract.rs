@@ -10,6 +10,7 @@
 //! `exact_match` then removes every `regexes_to_ignore` match from both prediction and gold,
 //! optionally lower-cases and strips punctuation, and compares after trimming.
 
+use super::error::SpecError;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 
@@ -39,14 +40,14 @@ pub struct Extractor {
 }
 
 impl Extractor {
-    pub fn new(e: &Extract) -> Result<Self, String> {
+    pub fn new(e: &Extract) -> Result<Self, SpecError> {
         let (pat, last) = match e {
             Extract::None => return Ok(Self { re: None, last: false }),
             Extract::Gsm8k => (r"#### (\-?[0-9\.\,]+)", false),
             Extract::LastNumber => (r"(-?[$0-9.,]{2,})|(-?[0-9]+)", true),
             Extract::Regex { pattern, last } => (pattern.as_str(), *last),
         };
-        let re = Regex::new(pat).map_err(|e| format!("extract regex '{pat}': {e}"))?;
+        let re = Regex::new(pat).map_err(|e| SpecError::Regex { what: "extract regex", pattern: pat.to_string(), reason: e.to_string() })?;
         Ok(Self { re: Some(re), last })
     }
 
@@ -83,9 +84,12 @@ pub struct Normalizer {
 }
 
 impl Normalizer {
-    pub fn new(n: &Normalize) -> Result<Self, String> {
-        let ignore =
-            n.regexes_to_ignore.iter().map(|p| Regex::new(p).map_err(|e| format!("regexes_to_ignore '{p}': {e}"))).collect::<Result<_, _>>()?;
+    pub fn new(n: &Normalize) -> Result<Self, SpecError> {
+        let ignore = n
+            .regexes_to_ignore
+            .iter()
+            .map(|p| Regex::new(p).map_err(|e| SpecError::Regex { what: "regexes_to_ignore", pattern: p.to_string(), reason: e.to_string() }))
+            .collect::<Result<_, _>>()?;
         Ok(Self { ignore, case: n.ignore_case, punct: n.ignore_punctuation })
     }
 

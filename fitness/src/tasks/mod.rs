@@ -21,6 +21,7 @@
 //! context keeps at least one; generation prompts leave room for `max_new_tokens`). Deviation: few-shot examples are drawn with evomerge's seeded generator,
 //! not Python's `random.sample`, so the examples differ from lm-eval's for the same seed.
 
+pub mod error;
 pub mod extract;
 pub mod spec;
 pub mod template;
@@ -35,6 +36,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+pub use error::SpecError;
 pub use extract::{Extract, Extractor, Normalize, Normalizer};
 pub use spec::{Kind, Metric, PRESETS, Preprocess, TaskSpec};
 use template::{ChoiceCtx, Template};
@@ -43,7 +45,7 @@ use template::{ChoiceCtx, Template};
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
     #[error("task '{task}': {reason}")]
-    Spec { task: String, reason: String },
+    Spec { task: String, reason: Box<SpecError> },
     #[error(transparent)]
     Data(#[from] evomerge_datasets::DatasetError),
     #[error(transparent)]
@@ -163,11 +165,8 @@ impl Task {
     /// and renders every prompt once so that template errors surface now.
     pub fn load(spec: TaskSpec, data: Option<&std::path::Path>, fewshot_data: Option<&std::path::Path>) -> Result<Self, TaskError> {
         let name = spec.name.clone();
-        let err = |reason: String| TaskError::Spec { task: name.clone(), reason };
-        let path = data
-            .map(std::path::Path::to_path_buf)
-            .or_else(|| spec.data.path.clone())
-            .ok_or_else(|| err("no data file: give `--data FILE` (or data.path in the task file)".into()))?;
+        let err = |reason: SpecError| TaskError::Spec { task: name.clone(), reason: Box::new(reason) };
+        let path = data.map(std::path::Path::to_path_buf).or_else(|| spec.data.path.clone()).ok_or_else(|| err(SpecError::NoData))?;
         let (items, skipped) = read_items(&path, &spec.data.fields, spec.data.on_error)?;
         let fs_path = fewshot_data.map(std::path::Path::to_path_buf).or_else(|| spec.data.fewshot_path.clone());
         let (fewshot_pool, pool_is_data) = match (&fs_path, spec.prompt.fewshot) {
@@ -177,7 +176,7 @@ impl Task {
         };
         let need = spec.prompt.fewshot + usize::from(pool_is_data);
         if spec.prompt.fewshot > 0 && fewshot_pool.len() < need {
-            return Err(err(format!("{} few-shot examples asked, {} available", spec.prompt.fewshot, fewshot_pool.len())));
+            return Err(err(SpecError::FewShot { asked: spec.prompt.fewshot, available: fewshot_pool.len() }));
         }
         let template = Template::parse(&spec.prompt.template).map_err(&err)?;
         let choice = Template::parse(&spec.prompt.choice).map_err(&err)?;
@@ -193,7 +192,7 @@ impl Task {
                 task.context(i, item).map_err(&err)?;
             }
             if task.spec.kind == Kind::Generation && !matches!(item.gold, Gold::Text(_)) {
-                return Err(err(format!("item '{}': a generation task needs a text gold answer (gold_kind = \"text\")", item.id)));
+                return Err(err(SpecError::GenerationNeedsText(item.id.clone())));
             }
         }
         Ok(task)
@@ -204,7 +203,7 @@ impl Task {
     /// in characters). With `prompt.continuation` (lm-eval's multiple-input tasks, WinoGrande)
     /// each choice goes into its own context and one continuation is scored after all of them;
     /// the length is then that of the choice's context, as lm-eval takes `len(doc_to_choice)`.
-    pub fn requests(&self, index: usize, item: &Item) -> Result<Vec<(String, String, f64)>, String> {
+    pub fn requests(&self, index: usize, item: &Item) -> Result<Vec<(String, String, f64)>, SpecError> {
         let delim = &self.spec.prompt.target_delimiter;
         let len = |s: &str| s.chars().count().max(1) as f64;
         if let Some(cont) = &self.continuation {
@@ -232,12 +231,12 @@ impl Task {
     }
 
     /// The answer text a few-shot example shows.
-    fn target_text(&self, ex: &Item) -> Result<String, String> {
+    fn target_text(&self, ex: &Item) -> Result<String, SpecError> {
         let t = match (&self.continuation, &self.target, &ex.gold) {
             (Some(c), _, _) => c.render(ex, None)?,
             (None, Some(t), _) => t.render(ex, None)?,
             (None, None, Gold::Choice(i)) => {
-                let c = ex.choices.get(*i).ok_or("gold choice out of range")?;
+                let c = ex.choices.get(*i).ok_or(SpecError::GoldOutOfRange)?;
                 self.choice.render(ex, Some(ChoiceCtx { choice: c, index: *i }))?
             }
             (None, None, Gold::Text(t)) => t.clone(),
@@ -246,10 +245,10 @@ impl Task {
     }
 
     /// A few-shot example's prompt: multiple-input tasks show the gold choice in it.
-    fn example_prompt(&self, ex: &Item) -> Result<String, String> {
+    fn example_prompt(&self, ex: &Item) -> Result<String, SpecError> {
         let p = match (&self.continuation, &ex.gold) {
             (Some(_), Gold::Choice(i)) => {
-                let c = ex.choices.get(*i).ok_or("gold choice out of range")?;
+                let c = ex.choices.get(*i).ok_or(SpecError::GoldOutOfRange)?;
                 self.template.render(ex, Some(ChoiceCtx { choice: c, index: *i }))?
             }
             _ => self.template.render(ex, None)?,
@@ -270,7 +269,7 @@ impl Task {
     }
 
     /// Description + few-shot examples (lm-eval `fewshot_context` before the item's prompt).
-    fn fewshot_prefix(&self, index: usize, item: &Item) -> Result<String, String> {
+    fn fewshot_prefix(&self, index: usize, item: &Item) -> Result<String, SpecError> {
         let p = &self.spec.prompt;
         let mut out = p.description.clone();
         if p.fewshot > 0 {
@@ -296,7 +295,7 @@ impl Task {
     }
 
     /// Description + few-shot examples + this item's prompt (lm-eval `fewshot_context`).
-    pub fn context(&self, index: usize, item: &Item) -> Result<String, String> {
+    pub fn context(&self, index: usize, item: &Item) -> Result<String, SpecError> {
         Ok(format!("{}{}", self.fewshot_prefix(index, item)?, self.pp(self.template.render(item, None)?)))
     }
 
@@ -332,10 +331,10 @@ impl Task {
         let out = idx
             .iter()
             .map(|&i| {
-                cache.get(fingerprint, name, &self.items[i].id).cloned().ok_or_else(|| TaskError::Spec {
-                    task: name.clone(),
-                    reason: format!("item id '{}' is not unique: map an id field", self.items[i].id),
-                })
+                cache
+                    .get(fingerprint, name, &self.items[i].id)
+                    .cloned()
+                    .ok_or_else(|| TaskError::Spec { task: name.clone(), reason: Box::new(SpecError::DuplicateId(self.items[i].id.clone())) })
             })
             .collect::<Result<_, _>>()?;
         Ok((out, tokens))
@@ -391,7 +390,7 @@ impl Task {
         }
         let sel: Vec<(usize, &Item)> = idx.iter().map(|&i| (i, &self.items[i])).collect();
         let opts = EvalOptions { limit: None, batch_size };
-        let spec_err = |reason: String| TaskError::Spec { task: self.spec.name.clone(), reason };
+        let spec_err = |reason: SpecError| TaskError::Spec { task: self.spec.name.clone(), reason: Box::new(reason) };
         let add_bos = self.spec.prompt.add_bos;
         let max_ctx = model.info().max_context;
         let mut tokens = 0usize;
@@ -484,7 +483,7 @@ impl Task {
                     let text = self.context(i, item).map_err(spec_err)?;
                     let ids = tok.encode(&text, false)?;
                     if ids.is_empty() {
-                        return Err(spec_err(format!("item '{}': the text encodes to zero tokens", item.id)));
+                        return Err(spec_err(SpecError::NoTokens(item.id.clone())));
                     }
                     // Disjoint windows, each conditioned on the token before it (the first on
                     // the prefix token): lm-eval's rolling windows with context length 1.

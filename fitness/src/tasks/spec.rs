@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use evomerge_datasets::{FieldMap, OnError};
 use serde::{Deserialize, Serialize};
 
+use super::error::SpecError;
 use super::extract::{Extract, Normalize};
 
 /// What the task measures.
@@ -270,8 +271,8 @@ pub fn preset_names() -> Vec<String> {
 
 impl TaskSpec {
     /// Parses TOML text; `base` resolves relative data paths.
-    pub fn parse(text: &str, base: Option<&Path>) -> Result<Self, String> {
-        let mut s: TaskSpec = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str, base: Option<&Path>) -> Result<Self, SpecError> {
+        let mut s: TaskSpec = toml::from_str(text).map_err(|e| SpecError::Toml(e.to_string()))?;
         if let Some(b) = base {
             for p in [&mut s.data.path, &mut s.data.fewshot_path].into_iter().flatten() {
                 if p.is_relative() {
@@ -284,35 +285,37 @@ impl TaskSpec {
     }
 
     /// A preset by name, or a TOML file by path.
-    pub fn load(name_or_path: &str) -> Result<Self, String> {
+    pub fn load(name_or_path: &str) -> Result<Self, SpecError> {
+        let preset = |e: SpecError| SpecError::Preset { name: name_or_path.to_string(), reason: Box::new(e) };
         if let Some((_, text)) = PRESETS.iter().find(|(n, _)| *n == name_or_path) {
-            return Self::parse(text, None).map_err(|e| format!("preset '{name_or_path}': {e}"));
+            return Self::parse(text, None).map_err(preset);
         }
         if let Some(text) = mgsm_direct(name_or_path) {
-            return Self::parse(&text, None).map_err(|e| format!("preset '{name_or_path}': {e}"));
+            return Self::parse(&text, None).map_err(preset);
         }
         let path = Path::new(name_or_path);
         if !path.is_file() {
-            return Err(format!("task '{name_or_path}' is neither a file nor a preset ({})", preset_names().join(", ")));
+            return Err(SpecError::Unknown { name: name_or_path.to_string(), presets: preset_names().join(", ") });
         }
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Self::parse(&text, path.parent()).map_err(|e| format!("{}: {e}", path.display()))
+        let file = |reason: String| SpecError::File { path: path.to_path_buf(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
+        Self::parse(&text, path.parent()).map_err(|e| file(e.to_string()))
     }
 
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), SpecError> {
         let ok = match self.kind {
             Kind::MultipleChoice => matches!(self.metric.name, Metric::Acc | Metric::AccNorm),
             Kind::Generation => self.metric.name == Metric::ExactMatch,
             Kind::Perplexity => matches!(self.metric.name, Metric::Perplexity | Metric::BitsPerByte),
         };
         if !ok {
-            return Err(format!("metric '{}' does not apply to a {:?} task", self.metric.name.name(), self.kind));
+            return Err(SpecError::MetricKind { metric: self.metric.name.name().to_string(), kind: format!("{:?}", self.kind) });
         }
         if self.prompt.continuation.is_some() && self.kind != Kind::MultipleChoice {
-            return Err("prompt.continuation (choices in the context) needs a multiple_choice task".into());
+            return Err(SpecError::ContinuationNeedsChoices);
         }
         if self.kind == Kind::MultipleChoice && self.data.fields.choices.is_none() {
-            return Err("a multiple_choice task needs data.fields.choices".into());
+            return Err(SpecError::NoChoices);
         }
         Ok(())
     }
@@ -343,10 +346,10 @@ mod tests {
         let base = "name = 't'\nkind = 'generation'\n[data.fields]\nquestion = 'q'\ngold = 'a'\ngold_kind = 'text'\n";
         assert!(TaskSpec::parse(&format!("{base}[metric]\nname = 'exact_match'\n"), None).is_ok());
         let e = TaskSpec::parse(&format!("{base}[metric]\nname = 'acc'\n"), None).expect_err("acc on generation");
-        assert!(e.contains("does not apply"), "{e}");
+        assert!(matches!(e, SpecError::MetricKind { .. }), "{e}");
         let e = TaskSpec::parse(&format!("{base}[metric]\nname = 'exact_match'\n[prompt]\ntemplat = 'x'\n"), None).expect_err("typo");
-        assert!(e.contains("templat"), "{e}");
+        assert!(matches!(&e, SpecError::Toml(t) if t.contains("templat")), "{e}");
         let e = TaskSpec::load("arc_challeng").expect_err("unknown");
-        assert!(e.contains("arc_challenge"), "{e}");
+        assert!(matches!(&e, SpecError::Unknown { presets, .. } if presets.contains("arc_challenge")), "{e}");
     }
 }

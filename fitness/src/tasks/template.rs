@@ -12,6 +12,7 @@
 //! as lm-eval's `str.index` raises. WinoGrande's partial sentences, for instance, are
 //! `{question|before:_}{choice}` and `{question|after:_|trim}`.
 
+use super::error::SpecError;
 use evomerge_datasets::Item;
 
 /// A parsed template.
@@ -37,26 +38,27 @@ enum Filter {
 
 impl Filter {
     /// `f` is trimmed: markers cannot start or end with whitespace.
-    fn parse(f: &str, source: &str) -> Result<Self, String> {
+    fn parse(f: &str, source: &str) -> Result<Self, SpecError> {
         let f = f.trim();
         match f.split_once(':') {
             _ if f == "trim" => Ok(Filter::Trim),
             _ if f == "capitalize" => Ok(Filter::Capitalize),
             Some(("before", s)) if !s.is_empty() => Ok(Filter::Before(s.to_string())),
             Some(("after", s)) if !s.is_empty() => Ok(Filter::After(s.to_string())),
-            _ => Err(format!("template '{source}': unknown filter '{f}' (before:TEXT, after:TEXT, trim, capitalize)")),
+            _ => Err(SpecError::UnknownFilter { template: source.to_string(), filter: f.to_string() }),
         }
     }
 
-    fn apply(&self, v: String) -> Result<String, String> {
+    fn apply(&self, v: String) -> Result<String, SpecError> {
+        let missing = |s: &str, v: &str| SpecError::MarkerNotFound { marker: s.to_string(), value: v.to_string() };
         Ok(match self {
             Filter::Trim => v.trim().to_string(),
             Filter::Capitalize => {
                 let mut c = v.chars();
                 c.next().map_or_else(String::new, |f| f.to_uppercase().chain(c.flat_map(char::to_lowercase)).collect())
             }
-            Filter::Before(s) => v[..v.find(s.as_str()).ok_or_else(|| format!("'{s}' not found in \"{v}\""))?].to_string(),
-            Filter::After(s) => v[v.find(s.as_str()).ok_or_else(|| format!("'{s}' not found in \"{v}\""))? + s.len()..].to_string(),
+            Filter::Before(s) => v[..v.find(s.as_str()).ok_or_else(|| missing(s, &v))?].to_string(),
+            Filter::After(s) => v[v.find(s.as_str()).ok_or_else(|| missing(s, &v))? + s.len()..].to_string(),
         })
     }
 }
@@ -69,7 +71,7 @@ pub struct ChoiceCtx<'a> {
 }
 
 impl Template {
-    pub fn parse(source: &str) -> Result<Self, String> {
+    pub fn parse(source: &str) -> Result<Self, SpecError> {
         let mut parts = Vec::new();
         let mut text = String::new();
         let mut chars = source.chars().peekable();
@@ -89,13 +91,13 @@ impl Template {
                         match chars.next() {
                             Some('}') => break,
                             Some(ch) => name.push(ch),
-                            None => return Err(format!("template '{source}': unclosed '{{'")),
+                            None => return Err(SpecError::Unclosed(source.to_string())),
                         }
                     }
                     let mut pieces = name.split('|');
                     let name = pieces.next().unwrap_or_default().trim().to_string();
                     if name.is_empty() {
-                        return Err(format!("template '{source}': empty placeholder '{{}}'"));
+                        return Err(SpecError::EmptyPlaceholder(source.to_string()));
                     }
                     let filters = pieces.map(|f| Filter::parse(f, source)).collect::<Result<Vec<_>, _>>()?;
                     if !text.is_empty() {
@@ -103,7 +105,7 @@ impl Template {
                     }
                     parts.push(Part::Field(name, filters));
                 }
-                '}' => return Err(format!("template '{source}': unmatched '}}' (write '}}}}' for a literal brace)")),
+                '}' => return Err(SpecError::Unmatched(source.to_string())),
                 c => text.push(c),
             }
         }
@@ -114,7 +116,7 @@ impl Template {
     }
 
     /// Fills the template; unknown names are errors.
-    pub fn render(&self, item: &Item, choice: Option<ChoiceCtx<'_>>) -> Result<String, String> {
+    pub fn render(&self, item: &Item, choice: Option<ChoiceCtx<'_>>) -> Result<String, SpecError> {
         let mut out = String::new();
         for p in &self.parts {
             match p {
@@ -125,20 +127,23 @@ impl Template {
                         ("letter", Some(c)) => letter(c.index),
                         ("index", Some(c)) => c.index.to_string(),
                         ("choices", _) => item.choices.iter().enumerate().map(|(i, c)| format!("{}. {c}", letter(i))).collect::<Vec<_>>().join("\n"),
-                        (n, _) => item.field(n).map(str::to_string).ok_or_else(|| {
-                            format!(
-                                "template '{}': item '{}' has no field '{n}' (fields: question, answer, choices{}{})",
-                                self.source,
-                                item.id,
+                        (n, _) => item.field(n).map(str::to_string).ok_or_else(|| SpecError::NoField {
+                            template: self.source.clone(),
+                            item: item.id.clone(),
+                            field: n.to_string(),
+                            known: format!(
+                                "question, answer, choices{}{}",
                                 if choice.is_some() { ", choice, letter, index" } else { "" },
                                 item.fields.keys().map(|k| format!(", {k}")).collect::<String>()
-                            )
+                            ),
                         })?,
                     };
-                    let v = filters
-                        .iter()
-                        .try_fold(v, |v, f| f.apply(v))
-                        .map_err(|e| format!("template '{}': item '{}', field '{name}': {e}", self.source, item.id))?;
+                    let v = filters.iter().try_fold(v, |v, f| f.apply(v)).map_err(|e| SpecError::Filter {
+                        template: self.source.clone(),
+                        item: item.id.clone(),
+                        field: name.clone(),
+                        reason: Box::new(e),
+                    })?;
                     out.push_str(&v);
                 }
             }
@@ -183,7 +188,8 @@ mod tests {
         let cont = Template::parse("{question | after:_ | trim}").expect("parse");
         assert_eq!(cont.render(&it, None).expect("render"), "was wobbly.");
         let e = Template::parse("{subject|before:_}").expect("parse").render(&it, None).expect_err("no marker");
-        assert!(e.contains("'_' not found") && e.contains("item '7'"), "{e}");
+        assert!(matches!(&e, SpecError::Filter { item, reason, .. } if item == "7" && matches!(**reason, SpecError::MarkerNotFound { .. })), "{e}");
+        assert!(e.to_string().contains("'_' not found"), "{e}");
         assert_eq!(
             Template::parse("{question|capitalize}").expect("parse").render(&it, None).expect("render"),
             "The cup fell off the table because _ was wobbly. "
@@ -191,13 +197,13 @@ mod tests {
         it.question = "then HE runs.".into();
         assert_eq!(Template::parse("{question|capitalize}").expect("parse").render(&it, None).expect("render"), "Then he runs.");
         let e = Template::parse("{question|upper}").expect_err("unknown filter");
-        assert!(e.contains("unknown filter 'upper'"), "{e}");
+        assert!(matches!(&e, SpecError::UnknownFilter { filter, .. } if filter == "upper"), "{e}");
     }
 
     #[test]
     fn unknown_fields_and_bad_syntax_are_errors() {
         let e = Template::parse("Q: {qestion}").expect("parse").render(&item(), None).expect_err("typo");
-        assert!(e.contains("no field 'qestion'") && e.contains("subject"), "{e}");
+        assert!(matches!(&e, SpecError::NoField { field, known, .. } if field == "qestion" && known.contains("subject")), "{e}");
         assert!(Template::parse("Q: {question").is_err());
         assert!(Template::parse("a } b").is_err());
         assert!(Template::parse("{choice}").expect("parse").render(&item(), None).is_err(), "choice only in choice templates");
