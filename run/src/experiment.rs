@@ -230,17 +230,20 @@ impl Experiment {
                 )));
             }
         }
+        // Task files and data become absolute too: `resume` and `export` may run from another
+        // directory than `search` did.
+        let abs_base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
         for o in &mut e.objectives {
             for p in [&mut o.data, &mut o.fewshot_data].into_iter().flatten() {
                 if p.is_relative() {
-                    *p = base.join(&*p);
+                    *p = abs_base.join(&*p);
                 }
             }
             if !o.task.ends_with(".toml") {
                 continue;
             }
             if Path::new(&o.task).is_relative() {
-                o.task = base.join(&o.task).display().to_string();
+                o.task = abs_base.join(&o.task).display().to_string();
             }
         }
         if e.run_root.is_relative() {
@@ -290,5 +293,23 @@ impl Experiment {
             &self.genome,
         )?;
         Ok((base, layout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_and_data_paths_are_absolute_whatever_directory_the_file_was_named_from() {
+        // `cargo test` runs in run/: a relative experiment path, as a user in the repo gives it
+        let e = Experiment::load(Path::new("../experiments/search-tiny.toml")).expect("load");
+        assert!(Path::new(&e.objectives[0].task).is_absolute(), "{}", e.objectives[0].task);
+        assert!(Path::new(&e.objectives[0].task).exists());
+        assert!(e.merge.models.iter().all(|m| Path::new(m).is_absolute()));
+        let demo = Experiment::load(Path::new("../experiments/demo.toml")).expect("load");
+        for o in &demo.objectives {
+            assert!(o.data.as_ref().is_none_or(|d| d.is_absolute() && d.exists()), "{:?}", o.data);
+        }
     }
 }
