@@ -97,6 +97,11 @@ pub fn start(exp: Experiment, run_dir: Option<PathBuf>, opts: &RunOptions, obser
         return Err(RunError::RunDir(format!("{} already holds a run; continue it with `evomerge resume {}`", dir.display(), dir.display())));
     }
     std::fs::create_dir_all(dir).map_err(RunError::io(dir))?;
+    let _lock = run_dir.lock()?;
+    if run_dir.file(CONFIG).exists() {
+        // another process created it since the check above
+        return Err(RunError::RunDir(format!("{} already holds a run; continue it with `evomerge resume {}`", dir.display(), dir.display())));
+    }
     let resolved = s.exp.to_toml()?;
     run_dir.write(CONFIG, &resolved)?;
     run_dir.write(CONFIG_HASH, &config_hash(&resolved))?;
@@ -113,6 +118,7 @@ pub fn start(exp: Experiment, run_dir: Option<PathBuf>, opts: &RunOptions, obser
 pub fn resume(run_dir: &Path, force: bool, opts: &RunOptions, observer: &mut dyn RunObserver) -> Result<RunEnd> {
     let run_dir = RunDir::new(run_dir);
     let exp = run_dir.experiment()?;
+    let _lock = run_dir.lock()?;
     let recorded = std::fs::read_to_string(run_dir.file(CONFIG_HASH)).unwrap_or_default();
     if recorded.trim() != config_hash(&exp.to_toml()?) && !force {
         return Err(RunError::RunDir(format!(

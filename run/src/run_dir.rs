@@ -28,6 +28,8 @@ pub const EVALUATIONS: &str = "evaluations.jsonl";
 pub const REFERENCES: &str = "references.json";
 pub const CALIBRATION: &str = "calibration.jsonl";
 pub const LOG: &str = "log.jsonl";
+/// The lock file of a run in progress (holds the pid of the process running it).
+pub const LOCK: &str = "run.lock";
 /// The data-flow stage's folder.
 pub const DATAFLOW_DIR: &str = "dataflow";
 /// The data-flow stage's models entry naming the best parameter-space merge.
@@ -123,10 +125,42 @@ impl RunDir {
         best_by_mean(&self.evaluations()).cloned().ok_or_else(|| RunError::RunDir("the parameter-space stage has no scored candidate".into()))
     }
 
+    /// Takes the run's lock: one process at a time searches into a run directory. An advisory
+    /// lock (`flock`) on `run.lock`, released when the returned guard drops or the process
+    /// ends in any way (a kill -9 leaves no stale lock). Refused, naming the holder's pid,
+    /// while another process holds it.
+    pub fn lock(&self) -> Result<RunLock> {
+        let path = self.file(LOCK);
+        let mut file = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).map_err(RunError::io(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = holder.trim();
+                return Err(RunError::RunDir(format!(
+                    "{} is in use by another evomerge process{}; wait for it to end or stop it first",
+                    self.path.display(),
+                    if holder.is_empty() { String::new() } else { format!(" (pid {holder})") }
+                )));
+            }
+            Err(std::fs::TryLockError::Error(err)) => return Err(RunError::Io { path, err }),
+        }
+        use std::io::{Seek, Write};
+        let pid = std::process::id().to_string();
+        file.set_len(0).and_then(|()| file.rewind()).and_then(|()| file.write_all(pid.as_bytes())).map_err(RunError::io(&path))?;
+        Ok(RunLock { _file: file })
+    }
+
     /// Writes `text` to the run's file `name` atomically.
     pub fn write(&self, name: &str, text: &str) -> Result<()> {
         write_atomic(&self.file(name), text)
     }
+}
+
+/// Holds a run directory's lock ([`RunDir::lock`]) while it lives.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
 }
 
 /// [`evomerge_search::write_atomic`] with the run crate's error.
