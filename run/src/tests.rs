@@ -210,3 +210,20 @@ fn a_run_of_the_previous_release_resumes_with_a_larger_budget() {
     assert_eq!(recs.len(), 16);
     assert!(recs.iter().all(|r| r.scores().is_some()));
 }
+
+#[test]
+fn a_run_directory_in_use_is_refused_and_free_again_once_its_holder_ends() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let opts = RunOptions { workers: 1, ..Default::default() };
+    let (run, _) = crate::start(experiment(tmp.path(), 4), Some(tmp.path().join("r")), &opts, &mut Collect::default()).expect("run");
+    let held = run.lock().expect("lock a finished run");
+    let err = crate::resume(run.path(), false, &opts, &mut Collect::default()).expect_err("in use");
+    assert!(err.to_string().contains(&format!("in use by another evomerge process (pid {})", std::process::id())), "{err}");
+    // a search into the same directory is refused too, and writes nothing
+    let before = std::fs::read(run.file(crate::run_dir::EVALUATIONS)).expect("records");
+    assert!(crate::start(experiment(tmp.path(), 4), Some(run.path().to_path_buf()), &opts, &mut Collect::default()).is_err());
+    assert_eq!(std::fs::read(run.file(crate::run_dir::EVALUATIONS)).expect("records"), before);
+    drop(held);
+    crate::resume(run.path(), false, &opts, &mut Collect::default()).expect("free again");
+    assert_eq!(run.evaluations().len(), 4);
+}
