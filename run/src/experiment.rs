@@ -199,6 +199,15 @@ impl Experiment {
         let text = std::fs::read_to_string(path).map_err(|err| RunError::Reading { path: path.to_path_buf(), err })?;
         let mut e: Experiment = toml::from_str(&text).map_err(|err| RunError::bad_file(path, err))?;
         let base = path.parent().unwrap_or(Path::new("."));
+        // The name becomes a folder of run_root (`<time>-<name>`): one plain path component.
+        let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if e.name.is_empty() || e.name.starts_with('.') || !e.name.chars().all(plain) {
+            return Err(RunError::Experiment(format!(
+                "{}: name = {:?}: use letters, digits, '-', '_' and '.' (not first); the run directory is <run_root>/<time>-<name>",
+                path.display(),
+                e.name
+            )));
+        }
         // Local model paths become absolute, so that the resolved config and the recipes a run
         // writes work from any directory; anything else is a hub id.
         let local = |r: &str| {
@@ -299,6 +308,18 @@ impl Experiment {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_that_is_not_one_plain_folder_name_is_refused() {
+        let text = std::fs::read_to_string("../experiments/search-tiny.toml").expect("read");
+        let dir = tempfile::tempdir().expect("tmp");
+        for bad in ["../escape", "a/b", "", ".hidden", "sp ace"] {
+            let p = dir.path().join("e.toml");
+            std::fs::write(&p, text.replace("name = \"search-tiny\"", &format!("name = {bad:?}"))).expect("write");
+            let err = Experiment::load(&p).expect_err(bad).to_string();
+            assert!(err.contains("name =") && err.contains("run_root"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn task_and_data_paths_are_absolute_whatever_directory_the_file_was_named_from() {
