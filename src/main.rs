@@ -54,6 +54,7 @@ enum Command {
 
 fn main() -> ExitCode {
     evomerge_engine::alloc::keep_freed_memory();
+    exit::end_quietly_on_a_closed_pipe();
     let cli = Cli::parse();
     let filter = std::env::var("EVOMERGE_LOG").unwrap_or_else(|_| cli.log.clone());
     tracing_subscriber::fmt()

@@ -140,3 +140,15 @@ fn readme_first_command_works() {
         assert!(out.contains(needle), "'{needle}' not in:\n{out}");
     }
 }
+
+#[test]
+fn a_closed_stdout_is_a_normal_end_not_a_panic() {
+    // `evomerge status RUN | head -0`: the reader is gone before the first line is printed.
+    let run = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("run/tests/data/release-f9ec06e/demo");
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let o = Command::new(bin()).arg("status").arg(&run).stdout(writer).stderr(std::process::Stdio::piped()).output().expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(o.status.code(), Some(0), "{err}");
+}
