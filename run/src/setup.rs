@@ -76,13 +76,14 @@ impl Setup {
                 exp.objectives.len()
             )));
         }
-        if let Some(df) = &exp.dataflow {
-            if exp.objectives.len() > 1 && df.optimizer.kind == OptimizerKind::Cmaes {
-                return Err(RunError::Experiment(format!(
-                    "CMA-ES optimizes one objective; use dataflow.optimizer.kind = \"nsga2\" (or \"random\") for {}",
-                    exp.objectives.len()
-                )));
-            }
+        if let Some(df) = &exp.dataflow
+            && exp.objectives.len() > 1
+            && df.optimizer.kind == OptimizerKind::Cmaes
+        {
+            return Err(RunError::Experiment(format!(
+                "CMA-ES optimizes one objective; use dataflow.optimizer.kind = \"nsga2\" (or \"random\") for {}",
+                exp.objectives.len()
+            )));
         }
         let prefix = base.config.prefix_token();
         let tok = Tokenizer::from_dir(base.dir())?;

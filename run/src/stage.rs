@@ -37,10 +37,10 @@ impl<'o> EventLog<'o> {
     }
 
     pub(crate) fn event(&mut self, e: &LogEvent) {
-        if let Some(f) = &mut self.log {
-            if let Ok(line) = serde_json::to_string(e) {
-                let _ = writeln!(f, "{line}");
-            }
+        if let Some(f) = &mut self.log
+            && let Ok(line) = serde_json::to_string(e)
+        {
+            let _ = writeln!(f, "{line}");
         }
         self.observer.event(e);
     }

@@ -54,10 +54,10 @@ impl RunObserver for Collect {
     }
     fn evaluated(&mut self, _c: &Candidate, _o: &Outcome) {
         self.told += 1;
-        if let Some((n, flag)) = &self.stop_after {
-            if self.told >= *n {
-                flag.store(true, Ordering::Relaxed);
-            }
+        if let Some((n, flag)) = &self.stop_after
+            && self.told >= *n
+        {
+            flag.store(true, Ordering::Relaxed);
         }
     }
 }

@@ -41,10 +41,10 @@ fn named(what: &str, p: &Path, e: std::io::Error) -> std::io::Error {
 
 /// Fsyncs the directory holding `path` (makes a rename durable); best effort.
 pub fn sync_dir(path: &Path) {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
     }
 }
 

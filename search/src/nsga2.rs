@@ -78,7 +78,7 @@ pub struct Nsga2 {
 impl Nsga2 {
     pub fn new(space: SearchSpace, cfg: &Nsga2Config) -> Result<Self, SearchError> {
         space.validate()?;
-        if cfg.population < 4 || cfg.population % 2 != 0 {
+        if cfg.population < 4 || !cfg.population.is_multiple_of(2) {
             return Err(SearchError::BadConfig(format!("population {} must be even and ≥ 4", cfg.population)));
         }
         if cfg.objectives == 0 {
@@ -404,7 +404,7 @@ mod tests {
         // a checkpoint taken halfway through telling a generation (with a failure) too
         let half = a.ask();
         let (first, _) = half.split_at(half.len() / 2);
-        let tell = |c: &Candidate| if c.id % 7 == 0 { Evaluation::failed(c.id, "x") } else { Evaluation::scored(c.id, zdt1(&c.genome)) };
+        let tell = |c: &Candidate| if c.id.is_multiple_of(7) { Evaluation::failed(c.id, "x") } else { Evaluation::scored(c.id, zdt1(&c.genome)) };
         assert_eq!(b.ask(), half);
         a.tell(first.iter().map(tell).collect()).expect("tell");
         b.tell(first.iter().map(tell).collect()).expect("tell");

@@ -171,10 +171,10 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     let out = m.generate(std::slice::from_ref(&prompt), &opts, &|_, ids| hit(ids))?;
     let g = &out[0];
     let mut text = tok.decode(&g.tokens, true)?;
-    if g.reason == StopReason::Stop {
-        if let Some(cut) = stops.iter().filter_map(|s| text.find(s.as_str())).min() {
-            text.truncate(cut);
-        }
+    if g.reason == StopReason::Stop
+        && let Some(cut) = stops.iter().filter_map(|s| text.find(s.as_str())).min()
+    {
+        text.truncate(cut);
     }
     if args.json {
         println!("{}", json!({"model": args.model, "prompt_ids": prompt, "new_ids": g.tokens, "text": text, "stop_reason": g.reason}));

@@ -130,10 +130,10 @@ impl RunObserver for Progress {
     }
 
     fn event(&mut self, e: &LogEvent) {
-        if self.mode == SearchProgress::Jsonl {
-            if let Ok(line) = serde_json::to_string(e) {
-                println!("{line}");
-            }
+        if self.mode == SearchProgress::Jsonl
+            && let Ok(line) = serde_json::to_string(e)
+        {
+            println!("{line}");
         }
         if let LogEvent::Generation { generation, evaluations, best_minimized, mean_minimized, .. } = e {
             self.bar.set_position(*evaluations);

@@ -94,7 +94,7 @@ fn shape_mismatch_names_the_tensor() {
         let mut h = header.clone();
         h["model.layers.1.mlp.up_proj.weight"]["shape"] = serde_json::json!([64, 128]);
         let mut hs = serde_json::to_string(&h).expect("ser").into_bytes();
-        while (hs.len() + 8) % 8 != 0 {
+        while !(hs.len() + 8).is_multiple_of(8) {
             hs.push(b' ');
         }
         let mut out = (hs.len() as u64).to_le_bytes().to_vec();

@@ -63,13 +63,13 @@ pub(crate) fn check_supported(spec: &ModelSpec<'_>) -> Result<()> {
     if !matches!(act, "silu" | "swish") {
         return Err(unsupported(format!("activation '{act}' is not supported (supported: silu)")));
     }
-    if cfg.num_key_value_heads == 0 || cfg.num_attention_heads % cfg.num_key_value_heads != 0 {
+    if cfg.num_key_value_heads == 0 || !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads) {
         return Err(unsupported(format!(
             "{} attention heads are not a multiple of {} key/value heads",
             cfg.num_attention_heads, cfg.num_key_value_heads
         )));
     }
-    if cfg.head_dim % 2 != 0 {
+    if !cfg.head_dim.is_multiple_of(2) {
         return Err(unsupported(format!("head_dim {} is odd (RoPE needs pairs)", cfg.head_dim)));
     }
     Ok(())

@@ -322,11 +322,11 @@ impl TaskCtx<'_> {
         let bad = |reason: String| EngineError::recipe(format!("tensor {out_name}"), reason);
         let lookup = |maps: &[&ParamMap], spec: &ParamSpec, who: &str| -> Result<f64> {
             for m in maps {
-                if let Some(setting) = m.get(spec.name) {
-                    if let Some(v) = setting.resolve(out_name, t).map_err(|e| bad(e.to_string()))? {
-                        spec.check(v).map_err(|e| bad(format!("{who}{e}")))?;
-                        return Ok(v);
-                    }
+                if let Some(setting) = m.get(spec.name)
+                    && let Some(v) = setting.resolve(out_name, t).map_err(|e| bad(e.to_string()))?
+                {
+                    spec.check(v).map_err(|e| bad(format!("{who}{e}")))?;
+                    return Ok(v);
                 }
             }
             spec.default.ok_or_else(|| bad(format!("{who}missing required parameter '{}' of merge method '{}'", spec.name, self.method.name())))
