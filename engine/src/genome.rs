@@ -106,7 +106,13 @@ impl GenomeLayout {
             return Err(bad("needs at least one model with at least one layer"));
         }
         let specs = method.params();
-        let per = cfg.layers_per_group.max(1);
+        if cfg.layers_per_group == 0 {
+            return Err(bad("layers_per_group = 0: a group holds at least one layer"));
+        }
+        if let Some(name) = cfg.bounds.keys().find(|b| !cfg.search.contains(b)) {
+            return Err(bad(format!("bounds are given for '{name}', which is not searched (add it to genome.search, or fix it)")));
+        }
+        let per = cfg.layers_per_group;
         let groups: Vec<(usize, usize)> = (0..layers).step_by(per).map(|s| (s, (s + per).min(layers))).collect();
         // A probe tensor per filter (and one for the rest), so that every filter is known to
         // match something and values can be read back.
@@ -398,6 +404,16 @@ mod tests {
         assert_eq!(l.genes()[8].name, "weight[m=a,f=rest,g=8-9]");
         // One group when the group is larger than the model.
         assert_eq!(layout(&cfg(&["weight"], 64, &[]), 10).expect("l").dim(), 2);
+    }
+
+    #[test]
+    fn empty_groups_and_bounds_of_unsearched_parameters_are_refused() {
+        let e = layout(&cfg(&["weight"], 0, &[]), 4).expect_err("layers_per_group = 0").to_string();
+        assert!(e.contains("layers_per_group = 0"), "{e}");
+        let mut c = cfg(&["weight"], 1, &[]);
+        c.bounds.insert("density".into(), [0.1, 0.9]);
+        let e = layout(&c, 4).expect_err("bounds of an unsearched parameter").to_string();
+        assert!(e.contains("'density', which is not searched"), "{e}");
     }
 
     #[test]

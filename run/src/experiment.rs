@@ -258,6 +258,7 @@ impl Experiment {
         if e.run_root.is_relative() {
             e.run_root = base.join(&e.run_root);
         }
+        e.check_settings().map_err(|why| RunError::Experiment(format!("{}: {why}", path.display())))?;
         if e.objectives.is_empty() {
             return Err(RunError::Experiment(format!("{}: at least one [[objectives]] entry is needed", path.display())));
         }
@@ -277,6 +278,39 @@ impl Experiment {
         let cfg = run_dir.join(crate::run_dir::CONFIG);
         let text = std::fs::read_to_string(&cfg).map_err(|e| RunError::RunDir(format!("{} is not a run directory: {e}", run_dir.display())))?;
         toml::from_str(&text).map_err(|e| RunError::bad_file(&cfg, e))
+    }
+
+    /// Budgets and optimizer settings that could never run, refused before anything is written
+    /// (both stages: a bad data-flow setting would otherwise surface only after the whole
+    /// parameter-space stage).
+    fn check_settings(&self) -> std::result::Result<(), String> {
+        let mut stages = vec![("", &self.budget, &self.optimizer)];
+        if let Some(df) = &self.dataflow {
+            stages.push(("dataflow.", &df.budget, &df.optimizer));
+        }
+        for (at, b, o) in stages {
+            if b.max_evaluations == Some(0) {
+                return Err(format!("{at}budget.max_evaluations = 0: nothing would run"));
+            }
+            if b.max_generations == Some(0) {
+                return Err(format!("{at}budget.max_generations = 0: nothing would run"));
+            }
+            if let Some(s) = b.max_seconds.filter(|s| !(s.is_finite() && *s > 0.0)) {
+                return Err(format!("{at}budget.max_seconds = {s}: give a positive number of seconds"));
+            }
+            if !(o.sigma0.is_finite() && o.sigma0 > 0.0) {
+                return Err(format!("{at}optimizer.sigma0 = {}: give a positive fraction of each gene's range", o.sigma0));
+            }
+            match (o.kind, o.population) {
+                (OptimizerKind::Cmaes, Some(p)) if p < 2 => return Err(format!("{at}optimizer.population = {p}: CMA-ES needs at least 2")),
+                (OptimizerKind::Nsga2, Some(p)) if p < 4 || p % 2 == 1 => {
+                    return Err(format!("{at}optimizer.population = {p}: NSGA-II needs an even population of at least 4"));
+                }
+                (OptimizerKind::Random, Some(0)) => return Err(format!("{at}optimizer.population = 0: nothing would run")),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// The merge's source models (its models and the base): the first calibration rows.
@@ -318,6 +352,29 @@ mod tests {
             std::fs::write(&p, text.replace("name = \"search-tiny\"", &format!("name = {bad:?}"))).expect("write");
             let err = Experiment::load(&p).expect_err(bad).to_string();
             assert!(err.contains("name =") && err.contains("run_root"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn settings_that_could_never_run_are_refused_when_the_file_is_read() {
+        let text = std::fs::read_to_string("../experiments/demo.toml").expect("read");
+        let dir = tempfile::tempdir().expect("tmp");
+        let cases = [
+            ("[budget]\nmax_evaluations = 160", "[budget]\nmax_evaluations = 0", "budget.max_evaluations = 0"),
+            ("[budget]\nmax_evaluations = 160", "[budget]\nmax_evaluations = 160\nmax_generations = 0", "max_generations = 0"),
+            ("[budget]\nmax_evaluations = 160", "[budget]\nmax_evaluations = 160\nmax_seconds = -1.0", "max_seconds = -1"),
+            ("[budget]\nmax_evaluations = 160", "[budget]\nmax_evaluations = 160\nmax_seconds = nan", "max_seconds = NaN"),
+            ("population = 16", "population = 15", "even population"),
+            ("population = 16", "population = 2", "even population"),
+            ("budget = { max_evaluations = 64 }", "budget = { max_evaluations = 0 }", "dataflow.budget.max_evaluations = 0"),
+            ("kind = \"nsga2\"", "kind = \"nsga2\"\nsigma0 = 0.0", "sigma0 = 0"),
+        ];
+        for (from, to, needle) in cases {
+            assert!(text.contains(from), "demo.toml lost '{from}'");
+            let p = dir.path().join("e.toml");
+            std::fs::write(&p, text.replacen(from, to, 1)).expect("write");
+            let err = Experiment::load(&p).expect_err(to).to_string();
+            assert!(err.contains(needle), "{to}: {err}");
         }
     }
 
