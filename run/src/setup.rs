@@ -1,7 +1,9 @@
 //! Setup of a run: the experiment's models, genome, tasks and runtime, and the one
 //! materialization path candidates take (chosen here, once).
 
+use evomerge_engine::dataflow::DataFlowLayout;
 use evomerge_engine::genome::GenomeLayout;
+use evomerge_engine::io::{ModelConfig, resolve_model};
 use evomerge_engine::model::{self, DeviceSpec, LanguageModel, ModelSpec, Tokenizer};
 use evomerge_engine::resident::ResidentMerge;
 use evomerge_engine::{Checkpoint, Materializer, OpenedCheckpoints, TensorSource};
@@ -37,6 +39,30 @@ pub struct Setup {
     pub base: Checkpoint,
     /// Estimated peak host memory of the run (bytes).
     pub memory: u64,
+}
+
+/// The data-flow stage as far as it can be checked before the first stage runs: its models
+/// exist and share the base's hidden size and vocabulary, and its genome settings lay out (a
+/// bad `[dataflow]` used to surface only after the whole parameter-space stage).
+fn check_dataflow(exp: &Experiment, base: &Checkpoint) -> Result<()> {
+    let Some(df) = &exp.dataflow else { return Ok(()) };
+    let mut counts = vec![];
+    for m in &df.models {
+        if m == crate::run_dir::BEST {
+            counts.push(base.config.num_hidden_layers);
+            continue;
+        }
+        let cfg = ModelConfig::from_dir(&resolve_model(m, None)?)?;
+        if (cfg.hidden_size, cfg.vocab_size) != (base.config.hidden_size, base.config.vocab_size) {
+            return Err(RunError::Experiment(format!(
+                "dataflow.models: '{m}' has hidden size {} and vocabulary {}, the merge {} and {}; the stage's models must share both",
+                cfg.hidden_size, cfg.vocab_size, base.config.hidden_size, base.config.vocab_size
+            )));
+        }
+        counts.push(cfg.num_hidden_layers);
+    }
+    DataFlowLayout::new(&counts, &df.genome)?;
+    Ok(())
 }
 
 impl std::fmt::Debug for Setup {
@@ -85,6 +111,7 @@ impl Setup {
                 exp.objectives.len()
             )));
         }
+        check_dataflow(&exp, &base)?;
         let prefix = base.config.prefix_token();
         let tok = Tokenizer::from_dir(base.dir())?;
         let mut tasks = Vec::new();

@@ -227,3 +227,25 @@ fn a_run_directory_in_use_is_refused_and_free_again_once_its_holder_ends() {
     crate::resume(run.path(), false, &opts, &mut Collect::default()).expect("free again");
     assert_eq!(run.evaluations().len(), 4);
 }
+
+#[test]
+fn a_bad_data_flow_stage_is_refused_before_anything_runs() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let root = root();
+    let models = format!("\"best\", \"{}/tests/fixtures/models/llama-tiny-a\"", root.display());
+    for (genome, needle) in [
+        ("{ model_a = 0, repeats = 0 }", "repeats must be at least 1"),
+        ("{ model_a = 0, scale_bounds = [1.5, 0.5] }", "scale_bounds [1.5, 0.5]"),
+        ("{ model_a = 0 }", "not found"),
+    ] {
+        let mut exp = experiment(tmp.path(), 4);
+        let list = if needle == "not found" { "\"best\", \"/nonexistent/model\"".to_string() } else { models.clone() };
+        let text = format!("[dataflow]\nmodels = [{list}]\ngenome = {genome}\nbudget = {{ max_evaluations = 4 }}\n");
+        exp.dataflow = Some(toml::from_str::<crate::experiment::DataFlowSection>(&text.replace("[dataflow]\n", "")).expect("section"));
+        let err = crate::dry_run(exp.clone(), 1).expect_err(genome).to_string();
+        assert!(err.contains(needle), "{genome}: {err}");
+        let run = tmp.path().join("never");
+        assert!(crate::start(exp, Some(run.clone()), &RunOptions::default(), &mut Collect::default()).is_err());
+        assert!(!run.exists(), "nothing written");
+    }
+}
