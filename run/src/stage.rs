@@ -94,6 +94,28 @@ fn replayed(dir: &Path) -> HashMap<u64, Outcome> {
         .collect()
 }
 
+/// A last line without its newline was being written when the process died. A whole record
+/// (only the newline missing) gets its newline; a cut one was never told to the optimizer and
+/// is removed (the file is truncated to the line before), so that every line of the file stays
+/// JSON for `jq` and pandas; its candidate is scored again.
+fn repair_last_line(path: &Path, evals: &mut File, observer: &mut dyn RunObserver) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(RunError::io(path))?;
+    if bytes.last().is_none_or(|&c| c == b'\n') {
+        return Ok(());
+    }
+    let start = bytes.iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1);
+    if serde_json::from_slice::<EvaluationRecord>(&bytes[start..]).is_ok() {
+        return writeln!(evals).and_then(|()| evals.sync_data()).map_err(RunError::io(path));
+    }
+    evals.set_len(start as u64).and_then(|()| evals.sync_data()).map_err(RunError::io(path))?;
+    observer.notice(&Notice::Warning(format!(
+        "{}: removed a last line cut by a crash ({} bytes); that candidate is scored again",
+        path.display(),
+        bytes.len() - start
+    )));
+    Ok(())
+}
+
 /// Runs one stage's loop with `dir` as its folder (checkpoint, evaluations, best file).
 /// `workers` score candidates at once (a generation in batches of that many); records are
 /// written, and the optimizer told, in candidate order, so the run does not depend on how many
@@ -108,15 +130,11 @@ pub fn run_stage(
     budget: Option<u64>,
     observer: &mut dyn RunObserver,
 ) -> Result<Termination> {
+    let evals_path = dir.join(EVALUATIONS);
+    let mut evals = std::fs::OpenOptions::new().create(true).append(true).open(&evals_path).map_err(RunError::io(&evals_path))?;
+    repair_last_line(&evals_path, &mut evals, &mut *observer)?;
     let replay = replayed(dir);
     let replayed_count = replay.len();
-    let evals_path = dir.join(EVALUATIONS);
-    let cut = std::fs::read(&evals_path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n'));
-    let mut evals = std::fs::OpenOptions::new().create(true).append(true).open(&evals_path).map_err(RunError::io(&evals_path))?;
-    if cut {
-        // End the line a crash cut short, so the next record starts on its own line.
-        writeln!(evals).map_err(RunError::io(&evals_path))?;
-    }
     let directions: Vec<_> = workers[0].1.iter().map(|e| e.objectives()[0].clone()).collect();
     let n_objectives = directions.len();
     // The best so far includes earlier sessions (their best file is already on disk).
@@ -189,8 +207,9 @@ pub fn run_stage(
                 }
                 RecordOutcome::Failed(f) => Outcome::Failed(f.clone()),
             };
-            let line = serde_json::to_string(&record).unwrap_or_default();
-            if let Err(e) = writeln!(evals, "{line}").and_then(|()| evals.sync_data()) {
+            // one write of the whole line: a kill leaves it whole or cut, never split in two
+            let line = serde_json::to_string(&record).unwrap_or_default() + "\n";
+            if let Err(e) = evals.write_all(line.as_bytes()).and_then(|()| evals.sync_data()) {
                 write_err.get_or_insert(RunError::Io { path: evals_path.clone(), err: e });
                 cancel.store(true, Ordering::Relaxed);
             }
@@ -219,4 +238,27 @@ pub fn run_stage(
         });
     }
     Ok(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_whole_last_record_keeps_its_place_and_a_cut_one_goes() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join(EVALUATIONS);
+        let rec = r#"{"id":0,"generation":0,"genome":[0.5],"failure":"x","seconds":0.1}"#;
+        let open = |p: &Path| std::fs::OpenOptions::new().append(true).open(p).expect("open");
+        // the newline alone is missing: the record stays (its candidate was scored)
+        std::fs::write(&path, format!("{rec}\n{}", rec.replace("\"id\":0", "\"id\":1"))).expect("write");
+        repair_last_line(&path, &mut open(&path), &mut crate::Quiet).expect("repair");
+        assert_eq!(read_evaluation_lines(dir.path()).len(), 2);
+        assert!(std::fs::read_to_string(&path).expect("read").ends_with("}\n"));
+        // cut inside the record: removed, the lines before kept byte for byte
+        let before = std::fs::read_to_string(&path).expect("read");
+        std::fs::write(&path, format!("{before}{}", &rec[..20])).expect("write");
+        repair_last_line(&path, &mut open(&path), &mut crate::Quiet).expect("repair");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), before);
+    }
 }

@@ -115,6 +115,9 @@ fn a_two_generation_search_runs_in_process_and_a_crashed_run_resumes_to_the_same
     let end = crate::resume(cut.path(), false, &opts, &mut resumed).expect("resume");
     assert!(matches!(end, RunEnd::Finished { .. }));
     assert_eq!(untimed(cut.evaluations()), untimed(whole.clone()), "the resumed run recorded what the whole run did");
+    let text = std::fs::read_to_string(&evals).expect("read");
+    assert!(text.lines().all(|l| serde_json::from_str::<EvaluationRecord>(l).is_ok()), "the cut line is gone:\n{text}");
+    assert_eq!(text.lines().count(), 8);
     assert_eq!(std::fs::read(cut.file("best.yaml")).expect("cut best"), std::fs::read(run.file("best.yaml")).expect("best"));
     // A finished run resumes to nothing new.
     crate::resume(cut.path(), false, &opts, &mut Collect::default()).expect("resume again");
