@@ -188,3 +188,36 @@ fn unsupported_tokenizer_source() {
     let (c, e) = fail(&yaml, |_| {});
     assert_fails(c, &e, &["tokenizer_source", "union"]);
 }
+
+/// A copy of `llama-tiny-a` in `t/m` whose config.json has `key` set to the JSON `value`.
+fn with_config(t: &Path, key: &str, value: &str) {
+    copy_model("llama-tiny-a", &t.join("m"));
+    let p = t.join("m/config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).expect("read")).expect("json");
+    cfg[key] = serde_json::from_str(value).expect("value");
+    std::fs::write(&p, cfg.to_string()).expect("write");
+}
+
+#[test]
+fn a_layer_count_past_the_tensors_is_an_error_not_an_allocation() {
+    // issue 23, defect 1: 1e8 and 1e12 layers aborted with an out-of-memory backtrace
+    for n in ["100000000", "1000000000000", "1"] {
+        let (c, e) = fail(&with_a("{T}/m"), |t| with_config(t, "num_hidden_layers", n));
+        assert_fails(c, &e, &["config.json", &format!("num_hidden_layers = {n}")]);
+    }
+}
+
+#[test]
+fn a_config_contradicting_the_tensors_is_refused_before_anything_is_written() {
+    // issue 23, defect 2: merge exited 0 with a checkpoint that could not be loaded
+    for (key, value, needle) in [
+        ("vocab_size", "1000", "vocab_size x hidden_size"),
+        ("hidden_size", "48", "hidden_size"),
+        ("head_dim", "0", "head_dim = 0"),
+        ("num_key_value_heads", "0", "num_key_value_heads = 0"),
+        ("num_key_value_heads", "3", "num_key_value_heads = 3"),
+    ] {
+        let (c, e) = fail(&with_a("{T}/m"), |t| with_config(t, key, value));
+        assert_fails(c, &e, &["config.json", needle]);
+    }
+}

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::config::ModelConfig;
 use super::safetensors::SafetensorsFile;
-use crate::arch::Architecture;
+use crate::arch::{Architecture, Section};
 use crate::dtype::{self, DType};
 use crate::error::{EngineError, Result};
 use crate::source::{Tensor, TensorSource};
@@ -49,6 +49,7 @@ impl Checkpoint {
         }
         let ck = Self { label, dir: dir.to_path_buf(), config, arch, files, index };
         ck.check_weight_map(&shard_names)?;
+        ck.check_layer_count()?;
         Ok(ck)
     }
 
@@ -89,11 +90,65 @@ impl Checkpoint {
 
     /// Checks that every tensor the architecture requires is present with a supported dtype.
     pub fn validate(&self) -> Result<()> {
+        self.check_config_shapes()?;
         for (name, w) in self.arch.tensor_names(&self.config, self.num_layers()) {
             if w.optional && !self.index.contains_key(&name) {
                 continue;
             }
             self.raw(&name)?;
+        }
+        Ok(())
+    }
+
+    /// The config's layer count against the tensors (before anything is sized by it): the last
+    /// declared layer must be there and no layer after it. A config that declares 10⁸ layers
+    /// is an error here, not an allocation of 10⁸ tensor names.
+    fn check_layer_count(&self) -> Result<()> {
+        let Some(w) = self.arch.section(Section::Layer).find(|w| !w.optional) else { return Ok(()) };
+        let n = self.num_layers();
+        let bad = |reason: String| EngineError::BadJson { path: self.dir.join("config.json"), reason };
+        let key = &self.arch.layer_count_key;
+        if n == 0 || !self.index.contains_key(&w.name_for(n - 1)) {
+            return Err(bad(format!("{key} = {n}, but the checkpoint has no tensor '{}'", w.name_for(n.saturating_sub(1)))));
+        }
+        if self.index.contains_key(&w.name_for(n)) {
+            return Err(bad(format!("{key} = {n}, but the checkpoint holds more layers ('{}' is there)", w.name_for(n))));
+        }
+        Ok(())
+    }
+
+    /// The config's attention and embedding sizes against the tensors that carry them, so that
+    /// a merge never writes a checkpoint whose config contradicts its weights.
+    fn check_config_shapes(&self) -> Result<()> {
+        let c = &self.config;
+        let bad = |reason: String| EngineError::BadJson { path: self.dir.join("config.json"), reason };
+        if c.num_key_value_heads == 0 || !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
+            return Err(bad(format!(
+                "num_attention_heads = {} is not a multiple of num_key_value_heads = {}",
+                c.num_attention_heads, c.num_key_value_heads
+            )));
+        }
+        if c.head_dim == 0 {
+            return Err(bad("head_dim = 0".into()));
+        }
+        let expect = [
+            ("model.embed_tokens.weight", [c.vocab_size, c.hidden_size], "vocab_size x hidden_size"),
+            (
+                "model.layers.0.self_attn.q_proj.weight",
+                [c.num_attention_heads * c.head_dim, c.hidden_size],
+                "num_attention_heads * head_dim x hidden_size",
+            ),
+            (
+                "model.layers.0.self_attn.k_proj.weight",
+                [c.num_key_value_heads * c.head_dim, c.hidden_size],
+                "num_key_value_heads * head_dim x hidden_size",
+            ),
+        ];
+        for (name, shape, what) in expect {
+            let Ok((_, got, _)) = self.raw(name) else { continue };
+            if got != shape.as_slice() {
+                return Err(bad(format!("'{name}' has shape {got:?}, but the config says {shape:?} ({what})")));
+            }
         }
         Ok(())
     }
