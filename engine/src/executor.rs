@@ -9,6 +9,7 @@
 //! tokenizer and generation files copied from the donor, the recipe (`mergekit_config.yml`)
 //! and a model card.
 
+use rayon::prelude::*;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -113,6 +114,8 @@ struct Part {
 struct PartSender {
     tx: SyncSender<Part>,
     recycled: Receiver<HugeBuf<u8>>,
+    /// The last tensor warned about for NaN / infinite values (once per tensor).
+    warned: std::cell::RefCell<String>,
 }
 
 impl PartSender {
@@ -124,6 +127,10 @@ impl PartSender {
         let Ok(mut bytes) = self.recycled.recv() else {
             return false;
         };
+        if *self.warned.borrow() != name && data.par_iter().any(|x| !x.is_finite()) {
+            tracing::warn!("tensor '{name}' of the merge holds NaN or infinite values (a source holds them, or the merge overflowed)");
+            *self.warned.borrow_mut() = name.to_string();
+        }
         bytes.resize(data.len() * dtype.size());
         dtype::encode_to(dtype, data, &mut bytes);
         self.tx.send(Part { name: name.to_string(), bytes }).is_ok()
@@ -288,7 +295,7 @@ pub fn execute(plan: &MergePlan, out: &Path, opts: &MergeOptions, progress: &mut
             }
             Ok(writer)
         });
-        let sender = PartSender { tx, recycled: back_rx };
+        let sender = PartSender { tx, recycled: back_rx, warned: Default::default() };
         let computed = (|| -> Result<()> {
             for (i, task) in plan.tasks.iter().enumerate() {
                 if opts.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {

@@ -35,6 +35,8 @@ pub struct RunOptions {
     pub workers: usize,
     /// Set (by Ctrl-C, say) to stop at the next batch with a checkpoint written.
     pub cancel: Arc<AtomicBool>,
+    /// Run even though a source model holds NaN or infinite values ([`Setup::check_finite`]).
+    pub allow_nonfinite: bool,
 }
 
 /// How a run ended.
@@ -64,8 +66,12 @@ pub struct DryRun {
 
 /// Checks `exp` as far as running it would (models, genome, tasks, memory, estimators fitted
 /// on the sources); runs nothing and writes nothing.
-pub fn dry_run(exp: Experiment, workers: usize) -> Result<DryRun> {
+pub fn dry_run(exp: Experiment, opts: &RunOptions) -> Result<DryRun> {
+    let workers = opts.workers;
     let mut s = Setup::new(exp, true)?;
+    if !opts.allow_nonfinite {
+        s.check_finite()?;
+    }
     calibrate(&mut s, true, None, 1, &mut Quiet)?;
     let needs_cal = s.exp.objectives.iter().any(|o| o.estimator.needs_calibration());
     Ok(DryRun {
@@ -85,6 +91,9 @@ pub fn dry_run(exp: Experiment, workers: usize) -> Result<DryRun> {
 /// writes the resolved configuration, calibrates, runs every stage.
 pub fn start(exp: Experiment, run_dir: Option<PathBuf>, opts: &RunOptions, observer: &mut dyn RunObserver) -> Result<(RunDir, RunEnd)> {
     let mut s = Setup::new(exp, false)?;
+    if !opts.allow_nonfinite {
+        s.check_finite()?;
+    }
     let run_dir = RunDir::new(match run_dir {
         Some(d) => d,
         None => {
@@ -127,6 +136,9 @@ pub fn resume(run_dir: &Path, force: bool, opts: &RunOptions, observer: &mut dyn
         )));
     }
     let mut s = Setup::new(exp, false)?;
+    if !opts.allow_nonfinite {
+        s.check_finite()?;
+    }
     calibrate(&mut s, false, Some(run_dir.path()), opts.workers, observer)?;
     let fresh = optimizer(&s)?;
     let runner = open_runner(fresh, &run_dir.file(CHECKPOINT), s.exp.budget.clone(), &opts.cancel, run_dir.path(), observer)?;

@@ -181,6 +181,22 @@ impl Setup {
         Ok(())
     }
 
+    /// Refuses source models (of the merge and of the data-flow stage) that hold NaN or
+    /// infinite values: every candidate using one would fail, and that would show only after
+    /// the whole budget. One pass over the stored bits of each model.
+    pub fn check_finite(&self) -> Result<()> {
+        let df = self.exp.dataflow.iter().flat_map(|d| d.models.iter()).filter(|m| m.as_str() != crate::run_dir::BEST);
+        for m in self.exp.sources().chain(df) {
+            if let Some(t) = self.opened.get(m, None)?.first_non_finite() {
+                return Err(RunError::Experiment(format!(
+                    "model '{m}': tensor '{t}' holds NaN or infinite values, so every candidate that uses it would fail; \
+                     fix the model, or pass --allow-nonfinite to search anyway"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// A fresh runtime holding the base model (another worker's).
     pub(crate) fn open_runtime(&self) -> Result<Box<dyn LanguageModel>> {
         Ok(model::open(self.exp.device, &[ModelSpec::from_checkpoint(&self.base)])?)

@@ -100,7 +100,7 @@ fn a_two_generation_search_runs_in_process_and_a_crashed_run_resumes_to_the_same
 
     // Interrupted after 5 outcomes (mid second generation), then a crash cuts a sixth line.
     let cancel = Arc::new(AtomicBool::new(false));
-    let opts_cut = RunOptions { workers: 1, cancel: cancel.clone() };
+    let opts_cut = RunOptions { workers: 1, cancel: cancel.clone(), ..Default::default() };
     let mut stopper = Collect { stop_after: Some((5, cancel)), ..Default::default() };
     let (cut, end) = crate::start(experiment(tmp.path(), 8), Some(tmp.path().join("cut")), &opts_cut, &mut stopper).expect("run");
     assert_eq!(end, RunEnd::Interrupted);
@@ -245,7 +245,7 @@ fn a_bad_data_flow_stage_is_refused_before_anything_runs() {
         let list = if needle == "not found" { "\"best\", \"/nonexistent/model\"".to_string() } else { models.clone() };
         let text = format!("[dataflow]\nmodels = [{list}]\ngenome = {genome}\nbudget = {{ max_evaluations = 4 }}\n");
         exp.dataflow = Some(toml::from_str::<crate::experiment::DataFlowSection>(&text.replace("[dataflow]\n", "")).expect("section"));
-        let err = crate::dry_run(exp.clone(), 1).expect_err(genome).to_string();
+        let err = crate::dry_run(exp.clone(), &RunOptions::default()).expect_err(genome).to_string();
         assert!(err.contains(needle), "{genome}: {err}");
         let run = tmp.path().join("never");
         assert!(crate::start(exp, Some(run.clone()), &RunOptions::default(), &mut Collect::default()).is_err());

@@ -43,6 +43,10 @@ pub struct SearchArgs {
     /// depend on it.
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
+    /// Search even though a source model holds NaN or infinite values (refused by default:
+    /// every candidate that uses such a tensor fails).
+    #[arg(long)]
+    pub allow_nonfinite: bool,
 }
 
 #[derive(Debug, Args)]
@@ -61,6 +65,9 @@ pub struct ResumeArgs {
     /// depend on it.
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
+    /// Continue even though a source model holds NaN or infinite values.
+    #[arg(long)]
+    pub allow_nonfinite: bool,
 }
 
 /// How `search` reports progress.
@@ -185,7 +192,7 @@ pub fn search(args: SearchArgs) -> Result<()> {
         exp.device = d;
     }
     if args.dry_run {
-        let d = evomerge_run::dry_run(exp, args.workers)?;
+        let d = evomerge_run::dry_run(exp, &RunOptions { workers: args.workers, allow_nonfinite: args.allow_nonfinite, ..Default::default() })?;
         println!(
             "{}: {} genes, {} objective(s), model {} ({} layers), about {:.2} GiB of memory, candidates merged {}; nothing run",
             d.name,
@@ -202,14 +209,14 @@ pub fn search(args: SearchArgs) -> Result<()> {
         println!("candidates scored {} at a time (--workers)", d.workers);
         return Ok(());
     }
-    let opts = RunOptions { workers: args.workers, cancel: cancel_flag()? };
+    let opts = RunOptions { workers: args.workers, cancel: cancel_flag()?, allow_nonfinite: args.allow_nonfinite };
     let mut progress = Progress::new(args.progress);
     let (run_dir, end) = evomerge_run::start(exp, args.run_dir, &opts, &mut progress)?;
     finish(&run_dir, end, &progress)
 }
 
 pub fn resume(args: ResumeArgs) -> Result<()> {
-    let opts = RunOptions { workers: args.workers, cancel: cancel_flag()? };
+    let opts = RunOptions { workers: args.workers, cancel: cancel_flag()?, allow_nonfinite: args.allow_nonfinite };
     let mut progress = Progress::new(args.progress);
     let end = evomerge_run::resume(&args.run_dir, args.force, &opts, &mut progress)?;
     finish(&RunDir::new(&args.run_dir), end, &progress)

@@ -221,3 +221,32 @@ fn a_config_contradicting_the_tensors_is_refused_before_anything_is_written() {
         assert_fails(c, &e, &["config.json", needle]);
     }
 }
+
+#[test]
+fn a_source_with_nan_weights_is_named_by_merge_and_refused_by_search() {
+    // issue 23: NaN/inf source weights passed --dry-run and were found only after the budget
+    let tmp = tempfile::tempdir().expect("tmp");
+    let m = tmp.path().join("m");
+    copy_model("llama-tiny-a", &m);
+    crate::common::poison(&m, "model.layers.1.mlp.up_proj.weight");
+    let yaml = TA.replace("{A}", &m.display().to_string()).replace("{F}", &fixtures().display().to_string());
+    std::fs::write(tmp.path().join("r.yaml"), yaml).expect("write");
+    let o = Command::new(bin()).arg("merge").arg(tmp.path().join("r.yaml")).arg("--out").arg(tmp.path().join("out")).output().expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("'model.layers.1.mlp.up_proj.weight' of the merge holds NaN"), "{err}");
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let exp = std::fs::read_to_string(root.join("experiments/search-tiny.toml"))
+        .expect("experiment")
+        .replace("\"../tests/fixtures/models/llama-tiny-a\"", &format!("\"{}\"", m.display()))
+        .replace("\"../", &format!("\"{}/", root.display()))
+        .replace("\"tasks/", &format!("\"{}/experiments/tasks/", root.display()));
+    let exp_path = tmp.path().join("e.toml");
+    std::fs::write(&exp_path, exp).expect("write");
+    let (code, _, err) = crate::common::run(&["search", &exp_path.display().to_string(), "--dry-run"]);
+    assert_fails(code, &err, &["model.layers.1.mlp.up_proj.weight", "NaN or infinite", "--allow-nonfinite"]);
+    let (code, out, err) = crate::common::run(&["search", &exp_path.display().to_string(), "--dry-run", "--allow-nonfinite"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("nothing run"), "{out}");
+}

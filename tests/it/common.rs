@@ -79,3 +79,14 @@ pub fn test_device() -> evomerge_engine::model::DeviceSpec {
 pub fn tol(cpu: f64, gpu: f64) -> f64 {
     if test_device() == evomerge_engine::model::DeviceSpec::Cpu { cpu } else { gpu }
 }
+
+/// Writes a NaN into the first element of f32 tensor `tensor` of the checkpoint in `dir`.
+pub fn poison(dir: &Path, tensor: &str) {
+    let f = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&f).expect("read");
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).expect("header");
+    let at = 8 + n + header[tensor]["data_offsets"][0].as_u64().expect("offsets") as usize;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&f, bytes).expect("write");
+}

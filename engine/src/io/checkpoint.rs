@@ -100,6 +100,23 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// The first tensor (in name order) holding a NaN or an infinite value, if any: one pass
+    /// over the stored bits (an all-ones exponent), in parallel over tensors.
+    pub fn first_non_finite(&self) -> Option<String> {
+        use rayon::prelude::*;
+        let mut names: Vec<&String> = self.index.keys().collect();
+        names.sort();
+        let bad = |name: &&&String| -> bool {
+            let Ok((dt, _, bytes)) = self.raw(name) else { return false };
+            match dt {
+                DType::F32 => bytes.chunks_exact(4).any(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7F80_0000 == 0x7F80_0000),
+                DType::BF16 => bytes.chunks_exact(2).any(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7F80 == 0x7F80),
+                DType::F16 => bytes.chunks_exact(2).any(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7C00 == 0x7C00),
+            }
+        };
+        names.par_iter().find_first(bad).map(|n| n.to_string())
+    }
+
     /// The config's layer count against the tensors (before anything is sized by it): the last
     /// declared layer must be there and no layer after it. A config that declares 10⁸ layers
     /// is an error here, not an allocation of 10⁸ tensor names.
