@@ -55,6 +55,25 @@ fn get_f64(m: &Map<String, Value>, k: &str) -> Option<f64> {
     m.get(k).and_then(Value::as_f64)
 }
 
+/// An optional non-negative integer key: absent or `null` is `None`; any other type is an
+/// error (not silently the default).
+fn opt_usize(m: &Map<String, Value>, k: &str) -> std::result::Result<Option<usize>, ConfigError> {
+    match m.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => {
+            v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| ConfigError::WrongType { key: k.to_string(), expected: "a non-negative integer" })
+        }
+    }
+}
+
+/// An optional number key, as [`opt_usize`].
+fn opt_f64(m: &Map<String, Value>, k: &str) -> std::result::Result<Option<f64>, ConfigError> {
+    match m.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_f64().map(Some).ok_or_else(|| ConfigError::WrongType { key: k.to_string(), expected: "a number" }),
+    }
+}
+
 /// Why a `config.json` cannot be used (wrapped with its path in [`EngineError::BadJson`]).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
@@ -72,6 +91,9 @@ pub enum ConfigError {
     RopeFactor(String),
     #[error("unsupported rope scaling type '{0}' (supported: default, linear, llama3)")]
     RopeType(String),
+    /// A key of the wrong JSON type (a string where a number belongs, say).
+    #[error("'{key}' must be {expected}")]
+    WrongType { key: String, expected: &'static str },
 }
 
 impl ModelConfig {
@@ -97,7 +119,7 @@ impl ModelConfig {
         if num_attention_heads == 0 {
             return Err(ConfigError::NoHeads);
         }
-        let head_dim = get_usize(&raw, "head_dim").unwrap_or(hidden_size / num_attention_heads);
+        let head_dim = opt_usize(&raw, "head_dim")?.unwrap_or(hidden_size / num_attention_heads);
         // transformers 5: rope_parameters {rope_theta, rope_type, factor, ...};
         // transformers 4: top-level rope_theta + optional rope_scaling {type|rope_type, ...}.
         let rope_params = raw.get("rope_parameters").and_then(Value::as_object);
@@ -124,11 +146,11 @@ impl ModelConfig {
             intermediate_size: need("intermediate_size")?,
             num_hidden_layers: need("num_hidden_layers")?,
             num_attention_heads,
-            num_key_value_heads: get_usize(&raw, "num_key_value_heads").unwrap_or(num_attention_heads),
+            num_key_value_heads: opt_usize(&raw, "num_key_value_heads")?.unwrap_or(num_attention_heads),
             head_dim,
             vocab_size: need("vocab_size")?,
-            max_position_embeddings: get_usize(&raw, "max_position_embeddings").unwrap_or(2048),
-            rms_norm_eps: get_f64(&raw, "rms_norm_eps").unwrap_or(1e-6),
+            max_position_embeddings: opt_usize(&raw, "max_position_embeddings")?.unwrap_or(2048),
+            rms_norm_eps: opt_f64(&raw, "rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
             tie_word_embeddings: raw.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
@@ -216,6 +238,20 @@ mod tests {
         assert_eq!(out["num_hidden_layers"], 6);
         let c = ModelConfig::parse(V5).expect("parse");
         assert_eq!(c.to_output_json("num_hidden_layers", 4, DType::BF16)["dtype"], "bfloat16");
+    }
+
+    #[test]
+    fn keys_of_the_wrong_type_are_errors_not_defaults() {
+        let mut cfg: Map<String, Value> = serde_json::from_str(V5).expect("json");
+        cfg.insert("rms_norm_eps".into(), Value::String("1e-6".into()));
+        let err = ModelConfig::parse(&Value::Object(cfg.clone()).to_string()).expect_err("string eps");
+        assert_eq!(err, ConfigError::WrongType { key: "rms_norm_eps".into(), expected: "a number" });
+        cfg.insert("rms_norm_eps".into(), Value::Null);
+        cfg.insert("max_position_embeddings".into(), serde_json::json!(-5));
+        let err = ModelConfig::parse(&Value::Object(cfg.clone()).to_string()).expect_err("negative");
+        assert!(err.to_string().contains("'max_position_embeddings' must be a non-negative integer"), "{err}");
+        cfg.remove("max_position_embeddings");
+        assert_eq!(ModelConfig::parse(&Value::Object(cfg).to_string()).expect("null is absent").rms_norm_eps, 1e-6);
     }
 
     #[test]
