@@ -271,6 +271,7 @@ pub fn merge_to_memory(plan: &MergePlan) -> Result<MemorySource> {
 /// Runs the plan and writes a complete Hugging Face model directory at `out`.
 pub fn execute(plan: &MergePlan, out: &Path, opts: &MergeOptions, progress: &mut dyn FnMut(MergeProgress)) -> Result<MergeSummary> {
     let start = Instant::now();
+    let donor_files = donor_files(plan)?;
     let dir = OutputDir::create(out, opts.overwrite)?;
     let entries: Vec<TensorEntry> =
         plan.tasks.iter().map(|t| TensorEntry { name: t.name.clone(), shape: t.shape.clone(), dtype: plan.out_dtype }).collect();
@@ -325,7 +326,7 @@ pub fn execute(plan: &MergePlan, out: &Path, opts: &MergeOptions, progress: &mut
         progress(MergeProgress::Writing);
         written?.finish()
     })?;
-    write_side_files(plan, dir.path())?;
+    write_side_files(plan, dir.path(), &donor_files)?;
     dir.commit()?;
     Ok(MergeSummary {
         tensors: plan.tasks.len(),
@@ -337,15 +338,35 @@ pub fn execute(plan: &MergePlan, out: &Path, opts: &MergeOptions, progress: &mut
     })
 }
 
-fn write_side_files(plan: &MergePlan, dir: &Path) -> Result<()> {
+/// The donor files the output takes, read (and the JSON ones parsed) before anything is
+/// merged, so that a corrupt `tokenizer.json` is an error up front and never copied.
+fn donor_files(plan: &MergePlan) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    let donor = &plan.models[plan.donor];
+    let mut out = vec![];
+    for f in DONOR_FILES {
+        let src = donor.dir().join(f);
+        if !src.is_file() {
+            continue;
+        }
+        let bytes = std::fs::read(&src).map_err(|e| EngineError::io(&src, e))?;
+        if f.ends_with(".json") {
+            serde_json::from_slice::<serde_json::Value>(&bytes).map_err(|e| EngineError::BadJson {
+                path: src.clone(),
+                reason: format!("the donor's {f} is not valid JSON ({e}); it would be copied into the output"),
+            })?;
+        }
+        out.push((*f, bytes));
+    }
+    Ok(out)
+}
+
+fn write_side_files(plan: &MergePlan, dir: &Path, donor_files: &[(&str, Vec<u8>)]) -> Result<()> {
     let donor = &plan.models[plan.donor];
     let cfg = donor.config.to_output_json(&donor.arch.layer_count_key, plan.out_layers, plan.out_dtype);
     write_file(&dir.join("config.json"), pretty(&cfg).as_bytes())?;
-    for f in DONOR_FILES {
-        let src = donor.dir().join(f);
-        if src.is_file() {
-            std::fs::copy(&src, dir.join(f)).map_err(|e| EngineError::io(&src, e))?;
-        }
+    // written, not copied: an error (ENOSPC) names the output file
+    for (f, bytes) in donor_files {
+        write_file(&dir.join(f), bytes)?;
     }
     write_file(&dir.join("mergekit_config.yml"), plan.recipe_text.as_bytes())?;
     write_file(&dir.join("README.md"), model_card(plan).as_bytes())

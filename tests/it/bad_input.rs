@@ -250,3 +250,21 @@ fn a_source_with_nan_weights_is_named_by_merge_and_refused_by_search() {
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("nothing run"), "{out}");
 }
+
+#[test]
+fn architectures_contradicting_model_type_is_an_error() {
+    // issue 23, defect 8: LlamaForCausalLM with model_type qwen2 ran silently
+    let (c, e) = fail(&with_a("{T}/m"), |t| with_config(t, "model_type", "\"qwen2\""));
+    assert_fails(c, &e, &["config.json", "model_type = \"qwen2\"", "LlamaForCausalLM"]);
+}
+
+#[test]
+fn a_corrupt_donor_tokenizer_is_refused_not_copied() {
+    // issue 23, defect 8: the donor's broken tokenizer.json was copied into the output
+    let yaml = TA.replace("base_model: {F}/models/llama-tiny-base", "base_model: {T}/base").replace("{A}", "{F}/models/llama-tiny-a");
+    let (c, e) = fail(&yaml, |t| {
+        copy_model("llama-tiny-base", &t.join("base"));
+        std::fs::write(t.join("base/tokenizer.json"), "{\"model\": ").expect("corrupt");
+    });
+    assert_fails(c, &e, &["tokenizer.json", "not valid JSON"]);
+}

@@ -93,6 +93,23 @@ impl Architecture {
     pub fn for_config(cfg: &ModelConfig, path: &std::path::Path) -> Result<&'static Architecture> {
         let reg = Self::registry();
         let by_arch = cfg.architectures.first().and_then(|a| reg.iter().find(|r| r.architectures.contains(a)));
+        // A model_type that names another known architecture contradicts `architectures`
+        // (an unknown one is left to `architectures`).
+        if let Some(a) = by_arch
+            && !a.model_types.contains(&cfg.model_type)
+            && reg.iter().any(|r| r.model_types.contains(&cfg.model_type))
+        {
+            return Err(EngineError::BadJson {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "architectures = [\"{}\"] is {}, but model_type = \"{}\" is not (expected {})",
+                    cfg.architectures[0],
+                    a.name,
+                    cfg.model_type,
+                    a.model_types.join(" or ")
+                ),
+            });
+        }
         by_arch.or_else(|| reg.iter().find(|r| r.model_types.contains(&cfg.model_type))).ok_or_else(|| EngineError::UnsupportedArchitecture {
             path: path.to_path_buf(),
             arch: cfg.architectures.first().cloned().unwrap_or_else(|| cfg.model_type.clone()),
@@ -160,6 +177,8 @@ mod tests {
         let p = std::path::Path::new("x");
         assert_eq!(Architecture::for_config(&cfg("Qwen2ForCausalLM", "?"), p).expect("q").name, "qwen2");
         assert_eq!(Architecture::for_config(&cfg("?", "qwen3"), p).expect("q3").name, "qwen3");
+        let err = Architecture::for_config(&cfg("LlamaForCausalLM", "qwen2"), p).expect_err("contradiction").to_string();
+        assert!(err.contains("model_type = \"qwen2\"") && err.contains("expected llama"), "{err}");
         let err = Architecture::for_config(&cfg("GPT2LMHeadModel", "gpt2"), p).expect_err("gpt2");
         let msg = err.to_string();
         assert!(msg.contains("GPT2LMHeadModel") && msg.contains("llama, mistral, qwen2, qwen3"), "{msg}");
