@@ -139,8 +139,7 @@ impl CalibrationCache {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let mut lines = text.lines();
         let header = lines.next().and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok());
-        let header_typed = header.clone().and_then(|h| serde_json::from_value::<CalibrationHeader>(h).ok());
-        let fits = header_typed.as_ref().is_some_and(|h| h.key == key && h.items == items);
+        let fits = header.clone().and_then(|h| serde_json::from_value::<CalibrationHeader>(h).ok()).is_some_and(|h| h.key == key && h.items == items);
         let mut rows = vec![];
         if fits {
             for l in lines {

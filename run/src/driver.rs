@@ -68,10 +68,7 @@ pub struct DryRun {
 /// on the sources); runs nothing and writes nothing.
 pub fn dry_run(exp: Experiment, opts: &RunOptions) -> Result<DryRun> {
     let workers = opts.workers;
-    let mut s = Setup::new(exp, true)?;
-    if !opts.allow_nonfinite {
-        s.check_finite()?;
-    }
+    let mut s = setup(exp, true, opts)?;
     calibrate(&mut s, true, None, 1, &mut Quiet)?;
     let needs_cal = s.exp.objectives.iter().any(|o| o.estimator.needs_calibration());
     Ok(DryRun {
@@ -87,13 +84,23 @@ pub fn dry_run(exp: Experiment, opts: &RunOptions) -> Result<DryRun> {
     })
 }
 
-/// Starts a run of `exp` in `run_dir` (default `<run_root>/<unix time>-<name>`): checks it,
-/// writes the resolved configuration, calibrates, runs every stage.
-pub fn start(exp: Experiment, run_dir: Option<PathBuf>, opts: &RunOptions, observer: &mut dyn RunObserver) -> Result<(RunDir, RunEnd)> {
-    let mut s = Setup::new(exp, false)?;
+/// [`Setup::new`], then the sources' weights checked for NaN / inf unless the options allow them.
+fn setup(exp: Experiment, dry_run: bool, opts: &RunOptions) -> Result<Setup> {
+    let s = Setup::new(exp, dry_run)?;
     if !opts.allow_nonfinite {
         s.check_finite()?;
     }
+    Ok(s)
+}
+
+fn holds_a_run(dir: &Path) -> RunError {
+    RunError::RunDir(format!("{} already holds a run; continue it with `evomerge resume {}`", dir.display(), dir.display()))
+}
+
+/// Starts a run of `exp` in `run_dir` (default `<run_root>/<unix time>-<name>`): checks it,
+/// writes the resolved configuration, calibrates, runs every stage.
+pub fn start(exp: Experiment, run_dir: Option<PathBuf>, opts: &RunOptions, observer: &mut dyn RunObserver) -> Result<(RunDir, RunEnd)> {
+    let mut s = setup(exp, false, opts)?;
     let run_dir = RunDir::new(match run_dir {
         Some(d) => d,
         None => {
@@ -103,13 +110,13 @@ pub fn start(exp: Experiment, run_dir: Option<PathBuf>, opts: &RunOptions, obser
     });
     let dir = run_dir.path();
     if run_dir.file(CONFIG).exists() {
-        return Err(RunError::RunDir(format!("{} already holds a run; continue it with `evomerge resume {}`", dir.display(), dir.display())));
+        return Err(holds_a_run(dir));
     }
     std::fs::create_dir_all(dir).map_err(RunError::io(dir))?;
     let _lock = run_dir.lock()?;
     if run_dir.file(CONFIG).exists() {
         // another process created it since the check above
-        return Err(RunError::RunDir(format!("{} already holds a run; continue it with `evomerge resume {}`", dir.display(), dir.display())));
+        return Err(holds_a_run(dir));
     }
     let resolved = s.exp.to_toml()?;
     run_dir.write(CONFIG, &resolved)?;
@@ -135,10 +142,7 @@ pub fn resume(run_dir: &Path, force: bool, opts: &RunOptions, observer: &mut dyn
             run_dir.file(CONFIG).display()
         )));
     }
-    let mut s = Setup::new(exp, false)?;
-    if !opts.allow_nonfinite {
-        s.check_finite()?;
-    }
+    let mut s = setup(exp, false, opts)?;
     calibrate(&mut s, false, Some(run_dir.path()), opts.workers, observer)?;
     let fresh = optimizer(&s)?;
     let runner = open_runner(fresh, &run_dir.file(CHECKPOINT), s.exp.budget.clone(), &opts.cancel, run_dir.path(), observer)?;

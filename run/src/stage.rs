@@ -18,7 +18,7 @@ use crate::evaluate::{StageKind, evaluate, repeat};
 use crate::observer::{Notice, RunObserver};
 use crate::pool::{WorkerRef, score_parallel};
 use crate::records::{EvaluationRecord, LogEvent, RecordOutcome};
-use crate::run_dir::{EVALUATIONS, LOG, read_evaluation_lines, read_evaluations, write_atomic};
+use crate::run_dir::{EVALUATIONS, LOG, read_evaluation_lines, write_atomic};
 
 /// Appends events to a stage's `log.jsonl` and hands them to the run's observer; the runner's
 /// observer of generations.
@@ -81,9 +81,9 @@ impl Observer for EventLog<'_> {
 /// Candidates already scored in an earlier session (id → outcome): every readable line, the
 /// last one of an id winning. A line cut by a crash was never told to the optimizer: that
 /// candidate is scored again and recorded on a new line.
-fn replayed(dir: &Path) -> HashMap<u64, Outcome> {
-    read_evaluation_lines(dir)
-        .into_iter()
+fn replayed(earlier: &[EvaluationRecord]) -> HashMap<u64, Outcome> {
+    earlier
+        .iter()
         .map(|r| {
             let outcome = match &r.outcome {
                 RecordOutcome::Failed(f) => Outcome::Failed(f.clone()),
@@ -133,7 +133,9 @@ pub fn run_stage(
     let evals_path = dir.join(EVALUATIONS);
     let mut evals = std::fs::OpenOptions::new().create(true).append(true).open(&evals_path).map_err(RunError::io(&evals_path))?;
     repair_last_line(&evals_path, &mut evals, &mut *observer)?;
-    let replay = replayed(dir);
+    // every readable line of earlier sessions, read once
+    let earlier = read_evaluation_lines(dir);
+    let replay = replayed(&earlier);
     let replayed_count = replay.len();
     let directions: Vec<_> = workers[0].1.iter().map(|e| e.objectives()[0].clone()).collect();
     let n_objectives = directions.len();
@@ -150,7 +152,8 @@ pub fn run_stage(
     // earlier values and no work, whether or not the earlier one was scored in this process,
     // so that a resumed run writes the same records as an uninterrupted one.
     let mut seen: HashMap<String, (Vec<f64>, Vec<f64>)> = HashMap::new();
-    for r in read_evaluations(dir) {
+    // (a repeated line has its id's genome: the first one stands, as it would de-duplicated)
+    for r in &earlier {
         let Some(s) = r.scores() else { continue };
         let values: Vec<f64> = directions.iter().filter_map(|d| s.objectives.get(&d.name)).collect();
         seen.entry(kind.fingerprint(&r.genome)).or_insert((values, s.std_errors.clone()));
