@@ -42,6 +42,8 @@ enum Command {
     Search(commands::search::SearchArgs),
     /// Continue a checkpointed run (already-scored candidates are replayed, not recomputed).
     Resume(commands::search::ResumeArgs),
+    /// Score candidates of a scale-out run: join it on its broker (Redis Streams).
+    Worker(commands::worker::WorkerArgs),
     /// Show a run's best candidates (or Pareto front), evaluations, failures, throughput, calibration progress.
     Status(commands::runs::StatusArgs),
     /// Write a run's candidate as a Hugging Face checkpoint (re-merged from its genome).
@@ -85,6 +87,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Eval(args) => commands::eval::run(args),
         Command::Search(args) => commands::search::search(args),
         Command::Resume(args) => commands::search::resume(args),
+        Command::Worker(args) => commands::worker::run(args),
         Command::Status(args) => commands::runs::status(args),
         Command::Export(args) => commands::runs::export(args),
         Command::Report(args) => commands::report::run(args),

@@ -14,16 +14,18 @@ use evomerge_engine::model::{self, ModelSpec};
 use evomerge_search::runner::prev_path;
 use evomerge_search::{CmaEs, CmaEsConfig, GeneKind, Nsga2, Nsga2Config, Optimizer, RandomSearch, Runner, SearchSpace, Termination};
 
+use crate::broker::coordinator::coordinator_name;
+use crate::broker::{BrokerPool, BrokerUrl, RunInfo, reclaim_after_ms, sources_hash};
 use crate::calibration::calibrate;
 use crate::error::{Result, RunError};
-use crate::evaluate::{StageKind, Worker};
+use crate::evaluate::{StageKind, Worker, objectives};
 use crate::experiment::{Experiment, OptimizerKind, OptimizerSpec};
 use crate::observer::{Notice, Quiet, RunObserver};
-use crate::pool::WorkerRef;
+use crate::pool::{LocalPool, WorkerRef};
 use crate::records::Reference;
 use crate::references::references;
 use crate::resources::{runtime_bytes, worker_count};
-use crate::run_dir::{BEST, CHECKPOINT, CONFIG, CONFIG_HASH, RunDir, config_hash};
+use crate::run_dir::{BEST, CALIBRATION, CHECKPOINT, CONFIG, CONFIG_HASH, RunDir, config_hash};
 use crate::setup::Setup;
 use crate::stage::{EventLog, run_stage};
 
@@ -37,6 +39,12 @@ pub struct RunOptions {
     pub cancel: Arc<AtomicBool>,
     /// Run even though a source model holds NaN or infinite values ([`Setup::check_finite`]).
     pub allow_nonfinite: bool,
+    /// Coordinate through this broker: candidates of the parameter-space stage go to workers
+    /// anywhere (`evomerge worker`), and this process's own `workers` take part.
+    pub broker: Option<BrokerUrl>,
+    /// With a broker: score nothing here (`--workers 0`); calibration and the references
+    /// still run here.
+    pub coordinator_only: bool,
 }
 
 /// How a run ended.
@@ -219,14 +227,37 @@ fn dataflow_space(l: &DataFlowLayout) -> Result<(SearchSpace, Vec<f64>)> {
     Ok((space, x0))
 }
 
+/// A run's id on a broker: its directory's name.
+pub fn run_id(run_dir: &RunDir) -> String {
+    run_dir.path().file_name().map_or_else(|| "run".to_string(), |n| n.to_string_lossy().into_owned())
+}
+
+/// What workers need to join the run (published on the broker).
+fn run_info(exp: &Experiment, run_dir: &RunDir) -> Result<RunInfo> {
+    let mut dirs = vec![];
+    for m in exp.sources() {
+        dirs.push(resolve_model(m, None)?);
+    }
+    Ok(RunInfo {
+        run: run_id(run_dir),
+        coordinator: coordinator_name(run_dir.path()),
+        experiment: exp.to_toml()?,
+        sources: sources_hash(&dirs)?,
+        calibration: std::fs::read_to_string(run_dir.file(CALIBRATION)).unwrap_or_default(),
+        reclaim_after_ms: reclaim_after_ms(),
+        finished: false,
+    })
+}
+
 /// Runs the parameter-space stage, scores the references, then the data-flow stage if the
 /// experiment has one (in `RUN_DIR/dataflow/`, its own checkpoint and evaluations).
 fn drive(mut s: Setup, run_dir: &RunDir, mut runner: Runner, opts: &RunOptions, observer: &mut dyn RunObserver) -> Result<RunEnd> {
     let n = worker_count(opts.workers, s.exp.device, &s.base, s.memory, runtime_bytes(&s.base));
-    if n > 1 {
+    if n > 1 && !opts.coordinator_only {
         observer.notice(&Notice::Workers(n));
     }
     // the calibration's runtimes first (every candidate rewrites the weights it was left with)
+    let n = if opts.coordinator_only { 1 } else { n };
     s.spare.truncate(n.saturating_sub(1));
     let mut extra = Vec::with_capacity(n.saturating_sub(1));
     for _ in 1..n {
@@ -238,9 +269,34 @@ fn drive(mut s: Setup, run_dir: &RunDir, mut runner: Runner, opts: &RunOptions, 
     }
     {
         let kind = StageKind::Params { layout: &s.layout, opened: &s.opened, materializer: &s.materializer, seed: s.exp.seed };
+        let objectives = objectives(&s.estimators);
         let mut workers: Vec<WorkerRef<'_>> = vec![(s.runtime.as_mut(), s.estimators.as_mut_slice())];
         workers.extend(extra.iter_mut().map(|w| (w.runtime.as_mut() as _, w.estimators.as_mut_slice())));
-        let end = run_stage(kind, &mut workers, run_dir.path(), &mut runner, &opts.cancel, s.exp.budget.max_evaluations, observer)?;
+        let budget = s.exp.budget.max_evaluations;
+        let end = match &opts.broker {
+            None => {
+                let mut pool = LocalPool::new(&mut workers);
+                run_stage(kind, &mut pool, run_dir.path(), &mut runner, &opts.cancel, budget, observer)?
+            }
+            Some(url) => {
+                let info = run_info(&s.exp, run_dir)?;
+                let local: &mut [WorkerRef<'_>] = if opts.coordinator_only { &mut [] } else { &mut workers };
+                let n_local = local.len();
+                let mut pool = BrokerPool::attach(url, info, objectives, run_dir.path(), local, opts.cancel.clone())?;
+                observer.notice(&Notice::Broker(format!(
+                    "coordinating run '{}' on {} ({n_local} local worker{}); join with: evomerge worker --broker URL --run {}",
+                    run_id(run_dir),
+                    url.shown(),
+                    if n_local == 1 { "" } else { "s" },
+                    run_id(run_dir)
+                )));
+                let end = run_stage(kind, &mut pool, run_dir.path(), &mut runner, &opts.cancel, budget, observer)?;
+                if end != Termination::Interrupted {
+                    pool.finish()?;
+                }
+                end
+            }
+        };
         if end == Termination::Interrupted {
             return Ok(RunEnd::Interrupted);
         }
@@ -287,7 +343,8 @@ fn drive(mut s: Setup, run_dir: &RunDir, mut runner: Runner, opts: &RunOptions, 
             .collect::<Result<Vec<_>>>()?;
         let mut workers: Vec<WorkerRef<'_>> = vec![(rt.as_mut(), s.estimators.as_mut_slice())];
         workers.extend(extra.iter_mut().map(|w| (w.runtime.as_mut() as _, w.estimators.as_mut_slice())));
-        let end = run_stage(kind, &mut workers, &dir, &mut runner2, &opts.cancel, df.budget.max_evaluations, observer)?;
+        let mut pool = LocalPool::new(&mut workers);
+        let end = run_stage(kind, &mut pool, &dir, &mut runner2, &opts.cancel, df.budget.max_evaluations, observer)?;
         if end == Termination::Interrupted {
             return Ok(RunEnd::Interrupted);
         }

@@ -28,6 +28,9 @@ pub enum RunError {
     /// Not enough memory for the run as configured.
     #[error("{0}")]
     Resources(String),
+    /// The broker (Redis) refused or could not be reached, or a run on it is not usable.
+    #[error("{0}")]
+    Broker(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]

@@ -9,7 +9,7 @@ use evomerge_engine::dataflow::{self, DataFlowLayout};
 use evomerge_engine::genome::GenomeLayout;
 use evomerge_engine::model::LanguageModel;
 use evomerge_engine::{Materializer, OpenedCheckpoints};
-use evomerge_fitness::{FitnessEstimator, TaskEstimator};
+use evomerge_fitness::{FitnessEstimator, Objective, TaskEstimator};
 use evomerge_search::Candidate;
 
 use crate::error::{Result, RunError};
@@ -132,23 +132,34 @@ pub fn evaluate(kind: &StageKind<'_>, c: &Candidate, runtime: &mut dyn LanguageM
         }
         Ok(s)
     })();
-    record(c, estimators, result, t0, materialize_seconds, path)
+    record(c, &objectives(estimators), result, t0, materialize_seconds, path)
+}
+
+/// Each estimator's objective (name and direction), in order.
+pub fn objectives(estimators: &[TaskEstimator]) -> Vec<Objective> {
+    estimators.iter().map(|e| e.objectives()[0].clone()).collect()
+}
+
+/// A candidate that could not be scored for a reason found outside [`evaluate`] (it ended
+/// every worker it was given, say): a failed record.
+pub fn failed(c: &Candidate, reason: String) -> EvaluationRecord {
+    EvaluationRecord { id: c.id, generation: c.generation, genome: c.genome.clone(), outcome: RecordOutcome::Failed(reason), seconds: 0.0 }
 }
 
 /// A genome scored before: its earlier values and standard errors, no work.
-pub fn repeat(kind: &StageKind<'_>, c: &Candidate, estimators: &[TaskEstimator], values: Vec<f64>, std_errors: Vec<f64>) -> EvaluationRecord {
+pub fn repeat(kind: &StageKind<'_>, c: &Candidate, objectives: &[Objective], values: Vec<f64>, std_errors: Vec<f64>) -> EvaluationRecord {
     let t0 = Instant::now();
     let mut path = None;
     let result = kind.path_text(&c.genome).map(|p| {
         path = p;
         Scored { values, std_errors, items: 0, tokens: 0 }
     });
-    record(c, estimators, result, t0, 0.0, path)
+    record(c, objectives, result, t0, 0.0, path)
 }
 
 fn record(
     c: &Candidate,
-    estimators: &[TaskEstimator],
+    objectives: &[Objective],
     result: Result<Scored>,
     t0: Instant,
     materialize_seconds: f64,
@@ -156,7 +167,7 @@ fn record(
 ) -> EvaluationRecord {
     let outcome = match result {
         Ok(s) => {
-            let directions = estimators.iter().map(|e| &e.objectives()[0]);
+            let directions = objectives.iter();
             let minimized = s.values.iter().zip(directions.clone()).map(|(v, o)| o.direction.to_minimized(*v)).collect();
             let objectives = Objectives(directions.zip(&s.values).map(|(o, v)| (o.name.clone(), *v)).collect());
             RecordOutcome::Scored(Scores {

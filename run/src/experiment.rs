@@ -277,7 +277,13 @@ impl Experiment {
     pub fn from_run_dir(run_dir: &Path) -> Result<Self> {
         let cfg = run_dir.join(crate::run_dir::CONFIG);
         let text = std::fs::read_to_string(&cfg).map_err(|e| RunError::RunDir(format!("{} is not a run directory: {e}", run_dir.display())))?;
-        toml::from_str(&text).map_err(|e| RunError::bad_file(&cfg, e))
+        Self::from_resolved(&text, &cfg)
+    }
+
+    /// A resolved configuration (what [`Experiment::to_toml`] wrote); `origin` names where it
+    /// came from in errors.
+    pub fn from_resolved(text: &str, origin: &Path) -> Result<Self> {
+        toml::from_str(text).map_err(|e| RunError::bad_file(origin, e))
     }
 
     /// Budgets and optimizer settings that could never run, refused before anything is written

@@ -17,6 +17,7 @@
 //! from genome to record, the call an evaluation worker makes; [`RunDir`] and [`records`] read
 //! a run directory back (typed, and compatible with every earlier release's files).
 
+pub mod broker;
 pub mod calibration;
 pub mod driver;
 pub mod error;

@@ -17,6 +17,16 @@ pub enum Stage {
     DataFlow,
 }
 
+impl Stage {
+    /// Its name in broker messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Params => "params",
+            Stage::DataFlow => "dataflow",
+        }
+    }
+}
+
 /// What happened, in words a front end may show.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Notice {
@@ -52,6 +62,8 @@ pub enum Notice {
         models: usize,
         layers: usize,
     },
+    /// What the broker side of a scale-out run is doing (attached, waiting for workers, ...).
+    Broker(String),
     /// Something the user should know that does not stop the run.
     Warning(String),
 }

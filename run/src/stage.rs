@@ -10,13 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use evomerge_fitness::FitnessEstimator;
 use evomerge_search::{Candidate, Evaluation, GenerationReport, Observer, Outcome, Runner, Termination};
 
 use crate::error::{Result, RunError};
-use crate::evaluate::{StageKind, evaluate, repeat};
+use crate::evaluate::{StageKind, repeat};
 use crate::observer::{Notice, RunObserver};
-use crate::pool::{WorkerRef, score_parallel};
+use crate::pool::Scorer;
 use crate::records::{EvaluationRecord, LogEvent, RecordOutcome};
 use crate::run_dir::{EVALUATIONS, LOG, read_evaluation_lines, write_atomic};
 
@@ -123,7 +122,7 @@ fn repair_last_line(path: &Path, evals: &mut File, observer: &mut dyn RunObserve
 /// once (the runner writes a checkpoint) and the error is returned.
 pub fn run_stage(
     kind: StageKind<'_>,
-    workers: &mut [WorkerRef<'_>],
+    scorer: &mut dyn Scorer,
     dir: &Path,
     runner: &mut Runner,
     cancel: &Arc<AtomicBool>,
@@ -137,7 +136,8 @@ pub fn run_stage(
     let earlier = read_evaluation_lines(dir);
     let replay = replayed(&earlier);
     let replayed_count = replay.len();
-    let directions: Vec<_> = workers[0].1.iter().map(|e| e.objectives()[0].clone()).collect();
+    let directions = scorer.objectives().to_vec();
+    let directions = directions.as_slice();
     let n_objectives = directions.len();
     // The best so far includes earlier sessions (their best file is already on disk).
     let mut best: Option<f64> = replay
@@ -158,7 +158,7 @@ pub fn run_stage(
         let values: Vec<f64> = directions.iter().filter_map(|d| s.objectives.get(&d.name)).collect();
         seen.entry(kind.fingerprint(&r.genome)).or_insert((values, s.std_errors.clone()));
     }
-    let n_workers = workers.len();
+    let n_workers = scorer.batch();
     let mut events = EventLog::new(dir, budget, observer);
     events.observer.stage_started(kind.stage(), budget);
     let mut objective = |batch: &[Candidate]| -> Vec<Outcome> {
@@ -173,7 +173,7 @@ pub fn run_stage(
             }
         }
         let mut scored: Vec<Option<EvaluationRecord>> = batch.iter().map(|_| None).collect();
-        for (k, r) in score_parallel(&kind, batch, &todo, workers).into_iter().enumerate() {
+        for (k, r) in scorer.score(&kind, batch, &todo).into_iter().enumerate() {
             scored[todo[k]] = Some(r);
         }
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -186,13 +186,15 @@ pub fn run_stage(
             let record = match scored[i].take() {
                 Some(x) => x,
                 None => match seen.get(fp).cloned() {
-                    Some((values, ses)) => repeat(&kind, c, workers[0].1, values, ses),
+                    Some((values, ses)) => repeat(&kind, c, directions, values, ses),
+                    // cancelled before it was scored: asked again after a resume
+                    None if todo.contains(&i) => break,
                     // the twin it waited for failed: score this one itself, as a run one
                     // candidate at a time would
-                    None => {
-                        let (rt, est) = &mut workers[0];
-                        evaluate(&kind, c, &mut **rt, est)
-                    }
+                    None => match scorer.score(&kind, batch, &[i]).pop() {
+                        Some(r) => r,
+                        None => break,
+                    },
                 },
             };
             let outcome = match &record.outcome {

@@ -170,7 +170,9 @@ impl Runner {
     /// [`Runner::run`] handing the objective up to `batch` candidates of a generation at a time
     /// (to score them in parallel). The optimizer is told each outcome in candidate order, one
     /// at a time, exactly as `run` does, so the trajectory does not depend on `batch`;
-    /// cancellation is checked between batches.
+    /// cancellation is checked between batches. An objective that returns fewer outcomes than
+    /// candidates was cancelled mid-batch: the outcomes it has are told (in order), a
+    /// checkpoint is written and the run ends `Interrupted`.
     pub fn run_batched(
         &mut self,
         batch: usize,
@@ -190,7 +192,10 @@ impl Runner {
                     return Ok(Termination::Interrupted);
                 }
                 let outcomes = objective(chunk);
-                assert_eq!(outcomes.len(), chunk.len(), "one outcome per candidate");
+                assert!(outcomes.len() <= chunk.len(), "at most one outcome per candidate");
+                // fewer outcomes than candidates: the objective was cancelled while waiting
+                // (remote workers); the first ones are told, the rest re-asked after a resume
+                let cut = outcomes.len() < chunk.len();
                 for (c, outcome) in chunk.iter().zip(outcomes) {
                     let e = Evaluation { id: c.id, outcome };
                     if matches!(e.outcome, Outcome::Failed(_)) {
@@ -198,6 +203,11 @@ impl Runner {
                     }
                     observer.on_evaluation(c, &e);
                     self.optimizer.tell(vec![e])?;
+                }
+                if cut {
+                    self.cancel.store(true, Ordering::Relaxed);
+                    self.save(elapsed(self))?;
+                    return Ok(Termination::Interrupted);
                 }
             }
             let report = GenerationReport {
@@ -308,6 +318,29 @@ mod tests {
         assert_eq!(log.0.len(), 17, "the evaluation in flight completes and is kept");
         flag.store(false, Ordering::Relaxed);
         Runner::resume(ck, "cmaes", gens(6), flag, &mut log).expect("resume").run(&mut objective, &mut log).expect("run");
+        assert_eq!(log.0, whole.0);
+    }
+
+    #[test]
+    fn a_batch_cut_short_tells_its_prefix_and_resumes_exactly() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ck = dir.path().join("checkpoint.json");
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut whole = Log::default();
+        Runner::new(cmaes(), gens(5), None, flag.clone()).run(&mut objective, &mut whole).expect("run");
+        let mut log = Log::default();
+        let mut calls = 0;
+        // the third batch of 4 comes back with 2 outcomes (cancelled while waiting for workers)
+        let mut f = |cs: &[Candidate]| -> Vec<Outcome> {
+            calls += 1;
+            let n = if calls == 3 { 2 } else { cs.len() };
+            cs[..n].iter().map(objective).collect()
+        };
+        let t = Runner::new(cmaes(), gens(5), Some(ck.clone()), flag.clone()).run_batched(4, &mut f, &mut log).expect("run");
+        assert_eq!(t, Termination::Interrupted);
+        assert_eq!(log.0.len(), 10, "two whole batches and the prefix of the third");
+        flag.store(false, Ordering::Relaxed);
+        Runner::resume(ck, "cmaes", gens(5), flag, &mut log).expect("resume").run(&mut objective, &mut log).expect("run");
         assert_eq!(log.0, whole.0);
     }
 

@@ -7,4 +7,5 @@ pub mod report;
 pub mod run_model;
 pub mod runs;
 pub mod search;
+pub mod worker;
 pub mod zoo;

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use evomerge_engine::executor::{self, MergeOptions};
 use evomerge_engine::recipe::MergePlan;
+use evomerge_run::broker;
 use evomerge_run::records::LogEvent;
 use evomerge_run::run_dir::BEST;
 use evomerge_run::run_dir::write_atomic;
@@ -23,6 +24,10 @@ pub struct StatusArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Read the workers of a scale-out run live from its broker (default: as the coordinator
+    /// last wrote them to RUN_DIR/workers.json, once per generation).
+    #[arg(long, value_name = "URL")]
+    pub broker: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -77,13 +82,22 @@ pub fn status(args: StatusArgs) -> Result<()> {
     let multi = exp.objectives.len() > 1;
     let calibration = run.calibration_progress(&exp);
     let refs = run.references();
+    let workers = match &args.broker {
+        Some(url) => {
+            let mut conn = broker::Conn::open(&broker::BrokerUrl::parse(url)?)?;
+            let keys = broker::Keys::new(&evomerge_run::driver::run_id(&run));
+            broker::worker_statuses(&mut conn, &keys).with_context(|| format!("reading the workers of run '{}'", keys.run))?
+        }
+        None => broker::read_worker_statuses(run.path()),
+    };
     if args.json {
+        let workers: Vec<_> = workers.iter().map(|w| json!({"status": w, "busy_fraction": w.busy_fraction()})).collect();
         println!(
             "{}",
             json!({"name": exp.name, "evaluations": recs.len(), "failures": failures, "candidates_per_hour": per_hour,
                    "budget": exp.budget, "pareto": multi, "top": top,
                    "calibration": calibration.map(|(rows, of)| json!({"rows": rows, "of": of})),
-                   "references": refs})
+                   "references": refs, "workers": workers})
         );
         return Ok(());
     }
@@ -132,7 +146,28 @@ pub fn status(args: StatusArgs) -> Result<()> {
             println!();
         }
     }
+    if !workers.is_empty() {
+        print_workers(&workers);
+    }
     Ok(())
+}
+
+/// The workers of a scale-out run: device, candidates, busy fraction, last seen.
+fn print_workers(workers: &[broker::WorkerStatus]) {
+    let now = broker::now();
+    println!("workers:");
+    println!("{:<32} {:<8} {:>10} {:>6} {:>12}  state", "name", "device", "candidates", "busy", "last seen");
+    for w in workers {
+        let ago = now - w.last_seen;
+        let state = if !w.active {
+            "left"
+        } else if ago > 10.0 {
+            "silent"
+        } else {
+            "active"
+        };
+        println!("{:<32} {:<8} {:>10} {:>5.0}% {:>10.0} s  {state}", w.name, w.device, w.candidates, w.busy_fraction() * 100.0, ago.max(0.0));
+    }
 }
 
 pub fn export(args: ExportArgs) -> Result<()> {

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result};
 use clap::Args;
 use evomerge_engine::model::DeviceSpec;
+use evomerge_run::broker::BrokerUrl;
 use evomerge_run::records::LogEvent;
 use evomerge_run::resources::gib;
 use evomerge_run::{Experiment, Notice, Reference, RunDir, RunEnd, RunObserver, RunOptions, Stage, best_by_mean};
@@ -15,7 +16,8 @@ use evomerge_search::{Candidate, Outcome};
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  evomerge search experiments/demo.toml\n  evomerge search experiments/search-tiny.toml --run-dir runs/try1 --workers 1\n\n\
+    after_help = "Examples:\n  evomerge search experiments/demo.toml\n  evomerge search experiments/search-tiny.toml --run-dir runs/try1 --workers 1\n  \
+evomerge search experiments/demo.toml --run-dir runs/big --broker redis://head:6379 --workers 0   (then: evomerge worker --broker redis://head:6379)\n\n\
 The experiment file format is documented in experiments/README.md. Ctrl-C writes a checkpoint;\n\
 `evomerge resume RUN_DIR` continues the run."
 )]
@@ -38,11 +40,16 @@ pub struct SearchArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub progress: SearchProgress,
     /// Candidates (and calibration merges) scored at once, each on its own copy of the model
-    /// (0 = auto: one per core for models up to 32 M parameters on the CPU, where one core runs
-    /// a forward pass as fast as all of them, memory permitting; else 1). Results do not
-    /// depend on it.
-    #[arg(long, default_value_t = 0)]
-    pub workers: usize,
+    /// (default or 0: one per core for models up to 32 M parameters on the CPU, where one core
+    /// runs a forward pass as fast as all of them, memory permitting; else 1). With --broker,
+    /// 0 means this process scores no candidate itself. Results do not depend on it.
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Coordinate a scale-out run through a Redis (or Valkey) broker:
+    /// redis://[user:pass@]host:port[/db], rediss:// for TLS. Workers join with
+    /// `evomerge worker --broker URL`; see README "Scale out".
+    #[arg(long, value_name = "URL")]
+    pub broker: Option<String>,
     /// Search even though a source model holds NaN or infinite values (refused by default:
     /// every candidate that uses such a tensor fails).
     #[arg(long)]
@@ -60,11 +67,16 @@ pub struct ResumeArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub progress: SearchProgress,
     /// Candidates (and calibration merges) scored at once, each on its own copy of the model
-    /// (0 = auto: one per core for models up to 32 M parameters on the CPU, where one core runs
-    /// a forward pass as fast as all of them, memory permitting; else 1). Results do not
-    /// depend on it.
-    #[arg(long, default_value_t = 0)]
-    pub workers: usize,
+    /// (default or 0: one per core for models up to 32 M parameters on the CPU, where one core
+    /// runs a forward pass as fast as all of them, memory permitting; else 1). With --broker,
+    /// 0 means this process scores no candidate itself. Results do not depend on it.
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Coordinate a scale-out run through a Redis (or Valkey) broker:
+    /// redis://[user:pass@]host:port[/db], rediss:// for TLS. Workers join with
+    /// `evomerge worker --broker URL`; see README "Scale out".
+    #[arg(long, value_name = "URL")]
+    pub broker: Option<String>,
     /// Continue even though a source model holds NaN or infinite values.
     #[arg(long)]
     pub allow_nonfinite: bool,
@@ -122,6 +134,7 @@ impl RunObserver for Progress {
             ),
             Notice::CalibrationDone { seconds } => eprintln!("calibration done in {seconds:.1} s"),
             Notice::Warning(w) => eprintln!("warning: {w}"),
+            Notice::Broker(line) => eprintln!("{line}"),
             Notice::Workers(n) if self.text() => println!("{n} workers: candidates are scored {n} at a time (--workers to choose)"),
             Notice::StageFinished { termination, evaluations, dir, best, .. } if self.text() => {
                 println!("stage finished ({termination}): {evaluations} evaluations in {}", dir.display());
@@ -170,7 +183,7 @@ impl RunObserver for Progress {
     }
 }
 
-fn cancel_flag() -> Result<Arc<AtomicBool>> {
+pub(crate) fn cancel_flag() -> Result<Arc<AtomicBool>> {
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
     ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed)).context("installing the Ctrl-C handler")?;
@@ -183,6 +196,13 @@ fn interrupted(run_dir: &std::path::Path) -> ! {
     std::process::exit(i32::from(crate::exit::INTERRUPTED));
 }
 
+/// The options of `search` and `resume`; `--workers 0` with a broker: score nothing here.
+fn run_options(workers: Option<usize>, broker: Option<&str>, allow_nonfinite: bool) -> Result<RunOptions> {
+    let broker = broker.map(BrokerUrl::parse).transpose()?;
+    let coordinator_only = broker.is_some() && workers == Some(0);
+    Ok(RunOptions { workers: workers.unwrap_or(0), cancel: cancel_flag()?, allow_nonfinite, broker, coordinator_only })
+}
+
 pub fn search(args: SearchArgs) -> Result<()> {
     let mut exp = Experiment::load(&args.experiment)?;
     if let Some(s) = args.seed {
@@ -192,7 +212,8 @@ pub fn search(args: SearchArgs) -> Result<()> {
         exp.device = d;
     }
     if args.dry_run {
-        let d = evomerge_run::dry_run(exp, &RunOptions { workers: args.workers, allow_nonfinite: args.allow_nonfinite, ..Default::default() })?;
+        let opts = RunOptions { workers: args.workers.unwrap_or(0), allow_nonfinite: args.allow_nonfinite, ..Default::default() };
+        let d = evomerge_run::dry_run(exp, &opts)?;
         println!(
             "{}: {} genes, {} objective(s), model {} ({} layers), about {:.2} GiB of memory, candidates merged {}; nothing run",
             d.name,
@@ -209,14 +230,14 @@ pub fn search(args: SearchArgs) -> Result<()> {
         println!("candidates scored {} at a time (--workers)", d.workers);
         return Ok(());
     }
-    let opts = RunOptions { workers: args.workers, cancel: cancel_flag()?, allow_nonfinite: args.allow_nonfinite };
+    let opts = run_options(args.workers, args.broker.as_deref(), args.allow_nonfinite)?;
     let mut progress = Progress::new(args.progress);
     let (run_dir, end) = evomerge_run::start(exp, args.run_dir, &opts, &mut progress)?;
     finish(&run_dir, end, &progress)
 }
 
 pub fn resume(args: ResumeArgs) -> Result<()> {
-    let opts = RunOptions { workers: args.workers, cancel: cancel_flag()?, allow_nonfinite: args.allow_nonfinite };
+    let opts = run_options(args.workers, args.broker.as_deref(), args.allow_nonfinite)?;
     let mut progress = Progress::new(args.progress);
     let end = evomerge_run::resume(&args.run_dir, args.force, &opts, &mut progress)?;
     finish(&RunDir::new(&args.run_dir), end, &progress)

@@ -1,6 +1,7 @@
 //! The integration-test binary: cross-crate and CLI tests on the fixture checkpoints.
 
 mod bad_input;
+mod broker;
 mod cli;
 mod common;
 mod estimate;
