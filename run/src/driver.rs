@@ -19,7 +19,7 @@ use crate::broker::{BrokerPool, BrokerUrl, RunInfo, reclaim_after_ms, sources_ha
 use crate::calibration::calibrate;
 use crate::error::{Result, RunError};
 use crate::evaluate::{StageKind, Worker, objectives};
-use crate::experiment::{Experiment, OptimizerKind, OptimizerSpec};
+use crate::experiment::{Experiment, Mode, OptimizerKind, OptimizerSpec};
 use crate::observer::{Notice, Quiet, RunObserver};
 use crate::pool::{LocalPool, WorkerRef};
 use crate::records::Reference;
@@ -27,7 +27,7 @@ use crate::references::references;
 use crate::resources::{runtime_bytes, worker_count};
 use crate::run_dir::{BEST, CALIBRATION, CHECKPOINT, CONFIG, CONFIG_HASH, RunDir, config_hash};
 use crate::setup::Setup;
-use crate::stage::{EventLog, run_stage};
+use crate::stage::{EventLog, run_stage, run_stage_async};
 
 /// How a run is carried out (nothing here changes its results).
 #[derive(Debug, Clone, Default)]
@@ -273,10 +273,15 @@ fn drive(mut s: Setup, run_dir: &RunDir, mut runner: Runner, opts: &RunOptions, 
         let mut workers: Vec<WorkerRef<'_>> = vec![(s.runtime.as_mut(), s.estimators.as_mut_slice())];
         workers.extend(extra.iter_mut().map(|w| (w.runtime.as_mut() as _, w.estimators.as_mut_slice())));
         let budget = s.exp.budget.max_evaluations;
+        let asynchronous = s.exp.optimizer.mode == Mode::Async;
         let end = match &opts.broker {
             None => {
                 let mut pool = LocalPool::new(&mut workers);
-                run_stage(kind, &mut pool, run_dir.path(), &mut runner, &opts.cancel, budget, observer)?
+                if asynchronous {
+                    run_stage_async(kind, &mut pool, run_dir.path(), &mut runner, &opts.cancel, budget, observer)?
+                } else {
+                    run_stage(kind, &mut pool, run_dir.path(), &mut runner, &opts.cancel, budget, observer)?
+                }
             }
             Some(url) => {
                 let info = run_info(&s.exp, run_dir)?;
@@ -290,7 +295,11 @@ fn drive(mut s: Setup, run_dir: &RunDir, mut runner: Runner, opts: &RunOptions, 
                     if n_local == 1 { "" } else { "s" },
                     run_id(run_dir)
                 )));
-                let end = run_stage(kind, &mut pool, run_dir.path(), &mut runner, &opts.cancel, budget, observer)?;
+                let end = if asynchronous {
+                    run_stage_async(kind, &mut pool, run_dir.path(), &mut runner, &opts.cancel, budget, observer)?
+                } else {
+                    run_stage(kind, &mut pool, run_dir.path(), &mut runner, &opts.cancel, budget, observer)?
+                };
                 if end != Termination::Interrupted {
                     pool.finish()?;
                 }
@@ -344,7 +353,12 @@ fn drive(mut s: Setup, run_dir: &RunDir, mut runner: Runner, opts: &RunOptions, 
         let mut workers: Vec<WorkerRef<'_>> = vec![(rt.as_mut(), s.estimators.as_mut_slice())];
         workers.extend(extra.iter_mut().map(|w| (w.runtime.as_mut() as _, w.estimators.as_mut_slice())));
         let mut pool = LocalPool::new(&mut workers);
-        let end = run_stage(kind, &mut pool, &dir, &mut runner2, &opts.cancel, df.budget.max_evaluations, observer)?;
+        let (cancel, budget) = (&opts.cancel, df.budget.max_evaluations);
+        let end = if df.optimizer.mode == Mode::Async {
+            run_stage_async(kind, &mut pool, &dir, &mut runner2, cancel, budget, observer)?
+        } else {
+            run_stage(kind, &mut pool, &dir, &mut runner2, cancel, budget, observer)?
+        };
         if end == Termination::Interrupted {
             return Ok(RunEnd::Interrupted);
         }

@@ -181,6 +181,27 @@ pub struct OptimizerSpec {
     /// stage only.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub seed_sources: bool,
+    /// `sync` (default): a generation at a time, records in candidate order, results
+    /// independent of the workers. `async`: candidates scored as workers free up and told as
+    /// they finish (steady-state NSGA-II, random search; not CMA-ES), records in the order
+    /// told; keeps uneven workers busy (README "Scale out").
+    #[serde(default, skip_serializing_if = "Mode::is_sync")]
+    pub mode: Mode,
+}
+
+/// How a stage's optimizer meets its workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Sync,
+    Async,
+}
+
+impl Mode {
+    fn is_sync(&self) -> bool {
+        *self == Mode::Sync
+    }
 }
 
 fn sigma0() -> f64 {
@@ -189,7 +210,7 @@ fn sigma0() -> f64 {
 
 impl Default for OptimizerSpec {
     fn default() -> Self {
-        Self { kind: OptimizerKind::Cmaes, population: None, sigma0: sigma0(), seed_sources: false }
+        Self { kind: OptimizerKind::Cmaes, population: None, sigma0: sigma0(), seed_sources: false, mode: Mode::Sync }
     }
 }
 
@@ -314,6 +335,12 @@ impl Experiment {
                 }
                 (OptimizerKind::Random, Some(0)) => return Err(format!("{at}optimizer.population = 0: nothing would run")),
                 _ => {}
+            }
+            if o.mode == Mode::Async && o.kind == OptimizerKind::Cmaes {
+                return Err(format!(
+                    "{at}optimizer.mode = \"async\": CMA-ES has no sound asynchronous update (its rank-μ update assumes a whole generation \
+                     sampled from one distribution); use kind = \"nsga2\" or \"random\", or mode = \"sync\""
+                ));
             }
         }
         Ok(())

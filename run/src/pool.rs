@@ -28,17 +28,42 @@ pub trait Scorer {
     fn score(&mut self, kind: &StageKind<'_>, batch: &[Candidate], todo: &[usize]) -> Vec<EvaluationRecord>;
 }
 
+/// What an asynchronous scorer has for the stage.
+#[derive(Debug)]
+pub enum AsyncScored {
+    /// A candidate's record.
+    Record(EvaluationRecord),
+    /// More candidates may be in flight now (workers joined).
+    Wider,
+    /// Cancelled while waiting.
+    Cancelled,
+}
+
+/// Scores candidates for a stage in asynchronous mode: submitted one at a time, records back
+/// in the order they finish.
+pub trait AsyncScorer {
+    fn objectives(&self) -> &[Objective];
+    /// Candidates worth having in flight now (every worker busy, and one waiting).
+    fn capacity(&mut self) -> usize;
+    fn submit(&mut self, kind: &StageKind<'_>, c: &Candidate);
+    /// Waits for the next finished candidate.
+    fn next(&mut self, kind: &StageKind<'_>) -> AsyncScored;
+}
+
 /// This process's workers.
 pub struct LocalPool<'w, 'a> {
     workers: &'w mut [WorkerRef<'a>],
     objectives: Vec<Objective>,
+    /// Asynchronous mode: submitted, and scored but not yet handed back.
+    queue: std::collections::VecDeque<Candidate>,
+    done: std::collections::VecDeque<EvaluationRecord>,
 }
 
 impl<'w, 'a> LocalPool<'w, 'a> {
     /// A pool of `workers` (at least one).
     pub fn new(workers: &'w mut [WorkerRef<'a>]) -> Self {
         let objectives = objectives(workers[0].1);
-        Self { workers, objectives }
+        Self { workers, objectives, queue: Default::default(), done: Default::default() }
     }
 }
 
@@ -59,6 +84,31 @@ impl Scorer for LocalPool<'_, '_> {
 
     fn score(&mut self, kind: &StageKind<'_>, batch: &[Candidate], todo: &[usize]) -> Vec<EvaluationRecord> {
         score_parallel(kind, batch, todo, self.workers)
+    }
+}
+
+/// In this process, "asynchronous" scores the queue a round at a time (one candidate per
+/// worker, in submission order): the optimizer is told each as soon as its round is done.
+impl AsyncScorer for LocalPool<'_, '_> {
+    fn objectives(&self) -> &[Objective] {
+        &self.objectives
+    }
+
+    fn capacity(&mut self) -> usize {
+        self.workers.len()
+    }
+
+    fn submit(&mut self, _kind: &StageKind<'_>, c: &Candidate) {
+        self.queue.push_back(c.clone());
+    }
+
+    fn next(&mut self, kind: &StageKind<'_>) -> AsyncScored {
+        if self.done.is_empty() {
+            let round: Vec<Candidate> = self.queue.drain(..self.queue.len().min(self.workers.len())).collect();
+            let todo: Vec<usize> = (0..round.len()).collect();
+            self.done.extend(score_parallel(kind, &round, &todo, self.workers));
+        }
+        self.done.pop_front().map_or(AsyncScored::Cancelled, AsyncScored::Record)
     }
 }
 

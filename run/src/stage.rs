@@ -10,12 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use evomerge_search::{Candidate, Evaluation, GenerationReport, Observer, Outcome, Runner, Termination};
+use evomerge_search::{AsyncObjective, Candidate, Evaluation, GenerationReport, Next, Observer, Outcome, Runner, Termination};
 
 use crate::error::{Result, RunError};
 use crate::evaluate::{StageKind, repeat};
 use crate::observer::{Notice, RunObserver};
-use crate::pool::Scorer;
+use crate::pool::{AsyncScored, AsyncScorer, Scorer};
 use crate::records::{EvaluationRecord, LogEvent, RecordOutcome};
 use crate::run_dir::{EVALUATIONS, LOG, read_evaluation_lines, write_atomic};
 
@@ -77,20 +77,14 @@ impl Observer for EventLog<'_> {
     }
 }
 
-/// Candidates already scored in an earlier session (id → outcome): every readable line, the
-/// last one of an id winning. A line cut by a crash was never told to the optimizer: that
-/// candidate is scored again and recorded on a new line.
-fn replayed(earlier: &[EvaluationRecord]) -> HashMap<u64, Outcome> {
-    earlier
-        .iter()
-        .map(|r| {
-            let outcome = match &r.outcome {
-                RecordOutcome::Failed(f) => Outcome::Failed(f.clone()),
-                RecordOutcome::Scored(_) => Outcome::Scored(r.minimized().unwrap_or_default()),
-            };
-            (r.id, outcome)
-        })
-        .collect()
+/// What the optimizer was told of a candidate scored in an earlier session. Every readable
+/// line counts, the last one of an id winning; a line cut by a crash was never told to the
+/// optimizer: that candidate is scored again and recorded on a new line.
+fn replayed(r: &EvaluationRecord) -> Outcome {
+    match &r.outcome {
+        RecordOutcome::Failed(f) => Outcome::Failed(f.clone()),
+        RecordOutcome::Scored(_) => Outcome::Scored(r.minimized().unwrap_or_default()),
+    }
 }
 
 /// A last line without its newline was being written when the process died. A whole record
@@ -115,11 +109,123 @@ fn repair_last_line(path: &Path, evals: &mut File, observer: &mut dyn RunObserve
     Ok(())
 }
 
+/// What a stage knows of its records: earlier sessions' (replayed), the genomes scored (for
+/// repeats), the best so far; it appends each new record to `evaluations.jsonl` and keeps the
+/// best file. A failure to write is run-scoped: `cancel` stops the run (the runner writes a
+/// checkpoint) and the error is returned at the end of the stage.
+struct Recorder<'k> {
+    kind: StageKind<'k>,
+    dir: std::path::PathBuf,
+    evals: File,
+    evals_path: std::path::PathBuf,
+    /// Earlier sessions' outcomes by id, and the file position of each id's last line (the
+    /// order an asynchronous run told them in).
+    replay: HashMap<u64, (usize, Outcome)>,
+    directions: Vec<evomerge_fitness::Objective>,
+    /// Genomes scored before (this session or an earlier one): a repeat is recorded with the
+    /// earlier values and no work, whether or not the earlier one was scored in this process,
+    /// so that a resumed run writes the same records as an uninterrupted one.
+    seen: HashMap<String, (Vec<f64>, Vec<f64>)>,
+    best: Option<f64>,
+    write_err: Option<RunError>,
+    cancel: Arc<AtomicBool>,
+    /// Earlier sessions' records, in file order.
+    earlier: Vec<EvaluationRecord>,
+}
+
+impl<'k> Recorder<'k> {
+    fn open(
+        kind: StageKind<'k>,
+        dir: &Path,
+        directions: &[evomerge_fitness::Objective],
+        cancel: &Arc<AtomicBool>,
+        observer: &mut dyn RunObserver,
+    ) -> Result<Self> {
+        let evals_path = dir.join(EVALUATIONS);
+        let mut evals = std::fs::OpenOptions::new().create(true).append(true).open(&evals_path).map_err(RunError::io(&evals_path))?;
+        repair_last_line(&evals_path, &mut evals, observer)?;
+        // every readable line of earlier sessions, read once
+        let earlier = read_evaluation_lines(dir);
+        let replay: HashMap<u64, (usize, Outcome)> = earlier.iter().enumerate().map(|(i, r)| (r.id, (i, replayed(r)))).collect();
+        // The best so far includes earlier sessions (their best file is already on disk).
+        let best: Option<f64> = replay
+            .values()
+            .filter_map(|(_, o)| match o {
+                Outcome::Scored(v) if v.len() == 1 => Some(v[0]),
+                _ => None,
+            })
+            .reduce(f64::min);
+        let mut rec = Self {
+            kind,
+            dir: dir.to_path_buf(),
+            evals,
+            evals_path,
+            replay,
+            directions: directions.to_vec(),
+            seen: HashMap::new(),
+            best,
+            write_err: None,
+            cancel: cancel.clone(),
+            earlier: vec![],
+        };
+        // (a repeated line has its id's genome: the first one stands, as it would de-duplicated)
+        for r in &earlier {
+            rec.see(r);
+        }
+        rec.earlier = earlier;
+        Ok(rec)
+    }
+
+    /// Remembers a scored record's genome (for repeats).
+    fn see(&mut self, r: &EvaluationRecord) {
+        let Some(s) = r.scores() else { return };
+        let values: Vec<f64> = self.directions.iter().filter_map(|d| s.objectives.get(&d.name)).collect();
+        self.seen.entry(self.kind.fingerprint(&r.genome)).or_insert((values, s.std_errors.clone()));
+    }
+
+    /// An earlier session's outcome for candidate `id`.
+    fn replayed(&self, id: u64) -> Option<&Outcome> {
+        self.replay.get(&id).map(|(_, o)| o)
+    }
+
+    /// The record of a genome scored before, if it was.
+    fn repeat(&self, c: &Candidate) -> Option<EvaluationRecord> {
+        let (values, ses) = self.seen.get(&self.kind.fingerprint(&c.genome)).cloned()?;
+        Some(repeat(&self.kind, c, &self.directions, values, ses))
+    }
+
+    /// Appends `record` (of candidate `c`), keeps the best file, and returns what the
+    /// optimizer is told.
+    fn record(&mut self, c: &Candidate, record: &EvaluationRecord) -> Outcome {
+        self.see(record);
+        let outcome = match &record.outcome {
+            RecordOutcome::Scored(s) => {
+                if s.minimized.len() == 1 && self.best.is_none_or(|b| s.minimized[0] < b) {
+                    self.best = Some(s.minimized[0]);
+                    let written = self.kind.artifact(&c.genome).and_then(|text| write_atomic(&self.dir.join(self.kind.best_file()), &text));
+                    if let Err(e) = written {
+                        self.write_err.get_or_insert(e);
+                        self.cancel.store(true, Ordering::Relaxed);
+                    }
+                }
+                Outcome::Scored(s.minimized.clone())
+            }
+            RecordOutcome::Failed(f) => Outcome::Failed(f.clone()),
+        };
+        // one write of the whole line: a kill leaves it whole or cut, never split in two
+        let line = serde_json::to_string(record).unwrap_or_default() + "\n";
+        if let Err(e) = self.evals.write_all(line.as_bytes()).and_then(|()| self.evals.sync_data()) {
+            self.write_err.get_or_insert(RunError::Io { path: self.evals_path.clone(), err: e });
+            self.cancel.store(true, Ordering::Relaxed);
+        }
+        outcome
+    }
+}
+
 /// Runs one stage's loop with `dir` as its folder (checkpoint, evaluations, best file).
-/// `workers` score candidates at once (a generation in batches of that many); records are
-/// written, and the optimizer told, in candidate order, so the run does not depend on how many
-/// workers it had. A failure to record an evaluation is run-scoped: `cancel` stops the run at
-/// once (the runner writes a checkpoint) and the error is returned.
+/// The scorer takes candidates a batch at a time (a generation in batches of
+/// [`Scorer::batch`]); records are written, and the optimizer told, in candidate order, so
+/// the run does not depend on how many workers it had.
 pub fn run_stage(
     kind: StageKind<'_>,
     scorer: &mut dyn Scorer,
@@ -129,35 +235,8 @@ pub fn run_stage(
     budget: Option<u64>,
     observer: &mut dyn RunObserver,
 ) -> Result<Termination> {
-    let evals_path = dir.join(EVALUATIONS);
-    let mut evals = std::fs::OpenOptions::new().create(true).append(true).open(&evals_path).map_err(RunError::io(&evals_path))?;
-    repair_last_line(&evals_path, &mut evals, &mut *observer)?;
-    // every readable line of earlier sessions, read once
-    let earlier = read_evaluation_lines(dir);
-    let replay = replayed(&earlier);
-    let replayed_count = replay.len();
-    let directions = scorer.objectives().to_vec();
-    let directions = directions.as_slice();
-    let n_objectives = directions.len();
-    // The best so far includes earlier sessions (their best file is already on disk).
-    let mut best: Option<f64> = replay
-        .values()
-        .filter_map(|o| match o {
-            Outcome::Scored(v) if v.len() == 1 => Some(v[0]),
-            _ => None,
-        })
-        .reduce(f64::min);
-    let mut write_err: Option<RunError> = None;
-    // Genomes scored before (this session or an earlier one): a repeat is recorded with the
-    // earlier values and no work, whether or not the earlier one was scored in this process,
-    // so that a resumed run writes the same records as an uninterrupted one.
-    let mut seen: HashMap<String, (Vec<f64>, Vec<f64>)> = HashMap::new();
-    // (a repeated line has its id's genome: the first one stands, as it would de-duplicated)
-    for r in &earlier {
-        let Some(s) = r.scores() else { continue };
-        let values: Vec<f64> = directions.iter().filter_map(|d| s.objectives.get(&d.name)).collect();
-        seen.entry(kind.fingerprint(&r.genome)).or_insert((values, s.std_errors.clone()));
-    }
+    let mut rec = Recorder::open(kind, dir, scorer.objectives(), cancel, observer)?;
+    let replayed_count = rec.replay.len();
     let n_workers = scorer.batch();
     let mut events = EventLog::new(dir, budget, observer);
     events.observer.stage_started(kind.stage(), budget);
@@ -168,7 +247,7 @@ pub fn run_stage(
         let mut todo = vec![];
         for (i, c) in batch.iter().enumerate() {
             let twin = todo.iter().any(|&j: &usize| fps[j] == fps[i]);
-            if !replay.contains_key(&c.id) && !seen.contains_key(&fps[i]) && !twin {
+            if rec.replayed(c.id).is_none() && !rec.seen.contains_key(&fps[i]) && !twin {
                 todo.push(i);
             }
         }
@@ -178,15 +257,14 @@ pub fn run_stage(
         }
         let mut outcomes = Vec::with_capacity(batch.len());
         for (i, c) in batch.iter().enumerate() {
-            if let Some(o) = replay.get(&c.id) {
+            if let Some(o) = rec.replayed(c.id) {
                 outcomes.push(o.clone());
                 continue;
             }
-            let fp = &fps[i];
             let record = match scored[i].take() {
                 Some(x) => x,
-                None => match seen.get(fp).cloned() {
-                    Some((values, ses)) => repeat(&kind, c, directions, values, ses),
+                None => match rec.repeat(c) {
+                    Some(r) => r,
                     // cancelled before it was scored: asked again after a resume
                     None if todo.contains(&i) => break,
                     // the twin it waited for failed: score this one itself, as a run one
@@ -197,33 +275,136 @@ pub fn run_stage(
                     },
                 },
             };
-            let outcome = match &record.outcome {
-                RecordOutcome::Scored(s) => {
-                    seen.entry(fp.clone()).or_insert_with(|| (s.objectives.0.iter().map(|x| x.1).collect(), s.std_errors.clone()));
-                    if s.minimized.len() == 1 && best.is_none_or(|b| s.minimized[0] < b) {
-                        best = Some(s.minimized[0]);
-                        let written = kind.artifact(&c.genome).and_then(|text| write_atomic(&dir.join(kind.best_file()), &text));
-                        if let Err(e) = written {
-                            write_err.get_or_insert(e);
-                            cancel.store(true, Ordering::Relaxed);
-                        }
-                    }
-                    Outcome::Scored(s.minimized.clone())
-                }
-                RecordOutcome::Failed(f) => Outcome::Failed(f.clone()),
-            };
-            // one write of the whole line: a kill leaves it whole or cut, never split in two
-            let line = serde_json::to_string(&record).unwrap_or_default() + "\n";
-            if let Err(e) = evals.write_all(line.as_bytes()).and_then(|()| evals.sync_data()) {
-                write_err.get_or_insert(RunError::Io { path: evals_path.clone(), err: e });
-                cancel.store(true, Ordering::Relaxed);
-            }
-            outcomes.push(outcome);
+            outcomes.push(rec.record(c, &record));
         }
         outcomes
     };
     events.event(&LogEvent::Start { evaluations_done: replayed_count });
     let end = runner.run_batched(n_workers, &mut objective, &mut events);
+    let n_objectives = rec.directions.len();
+    finish_stage(kind, dir, end, rec.write_err.take(), n_objectives, runner, &mut events)
+}
+
+/// [`run_stage`] in asynchronous mode (`optimizer.mode = "async"`): candidates are scored as
+/// workers free up and told as they finish ([`Runner::run_async`]); the records are written in
+/// the order they were told, which a resumed run replays.
+pub fn run_stage_async(
+    kind: StageKind<'_>,
+    scorer: &mut dyn AsyncScorer,
+    dir: &Path,
+    runner: &mut Runner,
+    cancel: &Arc<AtomicBool>,
+    budget: Option<u64>,
+    observer: &mut dyn RunObserver,
+) -> Result<Termination> {
+    let rec = Recorder::open(kind, dir, scorer.objectives(), cancel, observer)?;
+    let replayed_count = rec.replay.len();
+    let mut events = EventLog::new(dir, budget, observer);
+    events.observer.stage_started(kind.stage(), budget);
+    events.event(&LogEvent::Start { evaluations_done: replayed_count });
+    let mut objective = AsyncStage {
+        kind,
+        scorer,
+        rec,
+        ready: std::collections::BTreeMap::new(),
+        flight: HashMap::new(),
+        repeats: 0,
+        submitted: vec![],
+        started: false,
+    };
+    let end = runner.run_async(&mut objective, &mut events);
+    let (err, n_objectives) = (objective.rec.write_err.take(), objective.rec.directions.len());
+    finish_stage(kind, dir, end, err, n_objectives, runner, &mut events)
+}
+
+/// The asynchronous objective of a stage: replays and repeats are ready at once (replays
+/// first, in the order an earlier session told them), the rest go to the scorer.
+struct AsyncStage<'s, 'k> {
+    kind: StageKind<'k>,
+    scorer: &'s mut dyn AsyncScorer,
+    rec: Recorder<'k>,
+    /// Ready without scoring, by (0 = replay / 1 = repeat, order): the candidate and, for a
+    /// repeat, its record.
+    ready: std::collections::BTreeMap<(u8, usize), (Candidate, Option<EvaluationRecord>)>,
+    /// Submitted to the scorer.
+    flight: HashMap<u64, Candidate>,
+    repeats: usize,
+    /// Submitted, not yet sorted into replays, repeats and candidates to score (done when the
+    /// runner waits: a repeat is one of a genome told before, as in an uninterrupted run).
+    submitted: Vec<Candidate>,
+    started: bool,
+}
+
+impl AsyncObjective for AsyncStage<'_, '_> {
+    fn capacity(&mut self) -> usize {
+        self.scorer.capacity()
+    }
+
+    fn submit(&mut self, c: &Candidate) {
+        self.submitted.push(c.clone());
+    }
+
+    fn next(&mut self) -> Next {
+        if !self.started {
+            // A resumed run: what was in flight at the checkpoint is submitted first. Earlier
+            // records of those are replays, told from here in their file order; only the
+            // others were told before the checkpoint, and only their genomes count as seen.
+            self.started = true;
+            let flight: std::collections::HashSet<u64> = self.submitted.iter().map(|c| c.id).collect();
+            self.rec.seen.clear();
+            for r in std::mem::take(&mut self.rec.earlier) {
+                if !flight.contains(&r.id) {
+                    self.rec.see(&r);
+                }
+                self.rec.earlier.push(r);
+            }
+        }
+        for c in std::mem::take(&mut self.submitted) {
+            if let Some(&(line, _)) = self.rec.replay.get(&c.id) {
+                self.ready.insert((0, line), (c, None));
+            } else if let Some(r) = self.rec.repeat(&c) {
+                self.repeats += 1;
+                self.ready.insert((1, self.repeats), (c, Some(r)));
+            } else {
+                self.scorer.submit(&self.kind, &c);
+                self.flight.insert(c.id, c);
+            }
+        }
+        if let Some((_, (c, record))) = self.ready.pop_first() {
+            return match record {
+                Some(r) => Next::Done(c.id, self.rec.record(&c, &r)),
+                None => {
+                    // a replay: its genome is told now
+                    if let Some(r) = self.rec.earlier.iter().rev().find(|r| r.id == c.id).cloned() {
+                        self.rec.see(&r);
+                    }
+                    Next::Done(c.id, self.rec.replayed(c.id).cloned().unwrap_or_else(|| Outcome::Failed("replay".into())))
+                }
+            };
+        }
+        loop {
+            match self.scorer.next(&self.kind) {
+                AsyncScored::Record(r) => {
+                    let Some(c) = self.flight.remove(&r.id) else { continue };
+                    return Next::Done(c.id, self.rec.record(&c, &r));
+                }
+                AsyncScored::Wider => return Next::Wider,
+                AsyncScored::Cancelled => return Next::Cancelled,
+            }
+        }
+    }
+}
+
+/// The end of a stage: its `finished` event and notice (unless interrupted), or the error.
+fn finish_stage(
+    kind: StageKind<'_>,
+    dir: &Path,
+    end: std::result::Result<Termination, evomerge_search::SearchError>,
+    write_err: Option<RunError>,
+    n_objectives: usize,
+    runner: &Runner,
+    events: &mut EventLog<'_>,
+) -> Result<Termination> {
     events.observer.stage_ended(kind.stage());
     let end = end?;
     if let Some(e) = write_err {
@@ -233,6 +414,7 @@ pub fn run_stage(
         let best = runner.optimizer().best().map(|(_, v)| v);
         let evaluations = runner.optimizer().evaluations();
         events.event(&LogEvent::Finished { termination: format!("{end:?}"), evaluations, best_minimized: best });
+        // the best file holds the best of one objective
         let best = best.filter(|_| n_objectives == 1).map(|v| (v, dir.join(kind.best_file())));
         events.observer.notice(&Notice::StageFinished {
             stage: kind.stage(),

@@ -137,6 +137,18 @@ pub trait Optimizer: std::fmt::Debug {
     fn generation(&self) -> u64;
     /// The whole state, for checkpoints.
     fn state(&self) -> OptimizerState;
+    /// Asynchronous (steady-state) mode: one new candidate, made from what has been told so
+    /// far, while others are still being scored; each is told on its own, in any order, with
+    /// [`tell`](Self::tell). `None`: this optimizer has no sound asynchronous update (CMA-ES:
+    /// its rank-μ update assumes a whole generation sampled from one distribution). An
+    /// optimizer is driven either by `ask` or by `ask_one`, never both.
+    fn ask_one(&mut self) -> Option<Candidate> {
+        None
+    }
+    /// Candidates asked and not yet told (what a resumed asynchronous run scores again).
+    fn in_flight(&self) -> Vec<Candidate> {
+        vec![]
+    }
 }
 
 /// Checkpoint format version of [`OptimizerState`] JSON.

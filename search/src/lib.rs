@@ -37,5 +37,5 @@ pub use cmaes::{CmaEs, CmaEsConfig};
 pub use error::SearchError;
 pub use nsga2::{Nsga2, Nsga2Config};
 pub use random::RandomSearch;
-pub use runner::{Budget, GenerationReport, Observer, Runner, Termination};
+pub use runner::{AsyncObjective, Budget, GenerationReport, Next, Observer, Runner, Termination};
 pub use space::{Direction, GeneKind, SearchSpace};

@@ -73,6 +73,12 @@ pub struct Nsga2 {
     generation: u64,
     evaluations: u64,
     best: BestSoFar,
+    /// Driven by `ask_one` (steady state, asynchronous mode).
+    #[serde(default)]
+    steady: bool,
+    /// Asynchronous mode: the generation count each pending candidate was asked in.
+    #[serde(default)]
+    asked_in: BTreeMap<u64, u64>,
 }
 
 impl Nsga2 {
@@ -101,6 +107,8 @@ impl Nsga2 {
             generation: 0,
             evaluations: 0,
             best: BestSoFar::default(),
+            steady: false,
+            asked_in: BTreeMap::new(),
         })
     }
 
@@ -137,54 +145,68 @@ impl Nsga2 {
     }
 
     fn offspring(&mut self) -> Vec<Vec<f64>> {
-        let n = self.space.dim();
-        let pm = self.cfg.mutation_prob.unwrap_or(1.0 / n as f64);
         let mut kids = Vec::with_capacity(self.cfg.population);
         while kids.len() < self.cfg.population {
-            let (a, b) = (self.tournament(), self.tournament());
-            let mut c1 = self.parents[a].genome.clone();
-            let mut c2 = self.parents[b].genome.clone();
-            if self.rng.uniform() < self.cfg.crossover_prob {
-                for i in 0..n {
-                    let swap = self.rng.uniform() < 0.5;
-                    match self.space.kinds[i] {
-                        GeneKind::Binary => {
-                            if swap {
-                                std::mem::swap(&mut c1[i], &mut c2[i]);
-                            }
-                        }
-                        GeneKind::Real => {
-                            if swap && (c1[i] - c2[i]).abs() > 1e-14 {
-                                let (x, y) = self.sbx(c1[i], c2[i], i);
-                                c1[i] = x;
-                                c2[i] = y;
-                            }
-                        }
-                    }
-                }
-            }
-            for c in [&mut c1, &mut c2] {
-                for i in 0..n {
-                    if self.rng.uniform() < pm {
-                        let (lo, hi) = (self.space.lower[i], self.space.upper[i]);
-                        c[i] = match self.space.kinds[i] {
-                            GeneKind::Binary => {
-                                if c[i] > 0.0 {
-                                    lo
-                                } else {
-                                    hi
-                                }
-                            }
-                            GeneKind::Real => self.mutate(c[i], lo, hi),
-                        };
-                    }
-                }
-            }
+            let (c1, c2) = self.mate();
             kids.push(c1);
             kids.push(c2);
         }
         kids.truncate(self.cfg.population);
         kids
+    }
+
+    /// Two children of two tournament winners: crossover, then mutation.
+    fn mate(&mut self) -> (Vec<f64>, Vec<f64>) {
+        let n = self.space.dim();
+        let pm = self.cfg.mutation_prob.unwrap_or(1.0 / n as f64);
+        let (a, b) = (self.tournament(), self.tournament());
+        let mut c1 = self.parents[a].genome.clone();
+        let mut c2 = self.parents[b].genome.clone();
+        if self.rng.uniform() < self.cfg.crossover_prob {
+            for i in 0..n {
+                let swap = self.rng.uniform() < 0.5;
+                match self.space.kinds[i] {
+                    GeneKind::Binary => {
+                        if swap {
+                            std::mem::swap(&mut c1[i], &mut c2[i]);
+                        }
+                    }
+                    GeneKind::Real => {
+                        if swap && (c1[i] - c2[i]).abs() > 1e-14 {
+                            let (x, y) = self.sbx(c1[i], c2[i], i);
+                            c1[i] = x;
+                            c2[i] = y;
+                        }
+                    }
+                }
+            }
+        }
+        for c in [&mut c1, &mut c2] {
+            for i in 0..n {
+                if self.rng.uniform() < pm {
+                    let (lo, hi) = (self.space.lower[i], self.space.upper[i]);
+                    c[i] = match self.space.kinds[i] {
+                        GeneKind::Binary => {
+                            if c[i] > 0.0 {
+                                lo
+                            } else {
+                                hi
+                            }
+                        }
+                        GeneKind::Real => self.mutate(c[i], lo, hi),
+                    };
+                }
+            }
+        }
+        (c1, c2)
+    }
+
+    /// The `k`-th genome of the first population: an initial genome (clipped), else random.
+    fn first_population_genome(&mut self, k: usize) -> Vec<f64> {
+        match self.cfg.initial.get(k).filter(|_| k < self.cfg.population) {
+            Some(x) => x.iter().enumerate().map(|(i, v)| v.clamp(self.space.lower[i], self.space.upper[i])).collect(),
+            None => self.random_genome(),
+        }
     }
 
     /// Bounded SBX of Deb's reference implementation.
@@ -259,38 +281,53 @@ impl Optimizer for Nsga2 {
 
     fn ask(&mut self) -> Vec<Candidate> {
         if self.pending.is_empty() && self.told.is_empty() {
-            let genomes: Vec<Vec<f64>> = if self.parents.is_empty() {
-                let mut g: Vec<Vec<f64>> = self
-                    .cfg
-                    .initial
-                    .iter()
-                    .take(self.cfg.population)
-                    .map(|x| x.iter().enumerate().map(|(i, v)| v.clamp(self.space.lower[i], self.space.upper[i])).collect())
-                    .collect();
-                while g.len() < self.cfg.population {
-                    g.push(self.random_genome());
-                }
-                g
-            } else {
-                self.offspring()
-            };
+            let genomes: Vec<Vec<f64>> =
+                if self.parents.is_empty() { (0..self.cfg.population).map(|k| self.first_population_genome(k)).collect() } else { self.offspring() };
             for g in genomes {
                 self.pending.insert(self.next_id, g);
                 self.next_id += 1;
             }
         }
-        self.pending.iter().map(|(&id, g)| Candidate { id, generation: self.generation, genome: g.clone() }).collect()
+        self.in_flight()
     }
 
+    /// Steady-state NSGA-II (asynchronous mode): the first population's genomes, then one
+    /// child at a time of the current population (two tournaments, SBX and mutation as in a
+    /// generation; the first child is kept).
+    fn ask_one(&mut self) -> Option<Candidate> {
+        self.steady = true;
+        let genome = if self.parents.is_empty() { self.first_population_genome(self.next_id as usize) } else { self.mate().0 };
+        let id = self.next_id;
+        self.pending.insert(id, genome.clone());
+        self.asked_in.insert(id, self.generation);
+        self.next_id += 1;
+        Some(Candidate { id, generation: self.generation, genome })
+    }
+
+    fn in_flight(&self) -> Vec<Candidate> {
+        let generation = |id: u64| self.asked_in.get(&id).copied().unwrap_or(self.generation);
+        self.pending.iter().map(|(&id, g)| Candidate { id, generation: generation(id), genome: g.clone() }).collect()
+    }
+
+    /// In asynchronous mode each told candidate is selected against the population at once
+    /// (N + 1 → N, the (μ+1) form of the same ranking and crowding); before the first
+    /// population is complete, told candidates wait for it.
     fn tell(&mut self, evaluations: Vec<Evaluation>) -> Result<(), SearchError> {
         for (id, genome, objectives) in take_told(&mut self.pending, &evaluations, self.cfg.objectives)? {
             self.evaluations += 1;
+            self.asked_in.remove(&id);
             if let Some(o) = &objectives {
                 self.best.offer(o[0], || genome.clone());
             }
             self.told.insert(id, Member { id, genome, objectives, rank: 0, crowding: 0.0 });
+            if self.steady && (!self.parents.is_empty() || self.told.len() >= self.cfg.population) {
+                let mut pool: Vec<Member> = std::mem::take(&mut self.parents);
+                pool.extend(std::mem::take(&mut self.told).into_values());
+                self.select(pool);
+                self.generation = self.evaluations / self.cfg.population as u64;
+            }
         }
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && !self.steady {
             let mut pool: Vec<Member> = std::mem::take(&mut self.parents);
             pool.extend(std::mem::take(&mut self.told).into_values());
             self.select(pool);
@@ -384,6 +421,69 @@ mod tests {
             let (got, best) = (front_hv(&opt, &r), zdt_optimum(f, &r));
             assert!(got >= 0.95 * best, "{name}: hypervolume {got:.4} of optimal {best:.4}");
         }
+    }
+
+    /// Steady-state NSGA-II as an asynchronous run drives it: `workers` candidates in flight,
+    /// results told in a scrambled order (the one that finished first), one new ask per tell.
+    fn optimize_async(f: fn(&[f64]) -> Vec<f64>, n: usize, pop: usize, evaluations: usize, workers: usize, seed: u64) -> Nsga2 {
+        let space = SearchSpace::uniform(n, 0.0, 1.0).expect("space");
+        let mut opt = Nsga2::new(space, &Nsga2Config { population: pop, objectives: 2, seed, ..Default::default() }).expect("nsga2");
+        let mut rng = Rng::seeded(seed + 99);
+        let mut flight: Vec<Candidate> = (0..workers).map(|_| opt.ask_one().expect("ask_one")).collect();
+        let mut asked = workers;
+        while !flight.is_empty() {
+            let c = flight.swap_remove(rng.below(flight.len()));
+            opt.tell(vec![Evaluation::scored(c.id, f(&c.genome))]).expect("tell");
+            if asked < evaluations {
+                flight.push(opt.ask_one().expect("ask_one"));
+                asked += 1;
+            }
+        }
+        opt
+    }
+
+    // Steady-state (μ+1) NSGA-II with 8 candidates in flight, told out of order, against the
+    // generational one on the same budget (population 40, 8,000 evaluations, 30 genes).
+    // Measured, steady vs generational, of the optimal hypervolume: ZDT1 97.4 vs 97.1 %,
+    // ZDT2 95.2 vs 94.5 %, ZDT3 98.6 vs 98.2 %.
+    #[test]
+    fn steady_state_zdt_fronts_are_as_good_as_generational_ones() {
+        let r = [1.1, 1.1];
+        for (name, f) in [("zdt1", zdt1 as fn(&[f64]) -> Vec<f64>), ("zdt2", zdt2), ("zdt3", zdt3)] {
+            let opt = optimize_async(f, 30, 40, 8_000, 8, 1);
+            assert_eq!(opt.evaluations(), 8_000);
+            assert!(opt.in_flight().is_empty());
+            let (got, best) = (front_hv(&opt, &r), zdt_optimum(f, &r));
+            let generational = front_hv(&optimize(f, 30, 2, 40, 200, 1), &r);
+            assert!(
+                got >= 0.94 * best && got >= generational - 0.01 * best,
+                "{name}: hypervolume {got:.4}, generational {generational:.4}, optimal {best:.4}"
+            );
+        }
+    }
+
+    #[test]
+    fn steady_state_save_restore_continues_bit_for_bit() {
+        let space = SearchSpace::uniform(5, 0.0, 1.0).expect("space");
+        let mut a = Nsga2::new(space, &Nsga2Config { population: 8, objectives: 2, seed: 3, ..Default::default() }).expect("nsga2");
+        let mut flight: Vec<Candidate> = (0..3).map(|_| a.ask_one().expect("ask")).collect();
+        for _ in 0..30 {
+            let c = flight.remove(1);
+            a.tell(vec![Evaluation::scored(c.id, zdt1(&c.genome))]).expect("tell");
+            flight.push(a.ask_one().expect("ask"));
+        }
+        let mut b = a.state().restore("nsga2").expect("restore");
+        assert_eq!(b.in_flight(), a.in_flight());
+        for _ in 0..10 {
+            let c = flight.remove(0);
+            let e = Evaluation::scored(c.id, zdt1(&c.genome));
+            a.tell(vec![e.clone()]).expect("tell");
+            b.tell(vec![e]).expect("tell");
+            let (x, y) = (a.ask_one().expect("ask"), b.ask_one().expect("ask"));
+            assert_eq!(x, y);
+            flight.push(x);
+        }
+        assert_eq!(a.state(), b.state());
     }
 
     // NSGA-II's crowding distance spreads 3-objective fronts poorly (the reason NSGA-III

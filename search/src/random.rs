@@ -22,6 +22,9 @@ pub struct RandomSearch {
     pending: BTreeMap<u64, Vec<f64>>,
     told: u64,
     best: BestSoFar,
+    /// Driven by `ask_one` (asynchronous mode).
+    #[serde(default)]
+    steady: bool,
 }
 
 impl RandomSearch {
@@ -40,7 +43,20 @@ impl RandomSearch {
             pending: BTreeMap::new(),
             told: 0,
             best: BestSoFar::default(),
+            steady: false,
         })
+    }
+}
+
+impl RandomSearch {
+    /// One uniform genome, pending under a new id.
+    fn draw(&mut self) -> u64 {
+        let g: Vec<f64> =
+            (0..self.space.dim()).map(|i| self.space.lower[i] + (self.space.upper[i] - self.space.lower[i]) * self.rng.uniform()).collect();
+        let id = self.next_id;
+        self.pending.insert(id, g);
+        self.next_id += 1;
+        id
     }
 }
 
@@ -56,13 +72,24 @@ impl Optimizer for RandomSearch {
     fn ask(&mut self) -> Vec<Candidate> {
         if self.pending.is_empty() {
             for _ in 0..self.batch {
-                let g: Vec<f64> =
-                    (0..self.space.dim()).map(|i| self.space.lower[i] + (self.space.upper[i] - self.space.lower[i]) * self.rng.uniform()).collect();
-                self.pending.insert(self.next_id, g);
-                self.next_id += 1;
+                self.draw();
             }
         }
-        self.pending.iter().map(|(&id, g)| Candidate { id, generation: self.generation, genome: g.clone() }).collect()
+        self.in_flight()
+    }
+
+    fn ask_one(&mut self) -> Option<Candidate> {
+        self.steady = true;
+        let id = self.draw();
+        // "generations" of `batch` candidates, for reports
+        self.generation = id / self.batch as u64;
+        Some(Candidate { id, generation: self.generation, genome: self.pending[&id].clone() })
+    }
+
+    fn in_flight(&self) -> Vec<Candidate> {
+        // asynchronous mode numbers a candidate's generation by its id
+        let generation = |id: u64| if self.steady { id / self.batch as u64 } else { self.generation };
+        self.pending.iter().map(|(&id, g)| Candidate { id, generation: generation(id), genome: g.clone() }).collect()
     }
 
     fn tell(&mut self, evaluations: Vec<Evaluation>) -> Result<(), SearchError> {
@@ -72,7 +99,7 @@ impl Optimizer for RandomSearch {
                 self.best.offer(v[0], || g);
             }
         }
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && !self.steady {
             self.generation += 1;
         }
         Ok(())

@@ -223,6 +223,97 @@ impl Runner {
     }
 }
 
+/// What an asynchronous objective has for the runner.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    /// A candidate finished.
+    Done(u64, Outcome),
+    /// More candidates may be in flight now (workers joined).
+    Wider,
+    /// Cancelled while waiting.
+    Cancelled,
+}
+
+/// The objective of an asynchronous run ([`Runner::run_async`]): candidates are submitted
+/// as they are asked and come back in whatever order they finish.
+pub trait AsyncObjective {
+    /// Candidates that may be in flight now (at least 1 is used).
+    fn capacity(&mut self) -> usize;
+    /// Starts scoring `c` (returns at once).
+    fn submit(&mut self, c: &Candidate);
+    /// Waits for the next finished candidate.
+    fn next(&mut self) -> Next;
+}
+
+impl Runner {
+    /// The asynchronous (steady-state) loop: as many candidates in flight as the objective
+    /// takes, each told as soon as it finishes ([`Optimizer::ask_one`]), a new one asked in
+    /// its place. A checkpoint is written after every tell and the asks that follow it, with
+    /// the candidates in flight: a resumed run submits those again, and the objective replays
+    /// the ones already recorded in the order they were told. Reports come when the
+    /// optimizer's generation count moves (a population's worth of tells). Budgets stop the
+    /// asks; what is in flight is still told.
+    pub fn run_async(&mut self, objective: &mut dyn AsyncObjective, observer: &mut dyn Observer) -> Result<Termination, SearchError> {
+        let start = Instant::now();
+        let elapsed = |s: &Self| s.seconds_before + start.elapsed().as_secs_f64();
+        let mut flight: std::collections::BTreeMap<u64, Candidate> = self.optimizer.in_flight().into_iter().map(|c| (c.id, c)).collect();
+        for c in flight.values() {
+            objective.submit(c);
+        }
+        let mut generation = self.optimizer.generation();
+        loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                self.save(elapsed(self))?;
+                return Ok(Termination::Interrupted);
+            }
+            let done = self.exhausted(elapsed(self));
+            if done.is_none() {
+                let cap = objective.capacity().max(1);
+                let room = |s: &Self, n: usize| s.budget.max_evaluations.is_none_or(|m| s.optimizer.evaluations() + (n as u64) < m);
+                while flight.len() < cap && room(self, flight.len()) {
+                    let name = self.optimizer.name();
+                    let c = self
+                        .optimizer
+                        .ask_one()
+                        .ok_or_else(|| SearchError::BadConfig(format!("{name} has no asynchronous mode; use it with mode = \"sync\"")))?;
+                    objective.submit(&c);
+                    flight.insert(c.id, c);
+                }
+            }
+            self.save(elapsed(self))?;
+            if flight.is_empty() {
+                return Ok(done.unwrap_or(Termination::Evaluations));
+            }
+            let (id, outcome) = match objective.next() {
+                Next::Done(id, outcome) => (id, outcome),
+                Next::Wider => continue,
+                Next::Cancelled => {
+                    self.save(elapsed(self))?;
+                    return Ok(Termination::Interrupted);
+                }
+            };
+            let Some(c) = flight.remove(&id) else { continue };
+            let e = Evaluation { id, outcome };
+            if matches!(e.outcome, Outcome::Failed(_)) {
+                self.failures += 1;
+            }
+            observer.on_evaluation(&c, &e);
+            self.optimizer.tell(vec![e])?;
+            if self.optimizer.generation() != generation {
+                generation = self.optimizer.generation();
+                let report = GenerationReport {
+                    generation,
+                    evaluations: self.optimizer.evaluations(),
+                    failures: self.failures,
+                    best: self.optimizer.best().map(|(_, v)| v),
+                    seconds: elapsed(self),
+                };
+                observer.on_generation(&report);
+            }
+        }
+    }
+}
+
 /// An observer that does nothing.
 #[derive(Debug, Default)]
 pub struct Silent;
@@ -342,6 +433,68 @@ mod tests {
         flag.store(false, Ordering::Relaxed);
         Runner::resume(ck, "cmaes", gens(5), flag, &mut log).expect("resume").run(&mut objective, &mut log).expect("run");
         assert_eq!(log.0, whole.0);
+    }
+
+    /// Finishes candidates first in, first out, `cap` at a time; sets `cancel` after `stop_after`
+    /// results.
+    struct Fifo {
+        cap: usize,
+        queue: std::collections::VecDeque<Candidate>,
+        results: usize,
+        stop_after: Option<(usize, Arc<AtomicBool>)>,
+    }
+
+    impl AsyncObjective for Fifo {
+        fn capacity(&mut self) -> usize {
+            self.cap
+        }
+        fn submit(&mut self, c: &Candidate) {
+            self.queue.push_back(c.clone());
+        }
+        fn next(&mut self) -> Next {
+            if let Some((n, flag)) = &self.stop_after
+                && self.results == *n
+            {
+                flag.store(true, Ordering::Relaxed);
+                return Next::Cancelled;
+            }
+            let c = self.queue.pop_front().expect("a candidate in flight");
+            self.results += 1;
+            Next::Done(c.id, Outcome::Scored(vec![rosenbrock(&c.genome), c.genome[0]]))
+        }
+    }
+
+    fn steady() -> Box<dyn Optimizer> {
+        let space = SearchSpace::uniform(4, -3.0, 3.0).expect("space");
+        Box::new(crate::Nsga2::new(space, &crate::Nsga2Config { population: 8, objectives: 2, seed: 5, ..Default::default() }).expect("nsga2"))
+    }
+
+    #[test]
+    fn asynchronous_runs_keep_the_budget_and_resume_exactly_after_a_cancel() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let budget = Budget { max_evaluations: Some(40), ..Default::default() };
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut whole = Log::default();
+        let mut fifo = Fifo { cap: 3, queue: Default::default(), results: 0, stop_after: None };
+        let t = Runner::new(steady(), budget.clone(), None, flag.clone()).run_async(&mut fifo, &mut whole).expect("run");
+        assert_eq!(t, Termination::Evaluations);
+        assert_eq!(whole.0.len(), 40, "every asked candidate is told, none past the budget");
+        let ck = dir.path().join("checkpoint.json");
+        let mut log = Log::default();
+        let mut fifo = Fifo { cap: 3, queue: Default::default(), results: 0, stop_after: Some((17, flag.clone())) };
+        let t = Runner::new(steady(), budget.clone(), Some(ck.clone()), flag.clone()).run_async(&mut fifo, &mut log).expect("run");
+        assert_eq!(t, Termination::Interrupted);
+        assert_eq!(log.0.len(), 17);
+        flag.store(false, Ordering::Relaxed);
+        let mut fifo = Fifo { cap: 3, queue: Default::default(), results: 0, stop_after: None };
+        let mut r = Runner::resume(ck, "nsga2", budget, flag, &mut log).expect("resume");
+        r.run_async(&mut fifo, &mut log).expect("run");
+        assert_eq!(log.0, whole.0);
+        // CMA-ES says it has no asynchronous mode
+        let e = Runner::new(cmaes(), gens(2), None, Arc::new(AtomicBool::new(false)))
+            .run_async(&mut Fifo { cap: 2, queue: Default::default(), results: 0, stop_after: None }, &mut Silent)
+            .expect_err("cmaes");
+        assert!(e.to_string().contains("no asynchronous mode"), "{e}");
     }
 
     #[test]

@@ -346,3 +346,75 @@ fn bad_broker_input_is_refused_with_exit_code_2() {
     assert_eq!(code, Some(0), "{err}");
     finish(w, 60);
 }
+
+/// `experiment` in asynchronous mode: steady-state NSGA-II.
+fn async_experiment(dir: &Path, evaluations: u64) -> PathBuf {
+    let exp = experiment(dir, evaluations);
+    let text = std::fs::read_to_string(&exp).expect("read").replace("kind = \"cmaes\"", "kind = \"nsga2\"\nmode = \"async\"");
+    std::fs::write(&exp, text).expect("write");
+    exp
+}
+
+/// Record lines in file order (the order told), without timings.
+fn lines(run: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(run.join("evaluations.jsonl")).expect("evaluations");
+    text.lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).expect("a whole JSON line");
+            let o = v.as_object_mut().expect("object");
+            o.remove("seconds");
+            o.remove("materialize_seconds");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn asynchronous_runs_resume_exactly_after_kill_9_and_use_remote_workers() {
+    let r = Redis::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let exp = async_experiment(tmp.path(), 24);
+    let exp_s = exp.display().to_string();
+    // two workers in one process: told a round at a time, a reproducible order; killed (-9)
+    // and resumed, the same records in the same order
+    let whole = tmp.path().join("whole");
+    run_ok(&["search", &exp_s, "--run-dir", &whole.display().to_string(), "--workers", "2"]);
+    let want = lines(&whole);
+    assert_eq!(want.len(), 24);
+    let killed = tmp.path().join("killed");
+    let first = spawn(&["search", &exp_s, "--run-dir", &killed.display().to_string(), "--workers", "2"], &[]);
+    wait_until("7 records", 120, || records_len(&killed) >= 7);
+    kill9(first);
+    run_ok(&["resume", &killed.display().to_string(), "--workers", "2"]);
+    assert_eq!(lines(&killed), want, "async run killed and resumed");
+    // through the broker, a remote worker with uneven candidate times and the coordinator's
+    // own: killed (-9) and resumed, what was told is kept in its order, nothing is told twice
+    let run = tmp.path().join("async-killed");
+    let run_s = run.display().to_string();
+    let slow = [("EVOMERGE_WORKER_DELAY_MS", "0-150")];
+    let remote = worker(&r.url(), &slow);
+    let first = spawn(&["search", &exp_s, "--run-dir", &run_s, "--broker", &r.url(), "--workers", "1"], &[]);
+    wait_until("9 records", 120, || records_len(&run) >= 9);
+    kill9(first);
+    let before = lines(&run);
+    let (code, err) = finish(spawn(&["resume", &run_s, "--broker", &r.url(), "--workers", "1"], &[("EVOMERGE_RECLAIM_AFTER_MS", "500")]), 300);
+    assert_eq!(code, Some(0), "{err}");
+    finish(remote, 60);
+    let after = lines(&run);
+    assert_eq!(&after[..before.len()], &before[..], "the records told before the kill stay, in order");
+    let mut ids: Vec<u64> = after.iter().map(|v| v["id"].as_u64().expect("id")).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..24).collect::<Vec<u64>>(), "every candidate told once");
+    // three remote workers: every candidate scored, the budget kept
+    let remote_run = tmp.path().join("async-remote");
+    let coord = coordinator(&exp, &remote_run, &r.url(), &[]);
+    let workers: Vec<Child> = (0..3).map(|_| worker(&r.url(), &slow)).collect();
+    let (code, err) = finish(coord, 300);
+    assert_eq!(code, Some(0), "{err}");
+    for w in workers {
+        finish(w, 60);
+    }
+    let recs = records(&remote_run);
+    assert_eq!(recs.keys().copied().collect::<Vec<u64>>(), (0..24).collect::<Vec<u64>>());
+    assert!(recs.values().all(|r| r["objectives"].is_object()), "every candidate scored");
+}

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::error::{Result, RunError};
 use crate::evaluate::StageKind;
-use crate::pool::{Scorer, WorkerRef};
+use crate::pool::{AsyncScored, AsyncScorer, Scorer, WorkerRef};
 use crate::records::EvaluationRecord;
 use crate::run_dir::write_atomic;
 
@@ -36,6 +36,16 @@ pub struct BrokerPool<'w, 'a> {
     cancel: Arc<AtomicBool>,
     results: Results,
     run_dir: PathBuf,
+    /// Asynchronous mode: what was submitted and is not back yet, and whether the stream
+    /// must be brought in line with it.
+    flight: std::collections::BTreeMap<u64, TaskMsg>,
+    unpublished: bool,
+    local_done: std::collections::VecDeque<EvaluationRecord>,
+    checked: Instant,
+    /// Capacity last computed, and when.
+    capacity: (Instant, usize),
+    /// When `workers.json` was last written (asynchronous mode: every few seconds).
+    workers_written: Instant,
 }
 
 impl std::fmt::Debug for BrokerPool<'_, '_> {
@@ -106,6 +116,12 @@ impl<'w, 'a> BrokerPool<'w, 'a> {
             cancel,
             results: Results { cursor: "0".into(), ..Default::default() },
             run_dir: run_dir.to_path_buf(),
+            flight: Default::default(),
+            unpublished: false,
+            local_done: Default::default(),
+            checked: Instant::now(),
+            capacity: (Instant::now(), 0),
+            workers_written: Instant::now(),
         })
     }
 
@@ -153,12 +169,14 @@ impl<'w, 'a> BrokerPool<'w, 'a> {
         }
     }
 
-    /// This process's workers take tasks until none is left for them; their records go
-    /// straight into `got`.
-    fn drain_local(&mut self, kind: &StageKind<'_>, wanted: &HashMap<u64, usize>, got: &Mutex<Vec<Option<EvaluationRecord>>>) {
+    /// This process's workers take tasks (one each when `once`, else until none is left for
+    /// them); their records come back in the order the workers finish them.
+    fn drain_local(&mut self, kind: &StageKind<'_>, once: bool) -> Vec<EvaluationRecord> {
         let (keys, run, reclaim) = (&self.keys, self.info.run.as_str(), self.info.reclaim_after_ms);
         let board = &self.board;
         let cancel = &self.cancel;
+        let out: Mutex<Vec<EvaluationRecord>> = Mutex::new(vec![]);
+        let out_ref = &out;
         rayon::scope(|s| {
             for (k, ((rt, est), conn)) in self.local.iter_mut().zip(self.local_conns.iter_mut()).enumerate() {
                 s.spawn(move |_| {
@@ -173,22 +191,39 @@ impl<'w, 'a> BrokerPool<'w, 'a> {
                             }
                         };
                         let t0 = Instant::now();
-                        let result = handle(kind, run, &name, &taken, &mut **rt, est);
-                        if let Some(r) = result
-                            && let Some(&slot) = wanted.get(&r.record.id)
-                        {
-                            let mut g = got.lock().unwrap_or_else(PoisonError::into_inner);
-                            g[slot].get_or_insert(r.record);
+                        if let Some(r) = handle(kind, run, &name, &taken, &mut **rt, est) {
+                            out_ref.lock().unwrap_or_else(PoisonError::into_inner).push(r.record);
                         }
                         if let Ok(mut b) = board.lock() {
                             b[k].candidates += 1;
                             b[k].busy_seconds += t0.elapsed().as_secs_f64();
                         }
                         let _ = done(conn, keys, &taken.entry);
+                        if once {
+                            break;
+                        }
                     }
                 });
             }
         });
+        out.into_inner().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Publishes the run again if the broker lost it (checked every half second); true when
+    /// it did.
+    fn republished(&mut self, checked: &mut Instant) -> bool {
+        if checked.elapsed() < Duration::from_millis(500) {
+            return false;
+        }
+        *checked = Instant::now();
+        let cancel = self.cancel.clone();
+        let (keys, info) = (&self.keys, &self.info);
+        if retrying(&mut self.conn, "checking the run", &|| cancel.load(Ordering::Relaxed), |c| wiped(c, keys, info)).unwrap_or(false) {
+            tracing::warn!("broker {}: the run was gone (restarted empty?); its candidates are published again", self.conn.url().shown());
+            self.results.cursor = "0".into();
+            return true;
+        }
+        false
     }
 }
 
@@ -309,20 +344,19 @@ impl Scorer for BrokerPool<'_, '_> {
             if missing.is_empty() || give_up() {
                 break;
             }
-            if published && checked.elapsed() > Duration::from_millis(500) {
-                checked = Instant::now();
-                let info = &self.info;
-                if retrying(&mut self.conn, "checking the run", &give_up, |c| wiped(c, &keys, info)).unwrap_or(false) {
-                    tracing::warn!("broker {}: the run was gone (restarted empty?); its candidates are published again", self.conn.url().shown());
-                    self.results.cursor = "0".into();
-                    published = false;
-                }
+            if published && self.republished(&mut checked) {
+                published = false;
             }
             if !published {
                 published = retrying(&mut self.conn, "publishing candidates", &give_up, |c| publish(c, &keys, stage, &missing)).is_ok();
             }
             if !self.local.is_empty() {
-                self.drain_local(kind, &slot_of, &got);
+                let mut g = got.lock().unwrap_or_else(PoisonError::into_inner);
+                for r in self.drain_local(kind, false) {
+                    if let Some(&slot) = slot_of.get(&r.id) {
+                        g[slot].get_or_insert(r);
+                    }
+                }
             }
             let block = if self.local.is_empty() { 250 } else { 20 };
             let results = &mut self.results;
@@ -331,5 +365,104 @@ impl Scorer for BrokerPool<'_, '_> {
         self.write_workers_file();
         let got = got.into_inner().unwrap_or_else(PoisonError::into_inner);
         got.into_iter().map_while(|r| r).collect()
+    }
+}
+
+/// Asynchronous mode: each candidate is published when it is asked; records come back as any
+/// worker (remote or this process's) finishes one.
+impl AsyncScorer for BrokerPool<'_, '_> {
+    fn objectives(&self) -> &[Objective] {
+        &self.objectives
+    }
+
+    /// One per live worker (this process's and those that sent a heartbeat in the last 5 s),
+    /// plus one waiting, so that a worker that finishes finds the next candidate at once.
+    fn capacity(&mut self) -> usize {
+        if self.capacity.1 > 0 && self.capacity.0.elapsed() < Duration::from_secs(1) {
+            return self.capacity.1;
+        }
+        let cancel = self.cancel.clone();
+        let keys = self.keys.clone();
+        let statuses =
+            retrying(&mut self.conn, "reading the workers", &|| cancel.load(Ordering::Relaxed), |c| worker_statuses(c, &keys)).unwrap_or_default();
+        let local: HashSet<String> = self.board.lock().map(|b| b.iter().map(|w| w.name.clone()).collect()).unwrap_or_default();
+        let t = now();
+        let remote = statuses.iter().filter(|w| w.active && t - w.last_seen < 5.0 && !local.contains(&w.name)).count();
+        self.capacity = (Instant::now(), self.local.len() + remote + 1);
+        self.capacity.1
+    }
+
+    fn submit(&mut self, kind: &StageKind<'_>, c: &Candidate) {
+        let fingerprint = kind.fingerprint(&c.genome);
+        let t = TaskMsg {
+            run: self.keys.run.clone(),
+            stage: kind.stage().name().into(),
+            id: c.id,
+            generation: c.generation,
+            genome: c.genome.clone(),
+            fingerprint,
+        };
+        self.flight.insert(c.id, t);
+        self.unpublished = true;
+    }
+
+    fn next(&mut self, kind: &StageKind<'_>) -> AsyncScored {
+        let stage = kind.stage().name();
+        let cancel = self.cancel.clone();
+        let give_up = move || cancel.load(Ordering::Relaxed);
+        let keys = self.keys.clone();
+        let wide = self.capacity.1;
+        if self.workers_written.elapsed() > Duration::from_secs(5) {
+            self.workers_written = Instant::now();
+            self.write_workers_file();
+        }
+        loop {
+            // this process's records first (in the order its workers finished them)
+            while let Some(r) = self.local_done.pop_front() {
+                if self.flight.remove(&r.id).is_some() {
+                    return AsyncScored::Record(r);
+                }
+            }
+            let back = self
+                .flight
+                .iter()
+                .find_map(|(id, t)| self.results.arrived.get(&(stage.to_string(), *id)).filter(|(fp, _)| *fp == t.fingerprint).map(|_| *id));
+            if let Some(id) = back {
+                self.flight.remove(&id);
+                if let Some((_, r)) = self.results.arrived.remove(&(stage.to_string(), id)) {
+                    return AsyncScored::Record(r);
+                }
+            }
+            if give_up() {
+                return AsyncScored::Cancelled;
+            }
+            if AsyncScorer::capacity(self) > wide && wide > 0 {
+                return AsyncScored::Wider;
+            }
+            let mut checked = self.checked;
+            if self.republished(&mut checked) {
+                self.unpublished = true;
+            }
+            self.checked = checked;
+            if self.unpublished {
+                let tasks: Vec<TaskMsg> = self.flight.values().cloned().collect();
+                self.unpublished = retrying(&mut self.conn, "publishing candidates", &give_up, |c| publish(c, &keys, stage, &tasks)).is_err();
+            }
+            if !self.local.is_empty() {
+                let done = self.drain_local(kind, true);
+                self.local_done.extend(done);
+                if !self.local_done.is_empty() {
+                    continue;
+                }
+            }
+            let block = if self.local.is_empty() { 250 } else { 20 };
+            let results = &mut self.results;
+            let _ = retrying(&mut self.conn, "reading results", &give_up, |c| read_results(c, &keys, results, block));
+            // results are recorded as soon as they are handed back: read ones may go
+            let consumed = std::mem::take(&mut self.results.consumed);
+            if !consumed.is_empty() {
+                let _ = retrying(&mut self.conn, "deleting read results", &give_up, |c| c.with(|c| c.xdel::<_, _, ()>(keys.results(), &consumed)));
+            }
+        }
     }
 }

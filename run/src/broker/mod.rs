@@ -55,10 +55,24 @@ pub fn heartbeat(reclaim_after_ms: u64) -> Duration {
     Duration::from_millis((reclaim_after_ms / 4).clamp(50, 1000))
 }
 
-/// `EVOMERGE_WORKER_DELAY_MS`: a pause before each candidate a worker scores (fault-injection
-/// tests and the uneven-load benchmark); 0 when unset.
-pub fn worker_delay() -> Duration {
-    Duration::from_millis(std::env::var("EVOMERGE_WORKER_DELAY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0))
+/// `EVOMERGE_WORKER_DELAY_MS`: a pause before candidate `id` is scored, for fault-injection
+/// tests (`N`: N ms) and the uneven-load benchmark (`LO-HI`: between LO and HI ms, the same
+/// for a candidate wherever it is scored); 0 when unset.
+pub fn worker_delay(id: u64) -> Duration {
+    let spec = std::env::var("EVOMERGE_WORKER_DELAY_MS").unwrap_or_default();
+    let ms = match spec.split_once('-') {
+        Some((lo, hi)) => {
+            let (lo, hi): (u64, u64) = (lo.trim().parse().unwrap_or(0), hi.trim().parse().unwrap_or(0));
+            // splitmix64 of the id: uniform enough, and no RNG state
+            let mut z = id.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            lo + z % (hi.saturating_sub(lo) + 1)
+        }
+        None => spec.trim().parse().unwrap_or(0),
+    };
+    Duration::from_millis(ms)
 }
 
 /// A broker URL, checked: `redis://[user:pass@]host[:port][/db]`, `rediss://` (TLS),

@@ -72,7 +72,7 @@ pub(crate) fn handle(
         return None;
     }
     let c = evomerge_search::Candidate { id: task.id, generation: task.generation, genome: task.genome.clone() };
-    std::thread::sleep(super::worker_delay());
+    std::thread::sleep(super::worker_delay(task.id));
     let record = if taken.deliveries > MAX_DELIVERIES {
         failed(
             &c,
