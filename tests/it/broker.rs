@@ -418,3 +418,76 @@ fn asynchronous_runs_resume_exactly_after_kill_9_and_use_remote_workers() {
     assert_eq!(recs.keys().copied().collect::<Vec<u64>>(), (0..24).collect::<Vec<u64>>());
     assert!(recs.values().all(|r| r["objectives"].is_object()), "every candidate scored");
 }
+
+/// Runs `openssl ARGS` in `dir`.
+fn openssl(dir: &Path, args: &[&str]) {
+    let o = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl (the TLS test makes its certificates with it)");
+    assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn rediss_runs_over_tls_with_the_certificate_store_given() {
+    // a CA and a server certificate for 127.0.0.1, a TLS-only redis-server
+    let certs = tempfile::tempdir().expect("tmp");
+    let d = certs.path();
+    openssl(
+        d,
+        &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=evomerge-test-ca"],
+    );
+    openssl(d, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
+    std::fs::write(d.join("ext.cnf"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").expect("ext");
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    let port = free_port();
+    let mut server = Command::new("redis-server")
+        .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--tls-auth-clients", "no"])
+        .arg("--tls-cert-file")
+        .arg(d.join("server.crt"))
+        .arg("--tls-key-file")
+        .arg(d.join("server.key"))
+        .arg("--tls-ca-cert-file")
+        .arg(d.join("ca.crt"))
+        .arg("--dir")
+        .arg(d)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    wait_until("the TLS port", 10, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let tmp = tempfile::tempdir().expect("tmp");
+    let exp = experiment(tmp.path(), 8);
+    let want = one_process(&exp, tmp.path());
+    let url = format!("rediss://localhost:{port}");
+    // the CA is not in the system's store: refused, saying why
+    let (code, _, err) = crate::common::run(&["worker", "--broker", &url]);
+    assert_eq!(code, Some(2), "{err}");
+    // with it (SSL_CERT_FILE), a coordinator and a worker run the search over TLS
+    let ca = d.join("ca.crt").display().to_string();
+    let env = [("SSL_CERT_FILE", ca.as_str())];
+    let run = tmp.path().join("tls");
+    let coord = coordinator(&exp, &run, &url, &env);
+    let w = worker(&url, &env);
+    let (code, err) = finish(coord, 300);
+    assert_eq!(code, Some(0), "{err}");
+    finish(w, 60);
+    assert_same(&records(&run), &want, "over TLS");
+    server.kill().ok();
+    server.wait().ok();
+}
