@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::Args;
 use evomerge_engine::model::DeviceSpec;
+use evomerge_run::broker::worker::INTERRUPTED;
 use evomerge_run::broker::{BrokerUrl, WorkerOptions, run_worker};
 use evomerge_run::{Notice, RunObserver};
 
@@ -59,5 +60,9 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         s.candidates,
         s.busy_fraction * 100.0
     );
+    if s.reason == INTERRUPTED {
+        // the candidate in hand was finished and sent; the run goes on without this worker
+        std::process::exit(i32::from(crate::exit::INTERRUPTED));
+    }
     Ok(())
 }

@@ -491,3 +491,80 @@ fn rediss_runs_over_tls_with_the_certificate_store_given() {
     server.kill().ok();
     server.wait().ok();
 }
+
+#[test]
+fn a_worker_drops_malformed_and_foreign_tasks_and_scores_its_run_s() {
+    use evomerge_run::broker::{RunInfo, TaskMsg, sources_hash};
+    let r = Redis::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let exp = experiment(tmp.path(), 4);
+    let one = tmp.path().join("one-process");
+    run_ok(&["search", &exp.display().to_string(), "--run-dir", &one.display().to_string(), "--workers", "1"]);
+    let want = records(&one);
+    // a run published by hand, as a coordinator would: its info and group
+    let experiment = std::fs::read_to_string(one.join("config.resolved.toml")).expect("config");
+    let fixtures = crate::common::fixtures().join("models");
+    let sources: Vec<PathBuf> = ["llama-tiny-a", "llama-tiny-b", "llama-tiny-base"].iter().map(|m| fixtures.join(m)).collect();
+    let info = RunInfo {
+        run: "byhand".into(),
+        coordinator: "test".into(),
+        experiment,
+        sources: sources_hash(&sources).expect("hash"),
+        calibration: String::new(),
+        reclaim_after_ms: 5000,
+        finished: false,
+    };
+    let mut c = r.conn();
+    let set = |c: &mut redis::Connection, info: &RunInfo| {
+        redis::cmd("SET").arg("evomerge:run:byhand:info").arg(serde_json::to_string(info).expect("json")).query::<()>(c).expect("set");
+    };
+    set(&mut c, &info);
+    redis::cmd("SADD").arg("evomerge:runs").arg("byhand").query::<()>(&mut c).expect("sadd");
+    redis::cmd("XGROUP").arg("CREATE").arg("evomerge:run:byhand:tasks").arg("workers").arg("0").arg("MKSTREAM").query::<()>(&mut c).expect("group");
+    let add = |c: &mut redis::Connection, msg: &str| {
+        redis::cmd("XADD").arg("evomerge:run:byhand:tasks").arg("*").arg("msg").arg(msg).query::<String>(c).expect("xadd");
+    };
+    // garbage, a field that is not `msg`, another run's task, a genome that is not its fingerprint's
+    add(&mut c, "not json at all");
+    redis::cmd("XADD").arg("evomerge:run:byhand:tasks").arg("*").arg("other").arg("x").query::<String>(&mut c).expect("xadd");
+    let genome = want[&0]["genome"].as_array().expect("genome").iter().map(|x| x.as_f64().expect("f64")).collect::<Vec<f64>>();
+    let fingerprint: String = genome.iter().map(|x| format!("{:016x}", x.to_bits())).collect();
+    let task = |run: &str, fp: &str| TaskMsg {
+        run: run.into(),
+        stage: "params".into(),
+        id: 0,
+        generation: 0,
+        genome: genome.clone(),
+        fingerprint: fp.into(),
+    };
+    add(&mut c, &serde_json::to_string(&task("other-run", &fingerprint)).expect("json"));
+    add(&mut c, &serde_json::to_string(&task("byhand", "0123")).expect("json"));
+    // and one real candidate: the one-process run's first
+    add(&mut c, &serde_json::to_string(&task("byhand", &fingerprint)).expect("json"));
+    let mut w = worker(&r.url(), &[]);
+    wait_until("a result", 120, || {
+        if w.try_wait().expect("wait").is_some() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(w.stderr.as_mut().expect("stderr"), &mut err).ok();
+            panic!("the worker ended early: {err}");
+        }
+        redis::cmd("XLEN").arg("evomerge:run:byhand:results").query::<u64>(&mut c).unwrap_or(0) >= 1
+    });
+    let mut finished = info.clone();
+    finished.finished = true;
+    set(&mut c, &finished);
+    let (code, err) = finish(w, 60);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(err.matches("dropped").count(), 4, "{err}");
+    let results: Vec<(String, Vec<(String, String)>)> =
+        redis::cmd("XRANGE").arg("evomerge:run:byhand:results").arg("-").arg("+").query(&mut c).expect("xrange");
+    assert_eq!(results.len(), 1, "only the run's own candidate is scored");
+    let msg: Value = serde_json::from_str(&results[0].1[0].1).expect("result json");
+    let mut got = msg["record"].clone();
+    let o = got.as_object_mut().expect("object");
+    o.remove("seconds");
+    o.remove("materialize_seconds");
+    assert_eq!(got, want[&0], "the worker's record is the one-process run's");
+    // every entry was acknowledged: nothing left pending
+    assert!(holders(&r, "byhand").is_empty());
+}

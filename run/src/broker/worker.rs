@@ -34,6 +34,9 @@ pub struct WorkerOptions {
     pub max_candidates: Option<u64>,
 }
 
+/// [`WorkerSummary::reason`] of a worker stopped by Ctrl-C / SIGTERM.
+pub const INTERRUPTED: &str = "interrupted";
+
 /// What a worker did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerSummary {
@@ -183,9 +186,10 @@ pub fn run_worker(opts: &WorkerOptions, observer: &mut dyn RunObserver) -> Resul
     let give_up = || cancel.load(Ordering::Relaxed);
     let mut candidates = 0u64;
     let mut last_check = Instant::now();
+    let mut last_line = Instant::now();
     let reason = loop {
         if give_up() {
-            break "interrupted".to_string();
+            break INTERRUPTED.to_string();
         }
         if opts.max_candidates.is_some_and(|m| candidates >= m) {
             break format!("{candidates} candidates done");
@@ -204,7 +208,7 @@ pub fn run_worker(opts: &WorkerOptions, observer: &mut dyn RunObserver) -> Resul
         let taken = match retrying(&mut conn, "taking a candidate", &give_up, |c| take(c, &keys, &name, info.reclaim_after_ms, 500)) {
             Ok(Some(t)) => t,
             Ok(None) => continue,
-            Err(e) if give_up() => break format!("interrupted ({e})"),
+            Err(_) if give_up() => break INTERRUPTED.to_string(),
             // the run finished (its stream was removed under a waiting read), or the broker
             // lost it (the coordinator publishes it again)
             Err(e) if e.code() == Some("NOGROUP") || e.code() == Some("UNBLOCKED") => {
@@ -235,6 +239,11 @@ pub fn run_worker(opts: &WorkerOptions, observer: &mut dyn RunObserver) -> Resul
         if let Ok(mut b) = board.lock() {
             b[0].candidates = candidates;
             b[0].busy_seconds += t0.elapsed().as_secs_f64();
+            if last_line.elapsed() > Duration::from_secs(60) {
+                last_line = Instant::now();
+                let busy = b[0].busy_seconds / (now() - b[0].joined).max(1e-9);
+                observer.notice(&Notice::Broker(format!("worker {name}: {candidates} candidates scored, busy {:.0} %", busy * 100.0)));
+            }
         }
         let _ = retrying(&mut conn, "acknowledging", &give_up, |c| done(c, &keys, &taken.entry));
     };
