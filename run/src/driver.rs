@@ -10,7 +10,7 @@ use evomerge_engine::Checkpoint;
 use evomerge_engine::dataflow::DataFlowLayout;
 use evomerge_engine::executor::merge_to_memory;
 use evomerge_engine::io::resolve_model;
-use evomerge_engine::model::{self, ModelSpec};
+use evomerge_engine::model::{self, DeviceSpec, ModelSpec};
 use evomerge_search::runner::prev_path;
 use evomerge_search::{CmaEs, CmaEsConfig, GeneKind, Nsga2, Nsga2Config, Optimizer, RandomSearch, Runner, SearchSpace, Termination};
 
@@ -45,6 +45,9 @@ pub struct RunOptions {
     /// With a broker: score nothing here (`--workers 0`); calibration and the references
     /// still run here.
     pub coordinator_only: bool,
+    /// One worker per device (`--devices cuda:0,cuda:1`; repeating `cpu` gives CPU workers);
+    /// empty: `workers` copies of the run's device. The parameter-space stage's workers.
+    pub devices: Vec<DeviceSpec>,
 }
 
 /// How a run ended.
@@ -94,6 +97,9 @@ pub fn dry_run(exp: Experiment, opts: &RunOptions) -> Result<DryRun> {
 
 /// [`Setup::new`], then the sources' weights checked for NaN / inf unless the options allow them.
 fn setup(exp: Experiment, dry_run: bool, opts: &RunOptions) -> Result<Setup> {
+    for &d in opts.devices.iter().chain(&exp.devices) {
+        model::check_device(d)?;
+    }
     let s = Setup::new(exp, dry_run)?;
     if !opts.allow_nonfinite {
         s.check_finite()?;
@@ -253,24 +259,38 @@ fn run_info(exp: &Experiment, run_dir: &RunDir) -> Result<RunInfo> {
 /// experiment has one (in `RUN_DIR/dataflow/`, its own checkpoint and evaluations).
 fn drive(mut s: Setup, run_dir: &RunDir, mut runner: Runner, opts: &RunOptions, observer: &mut dyn RunObserver) -> Result<RunEnd> {
     let n = worker_count(opts.workers, s.exp.device, &s.base, s.memory, runtime_bytes(&s.base));
-    if n > 1 && !opts.coordinator_only {
-        observer.notice(&Notice::Workers(n));
+    // One worker per device: `--devices` (or the experiment's `devices`), else `--workers`
+    // copies of the run's device.
+    let devices: Vec<DeviceSpec> = match (&opts.devices, &s.exp.devices) {
+        (d, _) if !d.is_empty() => d.clone(),
+        (_, d) if !d.is_empty() => d.clone(),
+        _ => vec![s.exp.device; n],
+    };
+    let devices = if opts.coordinator_only { vec![] } else { devices };
+    if devices.len() > 1 {
+        observer.notice(&Notice::Workers(devices.len()));
     }
-    // the calibration's runtimes first (every candidate rewrites the weights it was left with)
-    let n = if opts.coordinator_only { 1 } else { n };
-    s.spare.truncate(n.saturating_sub(1));
-    let mut extra = Vec::with_capacity(n.saturating_sub(1));
-    for _ in 1..n {
-        let runtime = match s.spare.pop() {
+    // The run's own runtime is the first worker when it is on the first device; the
+    // calibration's runtimes next (every candidate rewrites the weights it was left with).
+    let own = devices.first().is_none_or(|&d| d == s.exp.device);
+    let mut extra = Vec::with_capacity(devices.len());
+    for (i, &d) in devices.iter().enumerate().skip(usize::from(own)) {
+        let spare = if d == s.exp.device { s.spare.pop() } else { None };
+        let runtime = match spare {
             Some(rt) => rt,
-            None => s.open_runtime()?,
+            None => s.open_runtime_on(d)?,
         };
+        tracing::info!("worker {i} on {d}");
         extra.push(Worker { runtime, estimators: s.estimators.clone() });
     }
+    s.spare.clear();
     {
         let kind = StageKind::Params { layout: &s.layout, opened: &s.opened, materializer: &s.materializer, seed: s.exp.seed };
         let objectives = objectives(&s.estimators);
-        let mut workers: Vec<WorkerRef<'_>> = vec![(s.runtime.as_mut(), s.estimators.as_mut_slice())];
+        let mut workers: Vec<WorkerRef<'_>> = vec![];
+        if own {
+            workers.push((s.runtime.as_mut(), s.estimators.as_mut_slice()));
+        }
         workers.extend(extra.iter_mut().map(|w| (w.runtime.as_mut() as _, w.estimators.as_mut_slice())));
         let budget = s.exp.budget.max_evaluations;
         let asynchronous = s.exp.optimizer.mode == Mode::Async;
@@ -285,7 +305,7 @@ fn drive(mut s: Setup, run_dir: &RunDir, mut runner: Runner, opts: &RunOptions, 
             }
             Some(url) => {
                 let info = run_info(&s.exp, run_dir)?;
-                let local: &mut [WorkerRef<'_>] = if opts.coordinator_only { &mut [] } else { &mut workers };
+                let local: &mut [WorkerRef<'_>] = &mut workers;
                 let n_local = local.len();
                 let mut pool = BrokerPool::attach(url, info, objectives, run_dir.path(), local, opts.cancel.clone())?;
                 observer.notice(&Notice::Broker(format!(

@@ -59,6 +59,10 @@ pub struct Experiment {
     pub seed: u64,
     #[serde(default)]
     pub device: DeviceSpec,
+    /// One worker per device for the parameter-space stage (`["cuda:0", "cuda:1"]`; repeating
+    /// "cpu" gives CPU workers); `--devices` overrides it. Empty: `--workers` on `device`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceSpec>,
     #[serde(default = "runs")]
     pub run_root: PathBuf,
     pub merge: MergeSection,

@@ -199,6 +199,20 @@ impl Setup {
 
     /// A fresh runtime holding the base model (another worker's).
     pub(crate) fn open_runtime(&self) -> Result<Box<dyn LanguageModel>> {
-        Ok(model::open(self.exp.device, &[ModelSpec::from_checkpoint(&self.base)])?)
+        self.open_runtime_on(self.exp.device)
+    }
+
+    /// A further runtime of the base model on `device`; where candidates are merged on the
+    /// device ([`device_merge`]), it holds its own copy of the resident inputs there (the host
+    /// inputs are shared by every worker).
+    pub(crate) fn open_runtime_on(&self, device: DeviceSpec) -> Result<Box<dyn LanguageModel>> {
+        let mut rt = model::open(device, &[ModelSpec::from_checkpoint(&self.base)])?;
+        if let Materializer::Resident(resident) = &self.materializer
+            && device_merge(device)
+        {
+            let plan = self.layout.plan(&self.layout.initial(), &self.opened, self.exp.seed)?;
+            resident.hold_on_device(&plan, rt.as_mut(), 0)?;
+        }
+        Ok(rt)
     }
 }

@@ -45,6 +45,11 @@ pub struct SearchArgs {
     /// 0 means this process scores no candidate itself. Results do not depend on it.
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+    /// One worker per device, e.g. cuda:0,cuda:1,cuda:2 (each GPU holds its own model and merge
+    /// inputs); repeating cpu gives CPU workers (cpu,cpu is --workers 2). Default: the
+    /// experiment's `devices`, else --workers.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', conflicts_with = "workers")]
+    pub devices: Vec<DeviceSpec>,
     /// Coordinate a scale-out run through a Redis (or Valkey) broker:
     /// redis://[user:pass@]host:port[/db], rediss:// for TLS. Workers join with
     /// `evomerge worker --broker URL`; see README "Scale out".
@@ -72,6 +77,11 @@ pub struct ResumeArgs {
     /// 0 means this process scores no candidate itself. Results do not depend on it.
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+    /// One worker per device, e.g. cuda:0,cuda:1,cuda:2 (each GPU holds its own model and merge
+    /// inputs); repeating cpu gives CPU workers (cpu,cpu is --workers 2). Default: the
+    /// experiment's `devices`, else --workers.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', conflicts_with = "workers")]
+    pub devices: Vec<DeviceSpec>,
     /// Coordinate a scale-out run through a Redis (or Valkey) broker:
     /// redis://[user:pass@]host:port[/db], rediss:// for TLS. Workers join with
     /// `evomerge worker --broker URL`; see README "Scale out".
@@ -197,10 +207,10 @@ fn interrupted(run_dir: &std::path::Path) -> ! {
 }
 
 /// The options of `search` and `resume`; `--workers 0` with a broker: score nothing here.
-fn run_options(workers: Option<usize>, broker: Option<&str>, allow_nonfinite: bool) -> Result<RunOptions> {
+fn run_options(workers: Option<usize>, devices: Vec<DeviceSpec>, broker: Option<&str>, allow_nonfinite: bool) -> Result<RunOptions> {
     let broker = broker.map(BrokerUrl::parse).transpose()?;
     let coordinator_only = broker.is_some() && workers == Some(0);
-    Ok(RunOptions { workers: workers.unwrap_or(0), cancel: cancel_flag()?, allow_nonfinite, broker, coordinator_only })
+    Ok(RunOptions { workers: workers.unwrap_or(0), cancel: cancel_flag()?, allow_nonfinite, broker, coordinator_only, devices })
 }
 
 pub fn search(args: SearchArgs) -> Result<()> {
@@ -230,14 +240,14 @@ pub fn search(args: SearchArgs) -> Result<()> {
         println!("candidates scored {} at a time (--workers)", d.workers);
         return Ok(());
     }
-    let opts = run_options(args.workers, args.broker.as_deref(), args.allow_nonfinite)?;
+    let opts = run_options(args.workers, args.devices, args.broker.as_deref(), args.allow_nonfinite)?;
     let mut progress = Progress::new(args.progress);
     let (run_dir, end) = evomerge_run::start(exp, args.run_dir, &opts, &mut progress)?;
     finish(&run_dir, end, &progress)
 }
 
 pub fn resume(args: ResumeArgs) -> Result<()> {
-    let opts = run_options(args.workers, args.broker.as_deref(), args.allow_nonfinite)?;
+    let opts = run_options(args.workers, args.devices, args.broker.as_deref(), args.allow_nonfinite)?;
     let mut progress = Progress::new(args.progress);
     let end = evomerge_run::resume(&args.run_dir, args.force, &opts, &mut progress)?;
     finish(&RunDir::new(&args.run_dir), end, &progress)

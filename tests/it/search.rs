@@ -472,21 +472,31 @@ fn calibration_survives_a_kill_and_is_not_scored_again() {
 
 /// Candidates scored several at a time (one model copy per worker) are recorded exactly as one
 /// at a time, in both stages; three workers on a population of four also leave a batch short.
+/// `--devices cpu,cpu,cpu` is the same as `--workers 3`; a device this build cannot open is
+/// refused before a run directory is made.
 #[test]
 fn parallel_workers_record_the_same_evaluations_as_one() {
     let tmp = tempfile::tempdir().expect("tmp");
     let exp = dataflow_experiment(tmp.path(), 8, 8).display().to_string();
     let mut got = vec![];
-    for w in ["1", "3"] {
-        let run = tmp.path().join(format!("w{w}"));
-        let (code, out, err) = crate::common::run(&["search", &exp, "--run-dir", &run.display().to_string(), "--progress", "off", "--workers", w]);
+    for (w, how) in [("1", "--workers"), ("3", "--workers"), ("cpu,cpu,cpu", "--devices")] {
+        let run = tmp.path().join(format!("w{}", got.len()));
+        let (code, out, err) = crate::common::run(&["search", &exp, "--run-dir", &run.display().to_string(), "--progress", "off", how, w]);
         assert_eq!(code, Some(0), "{err}");
-        assert_eq!(out.contains("scored 3 at a time"), w == "3", "{out}");
+        assert_eq!(out.contains("scored 3 at a time"), w != "1", "{out}");
         got.push((records(&run), records(&run.join("dataflow"))));
     }
     assert_eq!(got[0].0.len(), 8);
     assert_eq!(got[0].1.len(), 8);
     assert_eq!(got[0], got[1], "3 workers recorded other evaluations than 1");
+    assert_eq!(got[0], got[2], "--devices cpu,cpu,cpu recorded other evaluations than 1 worker");
+    if !cfg!(feature = "cuda") {
+        let run = tmp.path().join("cuda");
+        let (code, _, err) = crate::common::run(&["search", &exp, "--run-dir", &run.display().to_string(), "--devices", "cpu,cuda:1"]);
+        assert_eq!(code, Some(2));
+        assert!(err.contains("built without CUDA support"), "{err}");
+        assert!(!run.exists(), "nothing written");
+    }
 }
 
 /// CMA-ES in data-flow space starts at model A's own path: with a small step every sampled

@@ -232,6 +232,18 @@ pub fn open(device: DeviceSpec, models: &[ModelSpec<'_>]) -> Result<Box<dyn Lang
     }
 }
 
+/// Whether this build can open `device` at all (a CUDA device needs `--features cuda`);
+/// whether the GPU is there is known when it is opened.
+pub fn check_device(device: DeviceSpec) -> Result<()> {
+    match device {
+        DeviceSpec::Cuda(index) if !cfg!(feature = "cuda") => Err(EngineError::Device {
+            device: DeviceSpec::Cuda(index).to_string(),
+            reason: "this evomerge was built without CUDA support; rebuild with `--features cuda`".into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(feature = "cuda")]
 fn open_cuda(index: usize, models: &[ModelSpec<'_>]) -> Result<Box<dyn LanguageModel>> {
     use burn::backend::Cuda;
@@ -251,10 +263,7 @@ fn open_cuda(index: usize, models: &[ModelSpec<'_>]) -> Result<Box<dyn LanguageM
 
 #[cfg(not(feature = "cuda"))]
 fn open_cuda(index: usize, _models: &[ModelSpec<'_>]) -> Result<Box<dyn LanguageModel>> {
-    Err(EngineError::Device {
-        device: DeviceSpec::Cuda(index).to_string(),
-        reason: "this evomerge was built without CUDA support; rebuild with `--features cuda`".into(),
-    })
+    check_device(DeviceSpec::Cuda(index)).map(|()| unreachable!("checked: no CUDA in this build"))
 }
 
 /// Opens one checkpoint directory (the common case: `evomerge score --model DIR`).
