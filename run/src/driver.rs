@@ -272,7 +272,7 @@ fn drive(mut s: Setup, run_dir: &RunDir, mut runner: Runner, opts: &RunOptions, 
     }
     // The run's own runtime is the first worker when it is on the first device; the
     // calibration's runtimes next (every candidate rewrites the weights it was left with).
-    let own = devices.first().is_none_or(|&d| d == s.exp.device);
+    let own = devices.first() == Some(&s.exp.device);
     let mut extra = Vec::with_capacity(devices.len());
     for (i, &d) in devices.iter().enumerate().skip(usize::from(own)) {
         let spare = if d == s.exp.device { s.spare.pop() } else { None };

@@ -193,8 +193,10 @@ fn three_worker_processes_give_the_records_of_a_one_process_run() {
     let exp = experiment(tmp.path(), 16);
     let want = one_process(&exp, tmp.path());
     let run = tmp.path().join("scaled");
-    let coord = coordinator(&exp, &run, &r.url(), &[]);
-    let workers: Vec<Child> = (0..3).map(|_| worker(&r.url(), &[])).collect();
+    // one worker takes 1 s a candidate, three times the reclaim time: its heartbeats keep its
+    // candidates from being taken over
+    let coord = coordinator(&exp, &run, &r.url(), &[("EVOMERGE_RECLAIM_AFTER_MS", "300")]);
+    let workers: Vec<Child> = ["1000", "0", "0"].iter().map(|d| worker(&r.url(), &[("EVOMERGE_WORKER_DELAY_MS", d)])).collect();
     let (code, err) = finish(coord, 300);
     assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("coordinating run 'scaled'"), "{err}");
@@ -210,7 +212,8 @@ fn three_worker_processes_give_the_records_of_a_one_process_run() {
     let ws = v["workers"].as_array().expect("workers");
     assert_eq!(ws.len(), 3, "{out}");
     let done: u64 = ws.iter().map(|w| w["status"]["candidates"].as_u64().expect("candidates")).sum();
-    assert!(done >= 1, "{out}");
+    let scored = records(&run).values().filter(|r| r["items"].as_u64() > Some(0)).count() as u64;
+    assert_eq!(done, scored, "no candidate scored twice: {}", v["workers"]);
     // a finished run's workers have left; a new worker is told there is nothing to do
     let (code, _, err) = crate::common::run(&["worker", "--broker", &r.url(), "--run", "scaled"]);
     assert_eq!(code, Some(2), "{err}");

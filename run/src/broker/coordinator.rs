@@ -154,7 +154,17 @@ impl<'w, 'a> BrokerPool<'w, 'a> {
         let cancel = self.cancel.clone();
         let keys = self.keys.clone();
         let finished = self.info.finished;
-        if let Ok(mut list) = retrying(&mut self.conn, "reading the workers", &|| cancel.load(Ordering::Relaxed), |c| worker_statuses(c, &keys))
+        // this process's workers as they are now (the broker has their last heartbeat)
+        let local: Vec<WorkerStatus> = self.board.lock().map(|b| b.clone()).unwrap_or_default();
+        if let Ok(mut list) =
+            retrying(&mut self.conn, "reading the workers", &|| cancel.load(Ordering::Relaxed), |c| worker_statuses(c, &keys)).map(|mut list| {
+                for w in &mut list {
+                    if let Some(l) = local.iter().find(|l| l.name == w.name) {
+                        *w = WorkerStatus { last_seen: now(), ..l.clone() };
+                    }
+                }
+                list
+            })
             && let Ok(text) = serde_json::to_string_pretty(
                 list.iter_mut()
                     .map(|w| {

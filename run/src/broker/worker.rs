@@ -224,25 +224,33 @@ pub fn run_worker(opts: &WorkerOptions, observer: &mut dyn RunObserver) -> Resul
         };
         let t0 = Instant::now();
         let (rt, est) = (s.runtime.as_mut(), s.estimators.as_mut_slice());
-        if let Some(result) = handle(&kind, &keys.run, &name, &taken, rt, est) {
+        let result = handle(&kind, &keys.run, &name, &taken, rt, est);
+        // the status first (so that it counts this candidate once the coordinator has its
+        // result), then the result, then the acknowledgement: a kill between the last two
+        // scores the candidate again (dropped as a duplicate), never loses it
+        let status = board.lock().ok().map(|mut b| {
+            b[0].candidates += u64::from(result.is_some());
+            b[0].busy_seconds += t0.elapsed().as_secs_f64();
+            b[0].last_seen = now();
+            b[0].clone()
+        });
+        if let Some(status) = status {
+            candidates = status.candidates;
+            let json = serde_json::to_string(&status).unwrap_or_default();
+            let _ = conn.with(|c| c.hset::<_, _, _, ()>(keys.workers(), &name, json));
+            if last_line.elapsed() > Duration::from_secs(60) {
+                last_line = Instant::now();
+                observer
+                    .notice(&Notice::Broker(format!("worker {name}: {candidates} candidates scored, busy {:.0} %", status.busy_fraction() * 100.0)));
+            }
+        }
+        if let Some(result) = result {
             let json = serde_json::to_string(&result).unwrap_or_default();
-            // the result first, then the acknowledgement: a kill between the two scores the
-            // candidate again (dropped as a duplicate), never loses it
             let sent = retrying(&mut conn, "sending a result", &give_up, |c| {
                 c.with(|c| c.xadd::<_, _, _, _, ()>(keys.results(), "*", &[("msg", json.as_str())]))
             });
             if sent.is_err() {
                 continue;
-            }
-            candidates += 1;
-        }
-        if let Ok(mut b) = board.lock() {
-            b[0].candidates = candidates;
-            b[0].busy_seconds += t0.elapsed().as_secs_f64();
-            if last_line.elapsed() > Duration::from_secs(60) {
-                last_line = Instant::now();
-                let busy = b[0].busy_seconds / (now() - b[0].joined).max(1e-9);
-                observer.notice(&Notice::Broker(format!("worker {name}: {candidates} candidates scored, busy {:.0} %", busy * 100.0)));
             }
         }
         let _ = retrying(&mut conn, "acknowledging", &give_up, |c| done(c, &keys, &taken.entry));
