@@ -39,22 +39,8 @@ pub struct SearchArgs {
     /// Progress display.
     #[arg(long, value_enum, default_value = "auto")]
     pub progress: SearchProgress,
-    /// Candidates (and calibration merges) scored at once, each on its own copy of the model
-    /// (default or 0: one per core for models up to 32 M parameters on the CPU, where one core
-    /// runs a forward pass as fast as all of them, memory permitting; else 1). With --broker,
-    /// 0 means this process scores no candidate itself. Results do not depend on it.
-    #[arg(long, value_name = "N")]
-    pub workers: Option<usize>,
-    /// One worker per device, e.g. cuda:0,cuda:1,cuda:2 (each GPU holds its own model and merge
-    /// inputs); repeating cpu gives CPU workers (cpu,cpu is --workers 2). Default: the
-    /// experiment's `devices`, else --workers.
-    #[arg(long, value_name = "LIST", value_delimiter = ',', conflicts_with = "workers")]
-    pub devices: Vec<DeviceSpec>,
-    /// Coordinate a scale-out run through a Redis (or Valkey) broker:
-    /// redis://[user:pass@]host:port[/db], rediss:// for TLS. Workers join with
-    /// `evomerge worker --broker URL`; see README "Scale out".
-    #[arg(long, value_name = "URL")]
-    pub broker: Option<String>,
+    #[command(flatten)]
+    pub scoring: Scoring,
     /// Search even though a source model holds NaN or infinite values (refused by default:
     /// every candidate that uses such a tensor fails).
     #[arg(long)]
@@ -71,6 +57,16 @@ pub struct ResumeArgs {
     /// Progress display.
     #[arg(long, value_enum, default_value = "auto")]
     pub progress: SearchProgress,
+    #[command(flatten)]
+    pub scoring: Scoring,
+    /// Continue even though a source model holds NaN or infinite values.
+    #[arg(long)]
+    pub allow_nonfinite: bool,
+}
+
+/// Where a run's candidates are scored (`search` and `resume`).
+#[derive(Debug, Args)]
+pub struct Scoring {
     /// Candidates (and calibration merges) scored at once, each on its own copy of the model
     /// (default or 0: one per core for models up to 32 M parameters on the CPU, where one core
     /// runs a forward pass as fast as all of them, memory permitting; else 1). With --broker,
@@ -87,9 +83,16 @@ pub struct ResumeArgs {
     /// `evomerge worker --broker URL`; see README "Scale out".
     #[arg(long, value_name = "URL")]
     pub broker: Option<String>,
-    /// Continue even though a source model holds NaN or infinite values.
-    #[arg(long)]
-    pub allow_nonfinite: bool,
+}
+
+impl Scoring {
+    /// The run options; `--workers 0` with a broker: score nothing here.
+    fn options(self, allow_nonfinite: bool) -> Result<RunOptions> {
+        let broker = self.broker.as_deref().map(BrokerUrl::parse).transpose()?;
+        let coordinator_only = broker.is_some() && self.workers == Some(0);
+        let workers = self.workers.unwrap_or(0);
+        Ok(RunOptions { workers, cancel: cancel_flag()?, allow_nonfinite, broker, coordinator_only, devices: self.devices })
+    }
 }
 
 /// How `search` reports progress.
@@ -206,13 +209,6 @@ fn interrupted(run_dir: &std::path::Path) -> ! {
     std::process::exit(i32::from(crate::exit::INTERRUPTED));
 }
 
-/// The options of `search` and `resume`; `--workers 0` with a broker: score nothing here.
-fn run_options(workers: Option<usize>, devices: Vec<DeviceSpec>, broker: Option<&str>, allow_nonfinite: bool) -> Result<RunOptions> {
-    let broker = broker.map(BrokerUrl::parse).transpose()?;
-    let coordinator_only = broker.is_some() && workers == Some(0);
-    Ok(RunOptions { workers: workers.unwrap_or(0), cancel: cancel_flag()?, allow_nonfinite, broker, coordinator_only, devices })
-}
-
 pub fn search(args: SearchArgs) -> Result<()> {
     let mut exp = Experiment::load(&args.experiment)?;
     if let Some(s) = args.seed {
@@ -222,7 +218,7 @@ pub fn search(args: SearchArgs) -> Result<()> {
         exp.device = d;
     }
     if args.dry_run {
-        let opts = RunOptions { workers: args.workers.unwrap_or(0), allow_nonfinite: args.allow_nonfinite, ..Default::default() };
+        let opts = RunOptions { workers: args.scoring.workers.unwrap_or(0), allow_nonfinite: args.allow_nonfinite, ..Default::default() };
         let d = evomerge_run::dry_run(exp, &opts)?;
         println!(
             "{}: {} genes, {} objective(s), model {} ({} layers), about {:.2} GiB of memory, candidates merged {}; nothing run",
@@ -240,14 +236,14 @@ pub fn search(args: SearchArgs) -> Result<()> {
         println!("candidates scored {} at a time (--workers)", d.workers);
         return Ok(());
     }
-    let opts = run_options(args.workers, args.devices, args.broker.as_deref(), args.allow_nonfinite)?;
+    let opts = args.scoring.options(args.allow_nonfinite)?;
     let mut progress = Progress::new(args.progress);
     let (run_dir, end) = evomerge_run::start(exp, args.run_dir, &opts, &mut progress)?;
     finish(&run_dir, end, &progress)
 }
 
 pub fn resume(args: ResumeArgs) -> Result<()> {
-    let opts = run_options(args.workers, args.devices, args.broker.as_deref(), args.allow_nonfinite)?;
+    let opts = args.scoring.options(args.allow_nonfinite)?;
     let mut progress = Progress::new(args.progress);
     let end = evomerge_run::resume(&args.run_dir, args.force, &opts, &mut progress)?;
     finish(&RunDir::new(&args.run_dir), end, &progress)

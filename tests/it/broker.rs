@@ -83,16 +83,7 @@ fn free_port() -> u16 {
 
 /// `experiments/search-tiny.toml` with absolute paths and a budget of `evaluations`.
 fn experiment(dir: &Path, evaluations: u64) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let src = root.join("experiments");
-    let text = std::fs::read_to_string(src.join("search-tiny.toml")).expect("experiment");
-    let text = text
-        .replace("max_evaluations = 12", &format!("max_evaluations = {evaluations}"))
-        .replace("\"../", &format!("\"{}/", root.display()))
-        .replace("\"tasks/", &format!("\"{}/", src.join("tasks").display()));
-    let path = dir.join("experiment.toml");
-    std::fs::write(&path, text).expect("write experiment");
-    path
+    crate::common::tiny_experiment(dir, evaluations)
 }
 
 /// Records by candidate id, without timings; every line must parse, and ids are unique.

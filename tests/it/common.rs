@@ -39,6 +39,20 @@ pub fn copy_model(name: &str, dst: &Path) {
     }
 }
 
+/// `experiments/search-tiny.toml` in `dir` with absolute paths and a budget of `evaluations`.
+pub fn tiny_experiment(dir: &Path, evaluations: u64) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = root.join("experiments");
+    let text = std::fs::read_to_string(src.join("search-tiny.toml")).expect("experiment");
+    let text = text
+        .replace("max_evaluations = 12", &format!("max_evaluations = {evaluations}"))
+        .replace("\"../", &format!("\"{}/", root.display()))
+        .replace("\"tasks/", &format!("\"{}/", src.join("tasks").display()));
+    let path = dir.join("experiment.toml");
+    std::fs::write(&path, text).expect("write experiment");
+    path
+}
+
 /// Path to the built `evomerge` binary.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_evomerge"))

@@ -11,18 +11,9 @@ use serde_json::Value;
 
 use crate::common::{bin, run_env, run_ok};
 
+/// `experiments/search-tiny.toml` with absolute paths and a budget of `evaluations`.
 fn experiment(dir: &Path, evaluations: u64) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
-    let text = std::fs::read_to_string(src.join("search-tiny.toml")).expect("experiment");
-    // Same experiment with absolute paths, in the test's directory, another budget.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let text = text
-        .replace("max_evaluations = 12", &format!("max_evaluations = {evaluations}"))
-        .replace("\"../", &format!("\"{}/", root.display()))
-        .replace("\"tasks/", &format!("\"{}/", src.join("tasks").display()));
-    let path = dir.join("experiment.toml");
-    std::fs::write(&path, text).expect("write experiment");
-    path
+    crate::common::tiny_experiment(dir, evaluations)
 }
 
 /// Valid records by candidate id, without timings.
