@@ -203,20 +203,42 @@ pub fn encode_into(dtype: DType, src: &[f32], out: &mut Vec<u8>) {
 
 /// Encodes into `out`, which holds exactly `src.len() × dtype.size()` bytes.
 pub fn encode_to(dtype: DType, src: &[f32], out: &mut [u8]) {
+    encode_chunks(dtype, src, out, |_| true);
+}
+
+/// [`encode_to`], also telling whether every value is finite: each chunk is checked right
+/// after it is encoded, while it is in cache, so the check costs no second pass over memory.
+pub fn encode_to_checked(dtype: DType, src: &[f32], out: &mut [u8]) -> bool {
+    encode_chunks(dtype, src, out, all_finite)
+}
+
+/// No NaN or infinity in `s`: an exponent of all ones, tested branch-free so that it
+/// vectorizes.
+fn all_finite(s: &[f32]) -> bool {
+    s.iter().fold(0u32, |acc, x| acc | u32::from(x.to_bits() & 0x7f80_0000 == 0x7f80_0000)) == 0
+}
+
+fn encode_chunks(dtype: DType, src: &[f32], out: &mut [u8], check: impl Fn(&[f32]) -> bool + Sync) -> bool {
     let sz = dtype.size();
     debug_assert_eq!(out.len(), src.len() * sz);
-    out.par_chunks_mut(CHUNK * sz).zip(src.par_chunks(CHUNK)).for_each(|(dst, s)| match dtype {
-        DType::F32 => dst.copy_from_slice(bytemuck::cast_slice(s)),
-        DType::F16 => encode_half::<f16>(s, dst),
-        DType::BF16 => match bytemuck::try_cast_slice_mut::<u8, u16>(dst) {
-            Ok(d) => f32_slice_to_bf16(s, d),
-            Err(_) => {
-                let mut tmp = vec![0u16; s.len()];
-                f32_slice_to_bf16(s, &mut tmp);
-                dst.iter_mut().zip(tmp.iter().flat_map(|b| b.to_le_bytes())).for_each(|(d, b)| *d = b);
+    out.par_chunks_mut(CHUNK * sz)
+        .zip(src.par_chunks(CHUNK))
+        .map(|(dst, s)| {
+            match dtype {
+                DType::F32 => dst.copy_from_slice(bytemuck::cast_slice(s)),
+                DType::F16 => encode_half::<f16>(s, dst),
+                DType::BF16 => match bytemuck::try_cast_slice_mut::<u8, u16>(dst) {
+                    Ok(d) => f32_slice_to_bf16(s, d),
+                    Err(_) => {
+                        let mut tmp = vec![0u16; s.len()];
+                        f32_slice_to_bf16(s, &mut tmp);
+                        dst.iter_mut().zip(tmp.iter().flat_map(|b| b.to_le_bytes())).for_each(|(d, b)| *d = b);
+                    }
+                },
             }
-        },
-    });
+            check(s)
+        })
+        .reduce(|| true, |a, b| a && b)
 }
 
 /// Writes `src` rounded through `dtype` into `dst` (same length), serially: the per-block
@@ -259,6 +281,22 @@ mod tests {
             round_extend(d, &v, &mut out);
             assert_eq!(out[0], 7.0);
             assert_eq!(&out[1..], &decode(d, &encode(d, &v))[..], "{d:?}");
+        }
+    }
+
+    #[test]
+    fn checked_encoding_finds_nan_and_inf_in_any_chunk_and_encodes_the_same() {
+        let v: Vec<f32> = (0..3 * CHUNK + 5).map(|i| (i as f32 * 0.37).sin() * 1e30).collect();
+        for d in [DType::F32, DType::F16, DType::BF16] {
+            let mut out = vec![0u8; v.len() * d.size()];
+            assert!(encode_to_checked(d, &v, &mut out), "{d}: large finite values are finite");
+            assert_eq!(out, encode(d, &v), "{d}");
+            for (at, bad) in [(0, f32::NAN), (CHUNK + 3, f32::INFINITY), (3 * CHUNK + 4, f32::NEG_INFINITY), (2 * CHUNK - 1, -f32::NAN)] {
+                let mut w = v.clone();
+                w[at] = bad;
+                assert!(!encode_to_checked(d, &w, &mut out), "{d}: {bad} at {at}");
+                assert_eq!(out, encode(d, &w), "{d}");
+            }
         }
     }
 

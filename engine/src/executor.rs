@@ -9,7 +9,6 @@
 //! tokenizer and generation files copied from the donor, the recipe (`mergekit_config.yml`)
 //! and a model card.
 
-use rayon::prelude::*;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -127,12 +126,11 @@ impl PartSender {
         let Ok(mut bytes) = self.recycled.recv() else {
             return false;
         };
-        if *self.warned.borrow() != name && data.par_iter().any(|x| !x.is_finite()) {
+        bytes.resize(data.len() * dtype.size());
+        if !dtype::encode_to_checked(dtype, data, &mut bytes) && *self.warned.borrow() != name {
             tracing::warn!("tensor '{name}' of the merge holds NaN or infinite values (a source holds them, or the merge overflowed)");
             *self.warned.borrow_mut() = name.to_string();
         }
-        bytes.resize(data.len() * dtype.size());
-        dtype::encode_to(dtype, data, &mut bytes);
         self.tx.send(Part { name: name.to_string(), bytes }).is_ok()
     }
 }
