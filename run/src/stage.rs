@@ -195,10 +195,19 @@ impl<'k> Recorder<'k> {
     }
 
     /// Appends `record` (of candidate `c`), keeps the best file, and returns what the
-    /// optimizer is told.
-    fn record(&mut self, c: &Candidate, record: &EvaluationRecord) -> Outcome {
+    /// optimizer is told; `None` when the record could not be written (the disk is full, say):
+    /// the candidate must not be told then, or a resumed run would have lost it (told, yet
+    /// without a record). The run is cancelled and the error returned at the stage's end.
+    fn record(&mut self, c: &Candidate, record: &EvaluationRecord) -> Option<Outcome> {
+        // one write of the whole line: a kill leaves it whole or cut, never split in two
+        let line = serde_json::to_string(record).unwrap_or_default() + "\n";
+        if let Err(e) = self.evals.write_all(line.as_bytes()).and_then(|()| self.evals.sync_data()) {
+            self.write_err.get_or_insert(RunError::Io { path: self.evals_path.clone(), err: e });
+            self.cancel.store(true, Ordering::Relaxed);
+            return None;
+        }
         self.see(record);
-        let outcome = match &record.outcome {
+        Some(match &record.outcome {
             RecordOutcome::Scored(s) => {
                 if s.minimized.len() == 1 && self.best.is_none_or(|b| s.minimized[0] < b) {
                     self.best = Some(s.minimized[0]);
@@ -211,14 +220,7 @@ impl<'k> Recorder<'k> {
                 Outcome::Scored(s.minimized.clone())
             }
             RecordOutcome::Failed(f) => Outcome::Failed(f.clone()),
-        };
-        // one write of the whole line: a kill leaves it whole or cut, never split in two
-        let line = serde_json::to_string(record).unwrap_or_default() + "\n";
-        if let Err(e) = self.evals.write_all(line.as_bytes()).and_then(|()| self.evals.sync_data()) {
-            self.write_err.get_or_insert(RunError::Io { path: self.evals_path.clone(), err: e });
-            self.cancel.store(true, Ordering::Relaxed);
-        }
-        outcome
+        })
     }
 }
 
@@ -275,7 +277,9 @@ pub fn run_stage(
                     },
                 },
             };
-            outcomes.push(rec.record(c, &record));
+            // a record that could not be written ends the batch before its candidate is told
+            let Some(outcome) = rec.record(c, &record) else { break };
+            outcomes.push(outcome);
         }
         outcomes
     };
@@ -372,7 +376,7 @@ impl AsyncObjective for AsyncStage<'_, '_> {
         }
         if let Some((_, (c, record))) = self.ready.pop_first() {
             return match record {
-                Some(r) => Next::Done(c.id, self.rec.record(&c, &r)),
+                Some(r) => self.rec.record(&c, &r).map_or(Next::Cancelled, |o| Next::Done(c.id, o)),
                 None => {
                     // a replay: its genome is told now
                     if let Some(r) = self.rec.earlier.iter().rev().find(|r| r.id == c.id).cloned() {
@@ -386,7 +390,7 @@ impl AsyncObjective for AsyncStage<'_, '_> {
             match self.scorer.next(&self.kind) {
                 AsyncScored::Record(r) => {
                     let Some(c) = self.flight.remove(&r.id) else { continue };
-                    return Next::Done(c.id, self.rec.record(&c, &r));
+                    return self.rec.record(&c, &r).map_or(Next::Cancelled, |o| Next::Done(c.id, o));
                 }
                 AsyncScored::Wider => return Next::Wider,
                 AsyncScored::Cancelled => return Next::Cancelled,
@@ -430,6 +434,25 @@ fn finish_stage(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 23, defect 4: a record that cannot be written (the disk is full) must not be told
+    /// to the optimizer, or a resumed run would have it told and missing.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_record_that_cannot_be_written_is_not_told() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let layout = evomerge_engine::dataflow::DataFlowLayout::new(&[2], &Default::default()).expect("layout");
+        let kind = StageKind::DataFlow { layout: &layout };
+        let cancel = Arc::new(AtomicBool::new(false));
+        let mut rec = Recorder::open(kind, dir.path(), &[], &cancel, &mut crate::Quiet).expect("open");
+        // every write to /dev/full fails with ENOSPC
+        rec.evals = std::fs::OpenOptions::new().append(true).open("/dev/full").expect("/dev/full");
+        let c = Candidate { id: 0, generation: 0, genome: vec![1.0; layout.genes().len()] };
+        let r = crate::evaluate::failed(&c, "x".into());
+        assert_eq!(rec.record(&c, &r), None);
+        assert!(cancel.load(Ordering::Relaxed), "the run is stopped");
+        assert!(matches!(rec.write_err, Some(RunError::Io { .. })));
+    }
 
     #[test]
     fn a_whole_last_record_keeps_its_place_and_a_cut_one_goes() {
