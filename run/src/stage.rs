@@ -91,14 +91,15 @@ fn replayed(r: &EvaluationRecord) -> Outcome {
 /// (only the newline missing) gets its newline; a cut one was never told to the optimizer and
 /// is removed (the file is truncated to the line before), so that every line of the file stays
 /// JSON for `jq` and pandas; its candidate is scored again.
-fn repair_last_line(path: &Path, evals: &mut File, observer: &mut dyn RunObserver) -> Result<()> {
+fn repair_last_line(path: &Path, evals: &mut File, observer: &mut dyn RunObserver) -> Result<Option<Candidate>> {
     let bytes = std::fs::read(path).map_err(RunError::io(path))?;
     if bytes.last().is_none_or(|&c| c == b'\n') {
-        return Ok(());
+        return Ok(None);
     }
     let start = bytes.iter().rposition(|&c| c == b'\n').map_or(0, |i| i + 1);
     if serde_json::from_slice::<EvaluationRecord>(&bytes[start..]).is_ok() {
-        return writeln!(evals).and_then(|()| evals.sync_data()).map_err(RunError::io(path));
+        writeln!(evals).and_then(|()| evals.sync_data()).map_err(RunError::io(path))?;
+        return Ok(None);
     }
     evals.set_len(start as u64).and_then(|()| evals.sync_data()).map_err(RunError::io(path))?;
     observer.notice(&Notice::Warning(format!(
@@ -106,7 +107,15 @@ fn repair_last_line(path: &Path, evals: &mut File, observer: &mut dyn RunObserve
         path.display(),
         bytes.len() - start
     )));
-    Ok(())
+    Ok(cut_candidate(&bytes[start..]))
+}
+
+/// The candidate of a record line cut after its genome (a record starts with its id,
+/// generation and genome).
+fn cut_candidate(line: &[u8]) -> Option<Candidate> {
+    let text = std::str::from_utf8(line).ok()?;
+    let end = text.find("\"genome\":[")? + text[text.find("\"genome\":[")?..].find(']')?;
+    serde_json::from_str(&format!("{}]}}", &text[..end])).ok()
 }
 
 /// What a stage knows of its records: earlier sessions' (replayed), the genomes scored (for
@@ -131,6 +140,8 @@ struct Recorder<'k> {
     cancel: Arc<AtomicBool>,
     /// Earlier sessions' records, in file order.
     earlier: Vec<EvaluationRecord>,
+    /// The candidate of a last line cut by a crash (removed), when its genome was whole.
+    cut: Option<Candidate>,
 }
 
 impl<'k> Recorder<'k> {
@@ -143,7 +154,7 @@ impl<'k> Recorder<'k> {
     ) -> Result<Self> {
         let evals_path = dir.join(EVALUATIONS);
         let mut evals = std::fs::OpenOptions::new().create(true).append(true).open(&evals_path).map_err(RunError::io(&evals_path))?;
-        repair_last_line(&evals_path, &mut evals, observer)?;
+        let cut = repair_last_line(&evals_path, &mut evals, observer)?;
         // every readable line of earlier sessions, read once
         let earlier = read_evaluation_lines(dir);
         let replay: HashMap<u64, (usize, Outcome)> = earlier.iter().enumerate().map(|(i, r)| (r.id, (i, replayed(r)))).collect();
@@ -167,6 +178,7 @@ impl<'k> Recorder<'k> {
             write_err: None,
             cancel: cancel.clone(),
             earlier: vec![],
+            cut,
         };
         // (a repeated line has its id's genome: the first one stands, as it would de-duplicated)
         for r in &earlier {
@@ -238,6 +250,19 @@ pub fn run_stage(
     observer: &mut dyn RunObserver,
 ) -> Result<Termination> {
     let mut rec = Recorder::open(kind, dir, scorer.objectives(), cancel, observer)?;
+    // Reconcile the records with the checkpoint: a candidate told before a crash whose line was
+    // then cut (told, so never asked again) is scored again and recorded.
+    let missing = runner.optimizer().evaluations().saturating_sub(rec.replay.len() as u64);
+    if missing > 0
+        && let Some(c) = rec.cut.take()
+    {
+        observer.notice(&Notice::Warning(format!("candidate {} was told to the optimizer but its record was cut: scoring it again", c.id)));
+        if let Some(r) = scorer.score(&kind, std::slice::from_ref(&c), &[0]).pop() {
+            rec.record(&c, &r);
+            rec.replay.insert(c.id, (usize::MAX, replayed(&r)));
+        }
+    }
+    warn_missing(runner, &rec, observer);
     let replayed_count = rec.replay.len();
     let n_workers = scorer.batch();
     let mut events = EventLog::new(dir, budget, observer);
@@ -302,6 +327,7 @@ pub fn run_stage_async(
     observer: &mut dyn RunObserver,
 ) -> Result<Termination> {
     let rec = Recorder::open(kind, dir, scorer.objectives(), cancel, observer)?;
+    warn_missing(runner, &rec, observer);
     let replayed_count = rec.replay.len();
     let mut events = EventLog::new(dir, budget, observer);
     events.observer.stage_started(kind.stage(), budget);
@@ -399,6 +425,19 @@ impl AsyncObjective for AsyncStage<'_, '_> {
     }
 }
 
+/// Says so when the checkpoint has told the optimizer more candidates than the records hold
+/// (lines removed by hand, or cut before the genome): those are not in the records for good.
+fn warn_missing(runner: &Runner, rec: &Recorder<'_>, observer: &mut dyn RunObserver) {
+    let missing = runner.optimizer().evaluations().saturating_sub(rec.replay.len() as u64);
+    if missing > 0 {
+        observer.notice(&Notice::Warning(format!(
+            "{}: the checkpoint counts {missing} more evaluation(s) than the file records (lines removed or cut); \
+             they cannot be scored again, the search goes on",
+            rec.evals_path.display()
+        )));
+    }
+}
+
 /// The end of a stage: its `finished` event and notice (unless interrupted), or the error.
 fn finish_stage(
     kind: StageKind<'_>,
@@ -462,13 +501,18 @@ mod tests {
         let open = |p: &Path| std::fs::OpenOptions::new().append(true).open(p).expect("open");
         // the newline alone is missing: the record stays (its candidate was scored)
         std::fs::write(&path, format!("{rec}\n{}", rec.replace("\"id\":0", "\"id\":1"))).expect("write");
-        repair_last_line(&path, &mut open(&path), &mut crate::Quiet).expect("repair");
+        assert_eq!(repair_last_line(&path, &mut open(&path), &mut crate::Quiet).expect("repair"), None);
         assert_eq!(read_evaluation_lines(dir.path()).len(), 2);
         assert!(std::fs::read_to_string(&path).expect("read").ends_with("}\n"));
         // cut inside the record: removed, the lines before kept byte for byte
         let before = std::fs::read_to_string(&path).expect("read");
         std::fs::write(&path, format!("{before}{}", &rec[..20])).expect("write");
-        repair_last_line(&path, &mut open(&path), &mut crate::Quiet).expect("repair");
+        assert_eq!(repair_last_line(&path, &mut open(&path), &mut crate::Quiet).expect("repair"), None, "cut inside the genome");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), before);
+        // cut after the genome: its candidate is known
+        std::fs::write(&path, format!("{before}{}", &rec[..50])).expect("write");
+        let c = repair_last_line(&path, &mut open(&path), &mut crate::Quiet).expect("repair");
+        assert_eq!(c, Some(Candidate { id: 0, generation: 0, genome: vec![0.5] }));
         assert_eq!(std::fs::read_to_string(&path).expect("read"), before);
     }
 }

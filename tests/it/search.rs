@@ -85,6 +85,27 @@ fn kill_and_resume_equals_an_uninterrupted_run() {
     }
 }
 
+/// Issue 23, defect 4: a last line cut after its candidate was told (the file cut by hand, or
+/// by a crash of the machine that lost unsynced data) is scored again by `resume`, not lost.
+#[test]
+fn resume_scores_again_a_told_candidate_whose_line_was_cut() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let exp = experiment(tmp.path(), 8);
+    let run = tmp.path().join("run");
+    run_ok(&["search", &exp.display().to_string(), "--run-dir", &run.display().to_string()]);
+    let want = records(&run);
+    let path = run.join("evaluations.jsonl");
+    let text = std::fs::read_to_string(&path).expect("read");
+    let last = text.trim_end().rfind('\n').map_or(0, |i| i + 1);
+    let cut = last + text[last..].find("\"objectives\"").expect("objectives");
+    std::fs::write(&path, &text[..cut]).expect("cut the last line");
+    let (code, _, err) = run_env(&["resume", &run.display().to_string()], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("told to the optimizer but its record was cut"), "{err}");
+    assert_eq!(records(&run), want);
+    assert!(std::fs::read_to_string(&path).expect("read").lines().all(|l| serde_json::from_str::<Value>(l).is_ok()));
+}
+
 fn records_len(run: &Path) -> usize {
     std::fs::read_to_string(run.join("evaluations.jsonl")).map(|t| t.lines().count()).unwrap_or(0)
 }
