@@ -268,3 +268,42 @@ fn a_corrupt_donor_tokenizer_is_refused_not_copied() {
     });
     assert_fails(c, &e, &["tokenizer.json", "not valid JSON"]);
 }
+
+/// `evomerge score` on `dir`: exit code and stderr.
+fn score(dir: &Path) -> (Option<i32>, String) {
+    let (code, _, err) = crate::common::run(&["score", "--model", &dir.display().to_string(), "--token-ids", "1,2,3"]);
+    (code, err)
+}
+
+#[test]
+fn score_checks_a_model_as_merge_does() {
+    // issue 23, defect 8: a Qwen2 config over Llama tensors was refused by merge but run by
+    // score (without the q/k/v biases Qwen2 has); an I32 tensor was reported as missing
+    let t = tempfile::tempdir().expect("tmp");
+    copy_model("llama-tiny-a", &t.path().join("m"));
+    let p = t.path().join("m/config.json");
+    let cfg = std::fs::read_to_string(&p).expect("cfg").replace("LlamaForCausalLM", "Qwen2ForCausalLM").replace("\"llama\"", "\"qwen2\"");
+    std::fs::write(&p, cfg).expect("write");
+    let (c, e) = score(&t.path().join("m"));
+    assert_fails(c, &e, &["self_attn.q_proj.bias"]);
+
+    let t = tempfile::tempdir().expect("tmp");
+    let dir = t.path().join("m");
+    copy_model("llama-tiny-a", &dir);
+    let f = dir.join("model.safetensors");
+    let bytes = std::fs::read(&f).expect("read");
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8")) as usize;
+    let mut h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).expect("json");
+    h["model.layers.1.mlp.up_proj.weight"]["dtype"] = serde_json::json!("I32");
+    let mut hs = serde_json::to_string(&h).expect("ser").into_bytes();
+    while !(hs.len() + 8).is_multiple_of(8) {
+        hs.push(b' ');
+    }
+    let mut out = (hs.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&hs);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(&f, out).expect("write");
+    let (c, e) = score(&dir);
+    assert_fails(c, &e, &["model.layers.1.mlp.up_proj.weight", "I32"]);
+    assert!(!e.contains("missing"), "{e}");
+}

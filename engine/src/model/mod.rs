@@ -269,5 +269,8 @@ fn open_cuda(index: usize, _models: &[ModelSpec<'_>]) -> Result<Box<dyn Language
 /// Opens one checkpoint directory (the common case: `evomerge score --model DIR`).
 pub fn open_dir(device: DeviceSpec, dir: &Path) -> Result<Box<dyn LanguageModel>> {
     let ck = crate::io::Checkpoint::open(dir, dir.display().to_string())?;
+    // the same checks `merge` makes: every tensor the architecture requires, in a dtype we read
+    // (a Qwen2 config over Llama tensors lacks its q/k/v biases)
+    ck.validate()?;
     open(device, &[ModelSpec::from_checkpoint(&ck)])
 }
