@@ -493,6 +493,86 @@ mod tests {
         assert!(matches!(rec.write_err, Some(RunError::Io { .. })));
     }
 
+    /// Fuzzing the replay of `evaluations.jsonl` (issue 23): valid records cut, damaged,
+    /// duplicated, with odd values, then opened as a resumed stage and read as `status` does;
+    /// nothing may panic. `EVOMERGE_FUZZ_CASES` cases (default 1,000).
+    #[test]
+    fn fuzz_evaluations_replay() {
+        use rand_core::{Rng, SeedableRng};
+        let cases: u64 = std::env::var("EVOMERGE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000);
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(6);
+        let mut below = |n: usize| (r.next_u64() % n.max(1) as u64) as usize;
+        let dir = tempfile::tempdir().expect("tmp");
+        let layout = evomerge_engine::dataflow::DataFlowLayout::new(&[2], &Default::default()).expect("layout");
+        let genes = layout.genes().len();
+        let kind = StageKind::DataFlow { layout: &layout };
+        let objectives = [evomerge_fitness::Objective { name: "t/acc".into(), direction: evomerge_search::Direction::Maximize }];
+        let good = |id: u64| {
+            let genome: Vec<String> = (0..genes).map(|g| format!("{}", (id as usize + g) % 2)).collect();
+            format!(
+                r#"{{"id":{id},"generation":0,"genome":[{}],"objectives":{{"t/acc":0.5}},"std_errors":[0.1],"minimized":[-0.5],"items":3,"tokens":9,"seconds":0.1,"materialize_seconds":0.0}}"#,
+                genome.join(",")
+            )
+        };
+        let odd = ["null", "-1", "1e999", "\"x\"", "[]", "{}", "18446744073709551616", "NaN", "[1,2,3]"];
+        let t0 = Instant::now();
+        for case in 0..cases {
+            let mut lines: Vec<String> = (0..1 + below(6) as u64).map(good).collect();
+            for _ in 0..1 + below(3) {
+                let i = below(lines.len());
+                match below(6) {
+                    0 => {
+                        let l = lines[i].clone();
+                        lines.push(l);
+                    }
+                    1 => {
+                        let cut = below(lines[i].len());
+                        lines[i].truncate(cut);
+                    }
+                    2 => {
+                        let field = ["\"id\":", "\"generation\":", "\"minimized\":", "\"items\":", "\"objectives\":", "\"genome\":"][below(6)];
+                        if let Some(at) = lines[i].find(field) {
+                            let end = at + field.len();
+                            let rest = lines[i][end..].find([',', '}']).map_or(lines[i].len(), |e| end + e);
+                            let v = odd[below(odd.len())];
+                            lines[i].replace_range(end..rest, v);
+                        }
+                    }
+                    3 => {
+                        let mut b = std::mem::take(&mut lines[i]).into_bytes();
+                        if !b.is_empty() {
+                            let at = below(b.len());
+                            b[at] ^= 1 << below(8);
+                        }
+                        lines[i] = String::from_utf8_lossy(&b).into_owned();
+                    }
+                    4 => lines.insert(i, String::new()),
+                    _ => {}
+                }
+            }
+            let mut text = lines.join("\n");
+            if below(2) == 0 {
+                text.push('\n');
+            }
+            std::fs::write(dir.path().join(EVALUATIONS), &text).expect("write");
+            let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let cancel = Arc::new(AtomicBool::new(false));
+                if let Ok(rec) = Recorder::open(kind, dir.path(), &objectives, &cancel, &mut crate::Quiet) {
+                    for c in (0..8).map(|id| Candidate { id, generation: 0, genome: vec![1.0; genes] }) {
+                        let _ = rec.replayed(c.id);
+                        let _ = rec.repeat(&c);
+                    }
+                }
+                let _ = crate::run_dir::read_evaluations(dir.path());
+                let recs = crate::RunDir::new(dir.path()).evaluations();
+                let _ = crate::best_by_mean(&recs);
+                let _ = crate::ranked(&recs);
+            }));
+            assert!(opened.is_ok(), "case {case} panicked on:\n{text}");
+        }
+        eprintln!("fuzz replay: {cases} cases in {:.1} s", t0.elapsed().as_secs_f64());
+    }
+
     #[test]
     fn a_whole_last_record_keeps_its_place_and_a_cut_one_goes() {
         let dir = tempfile::tempdir().expect("tmp");

@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod estimate;
 mod eval;
+mod fuzz;
 mod genome;
 mod merge_parity;
 mod merge_props;
