@@ -321,7 +321,10 @@ fn fuzz_mergekit_yaml() {
                             lines[i] = format!("{k}: {}", values[below(r, values.len())]);
                         }
                     }
-                    3 => lines[i] = lines[i].replace(methods[below(r, methods.len())], methods[below(r, methods.len())]),
+                    3 => {
+                        let (from, to) = (methods[below(r, methods.len())], methods[below(r, methods.len())]);
+                        lines[i] = lines[i].replace(from, to);
+                    }
                     _ => lines[i] = format!("{}{}", " ".repeat(below(r, 4)), lines[i].trim_start()),
                 }
                 if lines.is_empty() {
