@@ -45,15 +45,15 @@ pub fn config_hash(text: &str) -> String {
 /// order, one per candidate id (the first); unreadable lines are skipped. Empty when there is
 /// no file.
 pub fn read_evaluations(dir: &Path) -> Vec<EvaluationRecord> {
-    let text = std::fs::read_to_string(dir.join(EVALUATIONS)).unwrap_or_default();
     let mut seen = HashSet::new();
-    text.lines().filter_map(|l| serde_json::from_str::<EvaluationRecord>(l).ok()).filter(|r| seen.insert(r.id)).collect()
+    read_evaluation_lines(dir).into_iter().filter(|r| seen.insert(r.id)).collect()
 }
 
-/// Every readable line of `dir/evaluations.jsonl`, repeats included (what replay reads).
+/// Every readable line of `dir/evaluations.jsonl`, repeats included (what replay reads). Read
+/// as bytes, line by line: a damaged line (even invalid UTF-8) costs that line, not the file.
 pub(crate) fn read_evaluation_lines(dir: &Path) -> Vec<EvaluationRecord> {
-    let text = std::fs::read_to_string(dir.join(EVALUATIONS)).unwrap_or_default();
-    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    let bytes = std::fs::read(dir.join(EVALUATIONS)).unwrap_or_default();
+    bytes.split(|&b| b == b'\n').filter_map(|l| serde_json::from_slice(l).ok()).collect()
 }
 
 /// A run directory written by `evomerge search`.

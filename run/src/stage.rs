@@ -517,7 +517,7 @@ mod tests {
         let odd = ["null", "-1", "1e999", "\"x\"", "[]", "{}", "18446744073709551616", "NaN", "[1,2,3]"];
         let t0 = Instant::now();
         for case in 0..cases {
-            let mut lines: Vec<String> = (0..1 + below(6) as u64).map(good).collect();
+            let mut lines: Vec<Vec<u8>> = (0..1 + below(6) as u64).map(|id| good(id).into_bytes()).collect();
             for _ in 0..1 + below(3) {
                 let i = below(lines.len());
                 match below(6) {
@@ -531,28 +531,28 @@ mod tests {
                     }
                     2 => {
                         let field = ["\"id\":", "\"generation\":", "\"minimized\":", "\"items\":", "\"objectives\":", "\"genome\":"][below(6)];
-                        if let Some(at) = lines[i].find(field) {
+                        let text = String::from_utf8_lossy(&lines[i]).into_owned();
+                        if let Some(at) = text.find(field) {
                             let end = at + field.len();
-                            let rest = lines[i][end..].find([',', '}']).map_or(lines[i].len(), |e| end + e);
+                            let rest = text[end..].find([',', '}']).map_or(text.len(), |e| end + e);
                             let v = odd[below(odd.len())];
-                            lines[i].replace_range(end..rest, v);
+                            let mut t = text;
+                            t.replace_range(end..rest, v);
+                            lines[i] = t.into_bytes();
                         }
                     }
-                    3 => {
-                        let mut b = std::mem::take(&mut lines[i]).into_bytes();
-                        if !b.is_empty() {
-                            let at = below(b.len());
-                            b[at] ^= 1 << below(8);
-                        }
-                        lines[i] = String::from_utf8_lossy(&b).into_owned();
+                    3 if !lines[i].is_empty() => {
+                        // any byte, invalid UTF-8 included
+                        let at = below(lines[i].len());
+                        lines[i][at] ^= 1 << below(8);
                     }
-                    4 => lines.insert(i, String::new()),
+                    4 => lines.insert(i, vec![]),
                     _ => {}
                 }
             }
-            let mut text = lines.join("\n");
+            let mut text = lines.join(&b'\n');
             if below(2) == 0 {
-                text.push('\n');
+                text.push(b'\n');
             }
             std::fs::write(dir.path().join(EVALUATIONS), &text).expect("write");
             let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -568,9 +568,22 @@ mod tests {
                 let _ = crate::best_by_mean(&recs);
                 let _ = crate::ranked(&recs);
             }));
-            assert!(opened.is_ok(), "case {case} panicked on:\n{text}");
+            assert!(opened.is_ok(), "case {case} panicked on:\n{}", String::from_utf8_lossy(&text));
         }
         eprintln!("fuzz replay: {cases} cases in {:.1} s", t0.elapsed().as_secs_f64());
+    }
+
+    /// Found by the replay fuzzer: one byte of invalid UTF-8 in `evaluations.jsonl` used to
+    /// make the whole file read as empty (every candidate scored again on resume).
+    #[test]
+    fn a_damaged_byte_costs_its_line_not_the_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let rec = |id: u64| format!(r#"{{"id":{id},"generation":0,"genome":[0.5],"failure":"x","seconds":0.1}}"#);
+        let mut bytes = format!("{}\n{}\n{}\n", rec(0), rec(1), rec(2)).into_bytes();
+        let at = bytes.iter().position(|&b| b == b'x').expect("x");
+        bytes[at] = 0xFF;
+        std::fs::write(dir.path().join(EVALUATIONS), bytes).expect("write");
+        assert_eq!(read_evaluation_lines(dir.path()).iter().map(|r| r.id).collect::<Vec<_>>(), vec![1, 2]);
     }
 
     #[test]
