@@ -218,6 +218,23 @@ impl Default for OptimizerSpec {
     }
 }
 
+/// `path` with `.` and `dir/..` pairs removed, without touching the filesystem (the folder
+/// may not exist yet): `experiments/../runs` is `runs`.
+fn lexically_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    if out.as_os_str().is_empty() { PathBuf::from(".") } else { out }
+}
+
 impl Experiment {
     /// Reads and checks an experiment file; relative paths become relative to its folder.
     pub fn load(path: &Path) -> Result<Self> {
@@ -281,7 +298,7 @@ impl Experiment {
             }
         }
         if e.run_root.is_relative() {
-            e.run_root = base.join(&e.run_root);
+            e.run_root = lexically_normal(&base.join(&e.run_root));
         }
         e.check_settings().map_err(|why| RunError::Experiment(format!("{}: {why}", path.display())))?;
         if e.objectives.is_empty() {

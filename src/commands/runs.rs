@@ -170,6 +170,9 @@ fn print_workers(workers: &[broker::WorkerStatus]) {
     }
 }
 
+/// What `--pick` takes, for its errors.
+const PICKS: &str = "expected best, a candidate id, front:K (K-th member of the Pareto front), dfs:best or dfs:ID (the data-flow stage)";
+
 pub fn export(args: ExportArgs) -> Result<()> {
     if let Some(p) = args.pick.strip_prefix("dfs:") {
         return export_dataflow(&args, p);
@@ -182,11 +185,11 @@ pub fn export(args: ExportArgs) -> Result<()> {
         // minimized objective (with several objectives, front:0 is only the first one's best).
         "best" => best_by_mean(&recs).context("no scored candidate in the run yet")?,
         p if p.starts_with("front:") => {
-            let k: usize = p[6..].parse().with_context(|| format!("'{p}': expected front:K"))?;
+            let Ok(k) = p[6..].parse::<usize>() else { bail!("--pick '{p}': {PICKS}") };
             ranked.get(k).copied().with_context(|| format!("the front has {} members", ranked.len()))?
         }
         id => {
-            let id: u64 = id.parse().with_context(|| format!("--pick '{id}': expected best, front:K or a candidate id"))?;
+            let Ok(id) = id.parse::<u64>() else { bail!("--pick '{id}': {PICKS}") };
             recs.iter().find(|r| r.id == id).with_context(|| format!("no candidate {id} in the run"))?
         }
     };
@@ -252,7 +255,7 @@ fn export_dataflow(args: &ExportArgs, pick: &str) -> Result<()> {
     let rec = match pick {
         "best" => best_by_mean(&recs).context("no scored data-flow candidate yet")?,
         id => {
-            let id: u64 = id.parse().with_context(|| format!("--pick dfs:{id}: expected dfs:best or dfs:ID"))?;
+            let Ok(id) = id.parse::<u64>() else { bail!("--pick 'dfs:{id}': {PICKS}") };
             recs.iter().find(|r| r.id == id).with_context(|| format!("no data-flow candidate {id}"))?
         }
     };

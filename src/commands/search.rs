@@ -64,6 +64,11 @@ pub struct ResumeArgs {
     pub allow_nonfinite: bool,
 }
 
+/// A byte count for people: GiB from 1 GiB up, else MiB.
+fn bytes(b: u64) -> String {
+    if b >= 1 << 30 { format!("{:.2} GiB", gib(b)) } else { format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20)) }
+}
+
 /// Where a run's candidates are scored (`search` and `resume`).
 #[derive(Debug, Args)]
 pub struct Scoring {
@@ -221,13 +226,13 @@ pub fn search(args: SearchArgs) -> Result<()> {
         let opts = RunOptions { workers: args.scoring.workers.unwrap_or(0), allow_nonfinite: args.allow_nonfinite, ..Default::default() };
         let d = evomerge_run::dry_run(exp, &opts)?;
         println!(
-            "{}: {} genes, {} objective(s), model {} ({} layers), about {:.2} GiB of memory, candidates merged {}; nothing run",
+            "{}: {} genes, {} objective(s), model {} ({} layers), about {} of memory, candidates merged {}; nothing run",
             d.name,
             d.genes,
             d.objectives,
             d.model.display(),
             d.layers,
-            gib(d.memory),
+            bytes(d.memory),
             if d.in_place { "in place (inputs held in the model's layout)" } else { "from the memory-mapped checkpoints" }
         );
         if let Some(n) = d.calibration_merges {

@@ -179,6 +179,13 @@ fn nsga2_finds_a_front_that_status_lists_and_export_writes() {
         }
     }
     let out = tmp.path().join("front0");
+    // a --pick that is none of the forms lists them all (issue 24: it showed a parse error and
+    // left out the dfs: forms)
+    for bad in ["front:x", "nonsense"] {
+        let (code, _, err) = crate::common::run(&["export", &run.display().to_string(), "--pick", bad, "--out", &out.display().to_string()]);
+        assert_eq!(code, Some(2));
+        assert!(err.contains("front:K") && err.contains("dfs:best") && !err.contains("invalid digit"), "{err}");
+    }
     run_ok(&["export", &run.display().to_string(), "--pick", "front:0", "--out", &out.display().to_string()]);
     let card = std::fs::read_to_string(out.join("README.md")).expect("card");
     assert!(card.contains("text_ppl/perplexity") && card.contains("arc_question_ppl/perplexity"), "{card}");
@@ -266,7 +273,8 @@ fn bad_experiments_are_clear_errors() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("GiB of memory") && err.contains("available"), "{err}");
     let dry = run_ok(&["search", &exp.display().to_string(), "--dry-run"]);
-    assert!(dry.contains("GiB of memory") && dry.contains("nothing run"), "{dry}");
+    // a tiny model's figure in MiB (issue 24: it read "about 0.00 GiB")
+    assert!(dry.contains("MiB of memory") && dry.contains("nothing run") && !dry.contains("0.00 GiB"), "{dry}");
 }
 
 /// The tiny experiment plus a data-flow stage over the best merge and both fixture models.
