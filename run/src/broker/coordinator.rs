@@ -335,22 +335,19 @@ impl Scorer for BrokerPool<'_, '_> {
             })
             .collect();
         let slot_of: HashMap<u64, usize> = wanted.iter().enumerate().map(|(k, t)| (t.id, k)).collect();
-        let got: Mutex<Vec<Option<EvaluationRecord>>> = Mutex::new(vec![None; wanted.len()]);
+        let mut got: Vec<Option<EvaluationRecord>> = vec![None; wanted.len()];
         let mut published = false;
         let mut checked = Instant::now();
         loop {
-            let missing: Vec<TaskMsg> = {
-                let mut g = got.lock().unwrap_or_else(PoisonError::into_inner);
-                for (k, t) in wanted.iter().enumerate() {
-                    if g[k].is_none()
-                        && let Some((fp, r)) = self.results.arrived.get(&(stage.to_string(), t.id))
-                        && *fp == t.fingerprint
-                    {
-                        g[k] = Some(r.clone());
-                    }
+            for (k, t) in wanted.iter().enumerate() {
+                if got[k].is_none()
+                    && let Some((fp, r)) = self.results.arrived.get(&(stage.to_string(), t.id))
+                    && *fp == t.fingerprint
+                {
+                    got[k] = Some(r.clone());
                 }
-                wanted.iter().zip(g.iter()).filter(|(_, r)| r.is_none()).map(|(t, _)| t.clone()).collect()
-            };
+            }
+            let missing: Vec<TaskMsg> = wanted.iter().zip(&got).filter(|(_, r)| r.is_none()).map(|(t, _)| t.clone()).collect();
             if missing.is_empty() || give_up() {
                 break;
             }
@@ -361,10 +358,9 @@ impl Scorer for BrokerPool<'_, '_> {
                 published = retrying(&mut self.conn, "publishing candidates", &give_up, |c| publish(c, &keys, stage, &missing)).is_ok();
             }
             if !self.local.is_empty() {
-                let mut g = got.lock().unwrap_or_else(PoisonError::into_inner);
                 for r in self.drain_local(kind, false) {
                     if let Some(&slot) = slot_of.get(&r.id) {
-                        g[slot].get_or_insert(r);
+                        got[slot].get_or_insert(r);
                     }
                 }
             }
@@ -373,7 +369,6 @@ impl Scorer for BrokerPool<'_, '_> {
             let _ = retrying(&mut self.conn, "reading results", &give_up, |c| read_results(c, &keys, results, block));
         }
         self.write_workers_file();
-        let got = got.into_inner().unwrap_or_else(PoisonError::into_inner);
         got.into_iter().map_while(|r| r).collect()
     }
 }
