@@ -86,21 +86,10 @@ fn shape_mismatch_names_the_tensor() {
     let (c, e) = fail(&with_a("{T}/m"), |t| {
         let dir = t.join("m");
         copy_model("llama-tiny-a", &dir);
-        let f = dir.join("model.safetensors");
-        let bytes = std::fs::read(&f).expect("read");
-        let n = u64::from_le_bytes(bytes[..8].try_into().expect("8")) as usize;
-        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).expect("json");
         // rewrite one tensor's shape [128, 64] -> [64, 128] (same byte size)
-        let mut h = header.clone();
-        h["model.layers.1.mlp.up_proj.weight"]["shape"] = serde_json::json!([64, 128]);
-        let mut hs = serde_json::to_string(&h).expect("ser").into_bytes();
-        while !(hs.len() + 8).is_multiple_of(8) {
-            hs.push(b' ');
-        }
-        let mut out = (hs.len() as u64).to_le_bytes().to_vec();
-        out.extend_from_slice(&hs);
-        out.extend_from_slice(&bytes[8 + n..]);
-        std::fs::write(&f, out).expect("write");
+        crate::common::edit_safetensors_header(&dir.join("model.safetensors"), |h| {
+            h["model.layers.1.mlp.up_proj.weight"]["shape"] = serde_json::json!([64, 128]);
+        });
     });
     assert_fails(c, &e, &["model.layers.1.mlp.up_proj.weight", "[64, 128]", "[128, 64]"]);
 }
@@ -290,19 +279,9 @@ fn score_checks_a_model_as_merge_does() {
     let t = tempfile::tempdir().expect("tmp");
     let dir = t.path().join("m");
     copy_model("llama-tiny-a", &dir);
-    let f = dir.join("model.safetensors");
-    let bytes = std::fs::read(&f).expect("read");
-    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8")) as usize;
-    let mut h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).expect("json");
-    h["model.layers.1.mlp.up_proj.weight"]["dtype"] = serde_json::json!("I32");
-    let mut hs = serde_json::to_string(&h).expect("ser").into_bytes();
-    while !(hs.len() + 8).is_multiple_of(8) {
-        hs.push(b' ');
-    }
-    let mut out = (hs.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&hs);
-    out.extend_from_slice(&bytes[8 + n..]);
-    std::fs::write(&f, out).expect("write");
+    crate::common::edit_safetensors_header(&dir.join("model.safetensors"), |h| {
+        h["model.layers.1.mlp.up_proj.weight"]["dtype"] = serde_json::json!("I32");
+    });
     let (c, e) = score(&dir);
     assert_fails(c, &e, &["model.layers.1.mlp.up_proj.weight", "I32"]);
     assert!(!e.contains("missing"), "{e}");

@@ -53,6 +53,23 @@ pub fn tiny_experiment(dir: &Path, evaluations: u64) -> PathBuf {
     path
 }
 
+/// Rewrites the JSON header of the safetensors file `f` with `edit` (padded to 8 bytes, the
+/// data section kept as it is).
+pub fn edit_safetensors_header(f: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = std::fs::read(f).expect("read");
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8")) as usize;
+    let mut h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).expect("json");
+    edit(&mut h);
+    let mut hs = serde_json::to_string(&h).expect("ser").into_bytes();
+    while !(hs.len() + 8).is_multiple_of(8) {
+        hs.push(b' ');
+    }
+    let mut out = (hs.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&hs);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(f, out).expect("write");
+}
+
 /// Path to the built `evomerge` binary.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_evomerge"))
