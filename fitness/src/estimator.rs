@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::estimators::sim::random_items;
 use crate::estimators::{AnchorPoints, Estimate, Irt, IrtConfig, Responses, weighted_mean};
-use crate::tasks::{ItemResult, Kind, ResultCache, SpecError, Task, TaskError};
+use crate::tasks::{EvalOptions, ItemResult, Kind, ResultCache, SpecError, Task, TaskError};
 
 /// A named objective.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,7 +44,11 @@ pub struct Fitness {
     pub std_errors: Vec<f64>,
     /// Items scored for this candidate (cache hits excluded).
     pub items: usize,
+    /// Tokens run through the model (a shared prefix counted once).
     pub tokens: usize,
+    /// What `tokens` would have been without prefix sharing.
+    #[serde(default)]
+    pub tokens_unshared: usize,
     pub seconds: f64,
     /// Item-level results (the replayable record).
     pub records: Vec<ItemResult>,
@@ -118,7 +122,7 @@ pub struct TaskEstimator {
     task: Task,
     tok: Tokenizer,
     prefix: u32,
-    batch_size: usize,
+    opts: EvalOptions,
     objectives: Vec<Objective>,
     items: Vec<usize>,
     fitted: Fitted,
@@ -177,7 +181,7 @@ impl TaskEstimator {
             name: format!("{}/{}", spec.name, spec.metric.name.name()),
             direction: if spec.metric.name.higher_is_better() { Direction::Maximize } else { Direction::Minimize },
         }];
-        Ok(Self { task, tok, prefix, batch_size: 8, objectives, items, fitted, cache: ResultCache::default() })
+        Ok(Self { task, tok, prefix, opts: EvalOptions::default(), objectives, items, fitted, cache: ResultCache::default() })
     }
 
     /// The items a candidate is scored on.
@@ -227,8 +231,7 @@ impl FitnessEstimator for TaskEstimator {
     fn evaluate(&mut self, model: &mut dyn LanguageModel, fingerprint: &str) -> Result<Fitness, TaskError> {
         let t0 = Instant::now();
         let before = self.cache.len();
-        let (records, tokens) =
-            self.task.evaluate_cached(model, &self.tok, self.prefix, &self.items, self.batch_size, &mut self.cache, fingerprint)?;
+        let (records, tokens) = self.task.evaluate_cached(model, &self.tok, self.prefix, &self.items, &self.opts, &mut self.cache, fingerprint)?;
         let scored = self.cache.len() - before;
         let (value, se) = if self.task.spec.kind == Kind::Perplexity {
             let r = self.task.aggregate(records.clone(), tokens, 0.0);
@@ -238,7 +241,15 @@ impl FitnessEstimator for TaskEstimator {
             let e = self.estimate(&scores);
             (e.value, e.std_error)
         };
-        Ok(Fitness { values: vec![value], std_errors: vec![se], items: scored, tokens, seconds: t0.elapsed().as_secs_f64(), records })
+        Ok(Fitness {
+            values: vec![value],
+            std_errors: vec![se],
+            items: scored,
+            tokens: tokens.run,
+            tokens_unshared: tokens.unshared,
+            seconds: t0.elapsed().as_secs_f64(),
+            records,
+        })
     }
 }
 

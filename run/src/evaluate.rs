@@ -99,6 +99,7 @@ struct Scored {
     std_errors: Vec<f64>,
     items: usize,
     tokens: usize,
+    tokens_unshared: usize,
 }
 
 /// Scores candidate `c` with `runtime` and `estimators` (one worker): merge it into (or route)
@@ -122,13 +123,14 @@ pub fn evaluate(kind: &StageKind<'_>, c: &Candidate, runtime: &mut dyn LanguageM
             }
         }
         materialize_seconds = t0.elapsed().as_secs_f64();
-        let mut s = Scored { values: vec![], std_errors: vec![], items: 0, tokens: 0 };
+        let mut s = Scored { values: vec![], std_errors: vec![], items: 0, tokens: 0, tokens_unshared: 0 };
         for e in estimators.iter_mut() {
             let f = e.evaluate(runtime, &fp)?;
             s.values.extend(&f.values);
             s.std_errors.extend(&f.std_errors);
             s.items += f.items;
             s.tokens += f.tokens;
+            s.tokens_unshared += f.tokens_unshared;
         }
         Ok(s)
     })();
@@ -152,7 +154,7 @@ pub fn repeat(kind: &StageKind<'_>, c: &Candidate, objectives: &[Objective], val
     let mut path = None;
     let result = kind.path_text(&c.genome).map(|p| {
         path = p;
-        Scored { values, std_errors, items: 0, tokens: 0 }
+        Scored { values, std_errors, items: 0, tokens: 0, tokens_unshared: 0 }
     });
     record(c, objectives, result, t0, 0.0, path)
 }
@@ -176,6 +178,7 @@ fn record(
                 minimized,
                 items: s.items,
                 tokens: s.tokens,
+                tokens_unshared: s.tokens_unshared,
                 materialize_seconds,
                 path,
             })

@@ -86,9 +86,12 @@ pub struct Scores {
     pub std_errors: Vec<f64>,
     /// The values the optimizer minimized (`Direction::to_minimized`).
     pub minimized: Vec<f64>,
-    /// Items and tokens scored for this candidate (0 for a repeat of an earlier genome).
+    /// Items and tokens scored for this candidate (0 for a repeat of an earlier genome):
+    /// tokens really run through the model, and what they would have been with no prefix
+    /// shared (0 in records written before prefix sharing, which do not have the key).
     pub items: usize,
     pub tokens: usize,
+    pub tokens_unshared: usize,
     /// Seconds spent merging (or routing) the candidate.
     pub materialize_seconds: f64,
     /// A data-flow candidate's path in words.
@@ -153,7 +156,7 @@ impl Serialize for EvaluationRecord {
         // Key order as the files have it: scored and failed records differ in their keys.
         match &self.outcome {
             RecordOutcome::Scored(sc) => {
-                let mut m = s.serialize_map(Some(12))?;
+                let mut m = s.serialize_map(Some(12 + usize::from(sc.tokens_unshared > 0)))?;
                 m.serialize_entry("id", &self.id)?;
                 m.serialize_entry("generation", &self.generation)?;
                 m.serialize_entry("genome", &self.genome)?;
@@ -162,6 +165,9 @@ impl Serialize for EvaluationRecord {
                 m.serialize_entry("minimized", &sc.minimized)?;
                 m.serialize_entry("items", &sc.items)?;
                 m.serialize_entry("tokens", &sc.tokens)?;
+                if sc.tokens_unshared > 0 {
+                    m.serialize_entry("tokens_unshared", &sc.tokens_unshared)?;
+                }
                 m.serialize_entry("seconds", &self.seconds)?;
                 m.serialize_entry("materialize_seconds", &sc.materialize_seconds)?;
                 m.serialize_entry("path", &sc.path)?;
@@ -199,6 +205,8 @@ struct RawRecord {
     items: usize,
     #[serde(default)]
     tokens: usize,
+    #[serde(default)]
+    tokens_unshared: usize,
     #[serde(default, deserialize_with = "nan_if_null")]
     seconds: f64,
     #[serde(default, deserialize_with = "nan_if_null")]
@@ -224,6 +232,7 @@ impl<'de> Deserialize<'de> for EvaluationRecord {
                 std_errors: r.std_errors,
                 items: r.items,
                 tokens: r.tokens,
+                tokens_unshared: r.tokens_unshared,
                 materialize_seconds: r.materialize_seconds,
                 path: r.path,
             }),

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use evomerge_engine::io::{ModelConfig, resolve_model};
 use evomerge_engine::model::{self, DeviceSpec, Tokenizer};
-use evomerge_fitness::tasks::{EvalOptions, Task, TaskSpec};
+use evomerge_fitness::tasks::{EvalOptions, FewshotSampler, Task, TaskSpec};
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:\n  evomerge eval --model merged/ --task arc_challenge --data ARC-Challenge/test-00000-of-00001.parquet\n  \
@@ -32,6 +32,18 @@ pub struct EvalArgs {
     /// Evaluate only the first N items.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Few-shot examples per item (overrides the task file's prompt.fewshot).
+    #[arg(long, value_name = "N")]
+    pub fewshot: Option<usize>,
+    /// How the few-shot examples are chosen: per_item (seeded draw per item) or first_n (the
+    /// same first N for every item, lm-eval's first_n sampler); overrides the task file.
+    #[arg(long, value_name = "SAMPLER", value_parser = parse_sampler)]
+    pub fewshot_sampler: Option<FewshotSampler>,
+    /// Run every request in full instead of running shared prefixes once (to measure what
+    /// sharing saves; results agree up to float rounding). EVOMERGE_PREFIX_SHARING=0 does the
+    /// same for every command.
+    #[arg(long)]
+    pub no_prefix_sharing: bool,
     /// Sequences per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -43,8 +55,22 @@ pub struct EvalArgs {
     pub device: DeviceSpec,
 }
 
+fn parse_sampler(s: &str) -> Result<FewshotSampler, String> {
+    match s {
+        "per_item" => Ok(FewshotSampler::PerItem),
+        "first_n" => Ok(FewshotSampler::FirstN),
+        _ => Err(format!("'{s}' is not a few-shot sampler: per_item or first_n")),
+    }
+}
+
 pub fn run(args: EvalArgs) -> Result<()> {
-    let spec = TaskSpec::load(&args.task).map_err(anyhow::Error::msg)?;
+    let mut spec = TaskSpec::load(&args.task).map_err(anyhow::Error::msg)?;
+    if let Some(n) = args.fewshot {
+        spec.prompt.fewshot = n;
+    }
+    if let Some(s) = args.fewshot_sampler {
+        spec.prompt.fewshot_sampler = s;
+    }
     let task = Task::load(spec, args.data.as_deref(), args.fewshot_data.as_deref())?;
     for s in &task.skipped {
         eprintln!("warning: skipped {s}");
@@ -54,7 +80,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let cfg = ModelConfig::from_dir(&dir)?;
     let prefix = cfg.prefix_token();
     let mut m = model::open_dir(args.device, &dir).with_context(|| format!("opening model '{}'", args.model))?;
-    let opts = EvalOptions { limit: args.limit, batch_size: args.batch_size.max(1) };
+    let share_prefix = !args.no_prefix_sharing && evomerge_fitness::tasks::share_prefix_default();
+    let opts = EvalOptions { limit: args.limit, batch_size: args.batch_size.max(1), share_prefix };
     let r = task.evaluate(m.as_mut(), &tok, prefix, &opts)?;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -62,12 +89,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
     }
     let se = r.stderr.map(|s| format!(" ± {s:.4}")).unwrap_or_default();
     println!(
-        "{}: {} = {:.4}{se}  ({} items, {} tokens, {:.1} s; {} is better)",
+        "{}: {} = {:.4}{se}  ({} items, {} tokens run ({:.0} % of {} unshared), {:.1} s; {} is better)",
         r.task,
         r.metric,
         r.value,
         r.n,
         r.tokens,
+        100.0 * r.tokens as f64 / r.tokens_unshared.max(1) as f64,
+        r.tokens_unshared,
         r.seconds,
         if r.higher_is_better { "higher" } else { "lower" }
     );

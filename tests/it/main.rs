@@ -15,4 +15,5 @@ mod model_parity;
 mod model_ref;
 mod resident;
 mod search;
+mod shared_prefix;
 mod zoo;

@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::common::{fixtures, load};
 
 /// A model as plain f64 arrays.
-struct RefModel {
+pub(crate) struct RefModel {
     cfg: ModelConfig,
     t: BTreeMap<String, Vec<f64>>,
 }
@@ -238,7 +238,7 @@ fn qwen2_qwen3_and_mistral_features_agree_with_the_reference() {
     }
 }
 
-fn two_models() -> (Box<dyn LanguageModel>, Vec<RefModel>) {
+pub(crate) fn two_models() -> (Box<dyn LanguageModel>, Vec<RefModel>) {
     let f = fixtures().join("models");
     let (a, b) = (f.join("llama-tiny-a"), f.join("llama-tiny-b"));
     let (ca, cb) = (Checkpoint::open(&a, "a").expect("a"), Checkpoint::open(&b, "b").expect("b"));
@@ -247,7 +247,7 @@ fn two_models() -> (Box<dyn LanguageModel>, Vec<RefModel>) {
     (m, vec![RefModel::open(&a), RefModel::open(&b)])
 }
 
-fn dfs_path() -> LayerPath {
+pub(crate) fn dfs_path() -> LayerPath {
     LayerPath {
         embed_model: 0,
         head_model: 0,
@@ -283,7 +283,9 @@ fn data_flow_path_matches_the_reference_and_generates_through_the_cache() {
 
     // Greedy generation with the per-hop KV cache == argmax of full recomputation.
     let prompt = IDS[..6].to_vec();
-    let out = m.generate(std::slice::from_ref(&prompt), &GenerateOptions { max_new_tokens: 6, eos: vec![] }, &|_, _| false).expect("generate");
+    let out = m
+        .generate(std::slice::from_ref(&prompt), &GenerateOptions { max_new_tokens: 6, eos: vec![], share_prefix: false }, &|_, _| false)
+        .expect("generate");
     let mut seq = prompt.clone();
     let v = m.info().dims.vocab;
     for _ in 0..6 {

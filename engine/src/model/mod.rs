@@ -62,6 +62,10 @@ pub struct GenerateOptions {
     pub max_new_tokens: usize,
     /// Token ids that end a generation (kept out of the output).
     pub eos: Vec<u32>,
+    /// Run the prefix that most prompts share once and start every prompt from its keys and
+    /// values (several prompts only; the greedy ids are those of unshared generation up to
+    /// float rounding).
+    pub share_prefix: bool,
 }
 
 /// Why a generation ended.
@@ -175,6 +179,18 @@ pub trait LanguageModel: Send {
     /// Log-likelihoods of continuations, `batch_size` sequences per forward pass (sorted by
     /// length so that padding is small). Results are in request order.
     fn score(&mut self, requests: &[ScoreRequest], batch_size: usize) -> Result<Vec<ScoreResult>>;
+
+    /// [`score`](Self::score) with every prefix that several requests share run through the
+    /// model once: a common root (a fixed few-shot prefix) once per call, each distinct
+    /// context once, and only the continuations after it per request (single-token
+    /// continuations read off the context's last position). Results agree with `score` up to
+    /// float rounding (other matrix shapes sum in another order). `batch_size` bounds the rows
+    /// of every pass.
+    fn score_shared(&mut self, requests: &[ScoreRequest], batch_size: usize) -> Result<Vec<ScoreResult>>;
+
+    /// Tokens run through the model since it was opened, padding excluded: what scoring and
+    /// generation really computed (a shared prefix counts once).
+    fn tokens_run(&self) -> u64;
 
     /// Greedy continuations of a batch of prompts (left-padded, KV cache). `stop(i, tokens)` is
     /// asked after every new token of prompt `i`; returning true ends that generation

@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 pub use cache::ResultCache;
 pub use error::SpecError;
 pub use extract::{Extract, Extractor, Normalize, Normalizer};
-pub use spec::{Kind, Metric, PRESETS, Preprocess, TaskSpec};
+pub use spec::{FewshotSampler, Kind, Metric, PRESETS, Preprocess, TaskSpec};
 use template::{ChoiceCtx, Template};
 
 /// Errors of task loading and evaluation.
@@ -106,8 +106,13 @@ pub struct TaskResult {
     pub stderr: Option<f64>,
     pub higher_is_better: bool,
     pub n: usize,
-    /// Tokens the model processed (prompts + continuations + generated).
+    /// Tokens the model processed (prompts + continuations + generated), a shared prefix
+    /// counted once.
     pub tokens: usize,
+    /// What `tokens` would have been had every request run in full (no prefix sharing); for
+    /// generation, the prompts' and the generated tokens.
+    #[serde(default)]
+    pub tokens_unshared: usize,
     pub seconds: f64,
     pub items: Vec<ItemResult>,
 }
@@ -119,12 +124,28 @@ pub struct EvalOptions {
     pub limit: Option<usize>,
     /// Sequences per forward pass.
     pub batch_size: usize,
+    /// Run every prefix that several requests share once ([`LanguageModel::score_shared`],
+    /// [`GenerateOptions::share_prefix`]); results equal unshared scoring up to float rounding.
+    pub share_prefix: bool,
 }
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        Self { limit: None, batch_size: 8 }
+        Self { limit: None, batch_size: 8, share_prefix: share_prefix_default() }
     }
+}
+
+/// Prefix sharing is on unless the environment says `EVOMERGE_PREFIX_SHARING=0` (to measure
+/// what it saves, or to rule it out).
+pub fn share_prefix_default() -> bool {
+    std::env::var("EVOMERGE_PREFIX_SHARING").map_or(true, |v| v.trim() != "0")
+}
+
+/// Tokens a scoring run cost: really run through the model, and had nothing been shared.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenCount {
+    pub run: usize,
+    pub unshared: usize,
 }
 
 /// Mean and standard error (sample std, n − 1, over √n) of per-item scores.

@@ -116,16 +116,25 @@ impl Task {
         let p = &self.spec.prompt;
         let mut out = p.description.clone();
         if p.fewshot > 0 {
-            // Seeded per item, so that results do not depend on evaluation order or --limit.
-            let mut rng = ChaCha8Rng::seed_from_u64(p.fewshot_seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            let mut chosen: Vec<usize> = Vec::with_capacity(p.fewshot);
-            while chosen.len() < p.fewshot {
-                let j = (rng.next_u64() % self.fewshot_pool.len() as u64) as usize;
-                let is_self = self.pool_is_data && self.fewshot_pool[j].id == item.id;
-                if !is_self && !chosen.contains(&j) {
-                    chosen.push(j);
+            let chosen: Vec<usize> = match p.fewshot_sampler {
+                FewshotSampler::FirstN => {
+                    let not_self = |&j: &usize| !(self.pool_is_data && self.fewshot_pool[j].id == item.id);
+                    (0..self.fewshot_pool.len()).filter(not_self).take(p.fewshot).collect()
                 }
-            }
+                FewshotSampler::PerItem => {
+                    // Seeded per item, so that results do not depend on evaluation order or --limit.
+                    let mut rng = ChaCha8Rng::seed_from_u64(p.fewshot_seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                    let mut chosen: Vec<usize> = Vec::with_capacity(p.fewshot);
+                    while chosen.len() < p.fewshot {
+                        let j = (rng.next_u64() % self.fewshot_pool.len() as u64) as usize;
+                        let is_self = self.pool_is_data && self.fewshot_pool[j].id == item.id;
+                        if !is_self && !chosen.contains(&j) {
+                            chosen.push(j);
+                        }
+                    }
+                    chosen
+                }
+            };
             for j in chosen {
                 let ex = &self.fewshot_pool[j];
                 out.push_str(&self.example_prompt(ex)?);

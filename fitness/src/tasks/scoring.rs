@@ -9,13 +9,13 @@ impl Task {
         let t0 = Instant::now();
         let n = opts.limit.map_or(self.items.len(), |l| l.min(self.items.len()));
         let idx: Vec<usize> = (0..n).collect();
-        let (results, tokens) = self.score_items(model, tok, prefix, &idx, opts.batch_size)?;
+        let (results, tokens) = self.score_items(model, tok, prefix, &idx, opts)?;
         Ok(self.aggregate(results, tokens, t0.elapsed().as_secs_f64()))
     }
 
     /// Scores the items at `idx` (indices into `items`), reusing `cache` entries of the same
-    /// model `fingerprint` and adding the new ones. Returns results in `idx` order and the
-    /// tokens processed for the uncached items.
+    /// model `fingerprint` and adding the new ones (`opts.limit` is not used). Returns results
+    /// in `idx` order and the tokens processed for the uncached items.
     #[allow(clippy::too_many_arguments)]
     pub fn evaluate_cached(
         &self,
@@ -23,13 +23,13 @@ impl Task {
         tok: &Tokenizer,
         prefix: u32,
         idx: &[usize],
-        batch_size: usize,
+        opts: &EvalOptions,
         cache: &mut ResultCache,
         fingerprint: &str,
-    ) -> Result<(Vec<ItemResult>, usize), TaskError> {
+    ) -> Result<(Vec<ItemResult>, TokenCount), TaskError> {
         let name = &self.spec.name;
         let missing: Vec<usize> = idx.iter().copied().filter(|&i| cache.get(fingerprint, name, &self.items[i].id).is_none()).collect();
-        let (fresh, tokens) = self.score_items(model, tok, prefix, &missing, batch_size)?;
+        let (fresh, tokens) = self.score_items(model, tok, prefix, &missing, opts)?;
         for r in fresh {
             cache.insert(fingerprint, name, r);
         }
@@ -46,7 +46,7 @@ impl Task {
     }
 
     /// The task's metric over item results (in item order).
-    pub fn aggregate(&self, results: Vec<ItemResult>, tokens: usize, seconds: f64) -> TaskResult {
+    pub fn aggregate(&self, results: Vec<ItemResult>, tokens: TokenCount, seconds: f64) -> TaskResult {
         let metric = self.spec.metric.name;
         let (value, stderr) = match metric {
             Metric::Perplexity | Metric::BitsPerByte => {
@@ -73,7 +73,8 @@ impl Task {
             stderr,
             higher_is_better: metric.higher_is_better(),
             n: results.len(),
-            tokens,
+            tokens: tokens.run,
+            tokens_unshared: tokens.unshared,
             seconds,
             items: results,
         }
@@ -87,14 +88,17 @@ impl Task {
         tok: &Tokenizer,
         prefix: u32,
         idx: &[usize],
-        batch_size: usize,
-    ) -> Result<(Vec<ItemResult>, usize), TaskError> {
+        opts: &EvalOptions,
+    ) -> Result<(Vec<ItemResult>, TokenCount), TaskError> {
         let n = idx.len();
         if n == 0 {
-            return Ok((vec![], 0));
+            return Ok((vec![], TokenCount::default()));
         }
         let sel: Vec<(usize, &Item)> = idx.iter().map(|&i| (i, &self.items[i])).collect();
-        let opts = EvalOptions { limit: None, batch_size };
+        let ran_before = model.tokens_run();
+        let score = |model: &mut dyn LanguageModel, reqs: &[ScoreRequest]| {
+            if opts.share_prefix { model.score_shared(reqs, opts.batch_size) } else { model.score(reqs, opts.batch_size) }
+        };
         let spec_err = |reason: SpecError| TaskError::Spec { task: self.spec.name.clone(), reason: Box::new(reason) };
         let add_bos = self.spec.prompt.add_bos;
         let max_ctx = model.info().max_context;
@@ -114,7 +118,7 @@ impl Task {
                         reqs.push(ScoreRequest { context, continuation });
                     }
                 }
-                let scored = model.score(&reqs, opts.batch_size)?;
+                let scored = score(model, &reqs)?;
                 sel.iter()
                     .zip(spans)
                     .map(|(&(_, item), (start, lens))| {
@@ -144,7 +148,7 @@ impl Task {
                 // Greedy generation ends at the model's EOS as transformers' generate() does
                 // (lm-eval adds the EOS text to `until` as well).
                 let eos: Vec<u32> = model.info().eos_token_ids.clone();
-                let gen_opts = GenerateOptions { max_new_tokens: g.max_new_tokens, eos };
+                let gen_opts = GenerateOptions { max_new_tokens: g.max_new_tokens, eos, share_prefix: opts.share_prefix };
                 let prompts: Vec<Vec<u32>> = sel
                     .iter()
                     .map(|&(i, item)| {
@@ -201,7 +205,7 @@ impl Task {
                     tokens += ids.len() + 1;
                     spans.push((start, reqs.len(), ids.len(), text.len()));
                 }
-                let scored = model.score(&reqs, opts.batch_size)?;
+                let scored = score(model, &reqs)?;
                 sel.iter()
                     .zip(spans)
                     .map(|(&(_, item), (a, b, ntok, nbytes))| {
@@ -211,6 +215,7 @@ impl Task {
                     .collect()
             }
         };
-        Ok((results, tokens))
+        let run = (model.tokens_run() - ran_before) as usize;
+        Ok((results, TokenCount { run, unshared: tokens }))
     }
 }

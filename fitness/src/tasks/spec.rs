@@ -15,7 +15,8 @@
 //! template = "Question: {question}\nAnswer:"
 //! choice = "{choice}"                 # continuation text of each choice
 //! target_delimiter = " "
-//! fewshot = 0                         # examples drawn (seeded) from fewshot_path or the data
+//! fewshot = 0                         # examples from fewshot_path or the data
+//! fewshot_sampler = "per_item"        # drawn per item (seeded), or "first_n" (the same for all)
 //! [metric]
 //! name = "acc_norm"                   # acc | acc_norm | exact_match | perplexity | bits_per_byte
 //! ```
@@ -116,6 +117,9 @@ pub struct PromptSpec {
     pub fewshot: usize,
     #[serde(default = "fewshot_seed")]
     pub fewshot_seed: u64,
+    /// How the few-shot examples are chosen ([`FewshotSampler`]).
+    #[serde(default)]
+    pub fewshot_sampler: FewshotSampler,
     #[serde(default = "two_newlines")]
     pub fewshot_delimiter: String,
     /// Clean-up applied to every rendered prompt and choice (lm-eval's per-task `preprocess`).
@@ -125,6 +129,24 @@ pub struct PromptSpec {
     /// default to no (`add_bos_token=False`); models trained with BOS want yes.
     #[serde(default)]
     pub add_bos: bool,
+}
+
+/// How an item's few-shot examples are chosen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FewshotSampler {
+    /// Drawn per item from the pool, seeded by `fewshot_seed` and the item's index, so a
+    /// result does not depend on which other items are scored. lm-eval's default sampler
+    /// also draws at random per item (from one generator run in document order, so its draws
+    /// differ from these); the presets that use it: arc_easy, arc_challenge, hellaswag,
+    /// winogrande, gsm8k. Every item has its own prefix: nothing long to share.
+    #[default]
+    PerItem,
+    /// The first `fewshot` examples of the pool for every item (lm-eval's `first_n` sampler,
+    /// the `mmlu` preset's); where the pool is the data itself, an item among them is replaced
+    /// by the next one, as lm-eval does. Every item starts with the same prefix, which then
+    /// runs through the model once per candidate.
+    FirstN,
 }
 
 /// A task's text clean-up.
@@ -164,6 +186,7 @@ impl Default for PromptSpec {
             description: String::new(),
             fewshot: 0,
             fewshot_seed: fewshot_seed(),
+            fewshot_sampler: FewshotSampler::PerItem,
             fewshot_delimiter: two_newlines(),
             preprocess: Preprocess::None,
             add_bos: false,

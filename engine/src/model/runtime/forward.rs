@@ -37,7 +37,7 @@ impl<B: Kernels> Runtime<B> {
             _ => -1e30,
         };
         let path = LayerPath::identity(0, loaded[0].layers.len());
-        Ok(Self { device, models: loaded, path, info, mask_value, poisoned: None, held: None })
+        Ok(Self { device, models: loaded, path, info, mask_value, poisoned: None, held: None, tokens_run: Default::default() })
     }
 
     pub(super) fn check_ids(&self, ids: &[u32]) -> Result<()> {
@@ -62,18 +62,21 @@ impl<B: Kernels> Runtime<B> {
         EngineError::NonFinite { model: self.models[self.path.head_model].label.clone(), what: what.into() }
     }
 
-    /// Additive attention mask `[b, 1, 1, s, t]`: 0 where query i (absolute column
-    /// `past + i`) may see key column j, `mask_value` elsewhere.
+    /// Additive attention mask `[b, 1, 1, s, t]`: 0 where query i may see key column j,
+    /// `mask_value` elsewhere. Without `st.key_pos`, query i is column `past + i` and a column
+    /// is its own position (the sequence has no gaps); with it, queries are at `st.positions`
+    /// and keys at `key_pos`, which is how rows that continue a gathered, padded cache mask.
     pub(super) fn mask(&self, st: &Step<'_>, past: usize, window: Option<usize>) -> Tensor<B, 5> {
         let (b, s) = (st.b, st.s);
         let t = past + s;
         let mut m = vec![0f32; b * s * t];
         for r in 0..b {
             for i in 0..s {
-                let q = past + i;
+                let q = st.key_pos.map_or(past + i, |_| st.positions[r * s + i]);
                 let row = &mut m[(r * s + i) * t..(r * s + i + 1) * t];
                 for (j, v) in row.iter_mut().enumerate() {
-                    let visible = j <= q && window.is_none_or(|w| q - j < w) && st.key_valid.is_none_or(|kv| kv[r * t + j]);
+                    let k = st.key_pos.map_or(j, |kp| kp[r * t + j]);
+                    let visible = k <= q && window.is_none_or(|w| q - k < w) && st.key_valid.is_none_or(|kv| kv[r * t + j]);
                     if !visible {
                         *v = self.mask_value;
                     }
@@ -83,8 +86,27 @@ impl<B: Kernels> Runtime<B> {
         upload::<B, 5>(m, [b, 1, 1, s, t], &self.device)
     }
 
+    /// Mask `[b, 1, 1, s, len]` of a shared root prefix (keys at positions `0 .. len`, before
+    /// every query): only a sliding window hides any of it.
+    fn root_mask(&self, st: &Step<'_>, len: usize, window: usize) -> Tensor<B, 5> {
+        let mut m = vec![0f32; st.b * st.s * len];
+        for (row, &q) in m.chunks_mut(len).zip(st.positions) {
+            for (j, v) in row.iter_mut().enumerate() {
+                if q.saturating_sub(j) >= window {
+                    *v = self.mask_value;
+                }
+            }
+        }
+        upload::<B, 5>(m, [st.b, 1, 1, st.s, len], &self.device)
+    }
+
     /// Hidden states `[b·s, hidden]` after the last hop (before the final norm).
-    pub(super) fn hidden(&self, st: &Step<'_>, mut cache: Option<&mut KvCache<B>>) -> Result<Tensor<B, 2>> {
+    ///
+    /// `cache` holds each row's own earlier keys and values and receives the new ones. `root`
+    /// (batch 1) is a prefix every row continues: its keys are attended by all rows without
+    /// being copied per row (the scores against it and against the row's own keys share one
+    /// softmax), so a prefix shared by many sequences runs through the model once.
+    pub(super) fn hidden(&self, st: &Step<'_>, mut cache: Option<&mut KvCache<B>>, root: Option<&KvCache<B>>) -> Result<Tensor<B, 2>> {
         let Dims { hidden, heads, kv_heads, head_dim, .. } = self.info.dims;
         let (b, s) = (st.b, st.s);
         self.check_ids(st.ids)?;
@@ -94,6 +116,7 @@ impl<B: Kernels> Runtime<B> {
         let mut x = self.models[self.path.embed_model].embed.clone().select(0, ids).reshape([b, s, hidden]);
 
         let mut masks: HashMap<Option<usize>, Tensor<B, 5>> = HashMap::new();
+        let mut root_masks: HashMap<usize, Tensor<B, 5>> = HashMap::new();
         let mut ropes: HashMap<usize, (Tensor<B, 4>, Tensor<B, 4>)> = HashMap::new();
         let g = heads / kv_heads;
         let scale = (head_dim as f64).powf(-0.5);
@@ -136,9 +159,21 @@ impl<B: Kernels> Runtime<B> {
             let t = past + s;
             // GQA: the g query heads of one KV head are consecutive (transformers' repeat_kv).
             let q = q.reshape([b, kv_heads, g * s, head_dim]);
-            let att = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale).reshape([b, kv_heads, g, s, t]) + mask;
-            let att = activation::softmax(att, 4).reshape([b, kv_heads, g * s, t]);
-            let a = att.matmul(v).reshape([b, heads, s, head_dim]).swap_dims(1, 2).reshape([b * s, heads * head_dim]);
+            let own = q.clone().matmul(k.swap_dims(2, 3)).mul_scalar(scale).reshape([b, kv_heads, g, s, t]) + mask;
+            let a = match root.and_then(|r| r.entries[hop_i].as_ref().map(|e| (r.len, e))) {
+                None => activation::softmax(own, 4).reshape([b, kv_heads, g * s, t]).matmul(v),
+                Some((len, (rk, rv))) => {
+                    // `[1, kv, len, d]` broadcast over the batch by the matmul.
+                    let mut shared = q.matmul(rk.clone().swap_dims(2, 3)).mul_scalar(scale).reshape([b, kv_heads, g, s, len]);
+                    if let Some(w) = layer.window {
+                        shared = shared + root_masks.entry(w).or_insert_with(|| self.root_mask(st, len, w)).clone();
+                    }
+                    let att = activation::softmax(Tensor::cat(vec![shared, own], 4), 4);
+                    let a_root = att.clone().narrow(4, 0, len).reshape([b, kv_heads, g * s, len]).matmul(rv.clone());
+                    a_root + att.narrow(4, len, t).reshape([b, kv_heads, g * s, t]).matmul(v)
+                }
+            };
+            let a = a.reshape([b, heads, s, head_dim]).swap_dims(1, 2).reshape([b * s, heads * head_dim]);
             let a = linear(a, &layer.wo, layer.bo.as_ref()).reshape([b, s, hidden]);
             x = x + a;
 
@@ -164,44 +199,6 @@ impl<B: Kernels> Runtime<B> {
     pub(super) fn rows(&self, idx: Vec<i64>) -> Tensor<B, 1, Int> {
         let n = idx.len();
         Tensor::from_data(TensorData::new(idx, [n]), &self.device)
-    }
-
-    /// Scores one length-sorted batch.
-    pub(super) fn score_batch(&self, reqs: &[&ScoreRequest]) -> Result<Vec<ScoreResult>> {
-        let b = reqs.len();
-        let s = reqs.iter().map(|r| r.context.len() + r.continuation.len()).max().unwrap_or(0);
-        let mut ids = vec![0u32; b * s];
-        let mut rows = Vec::new();
-        let mut targets = Vec::new();
-        for (r, q) in reqs.iter().enumerate() {
-            let full: Vec<u32> = q.context.iter().chain(&q.continuation).copied().collect();
-            ids[r * s..r * s + full.len()].copy_from_slice(&full);
-            // Right padding repeats the last token: causal attention never lets a real token
-            // see a later column, so padding needs no mask.
-            let last = full[full.len() - 1];
-            ids[r * s + full.len()..(r + 1) * s].fill(last);
-            for (i, &tok) in q.continuation.iter().enumerate() {
-                rows.push((r * s + q.context.len() - 1 + i) as i64);
-                targets.push(i64::from(tok));
-            }
-        }
-        let positions: Vec<usize> = (0..b).flat_map(|_| 0..s).collect();
-        let h = self.hidden(&Step { ids: &ids, b, s, positions: &positions, key_valid: None }, None)?;
-        let logits = self.head(h.select(0, self.rows(rows)));
-        let (lse, tgt, am) = <B as Kernels>::row_stats(logits, &targets);
-        if lse.iter().chain(&tgt).any(|v| !v.is_finite()) {
-            return Err(self.non_finite("logits"));
-        }
-        let mut out = Vec::with_capacity(b);
-        let mut k = 0;
-        for q in reqs {
-            let m = q.continuation.len();
-            let logprobs: Vec<f64> = (k..k + m).map(|i| f64::from(tgt[i]) - f64::from(lse[i])).collect();
-            let greedy = (k..k + m).all(|i| am[i] == targets[i]);
-            k += m;
-            out.push(ScoreResult { sum: logprobs.iter().sum(), logprobs, greedy });
-        }
-        Ok(out)
     }
 
     /// Greedy argmax of the last position of each row, checked for NaN/inf.

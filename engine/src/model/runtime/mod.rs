@@ -16,17 +16,21 @@
 //! then the final RMSNorm and the LM head of the path's head model.
 //!
 //! Files: `mod.rs` the weight and cache types and the small tensor helpers; `forward.rs` the
-//! forward pass; `load.rs` reading and checking a model's tensors; `slots.rs` the map from
+//! forward pass; `shared.rs` scoring in planned passes, with shared prefixes run once;
+//! `load.rs` reading and checking a model's tensors; `slots.rs` the map from
 //! weight buffers to tensors (in-place rewrites); `language_model.rs` the `LanguageModel` impl
 //! and device merges.
 
 mod forward;
 mod language_model;
 mod load;
+mod shared;
 mod slots;
 
 #[allow(unused_imports)]
 use load::*;
+#[allow(unused_imports)]
+use shared::*;
 #[allow(unused_imports)]
 use slots::*;
 
@@ -140,6 +144,8 @@ pub(crate) struct Runtime<B: Backend> {
     /// Merge inputs on the device ([`LanguageModel::hold_inputs`]): the model they are for and,
     /// per weight buffer, each input as `[rows, cols]`.
     held: Option<(usize, Vec<Vec<Tensor<B, 2>>>)>,
+    /// [`LanguageModel::tokens_run`].
+    tokens_run: std::sync::atomic::AtomicU64,
 }
 
 fn upload<B: Backend, const D: usize>(data: Vec<f32>, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
@@ -225,4 +231,7 @@ struct Step<'a> {
     s: usize,
     positions: &'a [usize],
     key_valid: Option<&'a [bool]>,
+    /// Positions of the key columns `[b, t]` where they are not the column indices (a row that
+    /// continues a gathered, right-padded cache); see [`Runtime::mask`].
+    key_pos: Option<&'a [usize]>,
 }
