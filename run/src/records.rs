@@ -375,6 +375,7 @@ mod tests {
                     minimized: vec![v],
                     items: 1,
                     tokens: 1,
+                    tokens_unshared: 0,
                     materialize_seconds: 0.0,
                     path: None,
                 }),

@@ -75,7 +75,14 @@ fn arc_preset_reads_jsonl_and_parquet_alike() {
     // --limit takes the first items.
     let l = eval_json(&["--model", &m, "--task", "arc_challenge", "--data", &data("arc_sample.jsonl").display().to_string(), "--limit", "3"]);
     assert_eq!(l["n"], 3);
-    assert_eq!(l["items"].as_array().expect("items")[..], j["items"].as_array().expect("items")[..3]);
+    // (equal up to float rounding: which items share a pass decides how prefixes are shared)
+    for (a, b) in l["items"].as_array().expect("items").iter().zip(&j["items"].as_array().expect("items")[..3]) {
+        assert_eq!((&a["id"], &a["prediction"], &a["score"]), (&b["id"], &b["prediction"], &b["score"]));
+        for (x, y) in a["logliks"].as_array().expect("logliks").iter().zip(b["logliks"].as_array().expect("logliks")) {
+            let (x, y) = (x.as_f64().expect("ll"), y.as_f64().expect("ll"));
+            assert!((x - y).abs() <= crate::common::tol(1e-5, 2e-2) * y.abs().max(1.0), "{x} vs {y}");
+        }
+    }
 }
 
 #[test]
