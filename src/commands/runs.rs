@@ -78,6 +78,9 @@ pub fn status(args: StatusArgs) -> Result<()> {
     let recs = run.evaluations();
     let failures = recs.iter().filter(|r| r.failure().is_some()).count();
     let per_hour = throughput(&run, &recs);
+    // Records written before prefix sharing have no unshared count: they ran every token.
+    let tokens: usize = recs.iter().filter_map(|r| r.scores()).map(|s| s.tokens).sum();
+    let unshared: usize = recs.iter().filter_map(|r| r.scores()).map(|s| if s.tokens_unshared > 0 { s.tokens_unshared } else { s.tokens }).sum();
     let top: Vec<&EvaluationRecord> = ranked(&recs).into_iter().take(args.top).collect();
     let multi = exp.objectives.len() > 1;
     let calibration = run.calibration_progress(&exp);
@@ -96,6 +99,7 @@ pub fn status(args: StatusArgs) -> Result<()> {
             "{}",
             json!({"name": exp.name, "evaluations": recs.len(), "failures": failures, "candidates_per_hour": per_hour,
                    "budget": exp.budget, "pareto": multi, "top": top,
+                   "tokens": tokens, "tokens_unshared": unshared,
                    "calibration": calibration.map(|(rows, of)| json!({"rows": rows, "of": of})),
                    "references": refs, "workers": workers})
         );
@@ -111,6 +115,9 @@ pub fn status(args: StatusArgs) -> Result<()> {
     );
     if let Some((rows, of)) = calibration {
         println!("calibration (anchor / IRT estimators): {rows} of {of} rows scored");
+    }
+    if unshared > tokens {
+        println!("scoring: {tokens} tokens run, {:.1} % of the {unshared} without shared prefixes", 100.0 * tokens as f64 / unshared as f64);
     }
     println!("{}", if multi { "Pareto front:" } else { "best candidates:" });
     let names: Vec<String> = top.first().and_then(|r| r.scores()).map(|s| s.objectives.names().map(String::from).collect()).unwrap_or_default();

@@ -48,6 +48,24 @@ impl HalfCopy {
     }
 }
 
+/// A shared root's keys and values `[1, kv, len, d]` and its mask, for [`Kernels::attention`].
+pub(crate) struct Root<'a, B: Backend> {
+    pub k: &'a Tensor<B, 4>,
+    pub v: &'a Tensor<B, 4>,
+    pub mask: Option<Tensor<B, 5>>,
+}
+
+/// The inputs of [`Kernels::attention`].
+pub(crate) struct Attention<'a, B: Backend> {
+    pub q: Tensor<B, 4>,
+    pub k: Tensor<B, 4>,
+    pub v: Tensor<B, 4>,
+    pub mask: Tensor<B, 5>,
+    pub root: Option<Root<'a, B>>,
+    pub scale: f64,
+    pub g: usize,
+}
+
 /// Backends with optional fast paths; the defaults are plain burn ops.
 pub(crate) trait Kernels: Backend {
     /// `x [m, k] · w [k, n]`; `half` may hold (or be given) a bf16 copy of `w`.
@@ -65,6 +83,15 @@ pub(crate) trait Kernels: Backend {
     /// (host vectors). The default runs burn ops on the device and downloads `n` values of each.
     fn row_stats(logits: Tensor<Self, 2>, targets: &[i64]) -> (Vec<f32>, Vec<f32>, Vec<i64>) {
         row_stats_by_ops(logits, targets)
+    }
+
+    /// Attention of the queries `q [b, kv, g·s, d]` (the g query heads of each KV head
+    /// stacked) over a shared root's keys and values `[1, kv, len, d]` (if any; additive mask
+    /// `[b, 1, 1, s, len]` where a window hides some of it) and the row's own `k`, `v`
+    /// `[b, kv, t, d]` (additive `mask [b, 1, 1, s, t]`): `softmax(q·kᵀ·scale + mask) · v`
+    /// over both, as `[b, kv, g·s, d]`. The default runs burn ops.
+    fn attention(a: Attention<Self>) -> Tensor<Self, 4> {
+        attention_by_ops(a)
     }
 
     /// `t` (f32) rounded to `dtype`'s precision and returned in f32 (device merges round
@@ -126,6 +153,64 @@ impl Kernels for NdArray<f32> {
         (rows.iter().map(|r| r.0).collect(), rows.iter().map(|r| r.1).collect(), rows.iter().map(|r| r.2).collect())
     }
 
+    /// One task per (row, KV head), in parallel: the scores of its g·s queries against the
+    /// root's and its own keys by one GEMM, the masked softmax in place (one buffer, no
+    /// batch-wide temporaries), the weighted values by a second GEMM. burn-ndarray's version
+    /// makes ten single-threaded passes over batch-wide score arrays (scale, mask, concat,
+    /// the softmax's four, the split's copies), which cost as much as the matrix products of
+    /// the layer on two cores.
+    fn attention(a: Attention<Self>) -> Tensor<Self, 4> {
+        let Attention { q, k, v, mask, root, scale, g } = a;
+        let [b, kv, gs, d] = q.dims();
+        let (s, t) = (gs / g, k.dims()[2]);
+        let device = q.device();
+        let host = super::runtime::to_host_f32::<Self, 4>;
+        let (q, k, v, mask) = (host(q), host(k), host(v), super::runtime::to_host_f32(mask));
+        let (len, rk, rv, rmask) = match root {
+            Some(r) => (r.k.dims()[2], host(r.k.clone()), host(r.v.clone()), r.mask.map(super::runtime::to_host_f32)),
+            None => (0, vec![], vec![], None),
+        };
+        let n = len + t;
+        let scale = scale as f32;
+        let mut out = vec![0f32; b * kv * gs * d];
+        out.par_chunks_mut(gs * d).enumerate().for_each(|(pair, o)| {
+            let (r, h) = (pair / kv, pair % kv);
+            // keys and values side by side: the root's, then the row's own
+            let mut keys = Vec::with_capacity(n * d);
+            let mut vals = Vec::with_capacity(n * d);
+            keys.extend_from_slice(&rk[h * len * d..(h + 1) * len * d]);
+            keys.extend_from_slice(&k[pair * t * d..(pair + 1) * t * d]);
+            vals.extend_from_slice(&rv[h * len * d..(h + 1) * len * d]);
+            vals.extend_from_slice(&v[pair * t * d..(pair + 1) * t * d]);
+            let mut p = vec![0f32; gs * n];
+            gemm_into(&mut p, gs, n, d, &q[pair * gs * d..(pair + 1) * gs * d], d, 1, &keys, 1, d);
+            for (row, sc) in p.chunks_mut(n).enumerate() {
+                let i = row % s;
+                let (root_part, own) = sc.split_at_mut(len);
+                let mut max = f32::NEG_INFINITY;
+                let root_mask = rmask.as_ref().map(|m| &m[(r * s + i) * len..(r * s + i + 1) * len]);
+                for (j, x) in root_part.iter_mut().enumerate() {
+                    *x = *x * scale + root_mask.map_or(0.0, |m| m[j]);
+                    max = max.max(*x);
+                }
+                for (x, m) in own.iter_mut().zip(&mask[(r * s + i) * t..(r * s + i + 1) * t]) {
+                    *x = *x * scale + m;
+                    max = max.max(*x);
+                }
+                let mut sum = 0f32;
+                for x in sc.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                for x in sc.iter_mut() {
+                    *x /= sum;
+                }
+            }
+            gemm_into(o, gs, d, n, &p, n, 1, &vals, d, 1);
+        });
+        Tensor::from_data(TensorData::new(out, [b, kv, gs, d]), &device)
+    }
+
     fn linear(x: Tensor<Self, 2>, w: &Tensor<Self, 2>, half: &HalfCopy) -> Tensor<Self, 2> {
         let [m, k] = x.dims();
         let n = w.dims()[1];
@@ -141,6 +226,28 @@ impl Kernels for NdArray<f32> {
             None => banded_gemm(&xs, m, k, ws, n),
         };
         Tensor::from_data(TensorData::new(y, [m, n]), &device)
+    }
+}
+
+/// [`Kernels::attention`] with burn ops (the default; the reference of the CPU fast path).
+fn attention_by_ops<B: Backend>(a: Attention<B>) -> Tensor<B, 4> {
+    let Attention { q, k, v, mask, root, scale, g } = a;
+    let [b, kv, gs, _] = q.dims();
+    let (s, t) = (gs / g, k.dims()[2]);
+    let own = q.clone().matmul(k.swap_dims(2, 3)).mul_scalar(scale).reshape([b, kv, g, s, t]) + mask;
+    match root {
+        None => burn::tensor::activation::softmax(own, 4).reshape([b, kv, gs, t]).matmul(v),
+        Some(Root { k: rk, v: rv, mask: rmask }) => {
+            let len = rk.dims()[2];
+            // `[1, kv, len, d]`, broadcast over the batch by the matmul.
+            let mut shared = q.matmul(rk.clone().swap_dims(2, 3)).mul_scalar(scale).reshape([b, kv, g, s, len]);
+            if let Some(m) = rmask {
+                shared = shared + m;
+            }
+            let att = burn::tensor::activation::softmax(Tensor::cat(vec![shared, own], 4), 4);
+            let a_root = att.clone().narrow(4, 0, len).reshape([b, kv, gs, len]).matmul(rv.clone());
+            a_root + att.narrow(4, len, t).reshape([b, kv, gs, t]).matmul(v)
+        }
     }
 }
 
@@ -299,8 +406,85 @@ fn gemm_band(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, c0: usize, widt
     }
 }
 
+/// `out [m, n] = a [m, k] · b [k, n]`, row-major `out`; `a[i][j]` at `a[i·a_rs + j·a_cs]`,
+/// `b[j][c]` at `b[j·b_rs + c·b_cs]`; one thread.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+fn gemm_into(out: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], a_rs: usize, a_cs: usize, b: &[f32], b_rs: usize, b_cs: usize) {
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 };
+    assert!(out.len() == m * n && a.len() >= last(m, k, a_rs, a_cs) && b.len() >= last(k, n, b_rs, b_cs), "gemm_into: shapes");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    // SAFETY: `gemm` reads `a[i·a_rs + j·a_cs]` (i < m, j < k) and `b[j·b_rs + c·b_cs]`
+    // (j < k, c < n), whose largest indices are below the lengths asserted above, and writes
+    // `out[i·n + c]` (out.len() == m·n). `read_dst = false`; `out` is a unique borrow, so it
+    // overlaps neither input. No threads: Parallelism::None.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    /// The fused CPU attention equals burn's ops: GQA groups, padding masks, a root with and
+    /// without a window mask, one and several rows.
+    #[test]
+    fn fused_attention_matches_burn_ops() {
+        type B = NdArray<f32>;
+        let dev = Default::default();
+        let val = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 - 1001.0) / 700.0).collect() };
+        for (b, kv, g, s, t, len, window) in [(1, 1, 1, 1, 1, 0, false), (3, 2, 3, 4, 9, 0, false), (2, 2, 2, 3, 5, 7, false), (4, 1, 7, 5, 5, 11, true)] {
+            let d = 8;
+            let t4 = |n: [usize; 4], seed| Tensor::<B, 4>::from_data(TensorData::new(val(n.iter().product(), seed), n), &dev);
+            let mask: Vec<f32> = (0..b * s * t).map(|i| if (i * 31) % 7 == 3 { -1e30 } else { 0.0 }).collect();
+            let mask = Tensor::<B, 5>::from_data(TensorData::new(mask, [b, 1, 1, s, t]), &dev);
+            let (rk, rv) = (t4([1, kv, len, d], 5), t4([1, kv, len, d], 6));
+            let rmask = window.then(|| {
+                let m: Vec<f32> = (0..b * s * len).map(|i| if i % 5 == 0 { -1e30 } else { 0.0 }).collect();
+                Tensor::<B, 5>::from_data(TensorData::new(m, [b, 1, 1, s, len]), &dev)
+            });
+            let make = || Attention {
+                q: t4([b, kv, g * s, d], 1),
+                k: t4([b, kv, t, d], 2),
+                v: t4([b, kv, t, d], 3),
+                mask: mask.clone(),
+                root: (len > 0).then(|| Root { k: &rk, v: &rv, mask: rmask.clone() }),
+                scale: 0.35,
+                g,
+            };
+            let got = super::super::runtime::to_host_f32(<B as Kernels>::attention(make()));
+            let want = super::super::runtime::to_host_f32(attention_by_ops(make()));
+            assert_eq!(got.len(), want.len());
+            for (x, y) in got.iter().zip(&want) {
+                assert!((x - y).abs() < 1e-5, "b {b} kv {kv} g {g} s {s} t {t} root {len}: {x} vs {y}");
+            }
+        }
+    }
+
     use super::*;
 
     #[test]

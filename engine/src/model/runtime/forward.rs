@@ -156,23 +156,14 @@ impl<B: Kernels> Runtime<B> {
                 }
                 c.entries[hop_i] = Some((k.clone(), v.clone()));
             }
-            let t = past + s;
             // GQA: the g query heads of one KV head are consecutive (transformers' repeat_kv).
             let q = q.reshape([b, kv_heads, g * s, head_dim]);
-            let own = q.clone().matmul(k.swap_dims(2, 3)).mul_scalar(scale).reshape([b, kv_heads, g, s, t]) + mask;
-            let a = match root.and_then(|r| r.entries[hop_i].as_ref().map(|e| (r.len, e))) {
-                None => activation::softmax(own, 4).reshape([b, kv_heads, g * s, t]).matmul(v),
-                Some((len, (rk, rv))) => {
-                    // `[1, kv, len, d]` broadcast over the batch by the matmul.
-                    let mut shared = q.matmul(rk.clone().swap_dims(2, 3)).mul_scalar(scale).reshape([b, kv_heads, g, s, len]);
-                    if let Some(w) = layer.window {
-                        shared = shared + root_masks.entry(w).or_insert_with(|| self.root_mask(st, len, w)).clone();
-                    }
-                    let att = activation::softmax(Tensor::cat(vec![shared, own], 4), 4);
-                    let a_root = att.clone().narrow(4, 0, len).reshape([b, kv_heads, g * s, len]).matmul(rv.clone());
-                    a_root + att.narrow(4, len, t).reshape([b, kv_heads, g * s, t]).matmul(v)
-                }
-            };
+            let root = root.and_then(|r| r.entries[hop_i].as_ref()).map(|(rk, rv)| {
+                let len = rk.dims()[2];
+                let mask = layer.window.map(|w| root_masks.entry(w).or_insert_with(|| self.root_mask(st, len, w)).clone());
+                Root { k: rk, v: rv, mask }
+            });
+            let a = <B as Kernels>::attention(Attention { q, k, v, mask, root, scale, g });
             let a = a.reshape([b, heads, s, head_dim]).swap_dims(1, 2).reshape([b * s, heads * head_dim]);
             let a = linear(a, &layer.wo, layer.bo.as_ref()).reshape([b, s, hidden]);
             x = x + a;

@@ -43,7 +43,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType as BurnDType, Element, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::kernels::{HalfCopy, Kernels};
+use super::kernels::{Attention, HalfCopy, Kernels, Root};
 use super::path::LayerPath;
 use super::rope::Rope;
 use super::spec::{Dims, ModelSpec, check_supported, sliding_window};
