@@ -230,4 +230,28 @@ fn bad_task_input_is_a_clear_error() {
     // Too many few-shot examples for the data.
     let (c, e) = run(&["-m", &m, "-t", "gsm8k", "--data", &data("fixture_mc.jsonl").display().to_string()]);
     assert_eq!(c, Some(2), "{e}");
+    // An empty few-shot set, per item or first N.
+    for sampler in ["per_item", "first_n"] {
+        let (c, e) = run(&[
+            "-m",
+            &m,
+            "-t",
+            "arc_easy",
+            "--data",
+            &arc,
+            "--fewshot",
+            "2",
+            "--fewshot-sampler",
+            sampler,
+            "--fewshot-data",
+            &empty.display().to_string(),
+        ]);
+        assert_eq!(c, Some(2), "{e}");
+        assert!(e.contains("no items") || e.contains("few-shot examples asked"), "{sampler}: {e}");
+    }
+    // first_n over the data itself needs one more item than shots (an item is never its own
+    // example): 8 items give at most 7 shots.
+    let (c, e) = run(&["-m", &m, "-t", "arc_easy", "--data", &arc, "--fewshot", "8", "--fewshot-sampler", "first_n"]);
+    assert_eq!(c, Some(2), "{e}");
+    assert!(e.contains("8 few-shot examples asked, 8 available"), "{e}");
 }

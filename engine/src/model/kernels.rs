@@ -457,7 +457,9 @@ mod tests {
         type B = NdArray<f32>;
         let dev = Default::default();
         let val = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 - 1001.0) / 700.0).collect() };
-        for (b, kv, g, s, t, len, window) in [(1, 1, 1, 1, 1, 0, false), (3, 2, 3, 4, 9, 0, false), (2, 2, 2, 3, 5, 7, false), (4, 1, 7, 5, 5, 11, true)] {
+        for (b, kv, g, s, t, len, window) in
+            [(1, 1, 1, 1, 1, 0, false), (3, 2, 3, 4, 9, 0, false), (2, 2, 2, 3, 5, 7, false), (4, 1, 7, 5, 5, 11, true)]
+        {
             let d = 8;
             let t4 = |n: [usize; 4], seed| Tensor::<B, 4>::from_data(TensorData::new(val(n.iter().product(), seed), n), &dev);
             let mask: Vec<f32> = (0..b * s * t).map(|i| if (i * 31) % 7 == 3 { -1e30 } else { 0.0 }).collect();
