@@ -158,6 +158,50 @@ pub fn variant(src: &str, dst: &Path, edit: impl Fn(&mut serde_json::Map<String,
     safetensors::tensor::serialize_to_file(views, None, &dst.join("model.safetensors")).expect("write");
 }
 
+/// llama-tiny-a turned into a Qwen2 (q/k/v biases, tied embeddings), Qwen3 (per-head q/k
+/// norms) or Mistral (sliding window `window`) checkpoint in `dst`.
+pub(crate) fn arch_variant(arch: &str, dst: &Path, window: usize) {
+    match arch {
+        "qwen2" => variant(
+            "llama-tiny-a",
+            dst,
+            |c| {
+                c.insert("model_type".into(), "qwen2".into());
+                c.insert("architectures".into(), serde_json::json!(["Qwen2ForCausalLM"]));
+                c.insert("tie_word_embeddings".into(), true.into());
+            },
+            &[
+                ("model.layers.{layer}.self_attn.q_proj.bias", 64, 0.0),
+                ("model.layers.{layer}.self_attn.k_proj.bias", 32, 0.0),
+                ("model.layers.{layer}.self_attn.v_proj.bias", 32, 0.0),
+            ],
+            &["lm_head.weight"],
+        ),
+        "qwen3" => variant(
+            "llama-tiny-a",
+            dst,
+            |c| {
+                c.insert("model_type".into(), "qwen3".into());
+                c.insert("architectures".into(), serde_json::json!(["Qwen3ForCausalLM"]));
+            },
+            &[("model.layers.{layer}.self_attn.q_norm.weight", 16, 1.0), ("model.layers.{layer}.self_attn.k_norm.weight", 16, 1.0)],
+            &[],
+        ),
+        "mistral" => variant(
+            "llama-tiny-a",
+            dst,
+            |c| {
+                c.insert("model_type".into(), "mistral".into());
+                c.insert("architectures".into(), serde_json::json!(["MistralForCausalLM"]));
+                c.insert("sliding_window".into(), window.into());
+            },
+            &[],
+            &[],
+        ),
+        other => panic!("no variant for {other}"),
+    }
+}
+
 fn assert_close(got: &[f32], want: &[Vec<f64>], tol: f64, what: &str) {
     let v = want[0].len();
     let mut worst = 0f64;
@@ -187,44 +231,7 @@ fn qwen2_qwen3_and_mistral_features_agree_with_the_reference() {
     let cases: Vec<(&str, Option<usize>)> = vec![("qwen2", None), ("qwen3", None), ("mistral", Some(4))];
     for (arch, window) in cases {
         let dst = tmp.path().join(arch);
-        match arch {
-            "qwen2" => variant(
-                "llama-tiny-a",
-                &dst,
-                |c| {
-                    c.insert("model_type".into(), "qwen2".into());
-                    c.insert("architectures".into(), serde_json::json!(["Qwen2ForCausalLM"]));
-                    c.insert("tie_word_embeddings".into(), true.into());
-                },
-                &[
-                    ("model.layers.{layer}.self_attn.q_proj.bias", 64, 0.0),
-                    ("model.layers.{layer}.self_attn.k_proj.bias", 32, 0.0),
-                    ("model.layers.{layer}.self_attn.v_proj.bias", 32, 0.0),
-                ],
-                &["lm_head.weight"],
-            ),
-            "qwen3" => variant(
-                "llama-tiny-a",
-                &dst,
-                |c| {
-                    c.insert("model_type".into(), "qwen3".into());
-                    c.insert("architectures".into(), serde_json::json!(["Qwen3ForCausalLM"]));
-                },
-                &[("model.layers.{layer}.self_attn.q_norm.weight", 16, 1.0), ("model.layers.{layer}.self_attn.k_norm.weight", 16, 1.0)],
-                &[],
-            ),
-            _ => variant(
-                "llama-tiny-a",
-                &dst,
-                |c| {
-                    c.insert("model_type".into(), "mistral".into());
-                    c.insert("architectures".into(), serde_json::json!(["MistralForCausalLM"]));
-                    c.insert("sliding_window".into(), 4.into());
-                },
-                &[],
-                &[],
-            ),
-        }
+        arch_variant(arch, &dst, window.unwrap_or(0));
         let r = RefModel::open(&dst);
         let mut m = model::open_dir(crate::common::test_device(), &dst).unwrap_or_else(|e| panic!("{arch}: {e}"));
         let want = reference(&[r], &LayerPath::identity(0, 4), &IDS, window);

@@ -92,50 +92,13 @@ fn check_scoring(what: &str, m: &mut dyn LanguageModel, reqs: &[ScoreRequest]) {
 fn variants(dir: &Path) -> Vec<(String, PathBuf)> {
     let f = fixtures().join("models");
     let mut out = vec![("llama".to_string(), f.join("llama-tiny-a")), ("llama bf16".to_string(), f.join("llama-tiny-a-bf16"))];
-    let qwen2 = dir.join("qwen2");
-    variant(
-        "llama-tiny-a",
-        &qwen2,
-        |c| {
-            c.insert("model_type".into(), "qwen2".into());
-            c.insert("architectures".into(), serde_json::json!(["Qwen2ForCausalLM"]));
-            c.insert("tie_word_embeddings".into(), true.into());
-        },
-        &[
-            ("model.layers.{layer}.self_attn.q_proj.bias", 64, 0.0),
-            ("model.layers.{layer}.self_attn.k_proj.bias", 32, 0.0),
-            ("model.layers.{layer}.self_attn.v_proj.bias", 32, 0.0),
-        ],
-        &["lm_head.weight"],
-    );
-    out.push(("qwen2".into(), qwen2));
-    let qwen3 = dir.join("qwen3");
-    variant(
-        "llama-tiny-a",
-        &qwen3,
-        |c| {
-            c.insert("model_type".into(), "qwen3".into());
-            c.insert("architectures".into(), serde_json::json!(["Qwen3ForCausalLM"]));
-        },
-        &[("model.layers.{layer}.self_attn.q_norm.weight", 16, 1.0), ("model.layers.{layer}.self_attn.k_norm.weight", 16, 1.0)],
-        &[],
-    );
-    out.push(("qwen3".into(), qwen3));
-    // A window shorter than the root and than most contexts: the root's and the gathered
-    // contexts' keys fall out of it.
-    let mistral = dir.join("mistral");
-    variant(
-        "llama-tiny-a",
-        &mistral,
-        |c| {
-            c.insert("model_type".into(), "mistral".into());
-            c.insert("architectures".into(), serde_json::json!(["MistralForCausalLM"]));
-            c.insert("sliding_window".into(), 6.into());
-        },
-        &[],
-        &[],
-    );
-    out.push(("mistral window 6".into(), mistral));
+    // Mistral's window (6) is shorter than the root and than most contexts: the root's and the
+    // gathered contexts' keys fall out of it.
+    for (arch, window) in [("qwen2", 0), ("qwen3", 0), ("mistral", 6)] {
+        let dst = dir.join(arch);
+        crate::model_ref::arch_variant(arch, &dst, window);
+        out.push((if window > 0 { format!("{arch} window {window}") } else { arch.to_string() }, dst));
+    }
     out
 }
 

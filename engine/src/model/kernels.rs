@@ -365,45 +365,10 @@ pub(crate) fn banded_gemm(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) ->
 }
 
 /// `out [m, width] = x [m, k] · w[:, c0..c0 + width]` (`w` is `[k, n]` row-major), one thread.
-#[allow(unsafe_code, clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)]
 fn gemm_band(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, c0: usize, width: usize, out: &mut [f32]) {
     assert!(x.len() == m * k && w.len() == k * n && c0 + width <= n && out.len() == m * width);
-    if m == 0 || width == 0 {
-        return;
-    }
-    if k == 0 {
-        out.fill(0.0);
-        return;
-    }
-    let rhs = &w[c0..];
-    // SAFETY: `gemm` reads `x[r * k + j]` for r < m, j < k (in bounds: x.len() == m·k), reads
-    // `rhs[j * n + c]` for j < k, c < width, whose largest index (k − 1)·n + width − 1 is below
-    // rhs.len() = k·n − c0 because c0 + width ≤ n, and writes `out[r * width + c]` for r < m,
-    // c < width (out.len() == m·width). `read_dst = false`: `out` is only written. The three
-    // regions do not overlap (`out` is a unique borrow). No threads: Parallelism::None.
-    unsafe {
-        gemm::gemm(
-            m,
-            width,
-            k,
-            out.as_mut_ptr(),
-            1,
-            width as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    gemm_into(out, m, width, k, x, k, 1, &w[c0..], n, 1);
 }
 
 /// `out [m, n] = a [m, k] · b [k, n]`, row-major `out`; `a[i][j]` at `a[i·a_rs + j·a_cs]`,
