@@ -172,7 +172,7 @@ impl<B: Kernels> Runtime<B> {
             let inter = layer.wdown.w.dims()[0];
             let h = rms_norm(x.clone(), &layer.post_norm, model.eps).reshape([b * s, hidden]);
             let gu = linear(h, &layer.wgu, None);
-            let act = activation::silu(gu.clone().narrow(1, 0, inter)) * gu.narrow(1, inter, inter);
+            let act = <B as Kernels>::swiglu(gu, inter);
             x = x + linear(act, &layer.wdown, None).reshape([b, s, hidden]);
         }
         if let Some(c) = cache {

@@ -38,7 +38,6 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use burn::tensor::ElementConversion;
-use burn::tensor::activation;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType as BurnDType, Element, Int, Tensor, TensorData};
 use rayon::prelude::*;
@@ -200,9 +199,11 @@ pub(crate) fn transpose_concat_into<T: Copy + Send + Sync>(parts: &[(&[T], usize
     });
 }
 
-fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, w: &Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
-    let var = x.clone().square().mean_dim(D - 1);
-    x * (var + eps).sqrt().recip() * w.clone().unsqueeze::<D>()
+fn rms_norm<B: Kernels, const D: usize>(x: Tensor<B, D>, w: &Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
+    let dims = x.dims();
+    let n = dims[D - 1];
+    let rows = x.shape().num_elements() / n.max(1);
+    <B as Kernels>::rms_norm(x.reshape([rows, n]), w, eps).reshape(dims)
 }
 
 fn linear<B: Kernels>(x: Tensor<B, 2>, w: &Linear<B>, b: Option<&Tensor<B, 1>>) -> Tensor<B, 2> {
