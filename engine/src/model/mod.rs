@@ -184,8 +184,9 @@ pub trait LanguageModel: Send {
     /// model once: a common root (a fixed few-shot prefix) once per call, each distinct
     /// context once, and only the continuations after it per request (single-token
     /// continuations read off the context's last position). Results agree with `score` up to
-    /// float rounding (other matrix shapes sum in another order). `batch_size` bounds the rows
-    /// of every pass.
+    /// float rounding (other matrix shapes sum in another order). `batch_size` bounds the
+    /// contexts of a pass; the continuations after them take as many rows per pass as fit in
+    /// that pass's positions.
     fn score_shared(&mut self, requests: &[ScoreRequest], batch_size: usize) -> Result<Vec<ScoreResult>>;
 
     /// Tokens run through the model since it was opened, padding excluded: what scoring and

@@ -275,10 +275,13 @@ impl<B: Kernels> Runtime<B> {
                         })
                     })
                     .collect();
+                // Continuations are short: as many rows per pass as fit in the positions of
+                // the context pass (a pass costs a read of every weight however few its rows).
+                let budget = chunk.len() * chunk.iter().map(|r| r.tokens.len()).max().unwrap_or(1);
                 seconds.sort_by_key(|r| std::cmp::Reverse(r.tokens.len()));
                 let mut seconds = seconds.into_iter().peekable();
-                while seconds.peek().is_some() {
-                    let part: Vec<Row> = seconds.by_ref().take(bs).collect();
+                while let Some(longest) = seconds.peek().map(|r| r.tokens.len()) {
+                    let part: Vec<Row> = seconds.by_ref().take((budget / longest.max(1)).max(1)).collect();
                     self.pass(&part, root.as_ref(), cache.as_ref(), false, logprobs, greedy)?;
                 }
             }
