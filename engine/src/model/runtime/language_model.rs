@@ -57,8 +57,7 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
             self.check_len(p.len(), &format!("prompt {i}"))?;
         }
         let all: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-        let plan =
-            if opts.share_prefix && prompts.len() > 1 { self.plan_root(&all) } else { RootPlan { len: 0, rooted: vec![false; prompts.len()] } };
+        let plan = if opts.share_prefix && prompts.len() > 1 { self.plan_root(&all) } else { RootPlan::none(prompts.len()) };
         let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
         for rooted in [true, false] {
             let idx: Vec<usize> = (0..prompts.len()).filter(|&i| plan.rooted[i] == rooted).collect();

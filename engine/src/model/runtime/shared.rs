@@ -47,6 +47,13 @@ pub(super) struct RootPlan {
     pub(super) rooted: Vec<bool>,
 }
 
+impl RootPlan {
+    /// No root: every one of `n` inputs runs from its first token.
+    pub(super) fn none(n: usize) -> Self {
+        Self { len: 0, rooted: vec![false; n] }
+    }
+}
+
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -98,7 +105,7 @@ impl<B: Kernels> Runtime<B> {
         }
         let (saved, len, first) = best;
         if len == 0 || saved < ROOT_MIN_SAVED {
-            return RootPlan { len: 0, rooted: vec![false; inputs.len()] };
+            return RootPlan::none(inputs.len());
         }
         let root = &inputs[order[first]][..len];
         RootPlan { len, rooted: inputs.iter().map(|x| own(x) >= len && x.starts_with(root)).collect() }
@@ -189,8 +196,8 @@ impl<B: Kernels> Runtime<B> {
         Ok(if keep { cache } else { None })
     }
 
-    /// Scores `requests` (validated), `batch_size` rows per pass, each request as one row
-    /// (`share` false) or sharing prefixes (`share` true).
+    /// Scores `requests` (validated): each request as one row, `batch_size` rows per pass
+    /// (`share` false), or sharing prefixes (`share` true; `batch_size` contexts per pass).
     pub(super) fn score_planned(&self, requests: &[ScoreRequest], batch_size: usize, share: bool) -> Result<Vec<ScoreResult>> {
         let bs = batch_size.max(1);
         let mut logprobs: Vec<Vec<f64>> = requests.iter().map(|r| vec![0.0; r.continuation.len()]).collect();
@@ -209,10 +216,8 @@ impl<B: Kernels> Runtime<B> {
                 })
                 .collect();
             rows.sort_by_key(|r| std::cmp::Reverse(r.tokens.len()));
-            let mut rows = rows.into_iter().peekable();
-            while rows.peek().is_some() {
-                let chunk: Vec<Row> = rows.by_ref().take(bs).collect();
-                self.pass(&chunk, None, None, false, &mut logprobs, &mut greedy)?;
+            for chunk in rows.chunks(bs) {
+                self.pass(chunk, None, None, false, &mut logprobs, &mut greedy)?;
             }
         }
         Ok(logprobs.into_iter().zip(greedy).map(|(logprobs, greedy)| ScoreResult { sum: logprobs.iter().sum(), logprobs, greedy }).collect())
@@ -256,14 +261,13 @@ impl<B: Kernels> Runtime<B> {
                 })
                 .collect();
             firsts.sort_by_key(|(row, _)| std::cmp::Reverse(row.tokens.len()));
-            let mut firsts = firsts.into_iter().peekable();
-            while firsts.peek().is_some() {
-                let (chunk, rests): (Vec<Row>, Vec<Vec<usize>>) = firsts.by_ref().take(bs).unzip();
+            let (firsts, rests): (Vec<Row>, Vec<Vec<usize>>) = firsts.into_iter().unzip();
+            for (chunk, rests) in firsts.chunks(bs).zip(rests.chunks(bs)) {
                 let keep = rests.iter().any(|r| !r.is_empty());
-                let cache = self.pass(&chunk, root.as_ref(), None, keep, logprobs, greedy)?;
+                let cache = self.pass(chunk, root.as_ref(), None, keep, logprobs, greedy)?;
                 let mut seconds: Vec<Row> = chunk
                     .iter()
-                    .zip(&rests)
+                    .zip(rests)
                     .enumerate()
                     .flat_map(|(k, (row, rest))| {
                         rest.iter().map(move |&j| {
