@@ -193,12 +193,12 @@ impl OptimizerState {
         Ok(e.state)
     }
 
-    /// The optimizer's name (`random`, `cmaes`).
+    /// The optimizer's name (`random`, `cmaes`, `nsga2`, `nsga3`).
     pub fn name(&self) -> &'static str {
         match self {
             OptimizerState::Random(_) => "random",
             OptimizerState::Cmaes(_) => "cmaes",
-            OptimizerState::Nsga2(_) => "nsga2",
+            OptimizerState::Nsga2(n) => n.name(),
         }
     }
 

@@ -20,8 +20,24 @@
 //! unbounded coordinates `u`; gene `i` is `lowerᵢ + (upperᵢ − lowerᵢ)·r(uᵢ)` where `r` is the
 //! triangle wave of period 2 (`r(u) = u` on [0, 1], mirrored beyond). Reflection keeps the map
 //! continuous, so the landscape seen by CMA-ES is the true one folded at the bounds. `σ₀` is a
-//! fraction of each gene's range (default 0.3). Binary genes are ordinary coordinates here and
-//! are thresholded (> 0) by whoever evaluates the genome.
+//! fraction of each gene's range (default 0.3).
+//!
+//! **Active CMA** (on by default, pycma's default too): the worst λ − μ candidates get the
+//! tutorial's negative weights (eq. 53: their sum is −min(α_μ⁻, α_μeff⁻, α_posdef⁻)) in the
+//! rank-μ update, each scaled by `n / ‖C^{−½} y‖²`, which keeps `C` positive definite (eq. 46):
+//! `C ← (1 + c₁δ(h_σ) − c₁ − c_μ Σⱼ wⱼ) C + c₁ p_c p_cᵀ + c_μ Σᵢ wᵢ° yᵢ yᵢᵀ`.
+//!
+//! **Discrete genes: CMA-ES with margin** (Hamano, Saito, Nomura & Shirakawa, "CMA-ES with
+//! Margin: Lower-Bounding Marginal Probability for Mixed-Integer Black-Box Optimization", GECCO
+//! 2022). A binary or integer gene keeps its continuous coordinate (not reflected); the value
+//! asked is the level whose cell holds `mᵢ + Aᵢ σ yᵢ` (binary: on iff the gene value > 0;
+//! integer: the nearest integer). After each update, the marginal probability of leaving the
+//! mean's cell through each of its two thresholds is kept ≥ α (default `1/(n λ)`): at an outer
+//! cell by moving the mean towards the threshold, inside by resetting the mean and the per-gene
+//! scale `Aᵢ` so that both tails hold at least α/2 (the paper's Algorithm 1). Without the margin
+//! (`margin = 0`), as before it: binary genes are reflected reals thresholded by the evaluator,
+//! integer genes the reflected value rounded — once σ shrinks, a bit that looks wrong is never
+//! flipped again.
 //!
 //! **Failures** rank after every scored candidate; a generation in which every candidate
 //! failed leaves the distribution unchanged (the next generation is a fresh sample).
@@ -41,7 +57,7 @@ use serde::{Deserialize, Serialize};
 use crate::base::{BestSoFar, Candidate, Evaluation, Optimizer, OptimizerState, StopReason, take_told};
 use crate::error::SearchError;
 use crate::rng::Rng;
-use crate::space::SearchSpace;
+use crate::space::{GeneKind, SearchSpace};
 
 /// Settings of [`CmaEs`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,18 +76,41 @@ pub struct CmaEsConfig {
     /// IPOP: on a stopping criterion, restart from a random mean with the population doubled,
     /// at most this many times (Auger & Hansen, CEC 2005). 0 = plain CMA-ES.
     pub ipop_restarts: u32,
+    /// Active CMA-ES (Jastrebski & Arnold 2006; the tutorial's negative weights): the worst
+    /// λ − μ candidates of a generation shrink the covariance along their directions. pycma's
+    /// default; it needs markedly fewer evaluations on ill-conditioned problems.
+    pub active: bool,
+    /// CMA-ES with margin for binary and integer genes: the lower bound α on the probability
+    /// of each discrete gene leaving its level. Default `1/(n λ)` (the paper's); 0 turns it off
+    /// (thresholding). Ignored when every gene is real.
+    pub margin: Option<f64>,
     pub seed: u64,
 }
 
 impl Default for CmaEsConfig {
     fn default() -> Self {
-        Self { population: None, sigma0: 0.3, x0: None, separable: None, tol_fun: 1e-12, tol_x: 1e-12, ipop_restarts: 0, seed: 0 }
+        Self {
+            population: None,
+            sigma0: 0.3,
+            x0: None,
+            separable: None,
+            tol_fun: 1e-12,
+            tol_x: 1e-12,
+            ipop_restarts: 0,
+            active: true,
+            margin: None,
+            seed: 0,
+        }
     }
 }
 
 /// The strategy parameters for a dimension and population (tutorial defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Strategy {
+    /// Recombination weights by rank: the μ positive ones (sum 1, the mean and rank-μ update),
+    /// then, with active CMA, λ − μ non-positive ones (the negative rank-μ update). A
+    /// checkpoint written before active CMA holds only the positive ones and resumes as plain
+    /// CMA-ES.
     weights: Vec<f64>,
     mu_eff: f64,
     c_sigma: f64,
@@ -83,11 +122,12 @@ struct Strategy {
 }
 
 impl Strategy {
-    fn new(n: usize, lambda: usize, separable: bool) -> Self {
+    fn new(n: usize, lambda: usize, separable: bool, active: bool) -> Self {
         let mu = lambda / 2;
-        let raw: Vec<f64> = (1..=mu).map(|i| ((lambda as f64 + 1.0) / 2.0).ln() - (i as f64).ln()).collect();
-        let sum: f64 = raw.iter().sum();
-        let weights: Vec<f64> = raw.iter().map(|w| w / sum).collect();
+        let raw: Vec<f64> = (1..=lambda).map(|i| ((lambda as f64 + 1.0) / 2.0).ln() - (i as f64).ln()).collect();
+        let (pos, neg) = raw.split_at(mu);
+        let pos_sum: f64 = pos.iter().sum();
+        let mut weights: Vec<f64> = pos.iter().map(|w| w / pos_sum).collect();
         let mu_eff = 1.0 / weights.iter().map(|w| w * w).sum::<f64>();
         let nf = n as f64;
         let c_sigma = (mu_eff + 2.0) / (nf + mu_eff + 5.0);
@@ -99,8 +139,24 @@ impl Strategy {
             c1 *= (nf + 2.0) / 3.0;
             c_mu = (1.0 - c1).min(c_mu * (nf + 2.0) / 3.0);
         }
+        let neg_abs: f64 = -neg.iter().sum::<f64>();
+        if active && neg_abs > 0.0 && c_mu > 0.0 {
+            // tutorial (2016), eq. 53: the negative weights sum to −min(α_μ⁻, α_μeff⁻, α_posdef⁻)
+            let mu_eff_neg = neg_abs * neg_abs / neg.iter().map(|w| w * w).sum::<f64>();
+            let alpha_mu = 1.0 + c1 / c_mu;
+            let alpha_mu_eff = 1.0 + 2.0 * mu_eff_neg / (mu_eff + 2.0);
+            let alpha_posdef = (1.0 - c1 - c_mu) / (nf * c_mu);
+            let scale = alpha_mu.min(alpha_mu_eff).min(alpha_posdef) / neg_abs;
+            weights.extend(neg.iter().map(|w| w * scale));
+        }
         let chi_n = nf.sqrt() * (1.0 - 1.0 / (4.0 * nf) + 1.0 / (21.0 * nf * nf));
         Self { weights, mu_eff, c_sigma, d_sigma, c_c, c1, c_mu, chi_n }
+    }
+
+    /// The positive weights (mean update).
+    fn positive(&self) -> &[f64] {
+        let mu = self.weights.iter().take_while(|w| **w > 0.0).count();
+        &self.weights[..mu]
     }
 }
 
@@ -128,6 +184,16 @@ pub struct CmaEs {
     /// Derived from (n, λ, separable); replaced on an IPOP restart.
     st: Strategy,
     separable: bool,
+    /// Negative weights (absent from checkpoints written before active CMA: plain CMA-ES).
+    #[serde(default)]
+    active: bool,
+    /// α of the margin (0: off; checkpoints written before it: off).
+    #[serde(default)]
+    margin: f64,
+    /// The margin's per-gene scale `A` of the discrete genes' deviations (1 elsewhere; empty in
+    /// checkpoints written before it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    a: Vec<f64>,
     ipop_restarts: u32,
     /// Restarts done so far.
     restarts: u32,
@@ -186,7 +252,11 @@ impl CmaEs {
             }
         };
         let separable = cfg.separable.unwrap_or(n > 100);
-        let st = Strategy::new(n, lambda, separable);
+        let margin = if space.has_discrete() { cfg.margin.unwrap_or(1.0 / (n * lambda) as f64) } else { 0.0 };
+        if !(0.0..0.5).contains(&margin) {
+            return Err(SearchError::BadConfig(format!("margin = {margin} must be in [0, 0.5)")));
+        }
+        let st = Strategy::new(n, lambda, separable, cfg.active);
         let (c, b, d) = identity(n, separable);
         Ok(Self {
             space,
@@ -194,6 +264,9 @@ impl CmaEs {
             lambda,
             st,
             separable,
+            active: cfg.active,
+            margin,
+            a: if margin > 0.0 { vec![1.0; n] } else { vec![] },
             ipop_restarts: cfg.ipop_restarts,
             restarts: 0,
             stop_reason: None,
@@ -234,9 +307,77 @@ impl CmaEs {
         (0..self.n)
             .map(|i| {
                 let (lo, hi) = (self.space.lower[i], self.space.upper[i]);
-                (lo + (hi - lo) * reflect(self.mean[i] + self.sigma * y[i])).clamp(lo, hi)
+                let u = self.mean[i] + self.sigma * y[i];
+                match self.space.kinds[i] {
+                    GeneKind::Real => (lo + (hi - lo) * reflect(u)).clamp(lo, hi),
+                    _ if self.margin > 0.0 => {
+                        let levels = self.space.levels(i).unwrap_or_default();
+                        let enc = self.mean[i] + self.scale_a(i) * self.sigma * y[i];
+                        levels[self.thresholds(i).iter().filter(|t| **t < enc).count()]
+                    }
+                    GeneKind::Binary => (lo + (hi - lo) * reflect(u)).clamp(lo, hi),
+                    GeneKind::Integer => self.space.round(i, lo + (hi - lo) * reflect(u)),
+                }
             })
             .collect()
+    }
+
+    /// The margin's `Aᵢ` (1 where there is none).
+    fn scale_a(&self, i: usize) -> f64 {
+        self.a.get(i).copied().unwrap_or(1.0)
+    }
+
+    /// The cell boundaries of discrete gene `i` in normalized coordinates, ascending (binary:
+    /// the gene value 0; integer: the midpoints between consecutive integers).
+    fn thresholds(&self, i: usize) -> Vec<f64> {
+        let (lo, hi) = (self.space.lower[i], self.space.upper[i]);
+        let unit = |v: f64| (v - lo) / (hi - lo);
+        match (self.space.kinds[i], self.space.levels(i)) {
+            (GeneKind::Binary, _) => vec![unit(0.0)],
+            (GeneKind::Integer, Some(l)) => l.windows(2).map(|w| unit(0.5 * (w[0] + w[1]))).collect(),
+            _ => vec![],
+        }
+    }
+
+    /// The margin correction (module doc; Hamano et al. 2022, Algorithm 1), after an update.
+    fn apply_margin(&mut self) {
+        let alpha = self.margin;
+        let n = self.n;
+        for i in 0..n {
+            let t = self.thresholds(i);
+            if t.is_empty() {
+                continue;
+            }
+            let m = self.mean[i];
+            let pos = t.iter().filter(|x| **x < m).count();
+            let (lo_t, up_t) = (t[pos.saturating_sub(1).min(t.len() - 1)], t[pos.min(t.len() - 1)]);
+            let c_ii = if self.separable { self.c[i] } else { self.c[i * n + i] };
+            let sd = self.sigma * c_ii.max(0.0).sqrt();
+            if sd.is_nan() || sd <= 0.0 {
+                continue;
+            }
+            let a = self.scale_a(i);
+            let low = normal_cdf((lo_t - m) / (sd * a));
+            let up = 1.0 - normal_cdf((up_t - m) / (sd * a));
+            if low.max(up) > 0.5 {
+                // an outer cell (or a binary gene): one threshold, approached from one side
+                if low.min(up) < alpha {
+                    let dist = sd * a * normal_quantile(1.0 - alpha);
+                    self.mean[i] = up_t + (m - up_t).signum() * dist;
+                }
+                continue;
+            }
+            // an inner cell: both tails to at least α/2, the middle giving up the difference
+            let mid = 1.0 - low - up;
+            let (low, up) = (low.max(alpha / 2.0), up.max(alpha / 2.0));
+            let excess = 1.0 - low - up - mid;
+            let denom = low + mid + up - 1.5 * alpha;
+            let low = (low + excess * (low - alpha / 2.0) / denom).clamp(1e-10, 0.5 - 1e-10);
+            let up = (up + excess * (up - alpha / 2.0) / denom).clamp(1e-10, 0.5 - 1e-10);
+            let (chi_low, chi_up) = (normal_quantile(1.0 - low), normal_quantile(1.0 - up));
+            self.a[i] = (up_t - lo_t) / ((chi_low + chi_up) * sd);
+            self.mean[i] = (lo_t * chi_up + up_t * chi_low) / (chi_low + chi_up);
+        }
     }
 
     /// y = B D z (separable: D z).
@@ -272,10 +413,24 @@ impl CmaEs {
         self.last_values = res.iter().map(|r| r.2).filter(|v| v.is_finite()).collect();
         self.best_history.push(res[0].2);
         let n = self.n;
-        let mu = self.st.weights.len();
+        let pos = self.st.positive();
+        let mu = pos.len();
         let mut y_w = vec![0.0; n];
-        for (w, r) in self.st.weights.iter().zip(&res[..mu]) {
+        for (w, r) in pos.iter().zip(&res[..mu]) {
             y_w.iter_mut().zip(&r.1).for_each(|(a, y)| *a += w * y);
+        }
+        // The rank-μ terms (coefficient, y): the μ best with their weights, then (active CMA)
+        // the rest with negative weights scaled by n / ‖C^{−½} y‖², which bounds how much one
+        // sample can shrink C (tutorial eq. 46). Failed candidates carry no ranking among
+        // themselves and take no part in the negative update.
+        let mut rank_terms: Vec<(f64, &[f64])> = pos.iter().zip(&res[..mu]).map(|(w, r)| (*w, r.1.as_slice())).collect();
+        let mut weight_sum: f64 = pos.iter().sum();
+        for (w, r) in self.st.weights[mu..].iter().zip(&res[mu..]) {
+            if *w < 0.0 && r.2.is_finite() {
+                let norm2: f64 = self.inv_sqrt_c(&r.1).iter().map(|v| v * v).sum();
+                rank_terms.push((w * n as f64 / norm2.max(1e-300), r.1.as_slice()));
+                weight_sum += w;
+            }
         }
         for i in 0..n {
             self.mean[i] += self.sigma * y_w[i];
@@ -296,17 +451,18 @@ impl CmaEs {
             self.p_c[i] = (1.0 - cc) * self.p_c[i] + hs * kc * y_w[i];
         }
         let (c1, cmu) = (self.st.c1, self.st.c_mu);
-        let keep = 1.0 - c1 - cmu + (1.0 - hs) * c1 * cc * (2.0 - cc);
+        let keep = 1.0 - c1 - cmu * weight_sum + (1.0 - hs) * c1 * cc * (2.0 - cc);
         if self.separable {
             for i in 0..n {
-                let rank_mu: f64 = self.st.weights.iter().zip(&res[..mu]).map(|(w, r)| w * r.1[i] * r.1[i]).sum();
-                self.c[i] = keep * self.c[i] + c1 * self.p_c[i] * self.p_c[i] + cmu * rank_mu;
-                self.d[i] = self.c[i].max(1e-300).sqrt();
+                let rank_mu: f64 = rank_terms.iter().map(|(w, y)| w * y[i] * y[i]).sum();
+                // the negative update is bounded in expectation only: keep the variance positive
+                self.c[i] = (keep * self.c[i] + c1 * self.p_c[i] * self.p_c[i] + cmu * rank_mu).max(1e-300);
+                self.d[i] = self.c[i].sqrt();
             }
         } else {
             for i in 0..n {
                 for j in 0..=i {
-                    let rank_mu: f64 = self.st.weights.iter().zip(&res[..mu]).map(|(w, r)| w * r.1[i] * r.1[j]).sum();
+                    let rank_mu: f64 = rank_terms.iter().map(|(w, y)| w * y[i] * y[j]).sum();
                     let v = keep * self.c[i * n + j] + c1 * self.p_c[i] * self.p_c[j] + cmu * rank_mu;
                     self.c[i * n + j] = v;
                     self.c[j * n + i] = v;
@@ -314,6 +470,9 @@ impl CmaEs {
             }
         }
         self.sigma *= ((cs / self.st.d_sigma) * (ps_norm / self.st.chi_n - 1.0)).exp();
+        if self.margin > 0.0 {
+            self.apply_margin();
+        }
         self.generation += 1;
         let every = ((1.0 / ((c1 + cmu) * n as f64 * 10.0)).floor() as u64).max(1);
         if !self.separable && self.generation - self.eigen_generation >= every {
@@ -435,12 +594,15 @@ impl CmaEs {
     fn restart(&mut self) {
         self.restarts += 1;
         self.lambda *= 2;
-        self.st = Strategy::new(self.n, self.lambda, self.separable);
+        self.st = Strategy::new(self.n, self.lambda, self.separable, self.active);
         (self.c, self.b, self.d) = identity(self.n, self.separable);
         self.mean = (0..self.n).map(|_| self.rng.uniform()).collect();
         self.sigma = self.sigma0;
         self.p_sigma = vec![0.0; self.n];
         self.p_c = vec![0.0; self.n];
+        if self.margin > 0.0 {
+            self.a = vec![1.0; self.n];
+        }
         self.eigen_generation = self.generation;
         self.best_generation = self.generation;
         self.best_history.clear();
@@ -451,6 +613,25 @@ impl CmaEs {
     pub fn restarts(&self) -> u32 {
         self.restarts
     }
+}
+
+/// Φ(x), the standard normal distribution function (through `libm`'s erfc).
+fn normal_cdf(x: f64) -> f64 {
+    0.5 * libm::erfc(-x / std::f64::consts::SQRT_2)
+}
+
+/// Φ⁻¹(p) for p in (0, 1): bisection on [`normal_cdf`] to the last bit (called a few times per
+/// discrete gene and generation).
+fn normal_quantile(p: f64) -> f64 {
+    let (mut lo, mut hi) = (-40.0f64, 40.0f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        if normal_cdf(mid) < p { lo = mid } else { hi = mid }
+    }
+    0.5 * (lo + hi)
 }
 
 #[cfg(test)]
@@ -477,25 +658,77 @@ mod tests {
         None
     }
 
-    // Reference (pycma, Hansen's tutorial / BBOB figures for default CMA-ES, n = 10, to 1e-8):
-    // sphere ≈ 1.3–1.6e3 evaluations, ellipsoid (cond 1e6) ≈ 6e3, Rosenbrock ≈ 5–6e3. The
-    // bounds below allow 2× that; the measured counts are in BENCHMARKS.md.
+    // Reference: pycma 4.5.0 (active CMA, its defaults), median evaluations to 1e-8 over 30
+    // seeds from x₀ = 3, σ₀ = 2 in [−5, 5], n = 10: sphere ≈ 1.5e3, ellipsoid 4,028, Rosenbrock
+    // 5,414 (`scripts/bench-search`). The bounds below allow 2× that for one seed.
     #[test]
     fn sphere_10d_reaches_1e8_like_pycma() {
         let e = evals_to(&mut cmaes(10, 1, None), sphere, 1e-8, 4000);
-        assert!(e.is_some_and(|e| e <= 3200), "{e:?}");
+        assert!(e.is_some_and(|e| e <= 3000), "{e:?}");
     }
 
     #[test]
     fn ellipsoid_10d_reaches_1e8_like_pycma() {
         let e = evals_to(&mut cmaes(10, 2, None), ellipsoid, 1e-8, 20_000);
-        assert!(e.is_some_and(|e| e <= 12_000), "{e:?}");
+        assert!(e.is_some_and(|e| e <= 8_000), "{e:?}");
     }
 
     #[test]
     fn rosenbrock_10d_reaches_1e8_like_pycma() {
         let e = evals_to(&mut cmaes(10, 3, None), rosenbrock, 1e-8, 30_000);
-        assert!(e.is_some_and(|e| e <= 12_000), "{e:?}");
+        assert!(e.is_some_and(|e| e <= 11_000), "{e:?}");
+    }
+
+    /// Median evaluations to 1e-8 over `seeds`, with or without active CMA.
+    fn median_evals(n: usize, f: fn(&[f64]) -> f64, active: bool, seeds: u64) -> u64 {
+        let mut e: Vec<u64> = (0..seeds)
+            .map(|seed| {
+                let space = SearchSpace::uniform(n, -5.0, 5.0).expect("space");
+                let cfg = CmaEsConfig { x0: Some(vec![3.0; n]), sigma0: 0.2, seed, active, ..Default::default() };
+                evals_to(&mut CmaEs::new(space, &cfg).expect("cmaes"), f, 1e-8, 100_000).unwrap_or(u64::MAX)
+            })
+            .collect();
+        e.sort_unstable();
+        e[e.len() / 2]
+    }
+
+    // Measured over 15 seeds (BENCHMARKS.md): 4,152 with active CMA, 5,670 without; pycma 4,028.
+    #[test]
+    fn active_cma_needs_fewer_evaluations_on_an_ill_conditioned_problem() {
+        let (active, plain) = (median_evals(10, ellipsoid, true, 5), median_evals(10, ellipsoid, false, 5));
+        assert!(active <= 4_600 && (active as f64) < 0.85 * plain as f64, "active {active}, plain {plain}");
+    }
+
+    #[test]
+    fn negative_weights_follow_the_tutorial() {
+        let (n, lambda) = (10, 10);
+        let st = Strategy::new(n, lambda, false, true);
+        assert_eq!(st.weights.len(), lambda);
+        assert_eq!(st.positive().len(), lambda / 2);
+        assert!((st.positive().iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        assert!(st.weights.windows(2).all(|w| w[0] > w[1]), "decreasing by rank");
+        // the negative sum is −min(α_μ⁻, α_μeff⁻, α_posdef⁻) (eq. 53)
+        let raw: Vec<f64> = (lambda / 2 + 1..=lambda).map(|i| ((lambda as f64 + 1.0) / 2.0).ln() - (i as f64).ln()).collect();
+        let mu_eff_neg = raw.iter().sum::<f64>().powi(2) / raw.iter().map(|w| w * w).sum::<f64>();
+        let bound = (1.0 + st.c1 / st.c_mu).min(1.0 + 2.0 * mu_eff_neg / (st.mu_eff + 2.0)).min((1.0 - st.c1 - st.c_mu) / (n as f64 * st.c_mu));
+        let neg: f64 = st.weights[lambda / 2..].iter().sum();
+        assert!((neg + bound).abs() < 1e-12, "{neg} vs −{bound}");
+        for (w, r) in st.weights[lambda / 2..].iter().zip(&raw) {
+            assert!((w / r - bound / -raw.iter().sum::<f64>()).abs() < 1e-12, "proportional to the raw weights");
+        }
+        assert_eq!(Strategy::new(n, lambda, false, false).weights.len(), lambda / 2, "plain CMA-ES: positive weights only");
+    }
+
+    #[test]
+    fn a_checkpoint_written_before_active_cma_resumes_as_plain_cma_es() {
+        let mut a =
+            CmaEs::new(SearchSpace::uniform(4, -5.0, 5.0).expect("space"), &CmaEsConfig { active: false, ..Default::default() }).expect("cmaes");
+        run_generations(&mut a, 3);
+        // what an older build wrote: no `active`, `margin` or `a`, positive weights only
+        let json = a.state().to_json().replace("\"active\":false,", "").replace("\"margin\":0.0,", "");
+        assert!(!json.contains("\"active\"") && !json.contains("\"margin\""), "{json}");
+        let mut b = OptimizerState::from_json(&json).expect("old checkpoint").restore("cmaes").expect("cmaes");
+        assert_eq!(run_generations(&mut a, 3), run_generations(b.as_mut(), 3));
     }
 
     // IPOP-CMA-ES (Auger & Hansen 2005) solves 10-D Rastrigin in ≈ 1e5 evaluations.
@@ -529,7 +762,7 @@ mod tests {
         assert!(matches!(opt.stop(), Some(StopReason::TolFun | StopReason::TolX)), "{:?}", opt.stop());
     }
 
-    fn run_generations(opt: &mut CmaEs, gens: usize) -> Vec<Vec<f64>> {
+    fn run_generations(opt: &mut dyn Optimizer, gens: usize) -> Vec<Vec<f64>> {
         let mut asked = Vec::new();
         for _ in 0..gens {
             let cands = opt.ask();
@@ -648,5 +881,108 @@ mod tests {
         assert!(OptimizerState::from_json(&json.replace("\"format\":1", "\"format\":99")).is_err());
         assert!(OptimizerState::from_json("{").is_err());
         assert!(CmaEs::new(SearchSpace::uniform(2, 0.0, 1.0).expect("s"), &CmaEsConfig { sigma0: -1.0, ..Default::default() }).is_err());
+    }
+
+    /// A space of `h` real genes in [−5, 5] and `h` binary genes in [−1, 1] (Hamano et al.'s
+    /// mixed functions), started at 3 and at the threshold.
+    fn mixed(h: usize, margin: Option<f64>, seed: u64) -> CmaEs {
+        let n = 2 * h;
+        let kinds = (0..n).map(|i| if i < h { GeneKind::Real } else { GeneKind::Binary }).collect();
+        let (lo, hi) = ((0..n).map(|i| if i < h { -5.0 } else { -1.0 }).collect(), (0..n).map(|i| if i < h { 5.0 } else { 1.0 }).collect());
+        let space = SearchSpace::new((0..n).map(|i| format!("x{i}")).collect(), lo, hi, kinds).expect("space");
+        let x0 = (0..n).map(|i| if i < h { 3.0 } else { 0.0 }).collect();
+        CmaEs::new(space, &CmaEsConfig { x0: Some(x0), sigma0: 0.2, margin, seed, ..Default::default() }).expect("cmaes")
+    }
+
+    // Hamano et al. (GECCO 2022), SphereOneMax n = 20: CMA-ES with margin reaches the optimum
+    // in ≈ 3.5e3 evaluations (measured median of 10 seeds: 3,504); thresholding never does,
+    // because once σ has shrunk a bit that is off stays off.
+    #[test]
+    fn margin_solves_sphere_onemax_where_thresholding_stalls() {
+        use crate::testfns::sphere_onemax;
+        for seed in 0..3 {
+            let e = evals_to(&mut mixed(10, None, seed), sphere_onemax, 1e-8, 20_000);
+            assert!(e.is_some_and(|e| e <= 7_000), "seed {seed}: {e:?}");
+        }
+        let stalled = (0..3).filter(|&seed| evals_to(&mut mixed(10, Some(0.0), seed), sphere_onemax, 1e-8, 20_000).is_none()).count();
+        assert_eq!(stalled, 3, "thresholding was expected to stall");
+    }
+
+    #[test]
+    fn margin_keeps_every_bit_flip_probability_at_least_alpha() {
+        let mut opt = mixed(5, None, 7);
+        let alpha = opt.margin;
+        assert!((alpha - 1.0 / (10 * opt.population()) as f64).abs() < 1e-15, "default α = 1/(nλ)");
+        for _ in 0..300 {
+            let c = opt.ask();
+            // asked binary genes are levels, not reals
+            assert!(c.iter().all(|c| c.genome[5..].iter().all(|b| *b == -1.0 || *b == 1.0)), "{:?}", c[0].genome);
+            opt.tell(c.iter().map(|c| Evaluation::scored(c.id, vec![crate::testfns::sphere_onemax(&c.genome)])).collect()).expect("tell");
+            for i in 5..10 {
+                let t = opt.thresholds(i)[0];
+                let sd = opt.sigma * opt.scale_a(i) * opt.c[i * 10 + i].sqrt();
+                let p = normal_cdf(-(opt.mean[i] - t).abs() / sd);
+                assert!(p >= alpha * (1.0 - 1e-6), "gene {i}: flip probability {p} < α = {alpha}");
+            }
+        }
+        assert!(opt.sigma < 0.01, "the continuous part converged, σ = {}", opt.sigma);
+    }
+
+    #[test]
+    fn integer_genes_are_asked_as_integers_and_optimized_with_the_margin() {
+        // f = Σ (kᵢ − 2)² over integers in [−5, 7] + a sphere over two reals
+        let kinds = vec![GeneKind::Integer, GeneKind::Integer, GeneKind::Integer, GeneKind::Real, GeneKind::Real];
+        let space = SearchSpace::new((0..5).map(|i| format!("g{i}")).collect(), vec![-5.0; 5], vec![7.0; 5], kinds).expect("space");
+        let f = |g: &[f64]| g[..3].iter().map(|k| (k - 2.0).powi(2)).sum::<f64>() + g[3..].iter().map(|x| x * x).sum::<f64>();
+        for margin in [None, Some(0.0)] {
+            let mut opt = CmaEs::new(space.clone(), &CmaEsConfig { margin, seed: 3, ..Default::default() }).expect("cmaes");
+            for _ in 0..200 {
+                let c = opt.ask();
+                assert!(c.iter().all(|c| c.genome[..3].iter().all(|k| k.fract() == 0.0 && (-5.0..=7.0).contains(k))), "{:?}", c[0].genome);
+                opt.tell(c.iter().map(|c| Evaluation::scored(c.id, vec![f(&c.genome)])).collect()).expect("tell");
+            }
+            let (g, v) = opt.best().expect("best");
+            if margin.is_none() {
+                assert_eq!(&g[..3], &[2.0, 2.0, 2.0]);
+                assert!(v < 1e-8, "{v}");
+            }
+        }
+    }
+
+    #[test]
+    fn margin_state_survives_a_checkpoint_bit_for_bit() {
+        let mut a = mixed(3, None, 5);
+        let eval = |c: &Candidate| Evaluation::scored(c.id, vec![crate::testfns::ellipsoid_leadingones(&c.genome)]);
+        for _ in 0..40 {
+            let c = a.ask();
+            a.tell(c.iter().map(eval).collect()).expect("tell");
+        }
+        assert!(a.a.iter().any(|v| *v != 1.0) || a.a.len() == 6, "A is part of the state");
+        let mut b = OptimizerState::from_json(&a.state().to_json()).expect("json").restore("cmaes").expect("cmaes");
+        for _ in 0..20 {
+            let (ca, cb) = (a.ask(), b.ask());
+            assert_eq!(ca, cb);
+            a.tell(ca.iter().map(eval).collect()).expect("tell");
+            b.tell(cb.iter().map(eval).collect()).expect("tell");
+        }
+    }
+
+    #[test]
+    fn a_margin_outside_its_range_is_refused() {
+        let e = mixed_space_error(Some(0.7));
+        assert!(e.contains("margin = 0.7 must be in [0, 0.5)"), "{e}");
+    }
+
+    fn mixed_space_error(margin: Option<f64>) -> String {
+        let space = SearchSpace::new(vec!["b".into()], vec![-1.0], vec![1.0], vec![GeneKind::Binary]).expect("space");
+        CmaEs::new(space, &CmaEsConfig { margin, ..Default::default() }).expect_err("bad margin").to_string()
+    }
+
+    #[test]
+    fn normal_quantile_inverts_the_distribution_function() {
+        for p in [1e-9, 0.001, 0.025, 0.5, 0.8, 0.999] {
+            assert!((normal_cdf(normal_quantile(p)) - p).abs() < 1e-12 * p.max(1e-3), "{p}");
+        }
+        assert!((normal_quantile(0.975) - 1.959_963_984_540_054).abs() < 1e-12);
     }
 }

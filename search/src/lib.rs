@@ -35,7 +35,7 @@ pub use atomic::write_atomic;
 pub use base::{Candidate, Evaluation, Optimizer, OptimizerState, Outcome, StopReason};
 pub use cmaes::{CmaEs, CmaEsConfig};
 pub use error::SearchError;
-pub use nsga2::{Nsga2, Nsga2Config};
+pub use nsga2::{Nsga2, Nsga2Config, das_dennis, das_dennis_count};
 pub use random::RandomSearch;
 pub use runner::{AsyncObjective, Budget, GenerationReport, Next, Observer, Runner, Termination};
 pub use space::{Direction, GeneKind, SearchSpace};

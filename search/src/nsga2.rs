@@ -5,12 +5,27 @@
 //! distance), then per pair **SBX** crossover (probability `crossover_prob`, each real gene
 //! with probability ½, distribution index η_c, bounded form of Deb's reference code) and
 //! **polynomial mutation** (each real gene with probability `1/n` by default, index η_m);
-//! **binary genes** get uniform crossover and bit flips instead (on = `upper`, off = `lower`).
+//! **binary genes** get uniform crossover and bit flips instead (on = `upper`, off = `lower`);
+//! **integer genes** get SBX and polynomial mutation as reals, then are rounded.
 //! Parents and offspring (2N) are ranked by fast non-dominated sort; whole fronts fill the next
 //! population and the last front is cut by descending crowding distance (ties by id).
 //!
 //! **Failed candidates rank last:** they are given +∞ in every objective, so any scored
 //! candidate dominates them.
+//!
+//! **NSGA-III** (Deb & Jain, "An evolutionary many-objective optimization algorithm using
+//! reference-point-based nondominated sorting approach", IEEE TEC 2014) is the same loop with
+//! two changes, chosen by [`Nsga2Config::nsga3`]: parents are drawn uniformly at random, and the
+//! last front is cut by **reference directions** instead of crowding distance. The directions
+//! are Das–Dennis's (every point of the unit simplex whose coordinates are multiples of
+//! 1/p). The survivors' objectives are normalized by the ideal point (running minimum) and the
+//! intercepts of the hyperplane through the extreme points (minimum achievement scalarizing
+//! function per axis, kept across generations), falling back to the worst point of the front
+//! when the hyperplane is degenerate — pymoo's variant of the paper's normalization. Each
+//! member is associated with the direction nearest to it (perpendicular distance); the last
+//! front then fills the least crowded directions first (the member nearest to an empty
+//! direction, a random one otherwise). With three or more objectives crowding distance spreads
+//! a front poorly; the directions keep it spread.
 
 #![allow(clippy::needless_range_loop)] // per-gene operators index several genomes at once
 
@@ -42,12 +57,74 @@ pub struct Nsga2Config {
     /// the bounds; at most `population` are used.
     #[serde(default)]
     pub initial: Vec<Vec<f64>>,
+    /// NSGA-III: reference-direction survival and random mating (module doc).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nsga3: bool,
+    /// NSGA-III: Das–Dennis partitions per objective (`C(M + p − 1, p)` directions). Default:
+    /// the most whose directions fit in the population.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<usize>,
 }
 
 impl Default for Nsga2Config {
     fn default() -> Self {
-        Self { population: 40, objectives: 2, crossover_prob: 0.9, eta_c: 15.0, eta_m: 20.0, mutation_prob: None, seed: 0, initial: vec![] }
+        Self {
+            population: 40,
+            objectives: 2,
+            crossover_prob: 0.9,
+            eta_c: 15.0,
+            eta_m: 20.0,
+            mutation_prob: None,
+            seed: 0,
+            initial: vec![],
+            nsga3: false,
+            partitions: None,
+        }
     }
+}
+
+impl Nsga2Config {
+    /// NSGA-III with Deb & Jain's operator settings (SBX with probability 1 and η_c = 30,
+    /// polynomial mutation η_m = 20, as pymoo's NSGA3).
+    pub fn nsga3(population: usize, objectives: usize, partitions: Option<usize>, seed: u64) -> Self {
+        Self { population, objectives, crossover_prob: 1.0, eta_c: 30.0, nsga3: true, partitions, seed, ..Default::default() }
+    }
+}
+
+/// Number of Das–Dennis directions for `m` objectives and `p` partitions: `C(m + p − 1, p)`.
+pub fn das_dennis_count(m: usize, p: usize) -> usize {
+    // C(m + p − 1, m − 1), multiplied out without overflow for the sizes that matter
+    (1..m).fold(1usize, |acc, k| acc.saturating_mul(p + k) / k)
+}
+
+/// Every point of the unit simplex in `m` dimensions whose coordinates are multiples of `1/p`.
+pub fn das_dennis(m: usize, p: usize) -> Vec<Vec<f64>> {
+    fn fill(m: usize, left: usize, p: usize, prefix: &mut Vec<usize>, out: &mut Vec<Vec<f64>>) {
+        if prefix.len() == m - 1 {
+            prefix.push(left);
+            out.push(prefix.iter().map(|&k| k as f64 / p as f64).collect());
+            prefix.pop();
+            return;
+        }
+        for k in 0..=left {
+            prefix.push(k);
+            fill(m, left - k, p, prefix, out);
+            prefix.pop();
+        }
+    }
+    let mut out = Vec::with_capacity(das_dennis_count(m, p));
+    if m > 0 && p > 0 {
+        fill(m, p, p, &mut Vec::with_capacity(m), &mut out);
+    }
+    out
+}
+
+/// NSGA-III's normalization memory: the running ideal and worst points and the extreme points.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Normalization {
+    ideal: Vec<f64>,
+    worst: Vec<f64>,
+    extremes: Vec<Vec<f64>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,6 +156,11 @@ pub struct Nsga2 {
     /// Asynchronous mode: the generation count each pending candidate was asked in.
     #[serde(default)]
     asked_in: BTreeMap<u64, u64>,
+    /// NSGA-III: the reference directions (empty for NSGA-II).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    directions: Vec<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    norm: Option<Normalization>,
 }
 
 impl Nsga2 {
@@ -96,6 +178,7 @@ impl Nsga2 {
         if let Some(g) = cfg.initial.iter().find(|g| g.len() != space.dim() || g.iter().any(|v| !v.is_finite())) {
             return Err(SearchError::BadConfig(format!("initial genome of {} genes (expected {} finite values)", g.len(), space.dim())));
         }
+        let directions = if cfg.nsga3 { Self::directions(cfg)? } else { vec![] };
         Ok(Self {
             space,
             cfg: cfg.clone(),
@@ -109,7 +192,39 @@ impl Nsga2 {
             best: BestSoFar::default(),
             steady: false,
             asked_in: BTreeMap::new(),
+            norm: cfg.nsga3.then(Normalization::default),
+            directions,
         })
+    }
+
+    /// NSGA-III's reference directions for `cfg` (the population must hold them).
+    fn directions(cfg: &Nsga2Config) -> Result<Vec<Vec<f64>>, SearchError> {
+        let (m, n) = (cfg.objectives, cfg.population);
+        if m < 2 {
+            return Err(SearchError::BadConfig("NSGA-III needs at least 2 objectives".into()));
+        }
+        let p = match cfg.partitions {
+            Some(0) => return Err(SearchError::BadConfig("NSGA-III: partitions must be at least 1".into())),
+            Some(p) => p,
+            None => (1..).take_while(|&p| das_dennis_count(m, p) <= n).last().unwrap_or(1),
+        };
+        let h = das_dennis_count(m, p);
+        if h > n {
+            let fit = (1..).take_while(|&p| das_dennis_count(m, p) <= n).last();
+            return Err(SearchError::BadConfig(format!(
+                "NSGA-III: {h} reference directions ({p} partitions, {m} objectives) need a population of at least {h}, not {n}; {}",
+                match fit {
+                    Some(q) => format!("raise the population or use at most {q} partitions ({} directions)", das_dennis_count(m, q)),
+                    None => format!("raise the population to at least {}", das_dennis_count(m, 1).next_multiple_of(2).max(4)),
+                }
+            )));
+        }
+        Ok(das_dennis(m, p))
+    }
+
+    /// NSGA-III's reference directions (empty for NSGA-II).
+    pub fn reference_directions(&self) -> &[Vec<f64>] {
+        &self.directions
     }
 
     /// The current non-dominated set: `(genome, objectives)` of the rank-0 scored parents.
@@ -123,6 +238,10 @@ impl Nsga2 {
                 let (lo, hi) = (self.space.lower[i], self.space.upper[i]);
                 match self.space.kinds[i] {
                     GeneKind::Real => lo + (hi - lo) * self.rng.uniform(),
+                    GeneKind::Integer => {
+                        let levels = self.space.levels(i).unwrap_or_default();
+                        levels[self.rng.below(levels.len())]
+                    }
                     GeneKind::Binary => {
                         if self.rng.uniform() < 0.5 {
                             hi
@@ -136,6 +255,9 @@ impl Nsga2 {
     }
 
     fn tournament(&mut self) -> usize {
+        if self.cfg.nsga3 {
+            return self.rng.below(self.parents.len());
+        }
         let (a, b) = (self.rng.below(self.parents.len()), self.rng.below(self.parents.len()));
         let (pa, pb) = (&self.parents[a], &self.parents[b]);
         if pa.rank != pb.rank {
@@ -171,7 +293,7 @@ impl Nsga2 {
                             std::mem::swap(&mut c1[i], &mut c2[i]);
                         }
                     }
-                    GeneKind::Real => {
+                    GeneKind::Real | GeneKind::Integer => {
                         if swap && (c1[i] - c2[i]).abs() > 1e-14 {
                             let (x, y) = self.sbx(c1[i], c2[i], i);
                             c1[i] = x;
@@ -193,8 +315,11 @@ impl Nsga2 {
                                 hi
                             }
                         }
-                        GeneKind::Real => self.mutate(c[i], lo, hi),
+                        GeneKind::Real | GeneKind::Integer => self.mutate(c[i], lo, hi),
                     };
+                }
+                if self.space.kinds[i] == GeneKind::Integer {
+                    c[i] = self.space.round(i, c[i]);
                 }
             }
         }
@@ -204,7 +329,14 @@ impl Nsga2 {
     /// The `k`-th genome of the first population: an initial genome (clipped), else random.
     fn first_population_genome(&mut self, k: usize) -> Vec<f64> {
         match self.cfg.initial.get(k).filter(|_| k < self.cfg.population) {
-            Some(x) => x.iter().enumerate().map(|(i, v)| v.clamp(self.space.lower[i], self.space.upper[i])).collect(),
+            Some(x) => x
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    let v = v.clamp(self.space.lower[i], self.space.upper[i]);
+                    if self.space.kinds[i] == GeneKind::Integer { self.space.round(i, v) } else { v }
+                })
+                .collect(),
             None => self.random_genome(),
         }
     }
@@ -238,12 +370,16 @@ impl Nsga2 {
         (y + dq * (ub - lb)).clamp(lb, ub)
     }
 
-    /// Environmental selection of `pool` down to N, setting ranks and crowding distances.
+    /// Environmental selection of `pool` down to N, setting ranks and crowding distances
+    /// (NSGA-III: reference-direction niching of the last front).
     fn select(&mut self, mut pool: Vec<Member>) {
         pool.sort_by_key(|m| m.id);
         let m = self.cfg.objectives;
         let objs: Vec<Vec<f64>> = pool.iter().map(|x| x.objectives.clone().unwrap_or_else(|| vec![f64::INFINITY; m])).collect();
         let ranks = nondominated_ranks(&objs);
+        if self.cfg.nsga3 {
+            return self.select_nsga3(pool, &objs, &ranks);
+        }
         let max_rank = ranks.iter().copied().max().unwrap_or(0);
         let mut next = Vec::with_capacity(self.cfg.population);
         for r in 0..=max_rank {
@@ -268,11 +404,179 @@ impl Nsga2 {
         }
         self.parents = next;
     }
+
+    /// NSGA-III survival (module doc): whole fronts, then the last front by niching.
+    fn select_nsga3(&mut self, pool: Vec<Member>, objs: &[Vec<f64>], ranks: &[usize]) {
+        let n = self.cfg.population;
+        let mut order: Vec<usize> = (0..pool.len()).collect();
+        order.sort_by_key(|&i| (ranks[i], pool[i].id));
+        // whole fronts while they fit; `last` = the rank that does not
+        let mut kept: Vec<usize> = Vec::with_capacity(n);
+        let mut last: Vec<usize> = Vec::new();
+        for r in 0.. {
+            let front: Vec<usize> = order.iter().copied().filter(|&i| ranks[i] == r).collect();
+            if front.is_empty() {
+                break;
+            }
+            if kept.len() + front.len() <= n {
+                kept.extend(front);
+                if kept.len() == n {
+                    break;
+                }
+            } else {
+                last = front;
+                break;
+            }
+        }
+        let scored: Vec<usize> = (0..pool.len()).filter(|&i| pool[i].objectives.is_some()).collect();
+        if !scored.is_empty() {
+            self.update_normalization(objs, &scored, ranks);
+        }
+        // failures share one last front; nothing tells them apart but their ids
+        if !last.is_empty() && last.iter().all(|&i| pool[i].objectives.is_none()) {
+            kept.extend(last.iter().take(n - kept.len()));
+        } else if !last.is_empty() {
+            let norm = self.norm.clone().unwrap_or_default();
+            let nadir = self.nadir(objs, &scored, ranks, &norm);
+            let (niche, dist): (Vec<usize>, Vec<f64>) = (0..pool.len())
+                .map(|i| if pool[i].objectives.is_some() { self.associate(&objs[i], &norm.ideal, &nadir) } else { (0, f64::INFINITY) })
+                .unzip();
+            let mut count = vec![0usize; self.directions.len()];
+            for &i in &kept {
+                if pool[i].objectives.is_some() {
+                    count[niche[i]] += 1;
+                }
+            }
+            let mut open: Vec<usize> = last.clone();
+            while kept.len() < n && !open.is_empty() {
+                // the least crowded directions that a member of the last front is nearest to
+                let min = open.iter().map(|&i| count[niche[i]]).min().unwrap_or(0);
+                let mut niches: Vec<usize> = open.iter().map(|&i| niche[i]).filter(|&j| count[j] == min).collect();
+                niches.sort_unstable();
+                niches.dedup();
+                let j = niches[self.rng.below(niches.len())];
+                let members: Vec<usize> = open.iter().copied().filter(|&i| niche[i] == j).collect();
+                let pick = if count[j] == 0 {
+                    members.iter().copied().min_by(|&a, &b| dist[a].total_cmp(&dist[b]).then(pool[a].id.cmp(&pool[b].id))).unwrap_or(members[0])
+                } else {
+                    members[self.rng.below(members.len())]
+                };
+                open.retain(|&i| i != pick);
+                count[j] += 1;
+                kept.push(pick);
+            }
+        }
+        kept.sort_by_key(|&i| pool[i].id);
+        self.parents = kept
+            .into_iter()
+            .map(|i| {
+                let mut x = pool[i].clone();
+                x.rank = ranks[i];
+                x.crowding = 0.0;
+                x
+            })
+            .collect();
+    }
+
+    /// Ideal and worst points (running, over scored members) and the extreme points of the
+    /// first front (with the previous extremes, so that none is lost).
+    fn update_normalization(&mut self, objs: &[Vec<f64>], scored: &[usize], ranks: &[usize]) {
+        let m = self.cfg.objectives;
+        let mut norm = self.norm.take().unwrap_or_default();
+        if norm.ideal.len() != m {
+            norm.ideal = vec![f64::INFINITY; m];
+            norm.worst = vec![f64::NEG_INFINITY; m];
+        }
+        for &i in scored {
+            for k in 0..m {
+                norm.ideal[k] = norm.ideal[k].min(objs[i][k]);
+                norm.worst[k] = norm.worst[k].max(objs[i][k]);
+            }
+        }
+        let first_rank = scored.iter().map(|&i| ranks[i]).min().unwrap_or(0);
+        let mut candidates: Vec<Vec<f64>> = std::mem::take(&mut norm.extremes);
+        candidates.extend(scored.iter().filter(|&&i| ranks[i] == first_rank).map(|&i| objs[i].clone()));
+        // per axis k, the point minimizing max_j (f_j − z*_j)·w_j with w_k = 1, others 1e6
+        // (translated values below 1e-3 count as 0, as pymoo does)
+        norm.extremes = (0..m)
+            .filter_map(|k| {
+                candidates
+                    .iter()
+                    .map(|f| {
+                        let asf = (0..m)
+                            .map(|j| {
+                                let d = f[j] - norm.ideal[j];
+                                let d = if d < 1e-3 { 0.0 } else { d };
+                                d * if j == k { 1.0 } else { 1e6 }
+                            })
+                            .fold(f64::NEG_INFINITY, f64::max);
+                        (asf, f)
+                    })
+                    .min_by(|a, b| a.0.total_cmp(&b.0))
+                    .map(|(_, f)| f.clone())
+            })
+            .collect();
+        self.norm = Some(norm);
+    }
+
+    /// The nadir estimate: ideal + the intercepts of the extreme points' hyperplane (capped at
+    /// the worst point seen); the worst of the first front when the hyperplane is degenerate;
+    /// the worst of the population along axes still narrower than 1e-6.
+    fn nadir(&self, objs: &[Vec<f64>], scored: &[usize], ranks: &[usize], norm: &Normalization) -> Vec<f64> {
+        let m = self.cfg.objectives;
+        let first_rank = scored.iter().map(|&i| ranks[i]).min().unwrap_or(0);
+        let worst_of = |rank: Option<usize>| -> Vec<f64> {
+            (0..m)
+                .map(|k| scored.iter().filter(|&&i| rank.is_none_or(|r| ranks[i] == r)).map(|&i| objs[i][k]).fold(f64::NEG_INFINITY, f64::max))
+                .collect()
+        };
+        let plane = (norm.extremes.len() == m)
+            .then(|| {
+                let a = nalgebra::DMatrix::from_fn(m, m, |r, c| norm.extremes[r][c] - norm.ideal[c]);
+                let b = nalgebra::DVector::from_element(m, 1.0);
+                a.clone().lu().solve(&b).filter(|x| (&a * x - &b).amax() < 1e-8)
+            })
+            .flatten();
+        let mut nadir = match plane {
+            Some(x) if x.iter().all(|v| 1.0 / v > 1e-6) => (0..m).map(|k| (norm.ideal[k] + 1.0 / x[k]).min(norm.worst[k])).collect::<Vec<f64>>(),
+            _ => worst_of(Some(first_rank)),
+        };
+        let population = worst_of(None);
+        for k in 0..m {
+            if nadir[k] - norm.ideal[k] <= 1e-6 {
+                nadir[k] = population[k];
+            }
+        }
+        nadir
+    }
+
+    /// The direction nearest to `f` (normalized by `ideal`, `nadir`) and the perpendicular
+    /// distance to it.
+    fn associate(&self, f: &[f64], ideal: &[f64], nadir: &[f64]) -> (usize, f64) {
+        let x: Vec<f64> = f
+            .iter()
+            .zip(ideal.iter().zip(nadir))
+            .map(|(v, (lo, hi))| {
+                let d = hi - lo;
+                (v - lo) / if d == 0.0 { 1e-12 } else { d }
+            })
+            .collect();
+        let mut best = (0, f64::INFINITY);
+        for (j, w) in self.directions.iter().enumerate() {
+            let ww: f64 = w.iter().map(|v| v * v).sum();
+            let t = x.iter().zip(w).map(|(a, b)| a * b).sum::<f64>() / ww;
+            let d2: f64 = x.iter().zip(w).map(|(a, b)| (a - t * b).powi(2)).sum();
+            if d2 < best.1 {
+                best = (j, d2);
+            }
+        }
+        (best.0, best.1.sqrt())
+    }
 }
 
 impl Optimizer for Nsga2 {
     fn name(&self) -> &'static str {
-        "nsga2"
+        if self.cfg.nsga3 { "nsga3" } else { "nsga2" }
     }
 
     fn space(&self) -> &SearchSpace {

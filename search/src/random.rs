@@ -1,4 +1,4 @@
-//! Random search: every gene uniform in its bounds — the baseline every experiment can be
+//! Random search: every gene uniform in its bounds (integer genes: uniform over their integers) — the baseline every experiment can be
 //! compared with.
 
 use std::collections::BTreeMap;
@@ -51,8 +51,12 @@ impl RandomSearch {
 impl RandomSearch {
     /// One uniform genome, pending under a new id.
     fn draw(&mut self) -> u64 {
-        let g: Vec<f64> =
-            (0..self.space.dim()).map(|i| self.space.lower[i] + (self.space.upper[i] - self.space.lower[i]) * self.rng.uniform()).collect();
+        let g: Vec<f64> = (0..self.space.dim())
+            .map(|i| match (self.space.kinds[i], self.space.levels(i)) {
+                (crate::GeneKind::Integer, Some(levels)) => levels[self.rng.below(levels.len())],
+                _ => self.space.lower[i] + (self.space.upper[i] - self.space.lower[i]) * self.rng.uniform(),
+            })
+            .collect();
         let id = self.next_id;
         self.pending.insert(id, g);
         self.next_id += 1;

@@ -1,4 +1,4 @@
-//! Search spaces: named genes with bounds, real or binary.
+//! Search spaces: named genes with bounds, real, binary or integer.
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +15,10 @@ pub enum GeneKind {
     /// optimizers (CMA-ES) move it freely and it is thresholded at evaluation time; NSGA-II uses
     /// bit-flip operators on it.
     Binary,
+    /// An integer in `[lower, upper]` (the bounds must contain one). Random search and NSGA-II
+    /// round; CMA-ES with margin encodes its continuous coordinate to the nearest integer and
+    /// keeps the probability of moving to a neighbour from vanishing.
+    Integer,
 }
 
 /// Bounds and kinds of every gene of a genome.
@@ -63,6 +67,9 @@ impl SearchSpace {
                     self.names[i]
                 )));
             }
+            if self.kinds[i] == GeneKind::Integer && lo.ceil() > hi.floor() {
+                return Err(SearchError::BadSpace(format!("integer gene '{}': bounds [{lo}, {hi}] contain no integer", self.names[i])));
+            }
         }
         Ok(())
     }
@@ -74,6 +81,27 @@ impl SearchSpace {
     /// Whether binary gene `i` is on in `genome`.
     pub fn is_on(&self, genome: &[f64], i: usize) -> bool {
         genome[i] > 0.0
+    }
+
+    /// The values a discrete gene takes, ascending (binary: off = `lower`, on = `upper`;
+    /// integer: every integer in the bounds); `None` for a real gene.
+    pub fn levels(&self, i: usize) -> Option<Vec<f64>> {
+        let (lo, hi) = (self.lower[i], self.upper[i]);
+        match self.kinds[i] {
+            GeneKind::Real => None,
+            GeneKind::Binary => Some(vec![lo, hi]),
+            GeneKind::Integer => Some((lo.ceil() as i64..=hi.floor() as i64).map(|k| k as f64).collect()),
+        }
+    }
+
+    /// The integer of integer gene `i` nearest to `v`, inside the bounds.
+    pub fn round(&self, i: usize, v: f64) -> f64 {
+        v.round().clamp(self.lower[i].ceil(), self.upper[i].floor())
+    }
+
+    /// Whether any gene is binary or integer.
+    pub fn has_discrete(&self) -> bool {
+        self.kinds.iter().any(|k| *k != GeneKind::Real)
     }
 
     /// Whether `genome` lies inside the bounds.
@@ -114,6 +142,11 @@ mod tests {
         assert!(SearchSpace::new(vec!["a".into()], vec![0.0, 1.0], vec![1.0], vec![GeneKind::Real]).is_err());
         let e = SearchSpace::new(vec!["on".into()], vec![0.5], vec![1.0], vec![GeneKind::Binary]).expect_err("always on");
         assert!(e.to_string().contains("binary gene 'on'"), "{e}");
+        let e = SearchSpace::new(vec!["k".into()], vec![0.2], vec![0.8], vec![GeneKind::Integer]).expect_err("no integer");
+        assert!(e.to_string().contains("integer gene 'k': bounds [0.2, 0.8] contain no integer"), "{e}");
+        let s = SearchSpace::new(vec!["k".into()], vec![-1.5], vec![2.0], vec![GeneKind::Integer]).expect("one to four integers");
+        assert_eq!(s.levels(0), Some(vec![-1.0, 0.0, 1.0, 2.0]));
+        assert_eq!((s.round(0, -7.0), s.round(0, 0.6)), (-1.0, 1.0));
     }
 
     #[test]

@@ -51,3 +51,20 @@ pub fn dtlz2(x: &[f64]) -> Vec<f64> {
     let h = std::f64::consts::FRAC_PI_2;
     vec![(1.0 + g) * (x[0] * h).cos() * (x[1] * h).cos(), (1.0 + g) * (x[0] * h).cos() * (x[1] * h).sin(), (1.0 + g) * (x[0] * h).sin()]
 }
+
+/// The mixed binary–continuous functions of Hamano et al. (GECCO 2022): the first half of the
+/// genes continuous, the second half binary genes, on iff > 0 (the [`crate::GeneKind::Binary`]
+/// convention). Minimum 0: continuous genes 0, every bit on.
+///
+/// SphereOneMax: Σ xᵢ² over the continuous half + the number of bits off.
+pub fn sphere_onemax(x: &[f64]) -> f64 {
+    let (co, bi) = x.split_at(x.len() / 2);
+    sphere(co) + bi.iter().filter(|b| **b <= 0.0).count() as f64
+}
+
+/// EllipsoidLeadingOnes: the ellipsoid (condition 1e6) over the continuous half + the number of
+/// bits after the leading run of ones.
+pub fn ellipsoid_leadingones(x: &[f64]) -> f64 {
+    let (co, bi) = x.split_at(x.len() / 2);
+    ellipsoid(co) + (bi.len() - bi.iter().take_while(|b| **b > 0.0).count()) as f64
+}

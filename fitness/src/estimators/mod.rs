@@ -148,23 +148,29 @@ mod tests {
 
     /// Few training models and many items put the fit's scale in θ (sd ≈ 3 here); a candidate's
     /// ability must be estimated on that scale. Under the fit's own N(0, 1) prior plain IRT's
-    /// estimates were flattened to a slope of 0.54 on the expected scores; 0.74 now (what is
-    /// left is the Bayes shrinkage of an ability read from 80 items).
+    /// estimates were flattened to a slope of 0.54 on the expected scores; 0.72 now, the mean
+    /// over four simulated populations (0.66–0.78 each; what is left is the Bayes shrinkage of
+    /// an ability read from 80 items).
     #[test]
     fn irt_estimates_are_not_shrunk_with_few_training_models() {
-        let s = simulate(15 + 60, 800, 1, 5);
-        let (train, test) = (rows(&s.responses, 0, 15), rows(&s.responses, 15, 75));
-        let fit = Irt::fit(&train, &IrtConfig { dims: 1, ..Default::default() });
-        let items = random_items(800, 80, 9);
-        let (est, truth): (Vec<f64>, Vec<f64>) = (0..test.models)
-            .map(|m| {
-                let y: Vec<f64> = items.iter().map(|&i| test.get(m, i)).collect();
-                let p = &s.probabilities[(15 + m) * 800..(16 + m) * 800];
-                (fit.estimate(&items, &y).value, p.iter().sum::<f64>() / 800.0)
+        let slopes: Vec<f64> = (0..4)
+            .map(|seed| {
+                let s = simulate(15 + 60, 800, 1, seed);
+                let (train, test) = (rows(&s.responses, 0, 15), rows(&s.responses, 15, 75));
+                let fit = Irt::fit(&train, &IrtConfig { dims: 1, ..Default::default() });
+                let items = random_items(800, 80, 9 + seed);
+                let (est, truth): (Vec<f64>, Vec<f64>) = (0..test.models)
+                    .map(|m| {
+                        let y: Vec<f64> = items.iter().map(|&i| test.get(m, i)).collect();
+                        let p = &s.probabilities[(15 + m) * 800..(16 + m) * 800];
+                        (fit.estimate(&items, &y).value, p.iter().sum::<f64>() / 800.0)
+                    })
+                    .unzip();
+                slope(&truth, &est)
             })
-            .unzip();
-        let b = slope(&truth, &est);
-        assert!((0.65..1.1).contains(&b), "slope of IRT estimates on the expected scores: {b:.3}");
+            .collect();
+        let b = slopes.iter().sum::<f64>() / slopes.len() as f64;
+        assert!((0.65..1.1).contains(&b), "mean slope of IRT estimates on the expected scores: {b:.3} ({slopes:.3?})");
     }
 
     /// Responses of `models` to `items` items of two skills: item i depends on ability

@@ -1,7 +1,9 @@
 //! Response matrices simulated from a known 2PL IRT model (tests and benchmarks).
 
+use rand::RngExt as _;
 use rand_chacha::ChaCha8Rng;
-use rand_core::{Rng as _, SeedableRng};
+use rand_core::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
 
 use super::Responses;
 
@@ -18,16 +20,15 @@ pub struct Simulated {
     pub probabilities: Vec<f64>,
 }
 
-/// Seeded uniform and normal draws (Box–Muller).
+/// Seeded uniform and normal draws (`rand`'s StandardUniform, `rand_distr`'s StandardNormal).
 pub(crate) struct Gen(pub(crate) ChaCha8Rng);
 
 impl Gen {
     pub(crate) fn uniform(&mut self) -> f64 {
-        (self.0.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.random::<f64>()
     }
     pub(crate) fn normal(&mut self) -> f64 {
-        let (u, v) = (self.uniform().max(1e-300), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+        StandardNormal.sample(&mut self.0)
     }
 }
 
@@ -56,7 +57,7 @@ pub fn random_items(n: usize, k: usize, seed: u64) -> Vec<usize> {
     let mut g = Gen(ChaCha8Rng::seed_from_u64(seed));
     let mut idx: Vec<usize> = (0..n).collect();
     for i in 0..k.min(n) {
-        let j = i + ((g.uniform() * (n - i) as f64) as usize).min(n - i - 1);
+        let j = g.0.random_range(i..n);
         idx.swap(i, j);
     }
     idx.truncate(k.min(n));
