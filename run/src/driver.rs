@@ -197,25 +197,31 @@ pub fn make_optimizer(
     n_obj: usize,
     seed: u64,
 ) -> Result<Box<dyn Optimizer>> {
-    if n_obj > 1 && o.kind == OptimizerKind::Cmaes {
-        return Err(RunError::Experiment(format!("CMA-ES optimizes one objective; use optimizer.kind = \"nsga2\" (or \"random\") for {n_obj}")));
+    let kind = o.kind_for(n_obj);
+    if n_obj > 1 && kind == OptimizerKind::Cmaes {
+        return Err(RunError::Experiment(format!(
+            "CMA-ES optimizes one objective; use optimizer.kind = \"nsga2\" (two objectives), \"nsga3\" (three or more) or \"random\" for {n_obj}"
+        )));
     }
     // The start point (default parameters; model A itself for a data-flow stage) in the genes'
     // own units, as both optimizers take it.
     let start: Vec<f64> = x0.iter().enumerate().map(|(i, u)| space.lower[i] + u * (space.upper[i] - space.lower[i])).collect();
-    Ok(match o.kind {
+    // NSGA-II / NSGA-III: it is one member of the first population, with the seeds.
+    let initial = || -> Vec<Vec<f64>> { std::iter::once(start.clone()).chain(seeds.clone()).collect() };
+    Ok(match kind {
         // CMA-ES's mean starts there.
-        OptimizerKind::Cmaes => {
-            Box::new(CmaEs::new(space, &CmaEsConfig { population: o.population, sigma0: o.sigma0, x0: Some(start), seed, ..Default::default() })?)
-        }
-        OptimizerKind::Nsga2 => {
-            // It is one member of the first population, with the seeds.
-            let initial: Vec<Vec<f64>> = std::iter::once(start).chain(seeds).collect();
-            Box::new(Nsga2::new(
-                space,
-                &Nsga2Config { population: o.population.unwrap_or(40), objectives: n_obj, seed, initial, ..Default::default() },
-            )?)
-        }
+        OptimizerKind::Cmaes | OptimizerKind::Auto => Box::new(CmaEs::new(
+            space,
+            &CmaEsConfig { population: o.population, sigma0: o.sigma0, x0: Some(start.clone()), margin: o.margin, seed, ..Default::default() },
+        )?),
+        OptimizerKind::Nsga2 => Box::new(Nsga2::new(
+            space,
+            &Nsga2Config { population: o.population.unwrap_or(40), objectives: n_obj, seed, initial: initial(), ..Default::default() },
+        )?),
+        OptimizerKind::Nsga3 => Box::new(Nsga2::new(
+            space,
+            &Nsga2Config { initial: initial(), ..Nsga2Config::nsga3(o.population.unwrap_or(40), n_obj, o.partitions, seed) },
+        )?),
         OptimizerKind::Random => Box::new(RandomSearch::new(space, o.population.unwrap_or(8), n_obj, seed)?),
     })
 }

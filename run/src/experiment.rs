@@ -22,7 +22,7 @@
 //! estimator = { method = "random", k = 50, seed = 0 }
 //!
 //! [optimizer]
-//! kind = "cmaes"                     # cmaes | nsga2 | random
+//! kind = "cmaes"                     # auto (default) | cmaes | nsga2 | nsga3 | random
 //! population = 8
 //!
 //! [budget]
@@ -158,20 +158,28 @@ fn full() -> Method {
     Method::Full
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
+    /// By the number of objectives: CMA-ES for one, NSGA-II for two, NSGA-III for more
+    /// ([`OptimizerSpec::kind_for`]).
+    #[default]
+    Auto,
     Cmaes,
     Nsga2,
+    /// NSGA-II with reference-direction survival (Deb & Jain 2014): spreads fronts of three
+    /// or more objectives, where crowding distance leaves them thin.
+    Nsga3,
     Random,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OptimizerSpec {
+    #[serde(default)]
     pub kind: OptimizerKind,
-    /// Candidates per generation (CMA-ES: λ, default 4 + ⌊3 ln n⌋; NSGA-II: even, default 40;
-    /// random: default 8).
+    /// Candidates per generation (CMA-ES: λ, default 4 + ⌊3 ln n⌋; NSGA-II / NSGA-III: even,
+    /// default 40; random: default 8).
     #[serde(default)]
     pub population: Option<usize>,
     /// CMA-ES initial step, as a fraction of each gene's range.
@@ -191,6 +199,27 @@ pub struct OptimizerSpec {
     /// told; keeps uneven workers busy (README "Scale out").
     #[serde(default, skip_serializing_if = "Mode::is_sync")]
     pub mode: Mode,
+    /// NSGA-III: Das–Dennis partitions of the reference directions (`C(M + p − 1, p)` of them
+    /// for M objectives; the population must hold them). Default: the most that fit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<usize>,
+    /// CMA-ES with margin on binary genes (the data-flow stage's layer indicators): the least
+    /// probability of each gene flipping, default `1/(n λ)`; 0 turns the margin off
+    /// (indicators thresholded, as before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub margin: Option<f64>,
+}
+
+impl OptimizerSpec {
+    /// The optimizer that runs for `objectives` objectives (`auto` resolved).
+    pub fn kind_for(&self, objectives: usize) -> OptimizerKind {
+        match (self.kind, objectives) {
+            (OptimizerKind::Auto, 0 | 1) => OptimizerKind::Cmaes,
+            (OptimizerKind::Auto, 2) => OptimizerKind::Nsga2,
+            (OptimizerKind::Auto, _) => OptimizerKind::Nsga3,
+            (k, _) => k,
+        }
+    }
 }
 
 /// How a stage's optimizer meets its workers.
@@ -214,7 +243,7 @@ fn sigma0() -> f64 {
 
 impl Default for OptimizerSpec {
     fn default() -> Self {
-        Self { kind: OptimizerKind::Cmaes, population: None, sigma0: sigma0(), seed_sources: false, mode: Mode::Sync }
+        Self { kind: OptimizerKind::Auto, population: None, sigma0: sigma0(), seed_sources: false, mode: Mode::Sync, partitions: None, margin: None }
     }
 }
 
@@ -349,15 +378,36 @@ impl Experiment {
             if !(o.sigma0.is_finite() && o.sigma0 > 0.0) {
                 return Err(format!("{at}optimizer.sigma0 = {}: give a positive fraction of each gene's range", o.sigma0));
             }
-            match (o.kind, o.population) {
+            let n_obj = self.objectives.len();
+            let kind = o.kind_for(n_obj);
+            match (kind, o.population) {
                 (OptimizerKind::Cmaes, Some(p)) if p < 2 => return Err(format!("{at}optimizer.population = {p}: CMA-ES needs at least 2")),
-                (OptimizerKind::Nsga2, Some(p)) if p < 4 || p % 2 == 1 => {
-                    return Err(format!("{at}optimizer.population = {p}: NSGA-II needs an even population of at least 4"));
+                (OptimizerKind::Nsga2 | OptimizerKind::Nsga3, Some(p)) if p < 4 || p % 2 == 1 => {
+                    return Err(format!("{at}optimizer.population = {p}: NSGA-II and NSGA-III need an even population of at least 4"));
                 }
                 (OptimizerKind::Random, Some(0)) => return Err(format!("{at}optimizer.population = 0: nothing would run")),
                 _ => {}
             }
-            if o.mode == Mode::Async && o.kind == OptimizerKind::Cmaes {
+            if kind == OptimizerKind::Cmaes && n_obj > 1 {
+                return Err(format!(
+                    "CMA-ES optimizes one objective; use {at}optimizer.kind = \"nsga2\" (two objectives), \"nsga3\" (three or more), \"random\" \
+                     or \"auto\" for {n_obj}"
+                ));
+            }
+            if kind == OptimizerKind::Nsga3 {
+                evomerge_search::nsga3_directions(n_obj, o.population.unwrap_or(40), o.partitions).map_err(|e| format!("{at}optimizer: {e}"))?;
+            } else if let Some(p) = o.partitions {
+                return Err(format!("{at}optimizer.partitions = {p}: only NSGA-III has reference directions (kind = \"nsga3\")"));
+            }
+            if let Some(m) = o.margin {
+                if kind != OptimizerKind::Cmaes {
+                    return Err(format!("{at}optimizer.margin = {m}: the margin is CMA-ES's (kind = \"cmaes\")"));
+                }
+                if !(0.0..0.5).contains(&m) {
+                    return Err(format!("{at}optimizer.margin = {m}: give a probability in [0, 0.5) (0 turns the margin off)"));
+                }
+            }
+            if o.mode == Mode::Async && kind == OptimizerKind::Cmaes {
                 return Err(format!(
                     "{at}optimizer.mode = \"async\": CMA-ES has no sound asynchronous update (its rank-μ update assumes a whole generation \
                      sampled from one distribution); use kind = \"nsga2\" or \"random\", or mode = \"sync\""

@@ -12,7 +12,7 @@ use evomerge_fitness::tasks::{Task, TaskSpec};
 use evomerge_search::{GeneKind, SearchSpace};
 
 use crate::error::{Result, RunError};
-use crate::experiment::{Experiment, OptimizerKind};
+use crate::experiment::Experiment;
 use crate::resources::{device_merge, gib, memory_available, memory_needed, runtime_bytes};
 
 /// Everything a run needs, built from an experiment.
@@ -96,21 +96,6 @@ impl Setup {
             genes.iter().map(|g| g.upper).collect(),
             vec![GeneKind::Real; genes.len()],
         )?;
-        if exp.objectives.len() > 1 && exp.optimizer.kind == OptimizerKind::Cmaes {
-            return Err(RunError::Experiment(format!(
-                "CMA-ES optimizes one objective; use optimizer.kind = \"nsga2\" (or \"random\") for {}",
-                exp.objectives.len()
-            )));
-        }
-        if let Some(df) = &exp.dataflow
-            && exp.objectives.len() > 1
-            && df.optimizer.kind == OptimizerKind::Cmaes
-        {
-            return Err(RunError::Experiment(format!(
-                "CMA-ES optimizes one objective; use dataflow.optimizer.kind = \"nsga2\" (or \"random\") for {}",
-                exp.objectives.len()
-            )));
-        }
         check_dataflow(&exp, &base)?;
         let prefix = base.config.prefix_token();
         let tok = Tokenizer::from_dir(base.dir())?;

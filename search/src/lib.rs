@@ -13,7 +13,8 @@
 //! uninterrupted one would have ([`OptimizerState`]). No ML dependency: tests run on analytic
 //! functions ([`testfns`]) in milliseconds.
 //!
-//! Optimizers: [`RandomSearch`], [`CmaEs`] (full, separable, IPOP restarts), [`Nsga2`] with
+//! Optimizers: [`RandomSearch`], [`CmaEs`] (full, separable, active, IPOP restarts, margin for
+//! binary and integer genes), [`Nsga2`] (NSGA-II, and NSGA-III with [`Nsga2Config::nsga3`]) with
 //! exact hypervolume ([`pareto`]). The [`Runner`] owns the loop: budgets, observers,
 //! cancellation and atomic checkpoints.
 
@@ -35,7 +36,7 @@ pub use atomic::write_atomic;
 pub use base::{Candidate, Evaluation, Optimizer, OptimizerState, Outcome, StopReason};
 pub use cmaes::{CmaEs, CmaEsConfig};
 pub use error::SearchError;
-pub use nsga2::{Nsga2, Nsga2Config, das_dennis, das_dennis_count};
+pub use nsga2::{Nsga2, Nsga2Config, das_dennis, das_dennis_count, nsga3_directions};
 pub use random::RandomSearch;
 pub use runner::{AsyncObjective, Budget, GenerationReport, Next, Observer, Runner, Termination};
 pub use space::{Direction, GeneKind, SearchSpace};

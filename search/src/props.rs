@@ -1,5 +1,5 @@
-//! Property tests over every optimizer: asked genomes stay in bounds, ids are unique, and a
-//! checkpoint restores exactly.
+//! Property tests over every optimizer: asked genomes stay in bounds (integer genes integral),
+//! ids are unique, and a checkpoint restores exactly.
 
 mod tests {
     use proptest::prelude::*;
@@ -13,6 +13,7 @@ mod tests {
             Box::new(RandomSearch::new(space.clone(), 6, 2, seed).expect("random")),
             Box::new(CmaEs::new(space.clone(), &CmaEsConfig { seed, sigma0: 0.8, ..Default::default() }).expect("cmaes")),
             Box::new(Nsga2::new(space.clone(), &Nsga2Config { population: 6, objectives: 2, seed, ..Default::default() }).expect("nsga2")),
+            Box::new(Nsga2::new(space.clone(), &Nsga2Config::nsga3(6, 2, None, seed)).expect("nsga3")),
         ]
     }
 
@@ -24,11 +25,19 @@ mod tests {
     }
 
     fn space_strategy() -> impl Strategy<Value = SearchSpace> {
-        proptest::collection::vec((-5.0f64..5.0, 0.01f64..10.0, any::<bool>()), 1..6).prop_map(|genes| {
+        // kind 0: real, 1: binary, 2: integer (its range widened to hold an integer)
+        proptest::collection::vec((-5.0f64..5.0, 0.01f64..10.0, 0u8..3), 1..6).prop_map(|genes| {
             let names = (0..genes.len()).map(|i| format!("g{i}")).collect();
-            let lower: Vec<f64> = genes.iter().map(|(lo, _, bin)| if *bin { -1.0 } else { *lo }).collect();
-            let upper: Vec<f64> = genes.iter().map(|(lo, w, bin)| if *bin { 1.0 } else { lo + w }).collect();
-            let kinds = genes.iter().map(|(_, _, b)| if *b { GeneKind::Binary } else { GeneKind::Real }).collect();
+            let lower: Vec<f64> = genes.iter().map(|(lo, _, k)| if *k == 1 { -1.0 } else { *lo }).collect();
+            let upper: Vec<f64> = genes
+                .iter()
+                .map(|(lo, w, k)| match k {
+                    1 => 1.0,
+                    2 => lo + w.max(1.0),
+                    _ => lo + w,
+                })
+                .collect();
+            let kinds = genes.iter().map(|(_, _, k)| [GeneKind::Real, GeneKind::Binary, GeneKind::Integer][*k as usize]).collect();
             SearchSpace::new(names, lower, upper, kinds).expect("space")
         })
     }
@@ -52,6 +61,8 @@ mod tests {
                     }
                     for c in &cands {
                         prop_assert!(space.contains(&c.genome), "{} asked {:?}", opt.name(), c.genome);
+                        let integral = c.genome.iter().zip(&space.kinds).all(|(x, k)| *k != GeneKind::Integer || x.fract() == 0.0);
+                        prop_assert!(integral, "{} asked a non-integer {:?}", opt.name(), c.genome);
                         prop_assert!(seen.insert(c.id), "{} repeated id {}", opt.name(), c.id);
                     }
                     let evals: Vec<Evaluation> = cands.iter().map(|c| eval(opt.as_ref(), c.id, &c.genome)).collect();

@@ -331,12 +331,12 @@ pub fn run(args: ReportArgs) -> Result<()> {
     let _ = writeln!(md, "# Run report: {}\n", exp.name);
     let _ = writeln!(
         md,
-        "{} parameter-space evaluations ({} failed), {} data-flow evaluations; method `{}`, optimizer `{:?}`.\n",
+        "{} parameter-space evaluations ({} failed), {} data-flow evaluations; method `{}`, optimizer `{}`.\n",
         ps.len(),
         ps.iter().filter(|r| r.failure().is_some()).count(),
         dfs.len(),
         exp.merge.method,
-        exp.optimizer.kind
+        serde_json::to_value(exp.optimizer.kind_for(exp.objectives.len()))?.as_str().unwrap_or("?")
     );
     // Results table: best candidates of each stage and the references.
     let _ = writeln!(md, "| candidate | {} |\n|---|{}", names.join(" | "), "---|".repeat(names.len()));

@@ -218,7 +218,7 @@ pub fn export(args: ExportArgs) -> Result<()> {
         pick.id,
         pick.generation,
         exp.name,
-        serde_json::to_value(exp.optimizer.kind)?.as_str().unwrap_or("?"),
+        serde_json::to_value(exp.optimizer.kind_for(exp.objectives.len()))?.as_str().unwrap_or("?"),
         recs.len()
     ));
     text.push_str("| objective | value | std. error | estimator | items scored |\n|---|---|---|---|---|\n");

@@ -537,8 +537,58 @@ fn cmaes_dataflow_stage_starts_at_model_a() {
     run_ok(&["search", &exp.display().to_string(), "--run-dir", &run.display().to_string(), "--progress", "off"]);
     let recs = records(&run.join("dataflow"));
     assert_eq!(recs.len(), 8);
-    for r in recs.values() {
+    // The first generation samples around model A (with σ₀ = 0.02 no indicator flips; later
+    // generations may: the margin keeps each flip's probability ≥ 1/(nλ)).
+    for r in recs.values().filter(|r| r["generation"] == 0) {
         let path = r["path"].as_str().expect("path");
         assert!(path.starts_with("m0:0") && !path.contains("m1:") && !path.contains("m2:"), "{path}");
+    }
+    // CMA-ES with margin asks indicators as levels (on = 1, off = −1), not thresholded reals
+    let genome = |r: &Value| -> Vec<f64> { r["genome"].as_array().expect("genome").iter().map(|x| x.as_f64().expect("f")).collect() };
+    let indicators = |g: &[f64]| g.iter().take_while(|x| **x == 1.0 || **x == -1.0).count();
+    assert!(recs.values().all(|r| indicators(&genome(r)) >= 8), "{:?}", genome(recs.values().next().expect("a record")));
+}
+
+/// Three objectives and no optimizer kind: `auto` runs NSGA-III (reference directions), and
+/// its settings are checked before a run directory is made.
+#[test]
+fn three_objectives_run_nsga3_by_default_and_bad_settings_are_refused_up_front() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let exp = experiment(tmp.path(), 8);
+    let tasks = Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/tasks");
+    let more = format!(
+        "[[objectives]]\ntask = \"{0}\"\n\n[[objectives]]\ntask = \"{1}\"\nestimator = {{ method = \"random\", k = 2, seed = 1 }}\n\n[optimizer]",
+        tasks.join("arc-question-ppl.toml").display(),
+        tasks.join("text-ppl.toml").display()
+    );
+    let text = std::fs::read_to_string(&exp).expect("read").replace("kind = \"cmaes\"\n", "").replace("[optimizer]", &more);
+    std::fs::write(&exp, &text).expect("write");
+    let run = tmp.path().join("run");
+    run_ok(&["search", &exp.display().to_string(), "--run-dir", &run.display().to_string(), "--progress", "off"]);
+    assert_eq!(records(&run).len(), 8);
+    let checkpoint: Value = serde_json::from_str(&std::fs::read_to_string(run.join("checkpoint.json")).expect("checkpoint")).expect("json");
+    let state = checkpoint["optimizer"].as_str().expect("the optimizer's state");
+    assert!(state.contains("\"nsga3\":true") && state.contains("\"directions\""), "NSGA-III ran");
+    let st: Value = serde_json::from_str(&run_ok(&["status", &run.display().to_string(), "--json"])).expect("json");
+    assert_eq!(st["pareto"], true);
+    let cases: [(&str, &str, &str); 5] = [
+        (
+            "population = 4",
+            "population = 4\npartitions = 12",
+            "91 reference directions (12 partitions, 3 objectives) need a population of at least 91, not 4",
+        ),
+        ("population = 4", "kind = \"nsga2\"\npopulation = 4\nmargin = 0.1", "optimizer.margin = 0.1: the margin is CMA-ES's"),
+        ("population = 4", "kind = \"nsga2\"\npopulation = 4\npartitions = 3", "only NSGA-III has reference directions"),
+        ("population = 4", "kind = \"cmaes\"\npopulation = 4", "\"nsga3\" (three or more)"),
+        ("population = 4", "kind = \"nsga4\"\npopulation = 4", "expected one of `auto`, `cmaes`, `nsga2`, `nsga3`, `random`"),
+    ];
+    for (from, to, needle) in cases {
+        let bad = tmp.path().join("bad.toml");
+        std::fs::write(&bad, text.replace(from, to)).expect("write");
+        let never = tmp.path().join("never");
+        let (code, _, err) = crate::common::run(&["search", &bad.display().to_string(), "--run-dir", &never.display().to_string()]);
+        assert_eq!(code, Some(2), "{to}: {err}");
+        assert!(err.contains(needle), "{to}: '{needle}' not in {err}");
+        assert!(!never.exists(), "{to}: a run directory was created");
     }
 }
