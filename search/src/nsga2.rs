@@ -2,7 +2,8 @@
 //! algorithm: NSGA-II", IEEE TEC 2002), constraint-free.
 //!
 //! Each generation: N offspring by binary tournament (lower rank wins, then larger crowding
-//! distance), then per pair **SBX** crossover (probability `crossover_prob`, each real gene
+//! distance; contestants drawn from a shuffled population, so each meets as many tournaments
+//! as the others), none a copy of a parent or of another child, then per pair **SBX** crossover (probability `crossover_prob`, each real gene
 //! with probability ½, distribution index η_c, bounded form of Deb's reference code) and
 //! **polynomial mutation** (each real gene with probability `1/n` by default, index η_m);
 //! **binary genes** get uniform crossover and bit flips instead (on = `upper`, off = `lower`);
@@ -29,7 +30,7 @@
 
 #![allow(clippy::needless_range_loop)] // per-gene operators index several genomes at once
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -89,6 +90,14 @@ impl Nsga2Config {
     pub fn nsga3(population: usize, objectives: usize, partitions: Option<usize>, seed: u64) -> Self {
         Self { population, objectives, crossover_prob: 1.0, eta_c: 30.0, nsga3: true, partitions, seed, ..Default::default() }
     }
+}
+
+/// Matings per child before a duplicate genome is accepted.
+const DUPLICATE_TRIES: usize = 20;
+
+/// A genome's bits, for exact duplicate detection (−0 and +0 alike).
+fn genome_key(g: &[f64]) -> Vec<u64> {
+    g.iter().map(|x| (x + 0.0).to_bits()).collect()
 }
 
 /// Number of Das–Dennis directions for `m` objectives and `p` partitions: `C(m + p − 1, p)`.
@@ -167,6 +176,9 @@ pub struct Nsga2 {
     directions: Vec<Vec<f64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     norm: Option<Normalization>,
+    /// Tournament contestants not drawn yet (indices into `parents`; see `tournament`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    shuffled: Vec<usize>,
 }
 
 impl Nsga2 {
@@ -199,6 +211,7 @@ impl Nsga2 {
             steady: false,
             asked_in: BTreeMap::new(),
             norm: cfg.nsga3.then(Normalization::default),
+            shuffled: vec![],
             directions,
         })
     }
@@ -260,11 +273,14 @@ impl Nsga2 {
             .collect()
     }
 
+    /// A binary tournament's winner. Contestants are drawn without replacement from a shuffled
+    /// population, reshuffled when spent (as pymoo's tournament selection), so every member
+    /// meets the same number of tournaments. NSGA-III: a random member.
     fn tournament(&mut self) -> usize {
         if self.cfg.nsga3 {
             return self.rng.below(self.parents.len());
         }
-        let (a, b) = (self.rng.below(self.parents.len()), self.rng.below(self.parents.len()));
+        let (a, b) = (self.contestant(), self.contestant());
         let (pa, pb) = (&self.parents[a], &self.parents[b]);
         if pa.rank != pb.rank {
             return if pa.rank < pb.rank { a } else { b };
@@ -272,15 +288,52 @@ impl Nsga2 {
         if pa.crowding > pb.crowding { a } else { b }
     }
 
+    /// N children, none a copy of a parent or of another child (as pymoo's duplicate
+    /// elimination: a child left unchanged by crossover and mutation would spend an evaluation
+    /// on a known genome); after `DUPLICATE_TRIES` matings per child copies are let through
+    /// (a space of a few on/off genes has few distinct genomes).
     fn offspring(&mut self) -> Vec<Vec<f64>> {
-        let mut kids = Vec::with_capacity(self.cfg.population);
-        while kids.len() < self.cfg.population {
+        let n = self.cfg.population;
+        let mut seen: HashSet<Vec<u64>> = self.parents.iter().map(|m| genome_key(&m.genome)).collect();
+        let mut kids = Vec::with_capacity(n);
+        let mut matings = 0;
+        while kids.len() < n {
             let (c1, c2) = self.mate();
-            kids.push(c1);
-            kids.push(c2);
+            matings += 1;
+            for c in [c1, c2] {
+                if kids.len() < n && (seen.insert(genome_key(&c)) || matings > DUPLICATE_TRIES * n) {
+                    kids.push(c);
+                }
+            }
         }
-        kids.truncate(self.cfg.population);
         kids
+    }
+
+    /// One child for the steady state, not a copy of a parent or of a pending candidate (at
+    /// most `DUPLICATE_TRIES` matings).
+    fn steady_child(&mut self) -> Vec<f64> {
+        let seen: HashSet<Vec<u64>> = self.parents.iter().map(|m| &m.genome).chain(self.pending.values()).map(|g| genome_key(g)).collect();
+        let mut child = self.mate().0;
+        for _ in 1..DUPLICATE_TRIES {
+            if !seen.contains(&genome_key(&child)) {
+                break;
+            }
+            child = self.mate().0;
+        }
+        child
+    }
+
+    /// The next member of the shuffled population (shuffled again when spent).
+    fn contestant(&mut self) -> usize {
+        let n = self.parents.len();
+        if self.shuffled.is_empty() {
+            self.shuffled = (0..n).collect();
+            for i in (1..n).rev() {
+                let j = self.rng.below(i + 1);
+                self.shuffled.swap(i, j);
+            }
+        }
+        self.shuffled.pop().unwrap_or(0)
     }
 
     /// Two children of two tournament winners: crossover, then mutation.
@@ -379,6 +432,7 @@ impl Nsga2 {
     /// Environmental selection of `pool` down to N, setting ranks and crowding distances
     /// (NSGA-III: reference-direction niching of the last front).
     fn select(&mut self, mut pool: Vec<Member>) {
+        self.shuffled.clear(); // a new population, a new shuffle
         pool.sort_by_key(|m| m.id);
         let m = self.cfg.objectives;
         let objs: Vec<Vec<f64>> = pool.iter().map(|x| x.objectives.clone().unwrap_or_else(|| vec![f64::INFINITY; m])).collect();
@@ -603,10 +657,10 @@ impl Optimizer for Nsga2 {
 
     /// Steady-state NSGA-II (asynchronous mode): the first population's genomes, then one
     /// child at a time of the current population (two tournaments, SBX and mutation as in a
-    /// generation; the first child is kept).
+    /// generation; the first child is kept, unless it copies a parent or a pending candidate).
     fn ask_one(&mut self) -> Option<Candidate> {
         self.steady = true;
-        let genome = if self.parents.is_empty() { self.first_population_genome(self.next_id as usize) } else { self.mate().0 };
+        let genome = if self.parents.is_empty() { self.first_population_genome(self.next_id as usize) } else { self.steady_child() };
         let id = self.next_id;
         self.pending.insert(id, genome.clone());
         self.asked_in.insert(id, self.generation);
@@ -754,8 +808,8 @@ mod tests {
 
     // Steady-state (μ+1) NSGA-II with 8 candidates in flight, told out of order, against the
     // generational one on the same budget (population 40, 8,000 evaluations, 30 genes).
-    // Measured, steady vs generational, of the optimal hypervolume: ZDT1 97.4 vs 97.1 %,
-    // ZDT2 95.2 vs 94.5 %, ZDT3 98.6 vs 98.2 %.
+    // Measured before duplicate elimination and shuffled tournaments, steady vs generational,
+    // of the optimal hypervolume: ZDT1 97.4 vs 97.1 %, ZDT2 95.2 vs 94.5 %, ZDT3 98.6 vs 98.2 %.
     #[test]
     fn steady_state_zdt_fronts_are_as_good_as_generational_ones() {
         let r = [1.1, 1.1];
