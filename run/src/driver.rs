@@ -209,10 +209,18 @@ pub fn make_optimizer(
     // NSGA-II / NSGA-III: it is one member of the first population, with the seeds.
     let initial = || -> Vec<Vec<f64>> { std::iter::once(start.clone()).chain(seeds.clone()).collect() };
     Ok(match kind {
-        // CMA-ES's mean starts there.
+        // CMA-ES's mean starts there, and its first candidate is that point.
         OptimizerKind::Cmaes | OptimizerKind::Auto => Box::new(CmaEs::new(
             space,
-            &CmaEsConfig { population: o.population, sigma0: o.sigma0, x0: Some(start.clone()), margin: o.margin, seed, ..Default::default() },
+            &CmaEsConfig {
+                population: o.population,
+                sigma0: o.sigma0,
+                x0: Some(start.clone()),
+                margin: o.margin,
+                score_x0: true,
+                seed,
+                ..Default::default()
+            },
         )?),
         OptimizerKind::Nsga2 => Box::new(Nsga2::new(
             space,

@@ -84,6 +84,10 @@ pub struct CmaEsConfig {
     /// of each discrete gene leaving its level. Default `1/(n λ)` (the paper's); 0 turns it off
     /// (thresholding). Ignored when every gene is real.
     pub margin: Option<f64>,
+    /// The first generation's first candidate is the start point itself (the mean, `y = 0`),
+    /// so that a run has scored where it started and never ends worse than that (a merge
+    /// search's start is the method at default parameters; a data-flow search's, model A).
+    pub score_x0: bool,
     pub seed: u64,
 }
 
@@ -99,6 +103,7 @@ impl Default for CmaEsConfig {
             ipop_restarts: 0,
             active: true,
             margin: None,
+            score_x0: false,
             seed: 0,
         }
     }
@@ -194,6 +199,9 @@ pub struct CmaEs {
     /// checkpoints written before it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     a: Vec<f64>,
+    /// The first generation starts with the mean itself (`CmaEsConfig::score_x0`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    score_x0: bool,
     ipop_restarts: u32,
     /// Restarts done so far.
     restarts: u32,
@@ -267,6 +275,7 @@ impl CmaEs {
             active: cfg.active,
             margin,
             a: if margin > 0.0 { vec![1.0; n] } else { vec![] },
+            score_x0: cfg.score_x0,
             ipop_restarts: cfg.ipop_restarts,
             restarts: 0,
             stop_reason: None,
@@ -428,7 +437,10 @@ impl CmaEs {
         for (w, r) in self.st.weights[mu..].iter().zip(&res[mu..]) {
             if *w < 0.0 && r.2.is_finite() {
                 let norm2: f64 = self.inv_sqrt_c(&r.1).iter().map(|v| v * v).sum();
-                rank_terms.push((w * n as f64 / norm2.max(1e-300), r.1.as_slice()));
+                if norm2 > 0.0 {
+                    // (the start point, y = 0, adds nothing)
+                    rank_terms.push((w * n as f64 / norm2, r.1.as_slice()));
+                }
                 weight_sum += w;
             }
         }
@@ -512,8 +524,10 @@ impl Optimizer for CmaEs {
 
     fn ask(&mut self) -> Vec<Candidate> {
         if self.pending.is_empty() && self.results.is_empty() {
-            for _ in 0..self.lambda {
-                let y = self.sample_y();
+            for k in 0..self.lambda {
+                // the start point first, where asked (a sample at y = 0: ranked and recombined
+                // with the others)
+                let y = if k == 0 && self.next_id == 0 && self.score_x0 { vec![0.0; self.n] } else { self.sample_y() };
                 self.pending.insert(self.next_id, y);
                 self.next_id += 1;
             }
@@ -984,5 +998,21 @@ mod tests {
             assert!((normal_cdf(normal_quantile(p)) - p).abs() < 1e-12 * p.max(1e-3), "{p}");
         }
         assert!((normal_quantile(0.975) - 1.959_963_984_540_054).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_start_point_is_the_first_candidate_when_asked() {
+        let space = SearchSpace::uniform(3, -5.0, 5.0).expect("space");
+        let x0 = vec![1.0, -2.0, 0.5];
+        let mut opt = CmaEs::new(space, &CmaEsConfig { x0: Some(x0.clone()), score_x0: true, seed: 1, ..Default::default() }).expect("cmaes");
+        let first = opt.ask();
+        assert_eq!(first.len(), opt.population());
+        assert!(first[0].genome.iter().zip(&x0).all(|(a, b)| (a - b).abs() < 1e-12), "{:?}", first[0].genome);
+        assert!(first[1..].iter().all(|c| c.genome != first[0].genome));
+        // the start is the best when every sample is worse: the run can return it
+        opt.tell(first.iter().map(|c| Evaluation::scored(c.id, vec![if c.id == first[0].id { 0.0 } else { 1.0 }])).collect()).expect("tell");
+        assert_eq!(opt.best().map(|(g, _)| g.to_vec()), Some(first[0].genome.clone()));
+        let second = opt.ask();
+        assert!(second.iter().all(|c| c.genome != first[0].genome), "only the first generation");
     }
 }

@@ -51,6 +51,13 @@ fn search_writes_the_run_directory_and_the_best_recipe_reproduces_its_score() {
     let recs = records(&run);
     assert_eq!(recs.len(), 8);
     let best = recs.values().map(|r| r["objectives"]["text_ppl/perplexity"].as_f64().expect("ppl")).fold(f64::INFINITY, f64::min);
+    // Candidate 0 is CMA-ES's start point, the method at default parameters: it scores as the
+    // baseline reference, so the run cannot end worse than where it started (issue 24).
+    let baseline = refs.as_array().expect("refs").iter().find(|r| r["kind"] == "baseline").expect("baseline")["objectives"]["text_ppl/perplexity"]
+        .as_f64()
+        .expect("ppl");
+    let first = recs[&0]["objectives"]["text_ppl/perplexity"].as_f64().expect("ppl");
+    assert!((first - baseline).abs() <= 1e-9 * baseline && best <= baseline, "candidate 0: {first}, baseline {baseline}, best {best}");
     // Export: the recipe merges with `evomerge merge`, and the merged model scores the same.
     let out = tmp.path().join("best-model");
     run_ok(&["merge", &run.join("best.yaml").display().to_string(), "--out", &out.display().to_string()]);
