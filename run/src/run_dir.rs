@@ -7,7 +7,8 @@
 //!   config.resolved.toml, config.sha256   the experiment as run, and its hash
 //!   checkpoint.json (+ .prev.json)        the optimizer (search::Runner)
 //!   evaluations.jsonl                     one EvaluationRecord per candidate
-//!   best.yaml                             the best candidate's recipe (one objective)
+//!   best.yaml                             the best candidate's recipe (several objectives: the
+//!                                         lowest mean minimized objective, as `export --pick best`)
 //!   references.json                       sources and the default-parameter baseline
 //!   calibration.jsonl                     rows of the anchor / IRT calibration
 //!   log.jsonl                             LogEvents

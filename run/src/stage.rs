@@ -162,7 +162,7 @@ impl<'k> Recorder<'k> {
         let best: Option<f64> = replay
             .values()
             .filter_map(|(_, o)| match o {
-                Outcome::Scored(v) if v.len() == 1 => Some(v[0]),
+                Outcome::Scored(v) if !v.is_empty() => Some(mean(v)),
                 _ => None,
             })
             .reduce(f64::min);
@@ -221,8 +221,11 @@ impl<'k> Recorder<'k> {
         self.see(record);
         Some(match &record.outcome {
             RecordOutcome::Scored(s) => {
-                if s.minimized.len() == 1 && self.best.is_none_or(|b| s.minimized[0] < b) {
-                    self.best = Some(s.minimized[0]);
+                // the best file follows the lowest mean minimized objective: the one objective's
+                // best, or with several the balanced pick (`export --pick best`)
+                let m = mean(&s.minimized);
+                if !s.minimized.is_empty() && self.best.is_none_or(|b| m < b) {
+                    self.best = Some(m);
                     let written = self.kind.artifact(&c.genome).and_then(|text| write_atomic(&self.dir.join(self.kind.best_file()), &text));
                     if let Err(e) = written {
                         self.write_err.get_or_insert(e);
@@ -310,8 +313,8 @@ pub fn run_stage(
     };
     events.event(&LogEvent::Start { evaluations_done: replayed_count });
     let end = runner.run_batched(n_workers, &mut objective, &mut events);
-    let n_objectives = rec.directions.len();
-    finish_stage(kind, dir, end, rec.write_err.take(), n_objectives, runner, &mut events)
+    let best_mean = rec.best;
+    finish_stage(kind, dir, end, rec.write_err.take(), best_mean, runner, &mut events)
 }
 
 /// [`run_stage`] in asynchronous mode (`optimizer.mode = "async"`): candidates are scored as
@@ -343,8 +346,8 @@ pub fn run_stage_async(
         started: false,
     };
     let end = runner.run_async(&mut objective, &mut events);
-    let (err, n_objectives) = (objective.rec.write_err.take(), objective.rec.directions.len());
-    finish_stage(kind, dir, end, err, n_objectives, runner, &mut events)
+    let (err, best_mean) = (objective.rec.write_err.take(), objective.rec.best);
+    finish_stage(kind, dir, end, err, best_mean, runner, &mut events)
 }
 
 /// The asynchronous objective of a stage: replays and repeats are ready at once (replays
@@ -438,13 +441,18 @@ fn warn_missing(runner: &Runner, rec: &Recorder<'_>, observer: &mut dyn RunObser
     }
 }
 
+/// The mean of a candidate's minimized objectives (its value, with one).
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
 /// The end of a stage: its `finished` event and notice (unless interrupted), or the error.
 fn finish_stage(
     kind: StageKind<'_>,
     dir: &Path,
     end: std::result::Result<Termination, evomerge_search::SearchError>,
     write_err: Option<RunError>,
-    n_objectives: usize,
+    best_mean: Option<f64>,
     runner: &Runner,
     events: &mut EventLog<'_>,
 ) -> Result<Termination> {
@@ -457,8 +465,8 @@ fn finish_stage(
         let best = runner.optimizer().best().map(|(_, v)| v);
         let evaluations = runner.optimizer().evaluations();
         events.event(&LogEvent::Finished { termination: format!("{end:?}"), evaluations, best_minimized: best });
-        // the best file holds the best of one objective
-        let best = best.filter(|_| n_objectives == 1).map(|v| (v, dir.join(kind.best_file())));
+        // the best file holds the lowest mean minimized objective (`best_mean`)
+        let best = best_mean.map(|v| (v, dir.join(kind.best_file())));
         events.observer.notice(&Notice::StageFinished {
             stage: kind.stage(),
             termination: format!("{end:?}"),

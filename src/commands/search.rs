@@ -157,7 +157,7 @@ impl RunObserver for Progress {
             Notice::StageFinished { termination, evaluations, dir, best, .. } if self.text() => {
                 println!("stage finished ({termination}): {evaluations} evaluations in {}", dir.display());
                 if let Some((v, file)) = best {
-                    println!("best (minimized objective): {v:.6}; written to {}", file.display());
+                    println!("best (mean minimized objective): {v:.6}; written to {}", file.display());
                 }
             }
             Notice::DataFlowStage { genes, models, layers } if self.text() => {

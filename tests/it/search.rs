@@ -195,6 +195,11 @@ fn nsga2_finds_a_front_that_status_lists_and_export_writes() {
     }
     run_ok(&["export", &run.display().to_string(), "--pick", "front:0", "--out", &out.display().to_string()]);
     let card = std::fs::read_to_string(out.join("README.md")).expect("card");
+    // best.yaml with two objectives: the balanced pick, the recipe `export --pick best` writes
+    let balanced = tmp.path().join("balanced");
+    run_ok(&["export", &run.display().to_string(), "--pick", "best", "--out", &balanced.display().to_string()]);
+    let best_yaml = std::fs::read_to_string(run.join("best.yaml")).expect("best.yaml for a two-objective run");
+    assert_eq!(best_yaml, std::fs::read_to_string(balanced.join("mergekit_config.yml")).expect("recipe"));
     assert!(card.contains("text_ppl/perplexity") && card.contains("arc_question_ppl/perplexity"), "{card}");
     // `best` with several objectives: the lowest mean minimized objective, the candidate the
     // summary and the data-flow stage call best — not front:0 (the first objective's best).
