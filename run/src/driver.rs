@@ -111,15 +111,17 @@ fn holds_a_run(dir: &Path) -> RunError {
     RunError::RunDir(format!("{} already holds a run; continue it with `evomerge resume {}`", dir.display(), dir.display()))
 }
 
-/// Starts a run of `exp` in `run_dir` (default `<run_root>/<unix time>-<name>`): checks it,
-/// writes the resolved configuration, calibrates, runs every stage.
+/// Starts a run of `exp` in `run_dir` (default `<run_root>/<UTC start minute>-<name>`, e.g.
+/// `runs/2026-12-06T18-13-demo`, with `-2`, `-3`, … when that minute's name is taken): checks
+/// it, writes the resolved configuration, calibrates, runs every stage.
 pub fn start(exp: Experiment, run_dir: Option<PathBuf>, opts: &RunOptions, observer: &mut dyn RunObserver) -> Result<(RunDir, RunEnd)> {
     let mut s = setup(exp, false, opts)?;
     let run_dir = RunDir::new(match run_dir {
         Some(d) => d,
         None => {
-            let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            s.exp.run_root.join(format!("{stamp}-{}", s.exp.name))
+            let stamp = chrono::Utc::now().format("%Y-%m-%dT%H-%M");
+            let name = |k: usize| s.exp.run_root.join(if k < 2 { format!("{stamp}-{}", s.exp.name) } else { format!("{stamp}-{}-{k}", s.exp.name) });
+            (1..).map(name).find(|d| !d.exists()).unwrap_or_else(|| name(1))
         }
     });
     let dir = run_dir.path();

@@ -561,6 +561,44 @@ fn cmaes_dataflow_stage_starts_at_model_a() {
     assert!(recs.values().all(|r| indicators(&genome(r)) >= 8), "{:?}", genome(recs.values().next().expect("a record")));
 }
 
+/// Without --run-dir a run goes to `<run_root>/<UTC minute>-<name>`, a second one started in
+/// the same minute to `…-2` (issue 24: the name was epoch seconds).
+#[test]
+fn default_run_directories_are_named_by_the_start_time() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let exp = experiment(tmp.path(), 4);
+    let root = tmp.path().join("my-runs");
+    let text: String = std::fs::read_to_string(&exp)
+        .expect("read")
+        .lines()
+        .map(|l| if l.starts_with("run_root = ") { format!("run_root = \"{}\"\n", root.display()) } else { format!("{l}\n") })
+        .collect();
+    assert!(text.contains("my-runs"), "{text}");
+    std::fs::write(&exp, text).expect("write");
+    for _ in 0..2 {
+        run_ok(&["search", &exp.display().to_string(), "--progress", "off"]);
+    }
+    let mut names: Vec<String> =
+        std::fs::read_dir(&root).expect("runs").map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names.len(), 2, "{names:?}");
+    for n in &names {
+        let (stamp, rest) = n.split_at(16);
+        let ok = stamp.len() == 16
+            && stamp.chars().enumerate().all(|(i, c)| {
+                if [4, 7, 13].contains(&i) {
+                    c == '-'
+                } else if i == 10 {
+                    c == 'T'
+                } else {
+                    c.is_ascii_digit()
+                }
+            })
+            && (rest == "-search-tiny" || rest == "-search-tiny-2");
+        assert!(ok, "{n}");
+    }
+}
+
 /// Three objectives and no optimizer kind: `auto` runs NSGA-III (reference directions), and
 /// its settings are checked before a run directory is made.
 #[test]
