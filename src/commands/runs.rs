@@ -93,15 +93,21 @@ pub fn status(args: StatusArgs) -> Result<()> {
         }
         None => broker::read_worker_statuses(run.path()),
     };
+    let dfs = run.dataflow_evaluations();
     if args.json {
         let workers: Vec<_> = workers.iter().map(|w| json!({"status": w, "busy_fraction": w.busy_fraction()})).collect();
+        // the data-flow stage, when the experiment has one: its evaluations and best path
+        let dataflow = exp.dataflow.as_ref().map(|d| {
+            json!({"evaluations": dfs.len(), "failures": dfs.iter().filter(|r| r.failure().is_some()).count(),
+                   "budget": d.budget, "best": best_by_mean(&dfs)})
+        });
         println!(
             "{}",
             json!({"name": exp.name, "evaluations": recs.len(), "failures": failures, "candidates_per_hour": per_hour,
                    "budget": exp.budget, "pareto": multi, "top": top,
                    "tokens": tokens, "tokens_unshared": unshared,
                    "calibration": calibration.map(|(rows, of)| json!({"rows": rows, "of": of})),
-                   "references": refs, "workers": workers})
+                   "dataflow": dataflow, "references": refs, "workers": workers})
         );
         return Ok(());
     }
@@ -133,7 +139,6 @@ pub fn status(args: StatusArgs) -> Result<()> {
         }
         println!(" {:>7}", r.scores().map_or(0, |s| s.items));
     }
-    let dfs = run.dataflow_evaluations();
     if let Some(b) = best_by_mean(&dfs) {
         println!("data-flow stage: {} evaluations; best candidate {} (lowest mean minimized objective):", dfs.len(), b.id);
         print!("{:>12}", b.id);

@@ -352,6 +352,10 @@ fn dataflow_stage_runs_resumes_after_a_kill_and_exports_a_checkpoint_that_scores
     // status shows the stage; report writes the plots and the summary.
     let st = run_ok(&["status", &full.display().to_string()]);
     assert!(st.contains("data-flow stage: 12 evaluations") && st.contains("path: m0:0"), "{st}");
+    // and so does --json (issue 24: it left the data-flow stage out)
+    let st: Value = serde_json::from_str(&run_ok(&["status", &full.display().to_string(), "--json"])).expect("json");
+    assert_eq!(st["dataflow"]["evaluations"], 12, "{st}");
+    assert!(st["dataflow"]["best"]["path"].as_str().is_some_and(|p| p.starts_with("m0:0")), "{st}");
     run_ok(&["report", &full.display().to_string()]);
     for f in ["index.md", "objective-text_ppl_perplexity.svg", "parameters.svg", "path.svg"] {
         let p = full.join("report").join(f);
