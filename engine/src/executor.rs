@@ -370,22 +370,44 @@ fn write_side_files(plan: &MergePlan, dir: &Path, donor_files: &[(&str, Vec<u8>)
     write_file(&dir.join("README.md"), model_card(plan).as_bytes())
 }
 
+/// A model reference as a Hugging Face Hub id (`org/name`), or `None` for a local path: the
+/// card's `base_model` metadata takes Hub ids only.
+fn hub_id(r: &str) -> Option<&str> {
+    let parts: Vec<&str> = r.split('/').collect();
+    let plain = |p: &str| !p.is_empty() && !p.starts_with('.') && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    (parts.len() == 2 && parts.iter().all(|p| plain(p)) && !Path::new(r).exists()).then_some(r)
+}
+
+/// How the card names a model: a Hub id linked to its page, a local checkpoint by its folder
+/// name (with the path it was read from).
+fn card_name(r: &str) -> String {
+    match hub_id(r) {
+        Some(id) => format!("[{id}](https://huggingface.co/{id})"),
+        None => {
+            let name = Path::new(r).file_name().map_or(r.to_string(), |n| n.to_string_lossy().into_owned());
+            format!("{name} (local checkpoint `{r}`)")
+        }
+    }
+}
+
 fn model_card(plan: &MergePlan) -> String {
     let base = plan.tasks.first().and_then(|t| t.base).map(|_| plan.model_refs[plan.donor].clone());
     let mut s = String::from("---\nlibrary_name: transformers\ntags:\n- merge\n- evomerge\n");
-    if let Some(b) = &base {
+    if let Some(b) = base.as_deref().and_then(hub_id) {
         s.push_str(&format!("base_model:\n- {b}\n"));
     }
     s.push_str("---\n\n# Merged model\n\n");
     s.push_str(&format!(
-        "This model was merged with [evomerge](https://github.com/) using the **{}** method ({}).\n\n",
+        "This model was merged with evomerge {} (an evolutionary model-merge search engine; its recipe is \
+         mergekit's format) using the **{}** method ({}).\n\n",
+        env!("CARGO_PKG_VERSION"),
         plan.method.name(),
         plan.method.reference()
     ));
     s.push_str("## Models\n\n");
     for r in &plan.model_refs {
         let role = if Some(r) == base.as_ref() { " (base)" } else { "" };
-        s.push_str(&format!("- {r}{role}\n"));
+        s.push_str(&format!("- {}{role}\n", card_name(r)));
     }
     s.push_str(&format!(
         "\n{} layers, {} tensors, dtype {}, seed {}.\n\n## Recipe\n\n```yaml\n{}\n```\n",
@@ -396,4 +418,19 @@ fn model_card(plan: &MergePlan) -> String {
         plan.recipe_text.trim_end()
     ));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_card_names_hub_models_by_id_and_local_ones_by_folder() {
+        assert_eq!(hub_id("Qwen/Qwen2-0.5B"), Some("Qwen/Qwen2-0.5B"));
+        assert_eq!(card_name("Qwen/Qwen2-0.5B"), "[Qwen/Qwen2-0.5B](https://huggingface.co/Qwen/Qwen2-0.5B)");
+        for local in ["/data/models/base", "./base", "../zoo/base", "a/b/c", "base", "~/m/base"] {
+            assert_eq!(hub_id(local), None, "{local}");
+        }
+        assert_eq!(card_name("/data/models/base"), "base (local checkpoint `/data/models/base`)");
+    }
 }

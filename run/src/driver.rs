@@ -28,6 +28,7 @@ use crate::resources::{runtime_bytes, worker_count};
 use crate::run_dir::{BEST, CALIBRATION, CHECKPOINT, CONFIG, CONFIG_HASH, RunDir, config_hash};
 use crate::setup::Setup;
 use crate::stage::{EventLog, run_stage, run_stage_async};
+use crate::summary::{RunSummary, SUMMARY, summarize};
 
 /// How a run is carried out (nothing here changes its results).
 #[derive(Debug, Clone, Default)]
@@ -53,8 +54,9 @@ pub struct RunOptions {
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunEnd {
-    /// Every stage ran to its end; the references it was compared with.
-    Finished { references: Vec<Reference> },
+    /// Every stage ran to its end; the references it was compared with and what it found
+    /// (also written to `summary.json`).
+    Finished { references: Vec<Reference>, summary: Box<RunSummary> },
     /// Cancelled: a checkpoint was written; `resume` continues.
     Interrupted,
 }
@@ -178,7 +180,7 @@ fn open_runner(
     if !checkpoint.exists() && !prev_path(checkpoint).exists() {
         return Ok(Runner::new(fresh, budget, Some(checkpoint.to_path_buf()), cancel.clone()));
     }
-    let mut log = EventLog::new(dir, None, observer);
+    let mut log = EventLog::new(dir, None, &[], observer);
     Ok(Runner::resume(checkpoint.to_path_buf(), fresh.name(), budget, cancel.clone(), &mut log)?)
 }
 
@@ -399,5 +401,8 @@ fn drive(mut s: Setup, run_dir: &RunDir, mut runner: Runner, opts: &RunOptions, 
             return Ok(RunEnd::Interrupted);
         }
     }
-    Ok(RunEnd::Finished { references: refs })
+    let summary = summarize(run_dir, &refs);
+    let text = serde_json::to_string_pretty(&summary).map_err(|e| RunError::bad_file(run_dir.file(SUMMARY), e))?;
+    run_dir.write(SUMMARY, &text)?;
+    Ok(RunEnd::Finished { references: refs, summary: Box::new(summary) })
 }

@@ -31,6 +31,7 @@ pub mod resources;
 pub mod run_dir;
 pub mod setup;
 pub mod stage;
+pub mod summary;
 
 pub use driver::{DryRun, RunEnd, RunOptions, dry_run, make_optimizer, resume, start};
 pub use error::{Result, RunError};
@@ -40,5 +41,6 @@ pub use observer::{Notice, Quiet, RunObserver, Stage};
 pub use records::{EvaluationRecord, LogEvent, Objectives, RecordOutcome, Reference, Scores, best_by_mean, ranked};
 pub use run_dir::RunDir;
 pub use setup::Setup;
+pub use summary::{RunSummary, StageSummary, summarize};
 #[cfg(test)]
 mod tests;

@@ -254,10 +254,20 @@ pub fn best_by_mean(recs: &[EvaluationRecord]) -> Option<&EvaluationRecord> {
 }
 
 /// Scored records ordered best first (one objective) or the Pareto front (several), sorted by
-/// the first minimized objective.
+/// the first minimized objective. A point is listed once: a genome scored again (an optimizer
+/// may propose it twice) and, on a front, candidates with identical values appear as their
+/// earliest record.
 pub fn ranked(recs: &[EvaluationRecord]) -> Vec<&EvaluationRecord> {
-    let scored: Vec<(&EvaluationRecord, Vec<f64>)> =
-        recs.iter().filter_map(|r| r.minimized().map(|m| (r, m))).filter(|(_, m)| !m.is_empty()).collect();
+    let mut seen = std::collections::HashSet::new();
+    let multi = recs.iter().find_map(EvaluationRecord::minimized).is_some_and(|m| m.len() > 1);
+    let scored: Vec<(&EvaluationRecord, Vec<f64>)> = recs
+        .iter()
+        .filter_map(|r| r.minimized().map(|m| (r, m)))
+        .filter(|(_, m)| !m.is_empty())
+        .filter(|(r, m)| {
+            seen.insert(if multi { m.iter().map(|x| x.to_bits()).collect::<Vec<_>>() } else { r.genome.iter().map(|x| x.to_bits()).collect() })
+        })
+        .collect();
     let mut out: Vec<(&EvaluationRecord, Vec<f64>)> = if scored.first().is_some_and(|p| p.1.len() > 1) {
         let points: Vec<Vec<f64>> = scored.iter().map(|p| p.1.clone()).collect();
         let ranks = evomerge_search::pareto::nondominated_ranks(&points);
@@ -322,7 +332,13 @@ pub enum LogEvent {
         generation: u64,
         evaluations: u64,
         failures: u64,
+        /// The stage's pick so far: lowest mean minimized objective (with one objective, the
+        /// best value, negated when maximized).
         best_minimized: Option<f64>,
+        /// That pick's objectives in their own units.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        best: Option<Objectives>,
+        /// This generation's mean of the candidates' mean minimized objectives.
         mean_minimized: Option<f64>,
         candidates_per_hour: f64,
         eta_seconds: Option<f64>,
@@ -381,11 +397,24 @@ mod tests {
                 }),
                 None => RecordOutcome::Failed("no".into()),
             };
-            EvaluationRecord { id, generation: 0, genome: vec![], outcome, seconds: 0.0 }
+            EvaluationRecord { id, generation: 0, genome: vec![id as f64], outcome, seconds: 0.0 }
         };
-        let recs = vec![rec(0, Some(2.0)), rec(1, None), rec(2, Some(1.0)), rec(3, Some(1.0))];
+        let mut recs = vec![rec(0, Some(2.0)), rec(1, None), rec(2, Some(1.0)), rec(3, Some(1.0))];
+        // candidate 4 repeats candidate 2's genome: listed once
+        recs.push(EvaluationRecord { id: 4, ..recs[2].clone() });
         assert_eq!(best_by_mean(&recs).map(|r| r.id), Some(2));
         assert_eq!(ranked(&recs).iter().map(|r| r.id).collect::<Vec<_>>(), vec![2, 3, 0]);
+        // on a front, identical points are one member (the earliest)
+        let two = |id: u64, a: f64, b: f64| {
+            let mut r = rec(id, Some(a));
+            if let RecordOutcome::Scored(s) = &mut r.outcome {
+                s.objectives.0.push(("y".into(), b));
+                s.minimized.push(b);
+            }
+            r
+        };
+        let front = vec![two(0, 1.0, 2.0), two(1, 2.0, 1.0), two(2, 1.0, 2.0), two(3, 3.0, 3.0)];
+        assert_eq!(ranked(&front).iter().map(|r| r.id).collect::<Vec<_>>(), vec![0, 1]);
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub const EVALUATIONS: &str = "evaluations.jsonl";
 pub const REFERENCES: &str = "references.json";
 pub const CALIBRATION: &str = "calibration.jsonl";
 pub const LOG: &str = "log.jsonl";
+/// A stage's Pareto front (several objectives): the records of its members.
+pub const FRONT: &str = "front.json";
 /// The lock file of a run in progress (holds the pid of the process running it).
 pub const LOCK: &str = "run.lock";
 /// The data-flow stage's folder.

@@ -16,8 +16,8 @@ use crate::error::{Result, RunError};
 use crate::evaluate::{StageKind, repeat};
 use crate::observer::{Notice, RunObserver};
 use crate::pool::{AsyncScored, AsyncScorer, Scorer};
-use crate::records::{EvaluationRecord, LogEvent, RecordOutcome};
-use crate::run_dir::{EVALUATIONS, LOG, read_evaluation_lines, write_atomic};
+use crate::records::{EvaluationRecord, LogEvent, Objectives, RecordOutcome};
+use crate::run_dir::{EVALUATIONS, FRONT, LOG, read_evaluation_lines, write_atomic};
 
 /// Appends events to a stage's `log.jsonl` and hands them to the run's observer; the runner's
 /// observer of generations.
@@ -25,14 +25,27 @@ pub(crate) struct EventLog<'o> {
     log: Option<File>,
     observer: &'o mut dyn RunObserver,
     start: Instant,
+    /// This generation's candidates' mean minimized objectives.
     generation_values: Vec<f64>,
     budget: Option<u64>,
+    /// The stage's objectives (names and directions; empty when unknown).
+    objectives: Vec<evomerge_fitness::Objective>,
+    /// The pick so far: the minimized values of the candidate with the lowest mean (the first
+    /// such), what `best.yaml` holds.
+    pick: Option<Vec<f64>>,
 }
 
 impl<'o> EventLog<'o> {
-    pub(crate) fn new(dir: &Path, budget: Option<u64>, observer: &'o mut dyn RunObserver) -> Self {
+    pub(crate) fn new(dir: &Path, budget: Option<u64>, objectives: &[evomerge_fitness::Objective], observer: &'o mut dyn RunObserver) -> Self {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(LOG)).ok();
-        Self { log, observer, start: Instant::now(), generation_values: vec![], budget }
+        Self { log, observer, start: Instant::now(), generation_values: vec![], budget, objectives: objectives.to_vec(), pick: None }
+    }
+
+    /// The pick's objectives in their own units (maximized ones as they are, not negated).
+    fn pick_objectives(&self) -> Option<Objectives> {
+        let v = self.pick.as_ref()?;
+        (v.len() == self.objectives.len())
+            .then(|| Objectives(self.objectives.iter().zip(v).map(|(o, x)| (o.name.clone(), o.direction.to_minimized(*x))).collect()))
     }
 
     pub(crate) fn event(&mut self, e: &LogEvent) {
@@ -47,8 +60,14 @@ impl<'o> EventLog<'o> {
 
 impl Observer for EventLog<'_> {
     fn on_evaluation(&mut self, c: &Candidate, e: &Evaluation) {
-        if let Outcome::Scored(v) = &e.outcome {
-            self.generation_values.extend(v.first());
+        if let Outcome::Scored(v) = &e.outcome
+            && !v.is_empty()
+        {
+            let m = mean(v);
+            self.generation_values.push(m);
+            if self.pick.as_ref().is_none_or(|p| m < mean(p)) {
+                self.pick = Some(v.clone());
+            }
         }
         self.observer.evaluated(c, &e.outcome);
     }
@@ -56,14 +75,15 @@ impl Observer for EventLog<'_> {
     fn on_generation(&mut self, r: &GenerationReport) {
         let secs = self.start.elapsed().as_secs_f64().max(1e-9);
         let vals = std::mem::take(&mut self.generation_values);
-        let mean = (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64);
+        let gen_mean = (!vals.is_empty()).then(|| mean(&vals));
         let eta = self.budget.map(|b| b.saturating_sub(r.evaluations) as f64 / (r.evaluations.max(1) as f64 / secs));
         self.event(&LogEvent::Generation {
             generation: r.generation,
             evaluations: r.evaluations,
             failures: r.failures,
-            best_minimized: r.best,
-            mean_minimized: mean,
+            best_minimized: self.pick.as_deref().map(mean),
+            best: self.pick_objectives(),
+            mean_minimized: gen_mean,
             candidates_per_hour: r.evaluations as f64 / secs * 3600.0,
             eta_seconds: eta,
             seconds: r.seconds,
@@ -268,7 +288,7 @@ pub fn run_stage(
     warn_missing(runner, &rec, observer);
     let replayed_count = rec.replay.len();
     let n_workers = scorer.batch();
-    let mut events = EventLog::new(dir, budget, observer);
+    let mut events = EventLog::new(dir, budget, scorer.objectives(), observer);
     events.observer.stage_started(kind.stage(), budget);
     let mut objective = |batch: &[Candidate]| -> Vec<Outcome> {
         // Which candidates need scoring: not replayed from an earlier session, not seen before,
@@ -332,7 +352,7 @@ pub fn run_stage_async(
     let rec = Recorder::open(kind, dir, scorer.objectives(), cancel, observer)?;
     warn_missing(runner, &rec, observer);
     let replayed_count = rec.replay.len();
-    let mut events = EventLog::new(dir, budget, observer);
+    let mut events = EventLog::new(dir, budget, scorer.objectives(), observer);
     events.observer.stage_started(kind.stage(), budget);
     events.event(&LogEvent::Start { evaluations_done: replayed_count });
     let mut objective = AsyncStage {
@@ -446,6 +466,18 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
+/// With several objectives, the stage's Pareto front (each point once, by first objective) as
+/// `front.json`: the records of its members.
+fn write_front(dir: &Path) -> Result<()> {
+    let recs = crate::run_dir::read_evaluations(dir);
+    if recs.iter().find_map(EvaluationRecord::minimized).is_none_or(|m| m.len() < 2) {
+        return Ok(());
+    }
+    let path = dir.join(FRONT);
+    let text = serde_json::to_string_pretty(&crate::ranked(&recs)).map_err(|e| RunError::bad_file(&path, e))?;
+    write_atomic(&path, &text)
+}
+
 /// The end of a stage: its `finished` event and notice (unless interrupted), or the error.
 fn finish_stage(
     kind: StageKind<'_>,
@@ -462,9 +494,9 @@ fn finish_stage(
         return Err(e);
     }
     if end != Termination::Interrupted {
-        let best = runner.optimizer().best().map(|(_, v)| v);
         let evaluations = runner.optimizer().evaluations();
-        events.event(&LogEvent::Finished { termination: format!("{end:?}"), evaluations, best_minimized: best });
+        write_front(dir)?;
+        events.event(&LogEvent::Finished { termination: format!("{end:?}"), evaluations, best_minimized: best_mean });
         // the best file holds the lowest mean minimized objective (`best_mean`)
         let best = best_mean.map(|v| (v, dir.join(kind.best_file())));
         events.observer.notice(&Notice::StageFinished {

@@ -83,7 +83,7 @@ fn a_two_generation_search_runs_in_process_and_a_crashed_run_resumes_to_the_same
     // Uninterrupted: two generations of 4.
     let mut seen = Collect::default();
     let (run, end) = crate::start(experiment(tmp.path(), 8), Some(tmp.path().join("whole")), &opts, &mut seen).expect("run");
-    let RunEnd::Finished { references } = end else { panic!("interrupted") };
+    let RunEnd::Finished { references, .. } = end else { panic!("interrupted") };
     let whole = run.evaluations();
     assert_eq!(whole.len(), 8);
     assert_eq!(whole.iter().map(|r| r.generation).max(), Some(1), "two generations");

@@ -85,43 +85,145 @@ fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// A tick label: whole numbers without a decimal point ("50", not "50.0"), never "-0",
+/// others with at most four significant decimals.
+fn tick(x: &f64) -> String {
+    let x = if x.abs() < 1e-12 { 0.0 } else { *x };
+    if (x - x.round()).abs() < 1e-9 * x.abs().max(1.0) && x.abs() < 1e15 {
+        return format!("{}", x.round() as i64);
+    }
+    let s = format!("{x:.4}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// The legend's corner: the one with the fewest points near it (a legend covers what is there).
+fn legend_corner(pts: &[(f64, f64)], (x0, x1): (f64, f64), (y0, y1): (f64, f64)) -> SeriesLabelPosition {
+    let near = |fx: f64, fy: f64| {
+        let (cx, cy) = (x0 + fx * (x1 - x0), y0 + fy * (y1 - y0));
+        pts.iter().filter(|p| (p.0 - cx).abs() < 0.4 * (x1 - x0) && (p.1 - cy).abs() < 0.3 * (y1 - y0)).count()
+    };
+    [
+        (near(1.0, 1.0), SeriesLabelPosition::UpperRight),
+        (near(0.0, 1.0), SeriesLabelPosition::UpperLeft),
+        (near(1.0, 0.0), SeriesLabelPosition::LowerRight),
+        (near(0.0, 0.0), SeriesLabelPosition::LowerLeft),
+    ]
+    .into_iter()
+    .min_by_key(|c| c.0)
+    .map_or(SeriesLabelPosition::UpperRight, |c| c.1)
+}
+
+/// An f64 axis whose ticks sit at given values (layers, hops); plotters' own `WithKeyPoints`
+/// takes no label formatter.
+struct Ticked {
+    range: std::ops::Range<f64>,
+    keys: Vec<f64>,
+}
+
+impl Ranged for Ticked {
+    type FormatOption = plotters::coord::ranged1d::DefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, v: &f64, limit: (i32, i32)) -> i32 {
+        let t = (v - self.range.start) / (self.range.end - self.range.start);
+        limit.0 + (t * f64::from(limit.1 - limit.0)).round() as i32
+    }
+
+    fn key_points<H: plotters::coord::ranged1d::KeyPointHint>(&self, hint: H) -> Vec<f64> {
+        let step = self.keys.len().div_ceil(hint.max_num_points().max(1)).max(1);
+        self.keys.iter().step_by(step).copied().collect()
+    }
+
+    fn range(&self) -> std::ops::Range<f64> {
+        self.range.clone()
+    }
+}
+
+/// Distinct colours, none pale on white (matplotlib's tab10 without its yellow-green and grey).
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(23, 190, 207),
+];
+
+fn color(i: usize) -> RGBColor {
+    PALETTE[i % PALETTE.len()]
+}
+
 const PS: RGBColor = RGBColor(31, 119, 180);
 const DFS: RGBColor = RGBColor(255, 127, 14);
 const REF: RGBColor = RGBColor(44, 160, 44);
 const BEST: RGBColor = RGBColor(214, 39, 40);
 const EXTRA: RGBColor = RGBColor(148, 103, 189);
 
-fn objective_plot(path: &Path, name: &str, higher: bool, ps: &[EvaluationRecord], dfs: &[EvaluationRecord]) -> Result<()> {
-    let pts: Vec<(f64, f64, bool)> = ps
-        .iter()
-        .map(|r| (r, false))
-        .chain(dfs.iter().map(|r| (r, true)))
-        .enumerate()
-        .filter_map(|(i, (r, d))| objective(r, name).map(|y| ((i + 1) as f64, y, d)))
-        .collect();
-    let mut best: Vec<(f64, f64)> = vec![];
-    for &(x, y, _) in &pts {
-        let b = best.last().map_or(y, |&(_, b)| if higher { b.max(y) } else { b.min(y) });
-        best.push((x, b));
+/// One objective against evaluations: every candidate, the run's pick so far (lowest mean
+/// minimized objective: with several objectives the balanced pick, not this objective's own
+/// extreme), the references as horizontal lines, and where the data-flow stage starts.
+fn objective_plot(path: &Path, name: &str, higher: bool, ps: &[EvaluationRecord], dfs: &[EvaluationRecord], refs: &[Reference]) -> Result<()> {
+    let all: Vec<(f64, &EvaluationRecord, bool)> =
+        ps.iter().map(|r| (r, false)).chain(dfs.iter().map(|r| (r, true))).enumerate().map(|(i, (r, d))| ((i + 1) as f64, r, d)).collect();
+    let pts: Vec<(f64, f64, bool)> = all.iter().filter_map(|&(x, r, d)| objective(r, name).map(|y| (x, y, d))).collect();
+    let mut pick: Vec<(f64, f64)> = vec![];
+    let mut best_mean = f64::INFINITY;
+    for &(x, r, _) in &all {
+        match (r.mean_minimized(), objective(r, name)) {
+            (Some(m), Some(y)) if m < best_mean => {
+                best_mean = m;
+                pick.push((x, y));
+            }
+            _ => {
+                if let Some(&(_, y)) = pick.last() {
+                    pick.push((x, y));
+                }
+            }
+        }
     }
-    let (y0, y1) = range(pts.iter().map(|p| p.1));
+    let lines: Vec<(f64, &Reference)> = refs.iter().filter_map(|r| objective(r, name).map(|y| (y, r))).collect();
+    let (y0, y1) = range(pts.iter().map(|p| p.1).chain(lines.iter().map(|l| l.0)));
     let x1 = (ps.len() + dfs.len()).max(1) as f64 + 1.0;
-    let root = SVGBackend::new(path, (760, 460)).into_drawing_area();
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(format!("{name} ({} is better)", if higher { "higher" } else { "lower" }), ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(40)
-        .y_label_area_size(64)
+        .y_label_area_size(72)
         .build_cartesian_2d(0.0..x1, y0..y1)
         .map_err(plot_err)?;
-    chart.configure_mesh().x_desc("evaluations").y_desc(name).draw().map_err(plot_err)?;
+    chart.configure_mesh().x_desc("evaluations").y_desc(name).x_label_formatter(&tick).y_label_formatter(&tick).draw().map_err(plot_err)?;
+    // references: dashed horizontal lines, named at the left end (lines closer than a label's
+    // height share one label)
+    let mut sorted = lines.clone();
+    sorted.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut labels: Vec<(f64, String, RGBColor)> = vec![];
+    for (y, r) in &sorted {
+        let c = if matches!(r.kind.as_str(), "source" | "baseline") { REF } else { EXTRA };
+        let style = if r.kind == "baseline" { c.stroke_width(2) } else { c.mix(0.7).stroke_width(1) };
+        chart.draw_series(DashedLineSeries::new(vec![(0.0, *y), (x1, *y)], 6, 4, style)).map_err(plot_err)?;
+        let name = format!("{}: {}", r.kind, r.name);
+        match labels.last_mut() {
+            Some(l) if (l.0 - y).abs() < 0.04 * (y1 - y0) => l.1 = format!("{} · {name}", l.1),
+            _ => labels.push((*y, name, c)),
+        }
+    }
+    for (y, text, c) in labels {
+        chart.draw_series(std::iter::once(Text::new(text, (0.5, y), ("sans-serif", 12).into_font().color(&c)))).map_err(plot_err)?;
+    }
     chart
         .draw_series(pts.iter().filter(|p| !p.2).map(|&(x, y, _)| Circle::new((x, y), 3, PS.mix(0.5).filled())))
         .map_err(plot_err)?
         .label("parameter-space candidates")
         .legend(|(x, y)| Circle::new((x, y), 3, PS.filled()));
     if pts.iter().any(|p| p.2) {
+        // the data-flow stage starts after the last parameter-space candidate
+        let xs = ps.len() as f64 + 0.5;
+        chart.draw_series(DashedLineSeries::new(vec![(xs, y0), (xs, y1)], 4, 4, BLACK.mix(0.6).stroke_width(1))).map_err(plot_err)?;
+        chart.draw_series(std::iter::once(Text::new("data-flow stage →", (xs, y1), ("sans-serif", 12)))).map_err(plot_err)?;
         chart
             .draw_series(pts.iter().filter(|p| p.2).map(|&(x, y, _)| Circle::new((x, y), 3, DFS.mix(0.6).filled())))
             .map_err(plot_err)?
@@ -129,11 +231,25 @@ fn objective_plot(path: &Path, name: &str, higher: bool, ps: &[EvaluationRecord]
             .legend(|(x, y)| Circle::new((x, y), 3, DFS.filled()));
     }
     chart
-        .draw_series(LineSeries::new(best, BEST.stroke_width(2)))
+        .draw_series(LineSeries::new(pick, BEST.stroke_width(2)))
         .map_err(plot_err)?
-        .label("best so far")
+        .label("the run's pick so far (best mean objective)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BEST.stroke_width(2)));
-    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(plot_err)?;
+    if !lines.is_empty() {
+        chart
+            .draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())
+            .map_err(plot_err)?
+            .label("references (dashed)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], REF.stroke_width(2)));
+    }
+    let xy: Vec<(f64, f64)> = pts.iter().map(|p| (p.0, p.1)).collect();
+    chart
+        .configure_series_labels()
+        .position(legend_corner(&xy, (0.0, x1), (y0, y1)))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
     root.present().map_err(plot_err)
 }
 
@@ -155,7 +271,7 @@ fn front_plot(path: &Path, names: &[String], ps: &[EvaluationRecord], dfs: &[Eva
         .y_label_area_size(64)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(plot_err)?;
-    chart.configure_mesh().x_desc(a.as_str()).y_desc(b.as_str()).draw().map_err(plot_err)?;
+    chart.configure_mesh().x_desc(a.as_str()).y_desc(b.as_str()).x_label_formatter(&tick).y_label_formatter(&tick).draw().map_err(plot_err)?;
     for (recs, color, label) in [(ps, PS, "parameter space"), (dfs, DFS, "data flow")] {
         let ok: Vec<&EvaluationRecord> = recs.iter().filter(|r| r.scores().is_some() && xy(r).is_some()).collect();
         if ok.is_empty() {
@@ -187,34 +303,30 @@ fn front_plot(path: &Path, names: &[String], ps: &[EvaluationRecord], dfs: &[Eva
         } else {
             refs.iter().map(|r| r.kind.as_str()).find(|k| !matches!(*k, "source" | "baseline")).unwrap_or("references")
         };
+        // a label near an earlier one moves down a line
+        let mut placed: Vec<(f64, f64)> = vec![];
+        let mut shift = vec![];
+        for (p, _) in &pts {
+            shift.push(placed.iter().filter(|q| (q.0 - p.0).abs() < 0.15 * (x1 - x0) && (q.1 - p.1).abs() < 0.04 * (y1 - y0)).count() as i32);
+            placed.push(*p);
+        }
         chart
-            .draw_series(pts.into_iter().map(|(p, name)| {
+            .draw_series(pts.into_iter().zip(shift).map(|((p, name), k)| {
                 let dx = if p.0 > right { -8 - 7 * name.chars().count() as i32 } else { 8 };
-                EmptyElement::at(p) + TriangleMarker::new((0, 0), 7, color.filled()) + Text::new(name, (dx, -4), ("sans-serif", 13))
+                EmptyElement::at(p) + TriangleMarker::new((0, 0), 7, color.filled()) + Text::new(name, (dx, -4 + 15 * k), ("sans-serif", 13))
             }))
             .map_err(plot_err)?
             .label(label)
             .legend(move |(x, y)| TriangleMarker::new((x + 9, y), 6, color.filled()));
     }
-    // The legend goes into the corner with the fewest points.
-    let corner = |fx: f64, fy: f64| {
-        let (cx, cy) = (x0 + fx * (x1 - x0), y0 + fy * (y1 - y0));
-        all.iter().filter(|p| (p.0 - cx).abs() < 0.35 * (x1 - x0) && (p.1 - cy).abs() < 0.2 * (y1 - y0)).count()
-    };
-    let position = [
-        (corner(0.0, 0.0), SeriesLabelPosition::LowerLeft),
-        (corner(1.0, 0.0), SeriesLabelPosition::LowerRight),
-        (corner(0.0, 1.0), SeriesLabelPosition::UpperLeft),
-        (corner(1.0, 1.0), SeriesLabelPosition::UpperRight),
-    ]
-    .into_iter()
-    .min_by_key(|c| c.0)
-    .map_or(SeriesLabelPosition::UpperRight, |c| c.1);
+    let position = legend_corner(&all, (x0, x1), (y0, y1));
     chart.configure_series_labels().position(position).background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(plot_err)?;
     root.present().map_err(plot_err)
 }
 
-/// Per-group values of the best parameter-space candidate, one line per (parameter, model, filter).
+/// The genes of the best parameter-space candidate against layers, one series per
+/// (parameter, model, filter): a flat segment over the layers of each group (or, with
+/// `genome.smooth`, the line through group centres the layers interpolate).
 fn parameters_plot(path: &Path, exp: &Experiment, best: &EvaluationRecord) -> Result<Vec<(String, Vec<f64>)>> {
     let (_, layout) = exp.layout()?;
     let genome = best.genome.clone();
@@ -231,33 +343,74 @@ fn parameters_plot(path: &Path, exp: &Experiment, best: &EvaluationRecord) -> Re
             None => series.push((key, vec![(g.group, *x)])),
         }
     }
-    let groups = layout.groups().len().max(1);
+    let groups = layout.groups().to_vec();
+    let layers = groups.last().map_or(1, |g| g.1).max(1);
     let (y0, y1) = range(series.iter().flat_map(|s| s.1.iter().map(|p| p.1)));
-    let root = SVGBackend::new(path, (760, 460)).into_drawing_area();
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
+    let per = exp.genome.layers_per_group;
+    let caption = if groups.len() > 1 {
+        format!("genes of candidate {} ({} groups of {per} layer{})", best.id, groups.len(), if per == 1 { "" } else { "s" })
+    } else {
+        format!("genes of candidate {} (one group: every layer)", best.id)
+    };
+    let keys: Vec<f64> = (0..layers).map(|l| l as f64).collect();
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("parameters of candidate {} per layer group", best.id), ("sans-serif", 20))
+        .caption(caption, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(64)
-        .build_cartesian_2d(-0.5..(groups as f64 - 0.5), y0..y1)
+        .build_cartesian_2d(Ticked { range: -0.5..(layers as f64 - 0.5), keys }, y0..y1)
         .map_err(plot_err)?;
-    chart.configure_mesh().x_desc("layer group").y_desc("value").draw().map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc(if exp.genome.smooth { "layer (values interpolated between group centres)" } else { "layer (one value per group)" })
+        .y_desc("value")
+        .x_labels(layers + 1)
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
+        .draw()
+        .map_err(plot_err)?;
+    // group boundaries
+    for &(s, _) in groups.iter().skip(1) {
+        let x = s as f64 - 0.5;
+        chart.draw_series(DashedLineSeries::new(vec![(x, y0), (x, y1)], 3, 3, BLACK.mix(0.3).stroke_width(1))).map_err(plot_err)?;
+    }
+    let xy: Vec<(f64, f64)> = series.iter().flat_map(|s| s.1.iter().map(|&(g, v)| ((groups[g].0 + groups[g].1) as f64 / 2.0 - 0.5, v))).collect();
     for (i, (name, pts)) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let c = color(i);
+        let centre = |g: usize| (groups[g].0 + groups[g].1) as f64 / 2.0 - 0.5;
+        if exp.genome.smooth {
+            chart.draw_series(LineSeries::new(pts.iter().map(|&(g, v)| (centre(g), v)), c.stroke_width(2))).map_err(plot_err)?;
+        } else {
+            chart
+                .draw_series(
+                    pts.iter()
+                        .map(|&(g, v)| PathElement::new(vec![(groups[g].0 as f64 - 0.45, v), (groups[g].1 as f64 - 0.55, v)], c.stroke_width(3))),
+                )
+                .map_err(plot_err)?;
+        }
         chart
-            .draw_series(LineSeries::new(pts.iter().map(|&(g, v)| (g as f64, v)), color.stroke_width(2)).point_size(4))
+            .draw_series(pts.iter().map(|&(g, v)| Circle::new((centre(g), v), 4, c.filled())))
             .map_err(plot_err)?
             .label(name.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(3)));
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(plot_err)?;
+    chart
+        .configure_series_labels()
+        .position(legend_corner(&xy, (-0.5, layers as f64 - 0.5), (y0, y1)))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
     root.present().map_err(plot_err)?;
     Ok(series.into_iter().map(|(n, p)| (n, p.into_iter().map(|x| x.1).collect())).collect())
 }
 
-/// The best data-flow candidate's path: layer (stacked per model) against hop index.
-fn path_plot(path: &Path, exp: &Experiment, best: &EvaluationRecord, layers: &[usize]) -> Result<()> {
+/// The best data-flow candidate's path: hop against model and layer (each model's layers in
+/// their own band, labelled `mK:L`), with the scale applied on entry to each hop. `start`: the
+/// path is the stage's start (nothing scored better), said in the caption.
+fn path_plot(path: &Path, exp: &Experiment, best: &EvaluationRecord, layers: &[usize], start: bool) -> Result<()> {
     let path_json: evomerge_engine::model::LayerPath = {
         let df = exp.dataflow.as_ref().context("no dataflow section")?;
         let l = evomerge_engine::dataflow::DataFlowLayout::new(layers, &df.genome)?;
@@ -274,33 +427,74 @@ fn path_plot(path: &Path, exp: &Experiment, best: &EvaluationRecord, layers: &[u
         .collect();
     let total: usize = layers.iter().sum();
     let hops = &path_json.hops;
-    let root = SVGBackend::new(path, (760, 460)).into_drawing_area();
+    let root = SVGBackend::new(path, (800, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
+    let caption = if start {
+        format!("data-flow path of candidate {} ({} hops): the start path, nothing scored better", best.id, hops.len())
+    } else {
+        format!("data-flow path of candidate {} ({} hops)", best.id, hops.len())
+    };
+    // y ticks: every layer of small models, else every fourth of each model from its first
+    let keys: Vec<f64> =
+        offsets.iter().zip(layers).flat_map(|(&o, &n)| (0..n).filter(move |l| total <= 40 || l % 4 == 0).map(move |l| (o + l) as f64)).collect();
+    let label = |y: &f64| {
+        let y = y.round().max(0.0) as usize;
+        offsets.iter().enumerate().rev().find(|(_, o)| **o <= y).map_or(String::new(), |(m, o)| format!("m{m}:{}", y - o))
+    };
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("data-flow path of candidate {} ({} hops)", best.id, hops.len()), ("sans-serif", 20))
+        .caption(caption, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(64)
-        .build_cartesian_2d(-0.5..(hops.len() as f64 - 0.5), -0.5..(total as f64 - 0.5))
+        .build_cartesian_2d(
+            Ticked { range: -0.5..(hops.len() as f64 - 0.5), keys: (0..hops.len()).map(|h| h as f64).collect() },
+            Ticked { range: -0.5..(total as f64 - 0.5), keys },
+        )
         .map_err(plot_err)?;
-    chart.configure_mesh().x_desc("hop").y_desc("layer (models stacked)").draw().map_err(plot_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("hop (the hidden state's way through the layers)")
+        .y_desc("model:layer")
+        .y_labels(total + 1)
+        .x_labels(hops.len() + 1)
+        .x_label_formatter(&tick)
+        .y_label_formatter(&label)
+        .draw()
+        .map_err(plot_err)?;
+    // model bands
+    for &o in offsets.iter().skip(1) {
+        let y = o as f64 - 0.5;
+        chart
+            .draw_series(DashedLineSeries::new(vec![(-0.5, y), (hops.len() as f64 - 0.5, y)], 6, 4, BLACK.mix(0.4).stroke_width(1)))
+            .map_err(plot_err)?;
+    }
     let pts: Vec<(f64, f64)> = hops.iter().enumerate().map(|(i, h)| (i as f64, (offsets[h.model] + h.layer) as f64)).collect();
     chart.draw_series(LineSeries::new(pts.clone(), BLACK.mix(0.4))).map_err(plot_err)?;
     let models = exp.dataflow.as_ref().map(|d| d.models.clone()).unwrap_or_default();
     for (m, name) in models.iter().enumerate() {
-        let color = Palette99::pick(m).to_rgba();
-        let short = Path::new(name).file_name().map_or(name.clone(), |n| n.to_string_lossy().to_string());
+        let c = color(m);
+        let short = if name == BEST_MERGE {
+            "the parameter-space pick".to_string()
+        } else {
+            Path::new(name).file_name().map_or(name.clone(), |n| n.to_string_lossy().to_string())
+        };
         chart
             .draw_series(hops.iter().enumerate().filter(|(_, h)| h.model == m).map(|(i, h)| {
                 EmptyElement::at((i as f64, (offsets[h.model] + h.layer) as f64))
-                    + Circle::new((0, 0), 6, color.filled())
-                    + Text::new(format!("×{:.2}", h.scale), (6, -14), ("sans-serif", 11))
+                    + Circle::new((0, 0), 6, c.filled())
+                    + Text::new(if (h.scale - 1.0).abs() < 5e-3 { String::new() } else { format!("×{:.2}", h.scale) }, (6, -14), ("sans-serif", 11))
             }))
             .map_err(plot_err)?
-            .label(format!("model {m}: {short}"))
-            .legend(move |(x, y)| Circle::new((x, y), 5, color.filled()));
+            .label(format!("m{m}: {short} ({} layers)", layers.get(m).copied().unwrap_or(0)))
+            .legend(move |(x, y)| Circle::new((x, y), 5, c.filled()));
     }
-    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).draw().map_err(plot_err)?;
+    chart
+        .configure_series_labels()
+        .position(legend_corner(&pts, (-0.5, hops.len() as f64 - 0.5), (-0.5, total as f64 - 0.5)))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_err)?;
     root.present().map_err(plot_err)
 }
 
@@ -356,9 +550,32 @@ pub fn run(args: ReportArgs) -> Result<()> {
         row(&mut md, &names, &format!("{}: {}", r.kind, r.name), r);
     }
     let _ = writeln!(md, "\nBest = lowest mean of the minimized objectives.\n");
+    // Whether each stage improved on where it started (as the run's closing lines say).
+    let summary = evomerge_run::summarize(&run, &refs);
+    for st in &summary.stages {
+        let what = if st.stage == "dataflow" { "Data-flow stage" } else { "Parameter-space stage" };
+        let line = match (st.improved, &st.start, &st.best) {
+            (Some(true), Some(a), Some(b)) => {
+                format!("improved on its start ({:.4} → {:.4}, mean of the objectives)", a.mean_value(), b.mean_value())
+            }
+            (Some(false), _, _) if st.stage == "dataflow" => "kept the start path: no path scored better than the parameter-space pick".into(),
+            (Some(false), _, _) => "nothing scored better than the start point (the method at its default parameters)".into(),
+            _ => "no start point to compare with".into(),
+        };
+        let repeats = st.evaluations - st.distinct.min(st.evaluations);
+        let _ = writeln!(md, "- {what}: {line}; {} evaluations, {} failed, {repeats} repeated an earlier point.", st.evaluations, st.failures);
+    }
+    if exp.dataflow.is_none() {
+        let _ = writeln!(md, "- No data-flow stage in this experiment (`[dataflow]` adds one).");
+    } else if dfs.is_empty() {
+        let _ = writeln!(md, "- The data-flow stage has not scored a candidate yet.");
+    }
+    if let Some(p) = &summary.pick {
+        let _ = writeln!(md, "\nExport the run's pick: `evomerge export {} --pick {p} --out merged/`\n", args.run_dir.display());
+    }
     for (n, &h) in names.iter().zip(&higher) {
         let file = format!("objective-{}.svg", n.replace(|c: char| !c.is_ascii_alphanumeric() && c != '_' && c != '-', "_"));
-        objective_plot(&out.join(&file), n, h, &ps, &dfs)?;
+        objective_plot(&out.join(&file), n, h, &ps, &dfs, &refs)?;
         let _ = writeln!(md, "![{n} against evaluations]({file})\n");
     }
     if names.len() >= 2 {
@@ -380,7 +597,15 @@ pub fn run(args: ReportArgs) -> Result<()> {
     }
     if let Some(b) = best_ps {
         let series = parameters_plot(&out.join("parameters.svg"), &exp, b)?;
-        let _ = writeln!(md, "![parameters of the best candidate](parameters.svg)\n\n| gene | per layer group |\n|---|---|");
+        let groups: Vec<String> = exp
+            .layout()
+            .map(|(_, l)| l.groups().iter().map(|&(a, b)| if b == a + 1 { format!("{a}") } else { format!("{a}–{}", b - 1) }).collect())
+            .unwrap_or_default();
+        let _ = writeln!(
+            md,
+            "![parameters of the best candidate](parameters.svg)\n\n| gene | per layer group (layers {}) |\n|---|---|",
+            groups.join(", ")
+        );
         for (n, v) in series {
             let _ = writeln!(md, "| {n} | {} |", v.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(", "));
         }
@@ -393,7 +618,8 @@ pub fn run(args: ReportArgs) -> Result<()> {
             let cfg = evomerge_engine::io::ModelConfig::from_dir(&evomerge_engine::io::resolve_model(&dir, None)?)?;
             layers.push(cfg.num_hidden_layers);
         }
-        path_plot(&out.join("path.svg"), &exp, b, &layers)?;
+        let start = summary.stages.iter().any(|s| s.stage == "dataflow" && s.improved == Some(false));
+        path_plot(&out.join("path.svg"), &exp, b, &layers, start)?;
         let _ = writeln!(md, "![data-flow path](path.svg)\n\nPath: `{}`\n", b.scores().and_then(|s| s.path.as_deref()).unwrap_or("?"));
     }
     let index = out.join("index.md");

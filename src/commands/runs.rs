@@ -182,6 +182,10 @@ fn print_workers(workers: &[broker::WorkerStatus]) {
     }
 }
 
+/// The data-flow export's step-1 recipe (the parameter-space pick) and the folder it writes.
+const PS_CONFIG: &str = "parameter_space_config.yml";
+const PS_MERGE: &str = "parameter-space-merge";
+
 /// What `--pick` takes, for its errors.
 const PICKS: &str = "expected best, a candidate id, front:K (K-th member of the Pareto front), dfs:best or dfs:ID (the data-flow stage)";
 
@@ -279,14 +283,19 @@ fn export_dataflow(args: &ExportArgs, pick: &str) -> Result<()> {
     }
     let dtype = args.dtype.clone().unwrap_or_else(|| "float32".into());
     // The best parameter-space merge, when the path uses it, is written next to the output
-    // first (the passthrough recipe reads checkpoints from disk) and removed afterwards.
+    // first (the passthrough recipe reads checkpoints from disk) and removed afterwards. The
+    // recipe the export keeps names it `parameter-space-merge`, relative (a folder beside the
+    // recipe: evomerge looks there; mergekit in the current directory), which step 1 of the
+    // card's two steps writes from OUT/parameter_space_config.yml. Relative, so that no `+`
+    // of the output's path reaches the recipe (mergekit reads `a+b` as a LoRA).
     // Plain characters only: the name becomes a model reference in a recipe (`+` means LoRA there).
     let name: String = args
         .out
         .file_name()
         .map_or("export".into(), |n| n.to_string_lossy().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect());
     let tmp = args.out.with_file_name(format!(".{name}.parameter-space-merge"));
-    let mut paths = vec![];
+    let out_abs = std::path::absolute(&args.out).with_context(|| format!("{}: not a usable path", args.out.display()))?;
+    let (mut paths, mut written) = (vec![], vec![]);
     let mut ps_yaml = None;
     for m in &df.models {
         if m == BEST {
@@ -300,8 +309,11 @@ fn export_dataflow(args: &ExportArgs, pick: &str) -> Result<()> {
             executor::execute(&plan, &tmp, &MergeOptions::default(), &mut |_| {})?;
             ps_yaml = Some((best.id, yaml));
             paths.push(tmp.display().to_string());
+            written.push(PS_MERGE.to_string());
         } else {
-            paths.push(evomerge_engine::io::resolve_model(m, None)?.display().to_string());
+            let p = evomerge_engine::io::resolve_model(m, None)?.display().to_string();
+            written.push(p.clone());
+            paths.push(p);
         }
     }
     let result = (|| -> Result<String> {
@@ -311,7 +323,8 @@ fn export_dataflow(args: &ExportArgs, pick: &str) -> Result<()> {
         let path = layout.decode(&rec.genome)?;
         let yaml = dataflow_recipe(&path, &paths, &dtype);
         let recipe = evomerge_engine::recipe::Recipe::parse(&yaml, "data-flow export")?;
-        let plan = MergePlan::build(&recipe, yaml.clone(), None, exp.seed)?;
+        // merged from the temporary folder; the recipe written beside it names the kept name
+        let plan = MergePlan::build(&recipe, dataflow_recipe(&path, &written, &dtype), None, exp.seed)?;
         let opts = MergeOptions { overwrite: args.force, ..Default::default() };
         executor::execute(&plan, &args.out, &opts, &mut |_| {})?;
         Ok(evomerge_engine::dataflow::describe(&path))
@@ -319,7 +332,11 @@ fn export_dataflow(args: &ExportArgs, pick: &str) -> Result<()> {
     let _ = std::fs::remove_dir_all(&tmp);
     let described = result?;
     let card = args.out.join("README.md");
-    let mut text = std::fs::read_to_string(&card).unwrap_or_default();
+    // the card names the kept folder, not the temporary one the merge read
+    let mut text = std::fs::read_to_string(&card).unwrap_or_default().replace(&tmp.display().to_string(), PS_MERGE);
+    if let Some(n) = tmp.file_name() {
+        text = text.replace(&*n.to_string_lossy(), PS_MERGE);
+    }
     text.push_str(&format!(
         "\n## Data-flow search result\n\nCandidate {} of the data-flow stage of run `{}`. Its layers are the hops of the path \
          (a layer that repeats is duplicated):\n\n`{described}`\n\n(`mK:L×s`: layer L of model K, hidden state scaled by s on entry.) \
@@ -329,10 +346,16 @@ fn export_dataflow(args: &ExportArgs, pick: &str) -> Result<()> {
         exp.name,
         df.models.iter().enumerate().map(|(i, m)| format!("{i} = `{m}`")).collect::<Vec<_>>().join(", ")
     ));
-    if let Some((id, yaml)) = ps_yaml {
+    if let Some((id, yaml)) = &ps_yaml {
+        write_atomic(&args.out.join(PS_CONFIG), yaml)?;
+        let o = out_abs.display();
         text.push_str(&format!(
-            "\nModel `best` is parameter-space candidate {id}, which mergekit can reproduce with:\n\n```yaml\n{yaml}```\n\n\
-             The passthrough recipe above reads it from a temporary directory that the export removed.\n"
+            "\nModel `best` is parameter-space candidate {id}. The path's recipe (`mergekit_config.yml`) reads it from \
+             `{PS_MERGE}` beside the recipe, which the export does not keep (it would double its size). Two steps \
+             reproduce this checkpoint:\n\n```sh\nevomerge merge {o}/{PS_CONFIG} --out {o}/{PS_MERGE}\n\
+             evomerge merge {o}/mergekit_config.yml --out reproduced/\n```\n\nWith mergekit, run both from this folder \
+             (it reads relative paths from the current directory): `mergekit-yaml {PS_CONFIG} {PS_MERGE}`, then \
+             `mergekit-yaml mergekit_config.yml ../reproduced`. Step 1's recipe (`{PS_CONFIG}`):\n\n```yaml\n{yaml}```\n"
         ));
     }
     text.push_str("\n| objective | value |\n|---|---|\n");
@@ -341,5 +364,8 @@ fn export_dataflow(args: &ExportArgs, pick: &str) -> Result<()> {
     }
     write_atomic(&card, &text)?;
     println!("exported data-flow candidate {} to {} ({} layers: {described})", rec.id, args.out.display(), described.split(' ').count());
+    if ps_yaml.is_some() {
+        println!("its recipe uses the parameter-space pick: README.md gives the two steps that reproduce it with evomerge merge or mergekit-yaml");
+    }
     Ok(())
 }

@@ -11,7 +11,7 @@ use evomerge_engine::model::DeviceSpec;
 use evomerge_run::broker::BrokerUrl;
 use evomerge_run::records::LogEvent;
 use evomerge_run::resources::gib;
-use evomerge_run::{Experiment, Notice, Reference, RunDir, RunEnd, RunObserver, RunOptions, Stage, best_by_mean};
+use evomerge_run::{Experiment, Notice, RunDir, RunEnd, RunObserver, RunOptions, RunSummary, Stage};
 use evomerge_search::{Candidate, Outcome};
 
 #[derive(Debug, Args)]
@@ -156,8 +156,8 @@ impl RunObserver for Progress {
             Notice::Workers(n) if self.text() => println!("{n} workers: candidates are scored {n} at a time (--workers to choose)"),
             Notice::StageFinished { termination, evaluations, dir, best, .. } if self.text() => {
                 println!("stage finished ({termination}): {evaluations} evaluations in {}", dir.display());
-                if let Some((v, file)) = best {
-                    println!("best (mean minimized objective): {v:.6}; written to {}", file.display());
+                if let Some((_, file)) = best {
+                    println!("its pick (lowest mean minimized objective) is written to {}", file.display());
                 }
             }
             Notice::DataFlowStage { genes, models, layers } if self.text() => {
@@ -173,10 +173,11 @@ impl RunObserver for Progress {
         {
             println!("{line}");
         }
-        if let LogEvent::Generation { generation, evaluations, best_minimized, mean_minimized, .. } = e {
+        if let LogEvent::Generation { generation, evaluations, best, .. } = e {
             self.bar.set_position(*evaluations);
-            let show = |x: &Option<f64>| x.map_or("-".into(), |b| format!("{b:.4}"));
-            self.bar.set_message(format!("gen {generation} best {} mean {}", show(best_minimized), show(mean_minimized)));
+            // the pick so far, every objective in its own units
+            let best = best.as_ref().map_or("-".into(), |o| o.0.iter().map(|(n, v)| format!("{n} {v:.4}")).collect::<Vec<_>>().join(", "));
+            self.bar.set_message(format!("gen {generation} best: {best}"));
         }
     }
 
@@ -257,53 +258,88 @@ pub fn resume(args: ResumeArgs) -> Result<()> {
 fn finish(run_dir: &RunDir, end: RunEnd, progress: &Progress) -> Result<()> {
     match end {
         RunEnd::Interrupted => interrupted(run_dir.path()),
-        RunEnd::Finished { references } => {
+        RunEnd::Finished { summary, .. } => {
             if progress.text() {
-                print_standing(&references, run_dir);
+                print_standing(&summary, run_dir);
+            } else {
+                // the last JSON line: what the run found (also in RUN_DIR/summary.json)
+                let mut v = serde_json::json!({"event": "summary", "run_dir": run_dir.path().display().to_string()});
+                if let (Some(m), serde_json::Value::Object(fields)) = (v.as_object_mut(), serde_json::to_value(&*summary)?) {
+                    m.extend(fields);
+                }
+                println!("{v}");
             }
             Ok(())
         }
     }
 }
 
-/// The table a finished run ends with: its best candidate (one objective) or the candidate
-/// with the best mean objective (several), per stage, against every reference.
-fn print_standing(refs: &[Reference], run_dir: &RunDir) {
-    let ps = run_dir.evaluations();
-    let dfs = run_dir.dataflow_evaluations();
-    let mut rows: Vec<(String, &evomerge_run::Objectives, f64)> = vec![];
-    for (label, recs) in [("searched: candidate", &ps), ("searched + data flow:", &dfs)] {
-        if let Some(b) = best_by_mean(recs) {
-            let (Some(s), Some(m)) = (b.scores(), b.mean_minimized()) else { continue };
-            rows.push((format!("{label} {}", b.id), &s.objectives, m));
-        }
+/// The table a finished run ends with: each stage's pick (lowest mean minimized objective:
+/// the best candidate with one objective, the balanced pick with several) against every
+/// reference, whether each stage improved on its start, and how to export the result.
+fn print_standing(summary: &RunSummary, run_dir: &RunDir) {
+    let mut rows: Vec<(String, &evomerge_run::Objectives)> = vec![];
+    for st in &summary.stages {
+        let Some(b) = &st.best else { continue };
+        let label = if st.stage == Stage::DataFlow.name() { "searched + data flow:" } else { "searched: candidate" };
+        rows.push((format!("{label} {}", b.id.unwrap_or_default()), &b.objectives));
     }
-    let Some(first) = rows.first().map(|r| r.1) else { return };
+    let Some(first) = rows.first().map(|r| r.1) else {
+        println!("no candidate was scored");
+        return;
+    };
     let names: Vec<String> = first.names().map(String::from).collect();
     let multi = names.len() > 1;
-    print!("\n{:<32}", "");
-    for n in &names {
-        print!(" {n:>14}");
+    let mut labelled: Vec<(String, &evomerge_run::Objectives)> = rows;
+    labelled.extend(summary.references.iter().map(|r| (format!("{}: {}", r.kind, r.name), &r.objectives)));
+    let w = labelled.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
+    // each column as wide as its objective's name
+    let widths: Vec<usize> = names.iter().map(|n| n.chars().count().max(10)).collect();
+    print!("\n{:<w$}", "");
+    for (n, cw) in names.iter().zip(&widths) {
+        print!("  {n:>cw$}");
     }
-    println!("{}", if multi { format!(" {:>14}", "mean") } else { String::new() });
-    let row = |label: &str, o: &evomerge_run::Objectives| {
-        print!("{label:<32}");
+    println!("{}", if multi { format!("  {:>10}", "mean") } else { String::new() });
+    for (label, o) in &labelled {
+        print!("{label:<w$}");
         let vals: Vec<f64> = names.iter().map(|n| o.get(n).unwrap_or(f64::NAN)).collect();
-        for x in &vals {
-            print!(" {x:>14.4}");
+        for (x, cw) in vals.iter().zip(&widths) {
+            print!("  {x:>cw$.4}");
         }
         if multi {
-            print!(" {:>14.4}", vals.iter().sum::<f64>() / vals.len() as f64);
+            print!("  {:>10.4}", vals.iter().sum::<f64>() / vals.len() as f64);
         }
         println!();
-    };
-    for (label, o, _) in &rows {
-        row(label, o);
     }
-    for r in refs {
-        row(&format!("{}: {}", r.kind, r.name), &r.objectives);
+    println!();
+    for st in &summary.stages {
+        let what = if st.stage == Stage::DataFlow.name() { "data-flow stage" } else { "parameter-space stage" };
+        let repeats = st.evaluations - st.distinct.min(st.evaluations);
+        let counts = format!(
+            "{} evaluations{}{}",
+            st.evaluations,
+            if st.failures > 0 { format!(", {} failed", st.failures) } else { String::new() },
+            if repeats > 0 { format!(", {repeats} repeated an earlier point") } else { String::new() }
+        );
+        match (st.improved, &st.start, &st.best) {
+            (Some(true), Some(s), Some(b)) => {
+                println!(
+                    "{what}: improved on its start ({counts}; {} {:.4} -> {:.4})",
+                    if multi { "mean of the objectives" } else { "objective" },
+                    s.mean_value(),
+                    b.mean_value()
+                )
+            }
+            (Some(false), _, _) if st.stage == Stage::DataFlow.name() => {
+                println!("{what}: kept the start path: no path scored better than the parameter-space pick ({counts})")
+            }
+            (Some(false), _, _) => println!("{what}: nothing scored better than the start point ({counts})"),
+            _ => println!("{what}: {counts}"),
+        }
     }
-    let best = rows.iter().map(|r| r.2).fold(f64::INFINITY, f64::min);
-    let beaten = refs.iter().filter(|r| r.mean_minimized().is_some_and(|m| best < m)).count();
-    println!("the best searched candidate beats {beaten} of {} references{}", refs.len(), if multi { " on the mean of the objectives" } else { "" });
+    let beaten = summary.references.iter().filter(|r| r.beaten).count();
+    println!("the run's pick beats {beaten} of {} references{}", summary.references.len(), if multi { " on the mean of the objectives" } else { "" });
+    if let Some(p) = &summary.pick {
+        println!("export it: evomerge export {} --pick {p} --out merged/", run_dir.path().display());
+    }
 }

@@ -43,14 +43,32 @@ fn search_writes_the_run_directory_and_the_best_recipe_reproduces_its_score() {
     let events: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
     assert_eq!(events.iter().filter(|e| e["event"] == "generation").count(), 2, "8 evaluations of 4");
     assert!(events.iter().any(|e| e["event"] == "finished"));
-    // The references (both sources, the base, the default-parameter merge) come last.
-    let refs = &events.last().expect("events")["references"];
+    // The references (both sources, the base, the default-parameter merge) after the stage.
+    let refs = &events.iter().find(|e| e["event"] == "references").expect("references")["references"];
     assert_eq!(refs.as_array().map(Vec::len), Some(4), "{refs}");
     assert!(run.join("references.json").is_file());
-    assert!(events.iter().any(|e| e["mean_minimized"].is_number() && e["candidates_per_hour"].is_number()));
+    // generation events carry the pick's objectives by name, in their own units
+    assert!(
+        events
+            .iter()
+            .any(|e| e["mean_minimized"].is_number() && e["candidates_per_hour"].is_number() && e["best"]["text_ppl/perplexity"].is_number())
+    );
     let recs = records(&run);
     assert_eq!(recs.len(), 8);
     let best = recs.values().map(|r| r["objectives"]["text_ppl/perplexity"].as_f64().expect("ppl")).fold(f64::INFINITY, f64::min);
+    // The last line is the run's summary (issue 24: piped output had none), also summary.json.
+    let summary = events.last().expect("events");
+    assert_eq!(summary["event"], "summary", "{summary}");
+    assert_eq!(summary["references"].as_array().map(Vec::len), Some(4), "{summary}");
+    let stage = &summary["stages"][0];
+    assert_eq!((stage["stage"].as_str(), stage["evaluations"].as_u64()), (Some("params"), Some(8)), "{summary}");
+    assert_eq!(stage["best"]["objectives"]["text_ppl/perplexity"].as_f64(), Some(best), "{summary}");
+    assert!(stage["start"]["name"].as_str().is_some_and(|n| n.contains("start point")), "{summary}");
+    let start = stage["start"]["mean_minimized"].as_f64().expect("start");
+    assert_eq!(stage["improved"].as_bool(), Some(best < start * (1.0 - 1e-9)), "{summary}");
+    assert_eq!(summary["pick"], "best");
+    let file: Value = serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).expect("summary.json")).expect("json");
+    assert_eq!(file["stages"], summary["stages"]);
     // Candidate 0 is CMA-ES's start point, the method at default parameters: it scores as the
     // baseline reference, so the run cannot end worse than where it started (issue 24).
     let baseline = refs.as_array().expect("refs").iter().find(|r| r["kind"] == "baseline").expect("baseline")["objectives"]["text_ppl/perplexity"]
@@ -178,13 +196,18 @@ fn nsga2_finds_a_front_that_status_lists_and_export_writes() {
     assert_eq!(st["pareto"], true);
     let front = st["top"].as_array().expect("front");
     assert!(!front.is_empty());
-    // No front member dominates another.
+    // No front member dominates another, and none is listed twice (issue 24).
     let pts: Vec<Vec<f64>> = front.iter().map(|r| r["minimized"].as_array().expect("m").iter().map(|x| x.as_f64().expect("f")).collect()).collect();
-    for a in &pts {
-        for b in &pts {
+    for (i, a) in pts.iter().enumerate() {
+        for (j, b) in pts.iter().enumerate() {
             assert!(!(a[0] <= b[0] && a[1] <= b[1] && (a[0] < b[0] || a[1] < b[1])), "{a:?} dominates {b:?}");
+            assert!(i == j || a != b, "{a:?} twice on the front");
         }
     }
+    // the front is in the run directory too, as front.json
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(run.join("front.json")).expect("front.json")).expect("json");
+    let ids = |v: &Value| v.as_array().expect("array").iter().map(|r| r["id"].as_u64().expect("id")).collect::<Vec<_>>();
+    assert_eq!(ids(&saved)[..front.len()], ids(&st["top"])[..], "status --json's front is front.json's (status shows --top of it)");
     let out = tmp.path().join("front0");
     // a --pick that is none of the forms lists them all (issue 24: it showed a parse error and
     // left out the dfs: forms)
@@ -311,6 +334,14 @@ fn dataflow_stage_runs_resumes_after_a_kill_and_exports_a_checkpoint_that_scores
     let full = tmp.path().join("full");
     let out = run_ok(&["search", &exp.display().to_string(), "--run-dir", &full.display().to_string(), "--progress", "off"]);
     assert!(out.contains("data-flow stage") && out.contains("searched + data flow"), "{out}");
+    // the closing lines say whether the stage found a better path, and how to export the pick
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(full.join("summary.json")).expect("summary")).expect("json");
+    let dfs = &summary["stages"][1];
+    assert_eq!((dfs["stage"].as_str(), dfs["evaluations"].as_u64()), (Some("dataflow"), Some(12)), "{summary}");
+    let improved = dfs["improved"].as_bool().expect("improved");
+    assert!(out.contains(if improved { "data-flow stage: improved on its start" } else { "data-flow stage: kept the start path" }), "{out}");
+    assert_eq!(summary["pick"], if improved { "dfs:best" } else { "best" });
+    assert!(out.contains(&format!("--pick {}", summary["pick"].as_str().expect("pick"))), "{out}");
     let dfs_dir = full.join("dataflow");
     for f in ["checkpoint.json", "evaluations.jsonl", "best_path.json"] {
         assert!(dfs_dir.join(f).is_file(), "dataflow/{f} missing");
@@ -348,6 +379,18 @@ fn dataflow_stage_runs_resumes_after_a_kill_and_exports_a_checkpoint_that_scores
     assert!((got - rec).abs() <= 1e-4 * rec, "exported path: {got} vs recorded {rec}");
     let card = std::fs::read_to_string(model.join("README.md")).expect("card");
     assert!(card.contains("Data-flow search result") && card.contains("RMSNorm"), "{card}");
+    // The card's two steps, run as written (issue 24: the recipe named a folder the export had
+    // deleted), reproduce the exported weights.
+    let steps: Vec<&str> = card.lines().filter(|l| l.starts_with("evomerge merge ")).collect();
+    assert_eq!(steps.len(), 2, "{card}");
+    let again = tmp.path().join("reproduced");
+    for step in steps {
+        let step = step.replace("reproduced/", &again.display().to_string());
+        let args: Vec<&str> = step.split(' ').skip(1).collect();
+        run_ok(&args);
+    }
+    let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).expect("weights");
+    assert!(weights(&again) == weights(&model), "the two steps do not reproduce the export");
 
     // status shows the stage; report writes the plots and the summary.
     let st = run_ok(&["status", &full.display().to_string()]);
