@@ -234,7 +234,8 @@ pub fn make_optimizer(
             space,
             &Nsga2Config { initial: initial(), ..Nsga2Config::nsga3(o.population.unwrap_or(40), n_obj, o.partitions, seed) },
         )?),
-        OptimizerKind::Random => Box::new(RandomSearch::new(space, o.population.unwrap_or(8), n_obj, seed)?),
+        // random search: the start point is candidate 0, then uniform draws
+        OptimizerKind::Random => Box::new(RandomSearch::new(space, o.population.unwrap_or(8), n_obj, seed)?.with_start(start)?),
     })
 }
 

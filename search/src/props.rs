@@ -11,6 +11,7 @@ mod tests {
     fn optimizers(space: &SearchSpace, seed: u64) -> Vec<Box<dyn Optimizer>> {
         vec![
             Box::new(RandomSearch::new(space.clone(), 6, 2, seed).expect("random")),
+            Box::new(RandomSearch::new(space.clone(), 6, 2, seed).expect("random").with_start(space.upper.clone()).expect("start")),
             Box::new(CmaEs::new(space.clone(), &CmaEsConfig { seed, sigma0: 0.8, ..Default::default() }).expect("cmaes")),
             Box::new(Nsga2::new(space.clone(), &Nsga2Config { population: 6, objectives: 2, seed, ..Default::default() }).expect("nsga2")),
             Box::new(Nsga2::new(space.clone(), &Nsga2Config::nsga3(6, 2, None, seed)).expect("nsga3")),

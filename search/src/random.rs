@@ -25,6 +25,10 @@ pub struct RandomSearch {
     /// Driven by `ask_one` (asynchronous mode).
     #[serde(default)]
     steady: bool,
+    /// The genome asked first (a run's start point), in the genes' units; checkpoints written
+    /// before it have none.
+    #[serde(default)]
+    start: Option<Vec<f64>>,
 }
 
 impl RandomSearch {
@@ -44,13 +48,37 @@ impl RandomSearch {
             told: 0,
             best: BestSoFar::default(),
             steady: false,
+            start: None,
         })
+    }
+
+    /// Asks `x` (clamped into the bounds, integer genes rounded) as candidate 0, before the uniform draws: a run's
+    /// start point is then always scored, as CMA-ES's mean and NSGA-II's first population are.
+    pub fn with_start(mut self, x: Vec<f64>) -> Result<Self, SearchError> {
+        if x.len() != self.space.dim() {
+            return Err(SearchError::BadConfig(format!("start point has {} genes, the space {}", x.len(), self.space.dim())));
+        }
+        let space = &self.space;
+        self.start = Some(
+            x.iter()
+                .enumerate()
+                .map(|(i, v)| if space.kinds[i] == crate::GeneKind::Integer { space.round(i, *v) } else { v.clamp(space.lower[i], space.upper[i]) })
+                .collect(),
+        );
+        Ok(self)
     }
 }
 
 impl RandomSearch {
     /// One uniform genome, pending under a new id.
     fn draw(&mut self) -> u64 {
+        if self.next_id == 0
+            && let Some(x) = self.start.clone()
+        {
+            self.pending.insert(0, x);
+            self.next_id = 1;
+            return 0;
+        }
         let g: Vec<f64> = (0..self.space.dim())
             .map(|i| match (self.space.kinds[i], self.space.levels(i)) {
                 (crate::GeneKind::Integer, Some(levels)) => levels[self.rng.below(levels.len())],
@@ -127,5 +155,21 @@ impl Optimizer for RandomSearch {
 
     fn state(&self) -> OptimizerState {
         OptimizerState::Random(Box::new(self.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_start_point_is_candidate_zero_then_the_same_draws_follow() {
+        let space = SearchSpace::uniform(3, 0.0, 1.0).expect("space");
+        let mut plain = RandomSearch::new(space.clone(), 4, 1, 7).expect("random");
+        let mut started = RandomSearch::new(space, 4, 1, 7).expect("random").with_start(vec![0.5, 2.0, -1.0]).expect("start");
+        let (a, b) = (plain.ask(), started.ask());
+        assert_eq!(b[0].genome, vec![0.5, 1.0, 0.0], "clamped into the bounds");
+        assert_eq!(b[1..].iter().map(|c| &c.genome).collect::<Vec<_>>(), a[..3].iter().map(|c| &c.genome).collect::<Vec<_>>());
+        assert!(RandomSearch::new(SearchSpace::uniform(3, 0.0, 1.0).expect("space"), 4, 1, 7).expect("random").with_start(vec![0.5]).is_err());
     }
 }
