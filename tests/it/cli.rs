@@ -33,7 +33,10 @@ fn merge_writes_a_loadable_checkpoint_equal_to_mergekit() {
     assert_eq!(cfg["num_hidden_layers"], 4);
     assert_eq!(cfg["dtype"], "float32");
     let card = std::fs::read_to_string(out.join("README.md")).expect("card");
-    assert!(card.contains("ties") && card.contains("models/llama-tiny-base (base)"), "{card}");
+    // local models by folder name and path, no Hub metadata for them, no bare link (issue 24)
+    assert!(card.contains("ties") && card.contains("llama-tiny-base (local checkpoint `models/llama-tiny-base`) (base)"), "{card}");
+    let front_matter = card.split("---").nth(1).expect("front matter");
+    assert!(!front_matter.contains("base_model:") && !card.contains("](https://github.com/)"), "{card}");
     assert_eq!(
         std::fs::read_to_string(out.join("mergekit_config.yml")).expect("recipe"),
         std::fs::read_to_string(fixtures().join("merges/ties.yaml")).expect("yaml")
