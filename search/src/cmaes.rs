@@ -73,8 +73,9 @@ pub struct CmaEsConfig {
     pub separable: Option<bool>,
     pub tol_fun: f64,
     pub tol_x: f64,
-    /// IPOP: on a stopping criterion, restart from a random mean with the population doubled,
-    /// at most this many times (Auger & Hansen, CEC 2005). 0 = plain CMA-ES.
+    /// IPOP: on a stopping criterion, restart with the population doubled, from `x0` again
+    /// (pycma's restarts from a fixed x0) or, without one, from a uniform mean; at most this many
+    /// times (Auger & Hansen, CEC 2005). 0 = plain CMA-ES.
     pub ipop_restarts: u32,
     /// Active CMA-ES (Jastrebski & Arnold 2006; the tutorial's negative weights): the worst
     /// λ − μ candidates of a generation shrink the covariance along their directions. pycma's
@@ -203,6 +204,10 @@ pub struct CmaEs {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     score_x0: bool,
     ipop_restarts: u32,
+    /// Where IPOP restarts start (unit coordinates): the configured `x0`, as pycma restarts from
+    /// a fixed x0. `None` (no x0, or a checkpoint written before): a uniform point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    restart_mean: Option<Vec<f64>>,
     /// Restarts done so far.
     restarts: u32,
     /// Set when a stopping criterion held after the last restart.
@@ -277,6 +282,7 @@ impl CmaEs {
             a: if margin > 0.0 { vec![1.0; n] } else { vec![] },
             score_x0: cfg.score_x0,
             ipop_restarts: cfg.ipop_restarts,
+            restart_mean: cfg.x0.as_ref().map(|_| mean.clone()),
             restarts: 0,
             stop_reason: None,
             tol_fun: cfg.tol_fun,
@@ -604,13 +610,17 @@ impl CmaEs {
         None
     }
 
-    /// IPOP restart: population doubled, fresh uniform mean, initial σ, identity covariance.
+    /// IPOP restart: population doubled, mean back at x0 (uniform without one), initial σ,
+    /// identity covariance.
     fn restart(&mut self) {
         self.restarts += 1;
         self.lambda *= 2;
         self.st = Strategy::new(self.n, self.lambda, self.separable, self.active);
         (self.c, self.b, self.d) = identity(self.n, self.separable);
-        self.mean = (0..self.n).map(|_| self.rng.uniform()).collect();
+        self.mean = match &self.restart_mean {
+            Some(x0) => x0.clone(),
+            None => (0..self.n).map(|_| self.rng.uniform()).collect(),
+        };
         self.sigma = self.sigma0;
         self.p_sigma = vec![0.0; self.n];
         self.p_c = vec![0.0; self.n];
@@ -800,6 +810,25 @@ mod tests {
         assert_eq!(opt.restarts(), 2);
         assert_eq!(opt.population(), 4 * lambda0);
         assert!(opt.stop().is_some());
+    }
+
+    #[test]
+    fn ipop_restarts_start_again_from_x0_when_one_was_given() {
+        for x0 in [Some(vec![1.0, -2.0, 3.0]), None] {
+            let space = SearchSpace::uniform(3, -5.0, 5.0).expect("space");
+            let cfg = CmaEsConfig { x0: x0.clone(), ipop_restarts: 1, tol_fun: 1e-6, seed: 3, ..Default::default() };
+            let mut opt = CmaEs::new(space, &cfg).expect("cmaes");
+            while opt.restarts() == 0 && opt.evaluations() < 100_000 {
+                let c = opt.ask();
+                opt.tell(c.iter().map(|c| Evaluation::scored(c.id, vec![sphere(&c.genome)])).collect()).expect("tell");
+            }
+            assert_eq!(opt.restarts(), 1);
+            match x0 {
+                // pycma's behaviour with a fixed x0 (unit coordinates: (x + 5) / 10)
+                Some(_) => assert_eq!(opt.mean, vec![0.6, 0.3, 0.8]),
+                None => assert!(opt.mean.iter().all(|m| (0.0..=1.0).contains(m)) && opt.mean != vec![0.5; 3]),
+            }
+        }
     }
 
     #[test]
