@@ -689,3 +689,25 @@ fn three_objectives_run_nsga3_by_default_and_bad_settings_are_refused_up_front()
         assert!(!never.exists(), "{to}: a run directory was created");
     }
 }
+
+/// `report` on a run of one candidate and no data-flow stage draws what exists and says what
+/// is missing; the summary says the stage kept its start (candidate 0 is the start point).
+#[test]
+fn report_on_a_one_candidate_run_draws_what_exists() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let exp = experiment(tmp.path(), 1);
+    // random search, one candidate a generation: candidate 0 is the start point
+    let text = std::fs::read_to_string(&exp).expect("read").replace("kind = \"cmaes\"\npopulation = 4", "kind = \"random\"\npopulation = 1");
+    std::fs::write(&exp, text).expect("write");
+    let run = tmp.path().join("run");
+    let out = run_ok(&["search", &exp.display().to_string(), "--run-dir", &run.display().to_string(), "--progress", "off"]);
+    assert!(out.contains("parameter-space stage: nothing scored better than the start point (1 evaluations)"), "{out}");
+    assert!(!out.contains("data-flow stage:"), "{out}");
+    run_ok(&["report", &run.display().to_string()]);
+    let index = std::fs::read_to_string(run.join("report/index.md")).expect("index");
+    assert!(index.contains("No data-flow stage in this experiment") && index.contains("1 evaluations"), "{index}");
+    for f in ["objective-text_ppl_perplexity.svg", "parameters.svg"] {
+        let svg = std::fs::read_to_string(run.join("report").join(f)).expect(f);
+        assert!(svg.starts_with("<svg") && !svg.contains(">-0<") && !svg.contains(">1.0<"), "{f}: '-0' or '1.0' tick labels");
+    }
+}
