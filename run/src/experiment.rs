@@ -126,6 +126,19 @@ pub struct DataFlowSection {
     pub optimizer: OptimizerSpec,
     #[serde(default)]
     pub budget: Budget,
+    /// NSGA-II / NSGA-III's first data-flow population besides the start path: `"local"` (half of it the start path with one layer switched on or off and the hop
+    /// scales jittered, the rest uniform; what a new experiment gets) or `"uniform"` (every
+    /// genome uniform: runs made before this setting, whose resolved configuration lacks it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_population: Option<FirstPopulation>,
+}
+
+/// See [`DataFlowSection::first_population`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FirstPopulation {
+    Local,
+    Uniform,
 }
 
 fn runs() -> PathBuf {
@@ -291,6 +304,8 @@ impl Experiment {
         e.merge.models = e.merge.models.iter().map(|m| local(m)).collect();
         e.merge.base_model = e.merge.base_model.as_deref().map(local);
         if let Some(df) = &mut e.dataflow {
+            // a new experiment's default, written into its resolved configuration
+            df.first_population.get_or_insert(FirstPopulation::Local);
             df.models = df.models.iter().map(|m| if m == "best" { m.clone() } else { local(m) }).collect();
             if df.models.is_empty() {
                 return Err(RunError::Experiment(format!("{}: dataflow.models is empty", path.display())));
@@ -446,6 +461,17 @@ impl Experiment {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_experiments_start_the_data_flow_population_locally_and_older_runs_keep_uniform() {
+        let e = Experiment::load(Path::new("../experiments/demo.toml")).expect("demo");
+        assert_eq!(e.dataflow.as_ref().and_then(|d| d.first_population), Some(FirstPopulation::Local));
+        let text = e.to_toml().expect("toml");
+        assert!(text.contains("first_population = \"local\""), "{text}");
+        // a resolved configuration written before the setting existed
+        let old = Experiment::from_resolved(&text.replace("first_population = \"local\"\n", ""), Path::new("old")).expect("old");
+        assert_eq!(old.dataflow.as_ref().map(|d| d.first_population), Some(None));
+    }
 
     #[test]
     fn a_name_that_is_not_one_plain_folder_name_is_refused() {
