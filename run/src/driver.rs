@@ -75,6 +75,26 @@ pub struct DryRun {
     /// Random merges the anchor / IRT estimators will be calibrated on (`None`: no such estimator).
     pub calibration_merges: Option<usize>,
     pub workers: usize,
+    /// The parameter-space optimizer (resolved: `auto` made concrete) and its evaluation budget.
+    pub optimizer: String,
+    pub budget: Option<u64>,
+    /// The data-flow stage, when the experiment has one.
+    pub dataflow: Option<DryRunDataFlow>,
+}
+
+/// What `search --dry-run` found of the data-flow stage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DryRunDataFlow {
+    pub genes: usize,
+    pub models: usize,
+    pub layers: usize,
+    pub optimizer: String,
+    pub budget: Option<u64>,
+}
+
+/// An optimizer kind's name as experiments spell it.
+fn kind_name(o: &OptimizerSpec, n_obj: usize) -> String {
+    serde_json::to_value(o.kind_for(n_obj)).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_else(|| "?".into())
 }
 
 /// Checks `exp` as far as running it would (models, genome, tasks, memory, estimators fitted
@@ -84,7 +104,32 @@ pub fn dry_run(exp: Experiment, opts: &RunOptions) -> Result<DryRun> {
     let mut s = setup(exp, true, opts)?;
     calibrate(&mut s, true, None, 1, &mut Quiet)?;
     let needs_cal = s.exp.objectives.iter().any(|o| o.estimator.needs_calibration());
+    let n_obj = s.estimators.len();
+    let dataflow = match &s.exp.dataflow {
+        Some(df) => {
+            let mut counts = vec![];
+            for m in &df.models {
+                counts.push(if m == BEST {
+                    s.base.config.num_hidden_layers
+                } else {
+                    evomerge_engine::io::ModelConfig::from_dir(&resolve_model(m, None)?)?.num_hidden_layers
+                });
+            }
+            let l = DataFlowLayout::new(&counts, &df.genome)?;
+            Some(DryRunDataFlow {
+                genes: l.genes().len(),
+                models: counts.len(),
+                layers: l.total_layers(),
+                optimizer: kind_name(&df.optimizer, n_obj),
+                budget: df.budget.max_evaluations,
+            })
+        }
+        None => None,
+    };
     Ok(DryRun {
+        optimizer: kind_name(&s.exp.optimizer, n_obj),
+        budget: s.exp.budget.max_evaluations,
+        dataflow,
         name: s.exp.name.clone(),
         genes: s.space.dim(),
         objectives: s.estimators.len(),

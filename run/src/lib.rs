@@ -33,7 +33,7 @@ pub mod setup;
 pub mod stage;
 pub mod summary;
 
-pub use driver::{DryRun, RunEnd, RunOptions, dry_run, make_optimizer, resume, start};
+pub use driver::{DryRun, DryRunDataFlow, RunEnd, RunOptions, dry_run, make_optimizer, resume, start};
 pub use error::{Result, RunError};
 pub use evaluate::{StageKind, Worker, evaluate};
 pub use experiment::Experiment;

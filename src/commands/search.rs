@@ -239,6 +239,19 @@ pub fn search(args: SearchArgs) -> Result<()> {
         if let Some(n) = d.calibration_merges {
             println!("anchor / IRT estimators: fitted on the source models and {n} random merges, scored on every item before the first generation");
         }
+        let budget = |b: Option<u64>| b.map_or("no evaluation limit".into(), |b| format!("{b} evaluations"));
+        println!("parameter space: {}, {}", d.optimizer, budget(d.budget));
+        match &d.dataflow {
+            Some(df) => println!(
+                "then a data-flow stage: {} genes over {} models ({} layers), {}, {}",
+                df.genes,
+                df.models,
+                df.layers,
+                df.optimizer,
+                budget(df.budget)
+            ),
+            None => println!("no data-flow stage ([dataflow] adds one)"),
+        }
         println!("candidates scored {} at a time (--workers)", d.workers);
         return Ok(());
     }

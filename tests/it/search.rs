@@ -310,6 +310,8 @@ fn bad_experiments_are_clear_errors() {
     let dry = run_ok(&["search", &exp.display().to_string(), "--dry-run"]);
     // a tiny model's figure in MiB (issue 24: it read "about 0.00 GiB")
     assert!(dry.contains("MiB of memory") && dry.contains("nothing run") && !dry.contains("0.00 GiB"), "{dry}");
+    // it names the optimizer, the budget and whether a data-flow stage follows (issue 24)
+    assert!(dry.contains("parameter space: cmaes, ") && dry.contains("no data-flow stage"), "{dry}");
 }
 
 /// The tiny experiment plus a data-flow stage over the best merge and both fixture models.
@@ -332,6 +334,8 @@ fn dataflow_stage_runs_resumes_after_a_kill_and_exports_a_checkpoint_that_scores
     let tmp = tempfile::tempdir().expect("tmp");
     let exp = dataflow_experiment(tmp.path(), 4, 12);
     let full = tmp.path().join("full");
+    let dry = run_ok(&["search", &exp.display().to_string(), "--dry-run"]);
+    assert!(dry.contains("then a data-flow stage: ") && dry.contains("over 3 models (12 layers), nsga2, 12 evaluations"), "{dry}");
     let out = run_ok(&["search", &exp.display().to_string(), "--run-dir", &full.display().to_string(), "--progress", "off"]);
     assert!(out.contains("data-flow stage") && out.contains("searched + data flow"), "{out}");
     // the closing lines say whether the stage found a better path, and how to export the pick
