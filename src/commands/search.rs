@@ -175,9 +175,10 @@ impl RunObserver for Progress {
         }
         if let LogEvent::Generation { generation, evaluations, best, .. } = e {
             self.bar.set_position(*evaluations);
-            // the pick so far, every objective in its own units
-            let best = best.as_ref().map_or("-".into(), |o| o.0.iter().map(|(n, v)| format!("{n} {v:.4}")).collect::<Vec<_>>().join(", "));
-            self.bar.set_message(format!("gen {generation} best: {best}"));
+            // the pick so far, every objective in its own units (in the objectives' order; the
+            // names would leave no room for the bar on an 80-column terminal)
+            let best = best.as_ref().map_or("-".into(), |o| o.0.iter().map(|(_, v)| format!("{v:.4}")).collect::<Vec<_>>().join(" / "));
+            self.bar.set_message(format!("gen {generation} best {best}"));
         }
     }
 
