@@ -107,14 +107,7 @@ pub fn dry_run(exp: Experiment, opts: &RunOptions) -> Result<DryRun> {
     let n_obj = s.estimators.len();
     let dataflow = match &s.exp.dataflow {
         Some(df) => {
-            let mut counts = vec![];
-            for m in &df.models {
-                counts.push(if m == BEST {
-                    s.base.config.num_hidden_layers
-                } else {
-                    evomerge_engine::io::ModelConfig::from_dir(&resolve_model(m, None)?)?.num_hidden_layers
-                });
-            }
+            let counts = s.exp.dataflow_layer_counts()?;
             let l = DataFlowLayout::new(&counts, &df.genome)?;
             Some(DryRunDataFlow {
                 genes: l.genes().len(),

@@ -442,6 +442,20 @@ impl Experiment {
         self.merge.models.iter().chain(self.merge.base_model.as_ref())
     }
 
+    /// Layer counts of the data-flow stage's models, in order (`"best"` has the base model's);
+    /// empty without a data-flow stage.
+    pub fn dataflow_layer_counts(&self) -> Result<Vec<usize>> {
+        let Some(df) = &self.dataflow else { return Ok(vec![]) };
+        let base = self.merge.base_model.as_ref().unwrap_or(&self.merge.models[0]);
+        df.models
+            .iter()
+            .map(|m| {
+                let r = if m == crate::run_dir::BEST { base } else { m };
+                Ok(evomerge_engine::io::ModelConfig::from_dir(&resolve_model(r, None)?)?.num_hidden_layers)
+            })
+            .collect()
+    }
+
     /// The base model (the first model when there is none) and the genome layout over it.
     pub fn layout(&self) -> Result<(Checkpoint, GenomeLayout)> {
         let base_ref = self.merge.base_model.clone().unwrap_or_else(|| self.merge.models[0].clone());

@@ -259,7 +259,7 @@ pub fn best_by_mean(recs: &[EvaluationRecord]) -> Option<&EvaluationRecord> {
 /// earliest record.
 pub fn ranked(recs: &[EvaluationRecord]) -> Vec<&EvaluationRecord> {
     let mut seen = std::collections::HashSet::new();
-    let multi = recs.iter().find_map(EvaluationRecord::minimized).is_some_and(|m| m.len() > 1);
+    let multi = recs.iter().filter_map(EvaluationRecord::minimized).find(|m| !m.is_empty()).is_some_and(|m| m.len() > 1);
     let scored: Vec<(&EvaluationRecord, Vec<f64>)> = recs
         .iter()
         .filter_map(|r| r.minimized().map(|m| (r, m)))
@@ -268,7 +268,7 @@ pub fn ranked(recs: &[EvaluationRecord]) -> Vec<&EvaluationRecord> {
             seen.insert(if multi { m.iter().map(|x| x.to_bits()).collect::<Vec<_>>() } else { r.genome.iter().map(|x| x.to_bits()).collect() })
         })
         .collect();
-    let mut out: Vec<(&EvaluationRecord, Vec<f64>)> = if scored.first().is_some_and(|p| p.1.len() > 1) {
+    let mut out: Vec<(&EvaluationRecord, Vec<f64>)> = if multi {
         let points: Vec<Vec<f64>> = scored.iter().map(|p| p.1.clone()).collect();
         let ranks = evomerge_search::pareto::nondominated_ranks(&points);
         scored.into_iter().zip(ranks).filter(|(_, r)| *r == 0).map(|(x, _)| x).collect()

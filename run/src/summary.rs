@@ -62,6 +62,27 @@ pub struct StageSummary {
     pub improved: Option<bool>,
 }
 
+impl StageSummary {
+    pub fn is_dataflow(&self) -> bool {
+        self.stage == Stage::DataFlow.name()
+    }
+
+    /// Evaluations that repeated an earlier point (see `distinct`).
+    pub fn repeats(&self) -> usize {
+        self.evaluations - self.distinct.min(self.evaluations)
+    }
+
+    /// Whether the stage improved on its start, in words (the closing table and the report).
+    pub fn verdict(&self) -> &'static str {
+        match self.improved {
+            Some(true) => "improved on its start",
+            Some(false) if self.is_dataflow() => "kept the start path: no path scored better than the parameter-space pick",
+            Some(false) => "nothing scored better than the start point",
+            None => "no start point to compare with",
+        }
+    }
+}
+
 /// A reference and whether the run's pick beats it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ReferenceSummary {
@@ -124,7 +145,7 @@ pub fn summarize(run_dir: &RunDir, references: &[Reference]) -> RunSummary {
     stages.extend(df);
     // The run's pick: the data-flow stage's when it improved on its start, else the
     // parameter-space stage's.
-    let chosen = stages.iter().rev().find(|s| s.best.is_some() && (s.stage == Stage::Params.name() || s.improved == Some(true)));
+    let chosen = stages.iter().rev().find(|s| s.best.is_some() && (!s.is_dataflow() || s.improved == Some(true)));
     let pick_mean = chosen.and_then(|s| s.best.as_ref()).map(|b| b.mean_minimized);
     let references = references
         .iter()
@@ -141,7 +162,7 @@ pub fn summarize(run_dir: &RunDir, references: &[Reference]) -> RunSummary {
         .collect();
     RunSummary {
         pick_stage: chosen.map(|s| s.stage),
-        pick: chosen.map(|s| if s.stage == Stage::DataFlow.name() { "dfs:best".into() } else { "best".into() }),
+        pick: chosen.map(|s| if s.is_dataflow() { "dfs:best".into() } else { "best".into() }),
         stages,
         references,
     }

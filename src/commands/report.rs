@@ -553,17 +553,20 @@ pub fn run(args: ReportArgs) -> Result<()> {
     // Whether each stage improved on where it started (as the run's closing lines say).
     let summary = evomerge_run::summarize(&run, &refs);
     for st in &summary.stages {
-        let what = if st.stage == "dataflow" { "Data-flow stage" } else { "Parameter-space stage" };
-        let line = match (st.improved, &st.start, &st.best) {
-            (Some(true), Some(a), Some(b)) => {
-                format!("improved on its start ({:.4} → {:.4}, mean of the objectives)", a.mean_value(), b.mean_value())
-            }
-            (Some(false), _, _) if st.stage == "dataflow" => "kept the start path: no path scored better than the parameter-space pick".into(),
-            (Some(false), _, _) => "nothing scored better than the start point (the method at its default parameters)".into(),
-            _ => "no start point to compare with".into(),
+        let what = if st.is_dataflow() { "Data-flow stage" } else { "Parameter-space stage" };
+        let numbers = match (st.improved, &st.start, &st.best) {
+            (Some(true), Some(a), Some(b)) => format!(" ({:.4} → {:.4}, mean of the objectives)", a.mean_value(), b.mean_value()),
+            (Some(false), _, _) if !st.is_dataflow() => " (the method at its default parameters)".into(),
+            _ => String::new(),
         };
-        let repeats = st.evaluations - st.distinct.min(st.evaluations);
-        let _ = writeln!(md, "- {what}: {line}; {} evaluations, {} failed, {repeats} repeated an earlier point.", st.evaluations, st.failures);
+        let _ = writeln!(
+            md,
+            "- {what}: {}{numbers}; {} evaluations, {} failed, {} repeated an earlier point.",
+            st.verdict(),
+            st.evaluations,
+            st.failures,
+            st.repeats()
+        );
     }
     if exp.dataflow.is_none() {
         let _ = writeln!(md, "- No data-flow stage in this experiment (`[dataflow]` adds one).");
@@ -611,14 +614,9 @@ pub fn run(args: ReportArgs) -> Result<()> {
         }
         md.push('\n');
     }
-    if let (Some(b), Some(df)) = (best_dfs, &exp.dataflow) {
-        let mut layers = vec![];
-        for m in &df.models {
-            let dir = if m == BEST_MERGE { exp.merge.base_model.clone().unwrap_or_else(|| exp.merge.models[0].clone()) } else { m.clone() };
-            let cfg = evomerge_engine::io::ModelConfig::from_dir(&evomerge_engine::io::resolve_model(&dir, None)?)?;
-            layers.push(cfg.num_hidden_layers);
-        }
-        let start = summary.stages.iter().any(|s| s.stage == "dataflow" && s.improved == Some(false));
+    if let (Some(b), Some(_)) = (best_dfs, &exp.dataflow) {
+        let layers = exp.dataflow_layer_counts()?;
+        let start = summary.stages.iter().any(|s| s.is_dataflow() && s.improved == Some(false));
         path_plot(&out.join("path.svg"), &exp, b, &layers, start)?;
         let _ = writeln!(md, "![data-flow path](path.svg)\n\nPath: `{}`\n", b.scores().and_then(|s| s.path.as_deref()).unwrap_or("?"));
     }

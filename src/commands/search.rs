@@ -295,7 +295,7 @@ fn print_standing(summary: &RunSummary, run_dir: &RunDir) {
     let mut rows: Vec<(String, &evomerge_run::Objectives)> = vec![];
     for st in &summary.stages {
         let Some(b) = &st.best else { continue };
-        let label = if st.stage == Stage::DataFlow.name() { "searched + data flow:" } else { "searched: candidate" };
+        let label = if st.is_dataflow() { "searched + data flow:" } else { "searched: candidate" };
         rows.push((format!("{label} {}", b.id.unwrap_or_default()), &b.objectives));
     }
     let Some(first) = rows.first().map(|r| r.1) else {
@@ -327,29 +327,19 @@ fn print_standing(summary: &RunSummary, run_dir: &RunDir) {
     }
     println!();
     for st in &summary.stages {
-        let what = if st.stage == Stage::DataFlow.name() { "data-flow stage" } else { "parameter-space stage" };
-        let repeats = st.evaluations - st.distinct.min(st.evaluations);
-        let counts = format!(
+        let what = if st.is_dataflow() { "data-flow stage" } else { "parameter-space stage" };
+        let repeats = st.repeats();
+        let mut detail = format!(
             "{} evaluations{}{}",
             st.evaluations,
             if st.failures > 0 { format!(", {} failed", st.failures) } else { String::new() },
             if repeats > 0 { format!(", {repeats} repeated an earlier point") } else { String::new() }
         );
-        match (st.improved, &st.start, &st.best) {
-            (Some(true), Some(s), Some(b)) => {
-                println!(
-                    "{what}: improved on its start ({counts}; {} {:.4} -> {:.4})",
-                    if multi { "mean of the objectives" } else { "objective" },
-                    s.mean_value(),
-                    b.mean_value()
-                )
-            }
-            (Some(false), _, _) if st.stage == Stage::DataFlow.name() => {
-                println!("{what}: kept the start path: no path scored better than the parameter-space pick ({counts})")
-            }
-            (Some(false), _, _) => println!("{what}: nothing scored better than the start point ({counts})"),
-            _ => println!("{what}: {counts}"),
+        if let (Some(true), Some(s), Some(b)) = (st.improved, &st.start, &st.best) {
+            let of = if multi { "mean of the objectives" } else { "objective" };
+            detail.push_str(&format!("; {of} {:.4} -> {:.4}", s.mean_value(), b.mean_value()));
         }
+        println!("{what}: {} ({detail})", st.verdict());
     }
     let beaten = summary.references.iter().filter(|r| r.beaten).count();
     println!("the run's pick beats {beaten} of {} references{}", summary.references.len(), if multi { " on the mean of the objectives" } else { "" });
