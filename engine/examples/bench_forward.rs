@@ -5,6 +5,9 @@
 //! f32 on the CPU backend. Prints tokens/s (median of REPS) and the ratio to transformers 5.23 /
 //! torch 2.15 CPU on this machine class (issue 4): 46.6 tokens/s scoring, 1.9 tokens/s decode
 //! (2.2 decode-only).
+//!
+//! `RUNTIME=libtorch` (an example built with `--features libtorch`) runs LibTorch instead of
+//! burn; `DEVICE=cuda:0` a GPU; `SCORE_LEN=512` longer scored sequences.
 
 use std::time::Instant;
 
@@ -31,8 +34,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let t = Instant::now();
     let ck = evomerge_engine::Checkpoint::open(&dir, dir.display().to_string())?;
-    let mut m = model::open(DeviceSpec::Cpu, &[model::ModelSpec::from_checkpoint(&ck)])?;
-    println!("load: {:.2} s ({} layers, vocab {})", t.elapsed().as_secs_f64(), m.info().layers[0], m.info().dims.vocab);
+    let runtime: model::RuntimeKind = std::env::var("RUNTIME").unwrap_or_else(|_| "burn".into()).parse()?;
+    let device: DeviceSpec = std::env::var("DEVICE").unwrap_or_else(|_| "cpu".into()).parse()?;
+    let len: usize = std::env::var("SCORE_LEN").ok().map(|s| s.parse()).transpose()?.unwrap_or(128);
+    let mut m = model::open(runtime, device, &[model::ModelSpec::from_checkpoint(&ck)])?;
+    println!("load: {:.2} s ({} layers, vocab {}; {runtime} on {device})", t.elapsed().as_secs_f64(), m.info().layers[0], m.info().dims.vocab);
     // A weight swap (what a search does per candidate): decode + transpose + upload in place.
     let mut swaps = Vec::new();
     for _ in 0..reps.min(3) {
@@ -55,11 +61,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let reqs: Vec<ScoreRequest> = (0..8)
         .map(|_| {
-            let t: Vec<u32> = (0..128).map(|_| next()).collect();
+            let t: Vec<u32> = (0..len).map(|_| next()).collect();
             ScoreRequest { context: t[..1].to_vec(), continuation: t[1..].to_vec() }
         })
         .collect();
-    let tokens = 8.0 * 128.0;
+    let tokens = 8.0 * len as f64;
     let mut score_t = vec![f64::NAN];
     for r in 0..=if only == "decode" { 0 } else { reps } {
         let t = Instant::now();
@@ -102,7 +108,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let decode_tps = 32.0 / total;
     let decode_only = 31.0 / (total - prefill);
     println!("{:<28} {:>10} {:>10} {:>8}", "workload", "tokens/s", "reference", "ratio");
-    println!("{:<28} {:>10.1} {:>10.1} {:>7.2}x", "score 8x128 (f32)", score_tps, REF_SCORE, score_tps / REF_SCORE);
+    let label = format!("score 8x{len} ({runtime})");
+    println!("{label:<28} {score_tps:>10.1} {REF_SCORE:>10.1} {:>7.2}x", score_tps / REF_SCORE);
     println!("{:<28} {:>10.2} {:>10.1} {:>7.2}x", "greedy 32 tokens", decode_tps, REF_DECODE, decode_tps / REF_DECODE);
     println!("{:<28} {:>10.2} {:>10.1} {:>7.2}x", "  decode only", decode_only, REF_DECODE_ONLY, decode_only / REF_DECODE_ONLY);
     Ok(())

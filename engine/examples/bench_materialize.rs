@@ -21,7 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let (recipe, base) = (std::path::Path::new(&args[1]), std::path::Path::new(&args[2]));
     let ck = Checkpoint::open(base, "base")?;
-    let mut m = model::open(DeviceSpec::Cpu, &[ModelSpec::from_checkpoint(&ck)])?;
+    let mut m = model::open(model::RuntimeKind::Burn, DeviceSpec::Cpu, &[ModelSpec::from_checkpoint(&ck)])?;
     let tokens: Vec<u32> = (1..9).collect();
     // ONLY_IN_PLACE=1: profile the in-place path alone (no comparison).
     let streamed_reps = if std::env::var_os("ONLY_IN_PLACE").is_some() { 0 } else { 3 };

@@ -211,7 +211,7 @@ fn score_zoo(root: &Path, zoo: &Path, name: &str, need: usize, mut m: ZooMatrix)
     if m.sources.is_empty() || m.items != task.items.len() {
         m = ZooMatrix { zoo: m.zoo, items: task.items.len(), sources: vec![], merges: vec![] };
         for s in ["expert-add", "expert-reverse", "base"] {
-            let mut model = model::open_dir(DeviceSpec::Cpu, &dir(s)).expect("source");
+            let mut model = model::open_dir(model::RuntimeKind::Burn, DeviceSpec::Cpu, &dir(s)).expect("source");
             m.sources.push(TaskEstimator::item_scores(&task, &tok, prefix, model.as_mut()).expect("score"));
         }
     }
@@ -219,7 +219,8 @@ fn score_zoo(root: &Path, zoo: &Path, name: &str, need: usize, mut m: ZooMatrix)
     let cfg: GenomeConfig = toml::from_str("search = [\"weight\"]\nlayers_per_group = 1").expect("genome");
     let layout =
         GenomeLayout::new("task_arithmetic", models, Some(dir("base").display().to_string()), base.arch, base.num_layers(), &cfg).expect("layout");
-    let mut runtime: Box<dyn LanguageModel> = model::open(DeviceSpec::Cpu, &[ModelSpec::from_checkpoint(&base)]).expect("runtime");
+    let mut runtime: Box<dyn LanguageModel> =
+        model::open(model::RuntimeKind::Burn, DeviceSpec::Cpu, &[ModelSpec::from_checkpoint(&base)]).expect("runtime");
     let plan_of = |g: &[f64]| {
         let recipe = layout.decode(g).expect("decode");
         MergePlan::build(&recipe, String::new(), None, 0).expect("plan")

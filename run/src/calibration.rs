@@ -62,7 +62,7 @@ pub fn calibrate(s: &mut Setup, dry_run: bool, cache: Option<&Path>, workers: us
             Ok(())
         };
         for r in exp.sources().skip(done.len()) {
-            let mut m = model::open_dir(exp.device, &resolve_model(r, None)?)?;
+            let mut m = model::open_dir(exp.runtime, exp.device, &resolve_model(r, None)?)?;
             let row = score(m.as_mut())?;
             keep(&mut done, row)?;
         }

@@ -10,7 +10,7 @@ use evomerge_engine::Checkpoint;
 use evomerge_engine::dataflow::DataFlowLayout;
 use evomerge_engine::executor::merge_to_memory;
 use evomerge_engine::io::resolve_model;
-use evomerge_engine::model::{self, DeviceSpec, ModelSpec};
+use evomerge_engine::model::{self, DeviceSpec, ModelSpec, RuntimeKind};
 use evomerge_search::runner::prev_path;
 use evomerge_search::{CmaEs, CmaEsConfig, GeneKind, Nsga2, Nsga2Config, Optimizer, RandomSearch, Runner, SearchSpace, Termination};
 
@@ -49,6 +49,9 @@ pub struct RunOptions {
     /// One worker per device (`--devices cuda:0,cuda:1`; repeating `cpu` gives CPU workers);
     /// empty: `workers` copies of the run's device. The parameter-space stage's workers.
     pub devices: Vec<DeviceSpec>,
+    /// Run the forward pass on this runtime instead of the experiment's (`--runtime`); a new
+    /// run records it in its resolved config, a resumed one only uses it.
+    pub runtime: Option<RuntimeKind>,
 }
 
 /// How a run ended.
@@ -136,9 +139,12 @@ pub fn dry_run(exp: Experiment, opts: &RunOptions) -> Result<DryRun> {
 }
 
 /// [`Setup::new`], then the sources' weights checked for NaN / inf unless the options allow them.
-fn setup(exp: Experiment, dry_run: bool, opts: &RunOptions) -> Result<Setup> {
-    for &d in opts.devices.iter().chain(&exp.devices) {
-        model::check_device(d)?;
+fn setup(mut exp: Experiment, dry_run: bool, opts: &RunOptions) -> Result<Setup> {
+    if let Some(r) = opts.runtime {
+        exp.runtime = r;
+    }
+    for &d in opts.devices.iter().chain(&exp.devices).chain(std::iter::once(&exp.device)) {
+        model::check_device(exp.runtime, d)?;
     }
     let s = Setup::new(exp, dry_run)?;
     if !opts.allow_nonfinite {
@@ -439,7 +445,7 @@ fn drive(mut s: Setup, run_dir: &RunDir, mut runner: Runner, opts: &RunOptions, 
             .collect::<Option<_>>()
             .ok_or_else(|| RunError::Experiment("dataflow models".into()))?;
         let counts: Vec<usize> = specs.iter().map(|m| m.config.num_hidden_layers).collect();
-        let mut rt = model::open(s.exp.device, &specs)?;
+        let mut rt = model::open(s.exp.runtime, s.exp.device, &specs)?;
         let df_layout = DataFlowLayout::new(&counts, &df.genome)?;
         let (space, x0) = dataflow_space(&df_layout)?;
         let seeds = match df.first_population {
@@ -453,7 +459,7 @@ fn drive(mut s: Setup, run_dir: &RunDir, mut runner: Runner, opts: &RunOptions, 
         // A data-flow worker holds every stage model: fewer may fit than in the first stage.
         let n = n.min(worker_count(opts.workers, s.exp.device, base, 0, runtime_bytes(base) * specs.len() as u64));
         let mut extra = (1..n)
-            .map(|_| Ok(Worker { runtime: model::open(s.exp.device, &specs)?, estimators: s.estimators.clone() }))
+            .map(|_| Ok(Worker { runtime: model::open(s.exp.runtime, s.exp.device, &specs)?, estimators: s.estimators.clone() }))
             .collect::<Result<Vec<_>>>()?;
         let mut workers: Vec<WorkerRef<'_>> = vec![(rt.as_mut(), s.estimators.as_mut_slice())];
         workers.extend(extra.iter_mut().map(|w| (w.runtime.as_mut() as _, w.estimators.as_mut_slice())));

@@ -44,7 +44,7 @@ use evomerge_engine::Checkpoint;
 use evomerge_engine::dataflow::DataFlowConfig;
 use evomerge_engine::genome::{GenomeConfig, GenomeLayout};
 use evomerge_engine::io::resolve_model;
-use evomerge_engine::model::DeviceSpec;
+use evomerge_engine::model::{DeviceSpec, RuntimeKind};
 use evomerge_fitness::Method;
 use evomerge_search::Budget;
 use serde::{Deserialize, Serialize};
@@ -59,6 +59,10 @@ pub struct Experiment {
     pub seed: u64,
     #[serde(default)]
     pub device: DeviceSpec,
+    /// Which runtime runs the forward pass: "burn" (default) or "libtorch" (a build with
+    /// `--features libtorch`); `--runtime` overrides it.
+    #[serde(default, skip_serializing_if = "is_burn")]
+    pub runtime: RuntimeKind,
     /// One worker per device for the parameter-space stage (`["cuda:0", "cuda:1"]`; repeating
     /// "cpu" gives CPU workers); `--devices` overrides it. Empty: `--workers` on `device`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -534,4 +538,8 @@ mod tests {
             assert!(o.data.as_ref().is_none_or(|d| d.is_absolute() && d.exists()), "{:?}", o.data);
         }
     }
+}
+
+fn is_burn(r: &RuntimeKind) -> bool {
+    *r == RuntimeKind::Burn
 }

@@ -104,7 +104,7 @@ impl Setup {
             let spec = TaskSpec::load(&o.task)?;
             tasks.push(Task::load(spec, o.data.as_deref(), o.fewshot_data.as_deref())?);
         }
-        let runtime = model::open(exp.device, &[ModelSpec::from_checkpoint(&base)])?;
+        let runtime = model::open(exp.runtime, exp.device, &[ModelSpec::from_checkpoint(&base)])?;
         let mut s = Setup {
             exp,
             layout,
@@ -191,7 +191,7 @@ impl Setup {
     /// device ([`device_merge`]), it holds its own copy of the resident inputs there (the host
     /// inputs are shared by every worker).
     pub(crate) fn open_runtime_on(&self, device: DeviceSpec) -> Result<Box<dyn LanguageModel>> {
-        let mut rt = model::open(device, &[ModelSpec::from_checkpoint(&self.base)])?;
+        let mut rt = model::open(self.exp.runtime, device, &[ModelSpec::from_checkpoint(&self.base)])?;
         if let Materializer::Resident(resident) = &self.materializer
             && device_merge(device)
         {

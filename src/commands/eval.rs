@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use evomerge_engine::io::{ModelConfig, resolve_model};
-use evomerge_engine::model::{self, DeviceSpec, Tokenizer};
+use evomerge_engine::model::{self, DeviceSpec, RuntimeKind, Tokenizer};
 use evomerge_fitness::tasks::{EvalOptions, FewshotSampler, Task, TaskSpec};
 
 #[derive(Debug, Args)]
@@ -53,6 +53,10 @@ pub struct EvalArgs {
     /// Device: cpu, cuda, cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
+    /// Runtime of the forward pass: burn, or libtorch (PyTorch's kernels; a build with
+    /// `--features libtorch`).
+    #[arg(long, default_value = "burn")]
+    pub runtime: RuntimeKind,
 }
 
 fn parse_sampler(s: &str) -> Result<FewshotSampler, String> {
@@ -79,7 +83,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let tok = Tokenizer::from_dir(&dir)?;
     let cfg = ModelConfig::from_dir(&dir)?;
     let prefix = cfg.prefix_token();
-    let mut m = model::open_dir(args.device, &dir).with_context(|| format!("opening model '{}'", args.model))?;
+    let mut m = model::open_dir(args.runtime, args.device, &dir).with_context(|| format!("opening model '{}'", args.model))?;
     let share_prefix = !args.no_prefix_sharing && evomerge_fitness::tasks::share_prefix_default();
     let opts = EvalOptions { limit: args.limit, batch_size: args.batch_size.max(1), share_prefix };
     let r = task.evaluate(m.as_mut(), &tok, prefix, &opts)?;

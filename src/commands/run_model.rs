@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use evomerge_engine::io::resolve_model;
-use evomerge_engine::model::{self, DeviceSpec, GenerateOptions, LanguageModel, StopReason, Tokenizer};
+use evomerge_engine::model::{self, DeviceSpec, GenerateOptions, LanguageModel, RuntimeKind, StopReason, Tokenizer};
 use serde_json::json;
 
 #[derive(Debug, Args)]
@@ -29,6 +29,10 @@ pub struct ScoreArgs {
     /// Device: cpu, cuda, cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
+    /// Runtime of the forward pass: burn, or libtorch (PyTorch's kernels; a build with
+    /// `--features libtorch`).
+    #[arg(long, default_value = "burn")]
+    pub runtime: RuntimeKind,
 }
 
 #[derive(Debug, Args)]
@@ -54,11 +58,15 @@ pub struct GenerateArgs {
     /// Device: cpu, cuda, cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
+    /// Runtime of the forward pass: burn, or libtorch (PyTorch's kernels; a build with
+    /// `--features libtorch`).
+    #[arg(long, default_value = "burn")]
+    pub runtime: RuntimeKind,
 }
 
-fn open(model_ref: &str, device: DeviceSpec) -> Result<(PathBuf, Box<dyn LanguageModel>)> {
+fn open(model_ref: &str, runtime: RuntimeKind, device: DeviceSpec) -> Result<(PathBuf, Box<dyn LanguageModel>)> {
     let dir = resolve_model(model_ref, None)?;
-    let m = model::open_dir(device, &dir).with_context(|| format!("opening model '{model_ref}'"))?;
+    let m = model::open_dir(runtime, device, &dir).with_context(|| format!("opening model '{model_ref}'"))?;
     Ok((dir, m))
 }
 
@@ -81,7 +89,7 @@ fn lse_argmax(row: &[f32]) -> (f64, usize) {
 }
 
 pub fn score(args: ScoreArgs) -> Result<()> {
-    let (dir, mut m) = open(&args.model, args.device)?;
+    let (dir, mut m) = open(&args.model, args.runtime, args.device)?;
     let tok = tokenizer(&dir)?;
     let ids = match (&args.text, &args.token_ids) {
         (Some(text), _) => match &tok {
@@ -159,7 +167,7 @@ fn eos_ids(dir: &Path) -> Result<Vec<u32>> {
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
-    let (dir, mut m) = open(&args.model, args.device)?;
+    let (dir, mut m) = open(&args.model, args.runtime, args.device)?;
     let Some(tok) = tokenizer(&dir)? else { bail!("{} has no tokenizer.json", dir.display()) };
     let prompt = tok.encode(&args.prompt, true)?;
     if prompt.is_empty() {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use evomerge_engine::model::DeviceSpec;
+use evomerge_engine::model::{DeviceSpec, RuntimeKind};
 use evomerge_run::broker::BrokerUrl;
 use evomerge_run::records::LogEvent;
 use evomerge_run::resources::gib;
@@ -88,6 +88,10 @@ pub struct Scoring {
     /// `evomerge worker --broker URL`; see README "Scale out".
     #[arg(long, value_name = "URL")]
     pub broker: Option<String>,
+    /// Runtime of the forward pass: burn (default) or libtorch (PyTorch's kernels; a build
+    /// with `--features libtorch`). Overrides the experiment's `runtime`.
+    #[arg(long)]
+    pub runtime: Option<RuntimeKind>,
 }
 
 impl Scoring {
@@ -96,7 +100,7 @@ impl Scoring {
         let broker = self.broker.as_deref().map(BrokerUrl::parse).transpose()?;
         let coordinator_only = broker.is_some() && self.workers == Some(0);
         let workers = self.workers.unwrap_or(0);
-        Ok(RunOptions { workers, cancel: cancel_flag()?, allow_nonfinite, broker, coordinator_only, devices: self.devices })
+        Ok(RunOptions { workers, cancel: cancel_flag()?, allow_nonfinite, broker, coordinator_only, devices: self.devices, runtime: self.runtime })
     }
 }
 

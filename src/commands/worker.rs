@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use evomerge_engine::model::DeviceSpec;
+use evomerge_engine::model::{DeviceSpec, RuntimeKind};
 use evomerge_run::broker::worker::INTERRUPTED;
 use evomerge_run::broker::{BrokerUrl, WorkerOptions, run_worker};
 use evomerge_run::{Notice, RunObserver};
@@ -21,6 +21,10 @@ pub struct WorkerArgs {
     /// Device to score on (cpu, cuda:N; default: the run's).
     #[arg(long)]
     pub device: Option<DeviceSpec>,
+    /// Runtime to score with: burn or libtorch (a `--features libtorch` build; default: the
+    /// run's).
+    #[arg(long)]
+    pub runtime: Option<RuntimeKind>,
     /// Run to join (its run directory's name; default: the only run on the broker, waiting
     /// for one when there is none).
     #[arg(long, value_name = "RUN_ID")]
@@ -47,6 +51,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let opts = WorkerOptions {
         broker: BrokerUrl::parse(&args.broker)?,
         device: args.device,
+        runtime: args.runtime,
         run: args.run,
         cancel: super::search::cancel_flag()?,
         max_candidates: args.max_candidates,

@@ -104,6 +104,15 @@ pub fn test_device() -> evomerge_engine::model::DeviceSpec {
     }
 }
 
+/// The runtime the model tests run on: `EVOMERGE_TEST_RUNTIME=libtorch` (a `--features
+/// libtorch` build) runs them on LibTorch; default burn.
+pub fn test_runtime() -> evomerge_engine::model::RuntimeKind {
+    match std::env::var("EVOMERGE_TEST_RUNTIME") {
+        Ok(s) if !s.is_empty() => s.parse().unwrap_or_else(|e| panic!("EVOMERGE_TEST_RUNTIME={s}: {e}")),
+        _ => evomerge_engine::model::RuntimeKind::Burn,
+    }
+}
+
 /// A numeric tolerance: `cpu` on the CPU backend, `gpu` on CUDA. burn-cuda runs f32 matmuls on
 /// tensor cores in TF32 (cubek-matmul's `adjust_dtypes`), as PyTorch does with `allow_tf32`: on an
 /// H100, logits then differ from transformers' f32 by up to 2.5e-2 (measured, BENCHMARKS.md).

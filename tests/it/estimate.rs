@@ -13,7 +13,7 @@ fn arc() -> Task {
 }
 
 fn open(name: &str) -> Box<dyn LanguageModel> {
-    model::open_dir(crate::common::test_device(), &fixtures().join(name)).expect("model")
+    model::open_dir(crate::common::test_runtime(), crate::common::test_device(), &fixtures().join(name)).expect("model")
 }
 
 fn tok() -> Tokenizer {

@@ -45,7 +45,7 @@ fn multiple_choice_log_likelihoods_equal_the_transformers_references() {
     let spec = TaskSpec::parse(FIXTURE_MC, None).expect("spec");
     let task = Task::load(spec, Some(&data("fixture_mc.jsonl")), None).expect("task");
     let dir = model_dir("llama-tiny-a");
-    let mut m = model::open_dir(crate::common::test_device(), &dir).expect("model");
+    let mut m = model::open_dir(crate::common::test_runtime(), crate::common::test_device(), &dir).expect("model");
     let tok = Tokenizer::from_dir(&dir).expect("tokenizer");
     let r = task.evaluate(m.as_mut(), &tok, 1, &EvalOptions::default()).expect("eval");
     let refs: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("refs/llama-tiny-a.json")).expect("refs")).expect("json");
@@ -115,7 +115,7 @@ fn winogrande_puts_each_option_in_the_context_and_scores_the_rest() {
     assert_eq!(task.items[1].gold, evomerge_datasets::Gold::Choice(1), "answer \"2\" = option2");
 
     let dir = model_dir("llama-tiny-a");
-    let mut m = model::open_dir(crate::common::test_device(), &dir).expect("model");
+    let mut m = model::open_dir(crate::common::test_runtime(), crate::common::test_device(), &dir).expect("model");
     let tok = Tokenizer::from_dir(&dir).expect("tokenizer");
     let r = task.evaluate(m.as_mut(), &tok, 1, &EvalOptions::default()).expect("eval");
     assert_eq!((r.metric.as_str(), r.n), ("acc", 4));
@@ -176,7 +176,7 @@ fn perplexity_equals_the_runtime_log_likelihoods() {
     .expect("spec");
     let task = Task::load(spec, Some(&data("text_sample.jsonl")), None).expect("task");
     let dir = model_dir("llama-tiny-base");
-    let mut m = model::open_dir(crate::common::test_device(), &dir).expect("model");
+    let mut m = model::open_dir(crate::common::test_runtime(), crate::common::test_device(), &dir).expect("model");
     let tok = Tokenizer::from_dir(&dir).expect("tok");
     let r = task.evaluate(m.as_mut(), &tok, 1, &EvalOptions::default()).expect("eval");
     let (mut ll, mut n) = (0.0, 0usize);

@@ -53,8 +53,8 @@ fn ties_genome_reproduces_mergekit_and_runs_in_memory() {
     }
     // The candidate runs straight from memory.
     let spec = ModelSpec { label: "candidate", config: &base.config, arch: base.arch, tensors: &merged };
-    let mut m = model::open(crate::common::test_device(), &[spec]).expect("open in memory");
-    let mut on_disk = model::open_dir(crate::common::test_device(), &f.join("merges/ties")).expect("open dir");
+    let mut m = model::open(crate::common::test_runtime(), crate::common::test_device(), &[spec]).expect("open in memory");
+    let mut on_disk = model::open_dir(crate::common::test_runtime(), crate::common::test_device(), &f.join("merges/ties")).expect("open dir");
     let ids = [1, 261, 297, 259, 16];
     assert_eq!(m.logits(&ids).expect("mem"), on_disk.logits(&ids).expect("disk"));
 }

@@ -122,8 +122,42 @@ fn non_finite_errors_are_candidate_scoped() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("nan");
     variant("llama-tiny-a", &dir, |_| {}, &[("model.norm.weight", 64, f32::INFINITY)], &[]);
-    let mut m = evomerge_engine::model::open_dir(evomerge_engine::model::DeviceSpec::Cpu, &dir).expect("opens");
+    let mut m = evomerge_engine::model::open_dir(crate::common::test_runtime(), evomerge_engine::model::DeviceSpec::Cpu, &dir).expect("opens");
     let e = m.logits(&[1, 2, 3]).expect_err("inf logits");
     assert!(e.is_candidate_scoped(), "{e}");
     assert!(matches!(e, evomerge_engine::EngineError::NonFinite { .. }));
+}
+
+/// `--runtime libtorch`: in a build with the feature, the same scores as the default runtime;
+/// without it, an error that names the feature (never a loader crash or a silent fallback).
+#[test]
+fn runtime_libtorch_scores_or_names_its_feature() {
+    let text = refs("llama-tiny-b")["sequences"][0]["text"].as_str().expect("text").to_string();
+    let m = model("llama-tiny-b");
+    let args = |rt: &'static str| -> Vec<String> {
+        ["score", "--model", &m, "--text", &text, "--json", "--runtime", rt].iter().map(|s| s.to_string()).collect()
+    };
+    let call = |rt: &'static str| {
+        let a = args(rt);
+        run(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let (code, burn, err) = call("burn");
+    assert_eq!(code, Some(0), "{err}");
+    let (code, torch, err) = call("libtorch");
+    if cfg!(feature = "libtorch") {
+        assert_eq!(code, Some(0), "{err}");
+        let lp = |s: &str| -> Vec<f64> {
+            let v: Value = serde_json::from_str(s).expect("json");
+            v["logprobs"].as_array().expect("logprobs").iter().map(|x| x.as_f64().expect("f64")).collect()
+        };
+        for (a, b) in lp(&burn).iter().zip(lp(&torch)) {
+            assert!((a - b).abs() < 1e-4, "burn {a} vs libtorch {b}");
+        }
+    } else {
+        assert_ne!(code, Some(0));
+        assert!(err.contains("--features libtorch"), "{err}");
+    }
+    let (code, _, err) = run(&["score", "--model", &m, "--text", "x", "--runtime", "tpu"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("expected 'burn' or 'libtorch'"), "{err}");
 }

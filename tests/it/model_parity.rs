@@ -60,7 +60,7 @@ fn cases() -> Vec<(String, PathBuf, PathBuf)> {
 }
 
 fn open(dir: &Path) -> Box<dyn LanguageModel> {
-    model::open_dir(crate::common::test_device(), dir).unwrap_or_else(|e| panic!("open {}: {e}", dir.display()))
+    model::open_dir(crate::common::test_runtime(), crate::common::test_device(), dir).unwrap_or_else(|e| panic!("open {}: {e}", dir.display()))
 }
 
 #[test]

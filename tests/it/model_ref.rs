@@ -220,7 +220,7 @@ fn llama_fixture_agrees_with_the_naive_reference() {
     // Ties the reference itself to transformers: it must reproduce the fixture model too.
     let dir = fixtures().join("models").join("llama-tiny-a");
     let r = RefModel::open(&dir);
-    let mut m = model::open_dir(crate::common::test_device(), &dir).expect("open");
+    let mut m = model::open_dir(crate::common::test_runtime(), crate::common::test_device(), &dir).expect("open");
     let want = reference(&[r], &LayerPath::identity(0, 4), &IDS, None);
     assert_close(&m.logits(&IDS).expect("logits"), &want, crate::common::tol(1e-4, 5e-2), "llama");
 }
@@ -233,7 +233,7 @@ fn qwen2_qwen3_and_mistral_features_agree_with_the_reference() {
         let dst = tmp.path().join(arch);
         arch_variant(arch, &dst, window.unwrap_or(0));
         let r = RefModel::open(&dst);
-        let mut m = model::open_dir(crate::common::test_device(), &dst).unwrap_or_else(|e| panic!("{arch}: {e}"));
+        let mut m = model::open_dir(crate::common::test_runtime(), crate::common::test_device(), &dst).unwrap_or_else(|e| panic!("{arch}: {e}"));
         let want = reference(&[r], &LayerPath::identity(0, 4), &IDS, window);
         assert_close(&m.logits(&IDS).expect("logits"), &want, crate::common::tol(1e-4, 5e-2), arch);
         // The feature matters: without it the reference differs clearly.
@@ -249,8 +249,12 @@ pub(crate) fn two_models() -> (Box<dyn LanguageModel>, Vec<RefModel>) {
     let f = fixtures().join("models");
     let (a, b) = (f.join("llama-tiny-a"), f.join("llama-tiny-b"));
     let (ca, cb) = (Checkpoint::open(&a, "a").expect("a"), Checkpoint::open(&b, "b").expect("b"));
-    let m = model::open(crate::common::test_device(), &[model::ModelSpec::from_checkpoint(&ca), model::ModelSpec::from_checkpoint(&cb)])
-        .expect("open two");
+    let m = model::open(
+        crate::common::test_runtime(),
+        crate::common::test_device(),
+        &[model::ModelSpec::from_checkpoint(&ca), model::ModelSpec::from_checkpoint(&cb)],
+    )
+    .expect("open two");
     (m, vec![RefModel::open(&a), RefModel::open(&b)])
 }
 
@@ -274,7 +278,7 @@ fn identity_path_reproduces_the_plain_model_exactly() {
     let (mut two, _) = two_models();
     let f = fixtures().join("models");
     for (i, name) in ["llama-tiny-a", "llama-tiny-b"].iter().enumerate() {
-        let mut alone = model::open_dir(crate::common::test_device(), &f.join(name)).expect("open");
+        let mut alone = model::open_dir(crate::common::test_runtime(), crate::common::test_device(), &f.join(name)).expect("open");
         two.set_path(LayerPath::identity(i, 4)).expect("path");
         assert_eq!(two.logits(&IDS).expect("two"), alone.logits(&IDS).expect("alone"), "{name}: bit-identical");
     }
@@ -311,7 +315,7 @@ fn load_weights_swaps_one_model_in_place() {
     let base = Checkpoint::open(&f.join("llama-tiny-base"), "base").expect("base");
     two.load_weights(1, &base).expect("swap");
     two.set_path(LayerPath::identity(1, 4)).expect("path");
-    let mut alone = model::open_dir(crate::common::test_device(), &f.join("llama-tiny-base")).expect("open");
+    let mut alone = model::open_dir(crate::common::test_runtime(), crate::common::test_device(), &f.join("llama-tiny-base")).expect("open");
     assert_eq!(two.logits(&IDS).expect("swapped"), alone.logits(&IDS).expect("alone"));
     assert!(two.load_weights(5, &base).is_err());
     // A source that lacks a tensor is refused before anything is released: the model still runs.

@@ -23,7 +23,7 @@ fn plan(text: &str) -> MergePlan {
 
 fn open(dir: &Path) -> Box<dyn LanguageModel> {
     let ck = Checkpoint::open(dir, "base").expect("open");
-    model::open(DeviceSpec::Cpu, &[ModelSpec::from_checkpoint(&ck)]).expect("runtime")
+    model::open(crate::common::test_runtime(), DeviceSpec::Cpu, &[ModelSpec::from_checkpoint(&ck)]).expect("runtime")
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {

@@ -106,7 +106,7 @@ fn variants(dir: &Path) -> Vec<(String, PathBuf)> {
 fn shared_scoring_equals_unshared_on_every_architecture_and_batch_size() {
     let tmp = tempfile::tempdir().expect("tmp");
     for (name, dir) in variants(tmp.path()) {
-        let mut m = model::open_dir(crate::common::test_device(), &dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut m = model::open_dir(crate::common::test_runtime(), crate::common::test_device(), &dir).unwrap_or_else(|e| panic!("{name}: {e}"));
         let reqs = requests(m.info().dims.vocab as u32);
         check_scoring(&name, m.as_mut(), &reqs);
     }
@@ -126,7 +126,7 @@ fn shared_generation_gives_the_unshared_greedy_ids() {
     let mut cases: Vec<(String, Box<dyn LanguageModel>)> = variants(tmp.path())
         .into_iter()
         .map(|(n, d)| {
-            let m = model::open_dir(crate::common::test_device(), &d).expect("open");
+            let m = model::open_dir(crate::common::test_runtime(), crate::common::test_device(), &d).expect("open");
             (n, m)
         })
         .collect();
@@ -204,7 +204,7 @@ fn every_task_kind_scores_the_same_items_shared() {
         ("perplexity", TaskSpec::parse(ppl, None).expect("spec"), "text_sample.jsonl", None),
     ];
     let tok = Tokenizer::from_dir(&long).expect("tokenizer");
-    let mut m = model::open_dir(crate::common::test_device(), &long).expect("model");
+    let mut m = model::open_dir(crate::common::test_runtime(), crate::common::test_device(), &long).expect("model");
     for (name, spec, file, fewshot) in cases {
         let task = Task::load(spec, Some(&data(file)), fewshot.map(data).as_deref()).expect("task");
         let plain = evaluate(&task, m.as_mut(), &tok, 8, false);

@@ -37,7 +37,7 @@ fn exported_zoo_model_runs_identically_in_the_runtime() {
         .into_data()
         .to_vec()
         .expect("logits");
-    let mut rt = model::open_dir(test_device(), dir.path()).expect("runtime opens the zoo checkpoint");
+    let mut rt = model::open_dir(crate::common::test_runtime(), test_device(), dir.path()).expect("runtime opens the zoo checkpoint");
     let got = rt.logits(&ids).expect("logits");
     assert_eq!(got.len(), want.len());
     let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -79,7 +79,7 @@ fn accuracy(model: &std::path::Path, skill: &str, extra: &[&str]) -> f64 {
 fn committed_zoo_loads_and_each_expert_has_its_skill() {
     let z = zoo();
     for m in ["base", "expert-add", "expert-reverse"] {
-        model::open_dir(DeviceSpec::Cpu, &z.join(m)).unwrap_or_else(|e| panic!("{m}: {e}"));
+        model::open_dir(crate::common::test_runtime(), DeviceSpec::Cpu, &z.join(m)).unwrap_or_else(|e| panic!("{m}: {e}"));
     }
     // Accuracy through the product's own evaluation path (tokenizer, batched generation with
     // EOS, extraction) equals what the trainer measured teacher-forced (zoo.json): greedy

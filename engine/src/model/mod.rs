@@ -19,11 +19,14 @@
 
 mod device;
 mod kernels;
+mod passes;
 mod path;
 pub mod rope;
 mod runtime;
 mod spec;
 mod tokenizer;
+#[cfg(feature = "libtorch")]
+mod torch;
 
 use std::path::Path;
 
@@ -235,30 +238,90 @@ pub trait LanguageModel: Send {
     }
 }
 
-/// Opens `models` on `device`; the path starts as the identity path of model 0.
-pub fn open(device: DeviceSpec, models: &[ModelSpec<'_>]) -> Result<Box<dyn LanguageModel>> {
-    if models.is_empty() {
-        return Err(EngineError::InvalidInput("no model to open".into()));
-    }
-    match device {
-        DeviceSpec::Cpu => {
-            let rt = runtime::Runtime::<burn::backend::NdArray<f32>>::new(Default::default(), device, models)?;
-            Ok(Box::new(rt))
+/// Which implementation runs the forward pass: burn (ndarray on the CPU, burn-cuda on NVIDIA;
+/// always built) or LibTorch (PyTorch's kernels through tch; `--features libtorch`). Both
+/// implement the same [`LanguageModel`] and give the same results up to float rounding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    #[default]
+    Burn,
+    Libtorch,
+}
+
+impl RuntimeKind {
+    /// Whether this binary has the runtime (LibTorch needs `--features libtorch`).
+    pub fn is_compiled_in(self) -> bool {
+        match self {
+            RuntimeKind::Burn => true,
+            RuntimeKind::Libtorch => cfg!(feature = "libtorch"),
         }
-        DeviceSpec::Cuda(index) => open_cuda(index, models),
     }
 }
 
-/// Whether this build can open `device` at all (a CUDA device needs `--features cuda`);
-/// whether the GPU is there is known when it is opened.
-pub fn check_device(device: DeviceSpec) -> Result<()> {
-    match device {
-        DeviceSpec::Cuda(index) if !cfg!(feature = "cuda") => Err(EngineError::Device {
+impl std::fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RuntimeKind::Burn => "burn",
+            RuntimeKind::Libtorch => "libtorch",
+        })
+    }
+}
+
+impl std::str::FromStr for RuntimeKind {
+    type Err = EngineError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "burn" => Ok(RuntimeKind::Burn),
+            "libtorch" | "torch" => Ok(RuntimeKind::Libtorch),
+            other => Err(EngineError::InvalidInput(format!("unknown runtime '{other}': expected 'burn' or 'libtorch'"))),
+        }
+    }
+}
+
+/// Opens `models` on `device` with `runtime`; the path starts as the identity path of model 0.
+pub fn open(runtime: RuntimeKind, device: DeviceSpec, models: &[ModelSpec<'_>]) -> Result<Box<dyn LanguageModel>> {
+    if models.is_empty() {
+        return Err(EngineError::InvalidInput("no model to open".into()));
+    }
+    check_device(runtime, device)?;
+    match (runtime, device) {
+        (RuntimeKind::Libtorch, _) => open_libtorch(device, models),
+        (RuntimeKind::Burn, DeviceSpec::Cpu) => {
+            let rt = runtime::Runtime::<burn::backend::NdArray<f32>>::new(Default::default(), device, models)?;
+            Ok(Box::new(rt))
+        }
+        (RuntimeKind::Burn, DeviceSpec::Cuda(index)) => open_cuda(index, models),
+    }
+}
+
+/// Whether this build can open `device` with `runtime` at all (burn on a CUDA device needs
+/// `--features cuda`, LibTorch needs `--features libtorch`); whether the GPU is there is known
+/// when it is opened.
+pub fn check_device(runtime: RuntimeKind, device: DeviceSpec) -> Result<()> {
+    match (runtime, device) {
+        (RuntimeKind::Libtorch, _) if !cfg!(feature = "libtorch") => Err(EngineError::Device {
+            device: device.to_string(),
+            reason: "this evomerge was built without the LibTorch runtime; rebuild with `--features libtorch` (README, \"LibTorch runtime\")".into(),
+        }),
+        (RuntimeKind::Burn, DeviceSpec::Cuda(index)) if !cfg!(feature = "cuda") => Err(EngineError::Device {
             device: DeviceSpec::Cuda(index).to_string(),
-            reason: "this evomerge was built without CUDA support; rebuild with `--features cuda`".into(),
+            reason: "this evomerge was built without CUDA support; rebuild with `--features cuda` (or use `--runtime libtorch` in a libtorch build)"
+                .into(),
         }),
         _ => Ok(()),
     }
+}
+
+#[cfg(feature = "libtorch")]
+fn open_libtorch(device: DeviceSpec, models: &[ModelSpec<'_>]) -> Result<Box<dyn LanguageModel>> {
+    Ok(Box::new(torch::TorchRuntime::new(device, models)?))
+}
+
+#[cfg(not(feature = "libtorch"))]
+fn open_libtorch(device: DeviceSpec, _models: &[ModelSpec<'_>]) -> Result<Box<dyn LanguageModel>> {
+    check_device(RuntimeKind::Libtorch, device).map(|()| unreachable!("checked: no LibTorch in this build"))
 }
 
 #[cfg(feature = "cuda")]
@@ -280,14 +343,14 @@ fn open_cuda(index: usize, models: &[ModelSpec<'_>]) -> Result<Box<dyn LanguageM
 
 #[cfg(not(feature = "cuda"))]
 fn open_cuda(index: usize, _models: &[ModelSpec<'_>]) -> Result<Box<dyn LanguageModel>> {
-    check_device(DeviceSpec::Cuda(index)).map(|()| unreachable!("checked: no CUDA in this build"))
+    check_device(RuntimeKind::Burn, DeviceSpec::Cuda(index)).map(|()| unreachable!("checked: no CUDA in this build"))
 }
 
 /// Opens one checkpoint directory (the common case: `evomerge score --model DIR`).
-pub fn open_dir(device: DeviceSpec, dir: &Path) -> Result<Box<dyn LanguageModel>> {
+pub fn open_dir(runtime: RuntimeKind, device: DeviceSpec, dir: &Path) -> Result<Box<dyn LanguageModel>> {
     let ck = crate::io::Checkpoint::open(dir, dir.display().to_string())?;
     // the same checks `merge` makes: every tensor the architecture requires, in a dtype we read
     // (a Qwen2 config over Llama tensors lacks its q/k/v biases)
     ck.validate()?;
-    open(device, &[ModelSpec::from_checkpoint(&ck)])
+    open(runtime, device, &[ModelSpec::from_checkpoint(&ck)])
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use evomerge_engine::io::resolve_model;
-use evomerge_engine::model::{DeviceSpec, LanguageModel};
+use evomerge_engine::model::{DeviceSpec, LanguageModel, RuntimeKind};
 use evomerge_fitness::TaskEstimator;
 use redis::Commands;
 
@@ -26,6 +26,8 @@ pub struct WorkerOptions {
     pub broker: BrokerUrl,
     /// The device it scores on (default: the run's).
     pub device: Option<DeviceSpec>,
+    /// The runtime it scores with (default: the run's).
+    pub runtime: Option<RuntimeKind>,
     /// The run to join (default: the only run on the broker; waits for one when there is none).
     pub run: Option<String>,
     /// Set (Ctrl-C) to leave after the candidate in hand.
@@ -141,6 +143,10 @@ pub fn run_worker(opts: &WorkerOptions, observer: &mut dyn RunObserver) -> Resul
         exp.device = d;
     }
     let device = exp.device;
+    if let Some(r) = opts.runtime {
+        exp.runtime = r;
+    }
+    evomerge_engine::model::check_device(exp.runtime, device)?;
     // the sources must resolve here, and be the run's
     let mut dirs = vec![];
     for m in exp.sources() {

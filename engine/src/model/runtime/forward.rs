@@ -40,73 +40,76 @@ impl<B: Kernels> Runtime<B> {
         Ok(Self { device, models: loaded, path, info, mask_value, poisoned: None, held: None, tokens_run: Default::default() })
     }
 
-    pub(super) fn check_ids(&self, ids: &[u32]) -> Result<()> {
-        let v = self.info.dims.vocab;
-        match ids.iter().find(|&&t| t as usize >= v) {
-            Some(t) => Err(EngineError::InvalidInput(format!("token id {t} is out of the vocabulary (size {v})"))),
+    /// [`passes::mask`] as a tensor `[b, 1, 1, s, t]`.
+    fn mask(&self, st: &Step<'_>, past: usize, window: Option<usize>) -> Tensor<B, 5> {
+        upload::<B, 5>(super::super::passes::mask(st, past, window, self.mask_value), [st.b, 1, 1, st.s, past + st.s], &self.device)
+    }
+
+    /// [`passes::root_mask`] as a tensor `[b, 1, 1, s, len]`.
+    fn root_mask(&self, st: &Step<'_>, len: usize, window: usize) -> Tensor<B, 5> {
+        upload::<B, 5>(super::super::passes::root_mask(st, len, window, self.mask_value), [st.b, 1, 1, st.s, len], &self.device)
+    }
+
+    /// Final norm + LM head on selected rows `[n, hidden]` → logits `[n, vocab]`.
+    pub(super) fn head(&self, h: Tensor<B, 2>) -> Tensor<B, 2> {
+        let m = &self.models[self.path.head_model];
+        linear(rms_norm(h, &m.norm, m.eps), &m.head, None)
+    }
+
+    pub(super) fn rows(&self, idx: Vec<i64>) -> Tensor<B, 1, Int> {
+        let n = idx.len();
+        Tensor::from_data(TensorData::new(idx, [n]), &self.device)
+    }
+
+    /// Swaps model `index` for the tensors of `spec`; other models, the path and the tables
+    /// stay. Shapes are checked from metadata first; then the old weights are released before
+    /// the new ones upload, so peak memory stays at one copy and the allocator (mimalloc with
+    /// purging off; burn-cuda's pool on GPU) hands the same memory back. If reading a tensor
+    /// fails after that, the runtime refuses further work rather than run a half-loaded model.
+    pub(super) fn replace_model(&mut self, index: usize, spec: &ModelSpec<'_>) -> Result<()> {
+        check_tensors(spec)?;
+        self.models[index].release();
+        match load_model::<B>(spec, &self.device) {
+            Ok(fresh) => {
+                self.models[index] = fresh;
+                Ok(())
+            }
+            Err(e) => {
+                self.poisoned = Some(format!("loading weights from '{}' failed half way: {e}", spec.label));
+                Err(e)
+            }
+        }
+    }
+}
+
+impl<B: Kernels> Passes for Runtime<B> {
+    type Kv = Tensor<B, 4>;
+    type Hidden = Tensor<B, 2>;
+
+    fn model_info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn layer_path(&self) -> &LayerPath {
+        &self.path
+    }
+
+    fn add_tokens(&self, n: usize) {
+        self.tokens_run.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(why) => Err(EngineError::InvalidInput(format!("model unusable: {why}; load weights again"))),
             None => Ok(()),
         }
     }
 
-    pub(super) fn check_len(&self, len: usize, what: &str) -> Result<()> {
-        if len > self.info.max_context {
-            return Err(EngineError::InvalidInput(format!(
-                "{what} of {len} tokens is longer than the model's context ({} positions)",
-                self.info.max_context
-            )));
-        }
-        Ok(())
-    }
-
-    pub(super) fn non_finite(&self, what: &str) -> EngineError {
+    fn non_finite(&self, what: &str) -> EngineError {
         EngineError::NonFinite { model: self.models[self.path.head_model].label.clone(), what: what.into() }
     }
 
-    /// Additive attention mask `[b, 1, 1, s, t]`: 0 where query i may see key column j,
-    /// `mask_value` elsewhere. Without `st.key_pos`, query i is column `past + i` and a column
-    /// is its own position (the sequence has no gaps); with it, queries are at `st.positions`
-    /// and keys at `key_pos`, which is how rows that continue a gathered, padded cache mask.
-    pub(super) fn mask(&self, st: &Step<'_>, past: usize, window: Option<usize>) -> Tensor<B, 5> {
-        let (b, s) = (st.b, st.s);
-        let t = past + s;
-        let mut m = vec![0f32; b * s * t];
-        for r in 0..b {
-            for i in 0..s {
-                let q = st.key_pos.map_or(past + i, |_| st.positions[r * s + i]);
-                let row = &mut m[(r * s + i) * t..(r * s + i + 1) * t];
-                for (j, v) in row.iter_mut().enumerate() {
-                    let k = st.key_pos.map_or(j, |kp| kp[r * t + j]);
-                    let visible = k <= q && window.is_none_or(|w| q - k < w) && st.key_valid.is_none_or(|kv| kv[r * t + j]);
-                    if !visible {
-                        *v = self.mask_value;
-                    }
-                }
-            }
-        }
-        upload::<B, 5>(m, [b, 1, 1, s, t], &self.device)
-    }
-
-    /// Mask `[b, 1, 1, s, len]` of a shared root prefix (keys at positions `0 .. len`, before
-    /// every query): only a sliding window hides any of it.
-    fn root_mask(&self, st: &Step<'_>, len: usize, window: usize) -> Tensor<B, 5> {
-        let mut m = vec![0f32; st.b * st.s * len];
-        for (row, &q) in m.chunks_mut(len).zip(st.positions) {
-            for (j, v) in row.iter_mut().enumerate() {
-                if q.saturating_sub(j) >= window {
-                    *v = self.mask_value;
-                }
-            }
-        }
-        upload::<B, 5>(m, [st.b, 1, 1, st.s, len], &self.device)
-    }
-
-    /// Hidden states `[b·s, hidden]` after the last hop (before the final norm).
-    ///
-    /// `cache` holds each row's own earlier keys and values and receives the new ones. `root`
-    /// (batch 1) is a prefix every row continues: its keys are attended by all rows without
-    /// being copied per row (the scores against it and against the row's own keys share one
-    /// softmax), so a prefix shared by many sequences runs through the model once.
-    pub(super) fn hidden(&self, st: &Step<'_>, mut cache: Option<&mut KvCache<B>>, root: Option<&KvCache<B>>) -> Result<Tensor<B, 2>> {
+    fn hidden(&self, st: &Step<'_>, mut cache: Option<&mut KvCache<Tensor<B, 4>>>, root: Option<&KvCache<Tensor<B, 4>>>) -> Result<Tensor<B, 2>> {
         let Dims { hidden, heads, kv_heads, head_dim, .. } = self.info.dims;
         let (b, s) = (st.b, st.s);
         self.check_ids(st.ids)?;
@@ -181,52 +184,22 @@ impl<B: Kernels> Runtime<B> {
         Ok(x.reshape([b * s, hidden]))
     }
 
-    /// Final norm + LM head on selected rows `[n, hidden]` → logits `[n, vocab]`.
-    pub(super) fn head(&self, h: Tensor<B, 2>) -> Tensor<B, 2> {
-        let m = &self.models[self.path.head_model];
-        linear(rms_norm(h, &m.norm, m.eps), &m.head, None)
+    fn select_batch(&self, t: &Tensor<B, 4>, rows: &[i64]) -> Tensor<B, 4> {
+        t.clone().select(0, self.rows(rows.to_vec()))
     }
 
-    pub(super) fn rows(&self, idx: Vec<i64>) -> Tensor<B, 1, Int> {
-        let n = idx.len();
-        Tensor::from_data(TensorData::new(idx, [n]), &self.device)
+    fn row_stats(&self, h: Tensor<B, 2>, rows: Vec<i64>, targets: &[i64]) -> Result<(Vec<f32>, Vec<f32>, Vec<i64>)> {
+        let logits = self.head(h.select(0, self.rows(rows)));
+        Ok(<B as Kernels>::row_stats(logits, targets))
     }
 
-    /// Greedy argmax of the last position of each row, checked for NaN/inf.
-    pub(super) fn next_tokens(&self, h: Tensor<B, 2>, b: usize, s: usize) -> Result<Vec<u32>> {
+    fn next_tokens(&self, h: Tensor<B, 2>, b: usize, s: usize) -> Result<Vec<u32>> {
         let rows: Vec<i64> = (0..b).map(|r| (r * s + s - 1) as i64).collect();
         let logits = self.head(h.select(0, self.rows(rows)));
         let finite = logits.clone().is_finite().all().into_scalar();
         if !finite.elem::<bool>() {
-            return Err(self.non_finite("logits"));
+            return Err(Passes::non_finite(self, "logits"));
         }
         Ok(to_host_i64(logits.argmax(1)).into_iter().map(|t| t as u32).collect())
-    }
-
-    /// Swaps model `index` for the tensors of `spec`; other models, the path and the tables
-    /// stay. Shapes are checked from metadata first; then the old weights are released before
-    /// the new ones upload, so peak memory stays at one copy and the allocator (mimalloc with
-    /// purging off; burn-cuda's pool on GPU) hands the same memory back. If reading a tensor
-    /// fails after that, the runtime refuses further work rather than run a half-loaded model.
-    pub(super) fn replace_model(&mut self, index: usize, spec: &ModelSpec<'_>) -> Result<()> {
-        check_tensors(spec)?;
-        self.models[index].release();
-        match load_model::<B>(spec, &self.device) {
-            Ok(fresh) => {
-                self.models[index] = fresh;
-                Ok(())
-            }
-            Err(e) => {
-                self.poisoned = Some(format!("loading weights from '{}' failed half way: {e}", spec.label));
-                Err(e)
-            }
-        }
-    }
-
-    pub(super) fn check_usable(&self) -> Result<()> {
-        match &self.poisoned {
-            Some(why) => Err(EngineError::InvalidInput(format!("model unusable: {why}; load weights again"))),
-            None => Ok(()),
-        }
     }
 }

@@ -49,28 +49,7 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
     }
 
     fn generate(&mut self, prompts: &[Vec<u32>], opts: &GenerateOptions, stop: &dyn Fn(usize, &[u32]) -> bool) -> Result<Vec<Generation>> {
-        self.check_usable()?;
-        for (i, p) in prompts.iter().enumerate() {
-            if p.is_empty() {
-                return Err(EngineError::InvalidInput(format!("prompt {i} is empty")));
-            }
-            self.check_len(p.len(), &format!("prompt {i}"))?;
-        }
-        let all: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-        let plan = if opts.share_prefix && prompts.len() > 1 { self.plan_root(&all) } else { RootPlan::none(prompts.len()) };
-        let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
-        for rooted in [true, false] {
-            let idx: Vec<usize> = (0..prompts.len()).filter(|&i| plan.rooted[i] == rooted).collect();
-            let Some(&first) = idx.first() else { continue };
-            let r = if rooted { plan.len } else { 0 };
-            let root = if rooted { Some(self.run_root(&prompts[first][..r])?) } else { None };
-            let sub: Vec<&[u32]> = idx.iter().map(|&i| all[i]).collect();
-            let gens = self.decode(&sub, r, root.as_ref(), opts, &|k, t| stop(idx[k], t))?;
-            for (&i, g) in idx.iter().zip(gens) {
-                out[i] = Some(g);
-            }
-        }
-        Ok(out.into_iter().flatten().collect())
+        self.generate_planned(prompts, opts, stop)
     }
 
     fn load_weights(&mut self, model: usize, source: &dyn TensorSource) -> Result<()> {
@@ -146,19 +125,8 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
         for (index, (buf, id)) in weight_buffers(m).into_iter().enumerate() {
             let inputs = held.get(index).ok_or_else(|| EngineError::InvalidInput(format!("merge_held: no inputs held for weight buffer {index}")))?;
             let mut cols = Vec::new();
-            let mut at = 0;
-            for part in parts(index)? {
-                if part.col != at || part.col + part.width > buf.cols {
-                    return Err(EngineError::InvalidInput(format!(
-                        "merge_held: parts of weight buffer {index} do not tile its {} columns",
-                        buf.cols
-                    )));
-                }
-                at += part.width;
+            for part in super::super::passes::tiled(parts(index)?, buf.cols, index)? {
                 cols.push(held_part(inputs, &part, index)?);
-            }
-            if at != buf.cols {
-                return Err(EngineError::InvalidInput(format!("merge_held: parts of weight buffer {index} cover {at} of {} columns", buf.cols)));
             }
             let y = if cols.len() == 1 { cols.remove(0) } else { Tensor::cat(cols, 1) };
             merged.push((B::round_through(y, round), id));
@@ -216,99 +184,4 @@ pub(super) fn held_part<B: Backend>(inputs: &[Tensor<B, 2>], part: &HeldPart, in
             }
         }
     })
-}
-
-impl<B: Kernels> Runtime<B> {
-    fn check_requests(&self, requests: &[ScoreRequest]) -> Result<()> {
-        self.check_usable()?;
-        for (i, r) in requests.iter().enumerate() {
-            if r.context.is_empty() || r.continuation.is_empty() {
-                return Err(EngineError::InvalidInput(format!("score request {i}: context and continuation must both hold at least one token")));
-            }
-            self.check_len(r.context.len() + r.continuation.len(), &format!("score request {i}"))?;
-        }
-        Ok(())
-    }
-
-    /// Greedy generation of `prompts` (validated), left-padded after their shared root of
-    /// `r` tokens (`root`, none when `r` is 0).
-    fn decode(
-        &self,
-        prompts: &[&[u32]],
-        r: usize,
-        root: Option<&KvCache<B>>,
-        opts: &GenerateOptions,
-        stop: &dyn Fn(usize, &[u32]) -> bool,
-    ) -> Result<Vec<Generation>> {
-        let b = prompts.len();
-        let s = prompts.iter().map(|p| p.len() - r).max().unwrap_or(0);
-        // Left padding: every prompt ends in the last column, so one new column per step.
-        let mut ids = vec![0u32; b * s];
-        let mut positions = vec![0usize; b * s];
-        let mut valid: Vec<Vec<bool>> = Vec::with_capacity(b);
-        for (row, p) in prompts.iter().enumerate() {
-            let own = &p[r..];
-            let pad = s - own.len();
-            ids[row * s..row * s + pad].fill(own[0]);
-            ids[row * s + pad..(row + 1) * s].copy_from_slice(own);
-            for (c, p) in positions[row * s..(row + 1) * s].iter_mut().enumerate() {
-                *p = r + c.saturating_sub(pad);
-            }
-            valid.push((0..s).map(|c| c >= pad).collect());
-        }
-        self.add_tokens(prompts.iter().map(|p| p.len() - r).sum());
-        let flat = |v: &[Vec<bool>]| -> Vec<bool> { v.iter().flatten().copied().collect() };
-        let mut cache = KvCache { entries: vec![None; self.path.hops.len()], len: 0 };
-        let kv = flat(&valid);
-        let any_pad = kv.iter().any(|v| !v);
-        let st = Step { ids: &ids, b, s, positions: &positions, key_valid: any_pad.then_some(kv.as_slice()), key_pos: None };
-        let h = self.hidden(&st, Some(&mut cache), root)?;
-        let mut next = self.next_tokens(h, b, s)?;
-        let mut out: Vec<Generation> = (0..b).map(|_| Generation { tokens: vec![], reason: StopReason::MaxTokens }).collect();
-        let mut done = vec![opts.max_new_tokens == 0; b];
-        let mut step = 0;
-        loop {
-            for r in 0..b {
-                if done[r] {
-                    continue;
-                }
-                let t = next[r];
-                if opts.eos.contains(&t) {
-                    out[r].reason = StopReason::Eos;
-                    done[r] = true;
-                    continue;
-                }
-                out[r].tokens.push(t);
-                if stop(r, &out[r].tokens) {
-                    out[r].reason = StopReason::Stop;
-                    done[r] = true;
-                } else if out[r].tokens.len() >= opts.max_new_tokens {
-                    done[r] = true;
-                }
-            }
-            step += 1;
-            if done.iter().all(|&d| d) {
-                break;
-            }
-            let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0) + step;
-            if longest > self.info.max_context {
-                for r in 0..b {
-                    if !done[r] {
-                        out[r].reason = StopReason::ContextFull;
-                    }
-                }
-                break;
-            }
-            let pos: Vec<usize> = prompts.iter().map(|p| p.len() + step - 1).collect();
-            for v in &mut valid {
-                v.push(true);
-            }
-            let kv = flat(&valid);
-            self.add_tokens(done.iter().filter(|&&d| !d).count());
-            let st = Step { ids: &next, b, s: 1, positions: &pos, key_valid: any_pad.then_some(kv.as_slice()), key_pos: None };
-            let h = self.hidden(&st, Some(&mut cache), root)?;
-            next = self.next_tokens(h, b, 1)?;
-        }
-        Ok(out)
-    }
 }

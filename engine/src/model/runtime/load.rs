@@ -29,7 +29,7 @@ pub(super) fn matrix_t<B: Backend>(parts: &[&HostTensor], name: &str, device: &B
 /// Checks, from metadata only, that `spec` holds every tensor the forward pass needs with the
 /// shapes its config implies (and optional groups complete), so that loading cannot fail half
 /// way for a shape reason.
-pub(super) fn check_tensors(spec: &ModelSpec<'_>) -> Result<()> {
+pub(crate) fn check_tensors(spec: &ModelSpec<'_>) -> Result<()> {
     let cfg = spec.config;
     let d = Dims::of(cfg);
     let src = spec.tensors;

@@ -15,24 +15,25 @@
 //! ```
 //! then the final RMSNorm and the LM head of the path's head model.
 //!
-//! Files: `mod.rs` the weight and cache types and the small tensor helpers; `forward.rs` the
-//! forward pass; `shared.rs` scoring in planned passes, with shared prefixes run once;
-//! `load.rs` reading and checking a model's tensors; `slots.rs` the map from
-//! weight buffers to tensors (in-place rewrites); `language_model.rs` the `LanguageModel` impl
-//! and device merges.
+//! Files: `mod.rs` the weight types and the small tensor helpers; `forward.rs` the forward
+//! pass (the [`Passes`] impl: scoring plans and decoding are shared with every runtime in
+//! `model/passes.rs`); `load.rs` reading and checking a model's tensors; `slots.rs` the map
+//! from weight buffers to tensors (in-place rewrites); `language_model.rs` the `LanguageModel`
+//! impl and device merges.
 
 mod forward;
 mod language_model;
 mod load;
-mod shared;
 mod slots;
 
 #[allow(unused_imports)]
+pub(crate) use load::check_tensors;
+#[allow(unused_imports)]
 use load::*;
 #[allow(unused_imports)]
-use shared::*;
-#[allow(unused_imports)]
 use slots::*;
+#[allow(unused_imports)]
+pub(crate) use slots::{LayerFlags, LayerSlot, SlotId, layout};
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -43,12 +44,13 @@ use burn::tensor::{DType as BurnDType, Element, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::kernels::{Attention, HalfCopy, Kernels, Root};
+use super::passes::{KvCache, Passes, Step};
 use super::path::LayerPath;
 use super::rope::Rope;
 use super::spec::{Dims, ModelSpec, check_supported, sliding_window};
 use super::{
     DeviceSpec, GenerateOptions, Generation, HeldFill, HeldMerge, HeldPart, HeldParts, LanguageModel, ModelInfo, ScoreRequest, ScoreResult,
-    StopReason, WeightBuffer, WeightFill, WeightPart,
+    WeightBuffer, WeightFill,
 };
 use crate::arch::Architecture;
 use crate::dtype::DType;
@@ -125,12 +127,6 @@ struct ModelW<B: Backend> {
     max_context: usize,
 }
 
-/// Key/value tensors of every hop, `[batch, kv_heads, len, head_dim]`.
-struct KvCache<B: Backend> {
-    entries: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
-    len: usize,
-}
-
 /// A model (or several, for data-flow paths) on one burn backend.
 pub(crate) struct Runtime<B: Backend> {
     device: B::Device,
@@ -163,7 +159,7 @@ pub(super) fn to_host_i64<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> V
 }
 
 /// `[out_k, in]` host tensors → one `[in, Σ out_k]` row-major buffer (x·W for every part).
-fn transpose_concat(parts: &[&HostTensor], name: &str) -> Result<(Vec<f32>, usize, usize)> {
+pub(crate) fn transpose_concat(parts: &[&HostTensor], name: &str) -> Result<(Vec<f32>, usize, usize)> {
     let inn = parts[0].shape.get(1).copied().unwrap_or(0);
     for p in parts {
         if p.shape.len() != 2 || p.shape[1] != inn {
@@ -222,17 +218,4 @@ fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> 
     let a = x1.clone() * cos.clone() - x2.clone() * sin.clone();
     let b = x2 * cos.clone() + x1 * sin.clone();
     Tensor::cat(vec![a, b], 3)
-}
-
-/// One forward batch: token ids `[b, s]`, their positions, and which key columns (of the
-/// whole sequence so far, cache included) are real tokens.
-struct Step<'a> {
-    ids: &'a [u32],
-    b: usize,
-    s: usize,
-    positions: &'a [usize],
-    key_valid: Option<&'a [bool]>,
-    /// Positions of the key columns `[b, t]` where they are not the column indices (a row that
-    /// continues a gathered, right-padded cache); see [`Runtime::mask`].
-    key_pos: Option<&'a [usize]>,
 }

@@ -2,10 +2,11 @@
 
 #[allow(unused_imports)]
 use super::*;
+use crate::model::WeightPart;
 
 /// Which weight tensor of a loaded model a [`WeightBuffer`] is.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum SlotId {
+pub(crate) enum SlotId {
     Embed,
     Norm,
     Head,
@@ -13,7 +14,7 @@ pub(super) enum SlotId {
 }
 
 #[derive(Debug, Clone, Copy)]
-pub(super) enum LayerSlot {
+pub(crate) enum LayerSlot {
     InNorm,
     PostNorm,
     Wqkv,
@@ -32,11 +33,31 @@ pub(super) enum Slot<'a, B: Backend> {
     Matrix(&'a mut Tensor<B, 2>),
 }
 
-/// The weight buffers of `m` in layout order, with the checkpoint tensors in each. One place
-/// decides the order, so [`LanguageModel::weight_layout`] and
-/// [`LanguageModel::write_weights`] agree.
+/// Which optional tensors a loaded layer holds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LayerFlags {
+    pub bqkv: bool,
+    pub bo: bool,
+    pub q_norm: bool,
+    pub k_norm: bool,
+}
+
+/// The weight buffers of `m` in layout order, with the checkpoint tensors in each.
 pub(super) fn weight_buffers<B: Backend>(m: &ModelW<B>) -> Vec<(WeightBuffer, SlotId)> {
-    let d = Dims::of(&m.config);
+    let flags: Vec<LayerFlags> = m
+        .layers
+        .iter()
+        .map(|l| LayerFlags { bqkv: l.bqkv.is_some(), bo: l.bo.is_some(), q_norm: l.q_norm.is_some(), k_norm: l.k_norm.is_some() })
+        .collect();
+    layout(&m.config, m.head_tensor, &flags)
+}
+
+/// The weight buffers of a model (config, the checkpoint tensor its head was read from, and
+/// the optional tensors of each layer) in layout order, with the checkpoint tensors in each.
+/// One place decides the order for every runtime, so [`LanguageModel::weight_layout`] and
+/// [`LanguageModel::write_weights`] agree, and merges write the same buffers on any runtime.
+pub(crate) fn layout(config: &ModelConfig, head_tensor: &str, flags: &[LayerFlags]) -> Vec<(WeightBuffer, SlotId)> {
+    let d = Dims::of(config);
     let (q, kv) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
     let part = |tensor: String, col: usize, width: usize, transposed: bool| WeightPart { tensor, col, width, transposed };
     let vector = |tensor: String, n: usize| WeightBuffer { rows: 1, cols: n, parts: vec![part(tensor, 0, n, false)] };
@@ -56,16 +77,16 @@ pub(super) fn weight_buffers<B: Backend>(m: &ModelW<B>) -> Vec<(WeightBuffer, Sl
     let mut out = vec![
         (embed, SlotId::Embed),
         (vector("model.norm.weight".into(), d.hidden), SlotId::Norm),
-        (linear(d.hidden, &[(m.head_tensor.to_string(), d.vocab)]), SlotId::Head),
+        (linear(d.hidden, &[(head_tensor.to_string(), d.vocab)]), SlotId::Head),
     ];
-    for (l, layer) in m.layers.iter().enumerate() {
+    for (l, layer) in flags.iter().enumerate() {
         let n = |s: &str| format!("model.layers.{l}.{s}");
         let mut push = |b: WeightBuffer, s: LayerSlot| out.push((b, SlotId::Layer(l, s)));
         push(vector(n("input_layernorm.weight"), d.hidden), LayerSlot::InNorm);
         push(vector(n("post_attention_layernorm.weight"), d.hidden), LayerSlot::PostNorm);
         let qkv = [(n("self_attn.q_proj.weight"), q), (n("self_attn.k_proj.weight"), kv), (n("self_attn.v_proj.weight"), kv)];
         push(linear(d.hidden, &qkv), LayerSlot::Wqkv);
-        if layer.bqkv.is_some() {
+        if layer.bqkv {
             let parts = vec![
                 part(n("self_attn.q_proj.bias"), 0, q, false),
                 part(n("self_attn.k_proj.bias"), q, kv, false),
@@ -74,13 +95,13 @@ pub(super) fn weight_buffers<B: Backend>(m: &ModelW<B>) -> Vec<(WeightBuffer, Sl
             push(WeightBuffer { rows: 1, cols: q + 2 * kv, parts }, LayerSlot::Bqkv);
         }
         push(linear(q, &[(n("self_attn.o_proj.weight"), d.hidden)]), LayerSlot::Wo);
-        if layer.bo.is_some() {
+        if layer.bo {
             push(vector(n("self_attn.o_proj.bias"), d.hidden), LayerSlot::Bo);
         }
-        if layer.q_norm.is_some() {
+        if layer.q_norm {
             push(vector(n("self_attn.q_norm.weight"), d.head_dim), LayerSlot::QNorm);
         }
-        if layer.k_norm.is_some() {
+        if layer.k_norm {
             push(vector(n("self_attn.k_norm.weight"), d.head_dim), LayerSlot::KNorm);
         }
         let gu = [(n("mlp.gate_proj.weight"), d.intermediate), (n("mlp.up_proj.weight"), d.intermediate)];
