@@ -715,3 +715,39 @@ fn report_on_a_one_candidate_run_draws_what_exists() {
         assert!(svg.starts_with("<svg") && !svg.contains(">-0<") && !svg.contains(">1.0<"), "{f}: '-0' or '1.0' tick labels");
     }
 }
+
+/// `search --runtime libtorch` (a `--features libtorch` build): the run records its runtime and
+/// scores the candidates the burn run scores, to float rounding, with candidates merged on the
+/// device as on a GPU. Without the feature: refused before a run directory is made, naming it.
+#[test]
+fn a_search_on_the_libtorch_runtime_scores_as_burn_does() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let exp = experiment(tmp.path(), 4);
+    let e = exp.display().to_string();
+    let (burn, torch) = (tmp.path().join("burn"), tmp.path().join("torch"));
+    let t = torch.display().to_string();
+    let args = ["search", &e, "--run-dir", &t, "--progress", "off", "--runtime", "libtorch"];
+    if !cfg!(feature = "libtorch") {
+        let (code, _, err) = crate::common::run(&args);
+        assert_ne!(code, Some(0));
+        assert!(err.contains("--features libtorch"), "{err}");
+        assert!(!torch.exists(), "a run directory was made for a run that cannot start");
+        return;
+    }
+    run_ok(&["search", &e, "--run-dir", &burn.display().to_string(), "--progress", "off"]);
+    let (code, _, err) = run_env(&args, &[("EVOMERGE_DEVICE_MERGE", "1")]);
+    assert_eq!(code, Some(0), "{err}");
+    let resolved = std::fs::read_to_string(torch.join("config.resolved.toml")).expect("config");
+    assert!(resolved.contains("runtime = \"libtorch\""), "{resolved}");
+    let (rb, rt) = (records(&burn), records(&torch));
+    assert_eq!(rb.len(), 4);
+    assert_eq!(rb.keys().collect::<Vec<_>>(), rt.keys().collect::<Vec<_>>());
+    for (id, b) in &rb {
+        let (ob, ot) = (b["minimized"].as_array().expect("minimized"), rt[id]["minimized"].as_array().expect("minimized"));
+        for (x, y) in ob.iter().zip(ot) {
+            let (x, y) = (x.as_f64().expect("f64"), y.as_f64().expect("f64"));
+            assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "candidate {id}: burn {x} vs libtorch {y}");
+        }
+        assert_eq!(b["genome"], rt[id]["genome"], "candidate {id}: the search took another path");
+    }
+}
