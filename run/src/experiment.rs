@@ -476,6 +476,10 @@ impl Experiment {
     }
 }
 
+fn is_burn(r: &RuntimeKind) -> bool {
+    *r == RuntimeKind::Burn
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -538,8 +542,4 @@ mod tests {
             assert!(o.data.as_ref().is_none_or(|d| d.is_absolute() && d.exists()), "{:?}", o.data);
         }
     }
-}
-
-fn is_burn(r: &RuntimeKind) -> bool {
-    *r == RuntimeKind::Burn
 }

@@ -276,13 +276,13 @@ impl TorchRuntime {
                 let b = x(*base)?;
                 let mut t = b.zeros_like();
                 for &(k, w) in terms {
-                    t = t + (x(k)? - &b) * f64::from(w);
+                    t += (x(k)? - &b) * f64::from(w);
                 }
                 if let Some(d) = divisor {
-                    t = t / f64::from(*d);
+                    t /= f64::from(*d);
                 }
                 if let Some(l) = lambda {
-                    t = t * f64::from(*l);
+                    t *= f64::from(*l);
                 }
                 b + t
             }
@@ -435,7 +435,7 @@ impl Passes for TorchRuntime {
                 let model = &self.models[hop.model];
                 let layer = &model.layers[hop.layer];
                 if hop.scale != 1.0 {
-                    x = x * f64::from(hop.scale);
+                    x *= f64::from(hop.scale);
                 }
                 let mask = masks
                     .entry(layer.window)
@@ -495,14 +495,14 @@ impl Passes for TorchRuntime {
                 if let Some(bias) = &layer.bo {
                     a += bias;
                 }
-                x = x + a.reshape([b, s, hidden as i64]);
+                x += a.reshape([b, s, hidden as i64]);
 
                 // MLP.
                 let inter = layer.wdown.size()[0];
                 let h = rms_norm(&x, &layer.post_norm, model.eps).reshape([b * s, hidden as i64]);
                 let gu = h.matmul(&layer.wgu);
                 let act = gu.narrow(1, 0, inter).silu() * gu.narrow(1, inter, inter);
-                x = x + act.matmul(&layer.wdown).reshape([b, s, hidden as i64]);
+                x += act.matmul(&layer.wdown).reshape([b, s, hidden as i64]);
             }
             Ok(x.reshape([b * s, hidden as i64]))
         })
