@@ -151,7 +151,8 @@ fn candidates(m: &mut dyn model::LanguageModel, base: &std::path::Path, expert: 
     let resident = ResidentMerge::new(&plan, m.weight_layout(0)?)?;
     let on_device = resident.hold_on_device(&plan, m, 0)?;
     println!("merge inputs held: {:.1} s ({}, {:.2} GB on the host)", t.elapsed().as_secs_f64(), if on_device { "merged on the device" } else { "merged on the host" }, resident.bytes() as f64 / 1e9);
-    let prefix: Vec<u32> = (0..400).map(|_| next()).collect();
+    // 400 tokens of few-shot prefix (fewer where the model's context is short: the fixtures)
+    let prefix: Vec<u32> = (0..400.min(m.info().max_context.saturating_sub(40))).map(|_| next()).collect();
     let reqs: Vec<ScoreRequest> = (0..25)
         .flat_map(|_| {
             let q: Vec<u32> = prefix.iter().copied().chain((0..30).map(|_| next())).collect();
