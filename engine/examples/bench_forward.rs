@@ -119,19 +119,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("{:<28} {:>10.2} {:>10.1} {:>7.2}x", "greedy 32 tokens", decode_tps, REF_DECODE, decode_tps / REF_DECODE);
     println!("{:<28} {:>10.2} {:>10.1} {:>7.2}x", "  decode only", decode_only, REF_DECODE_ONLY, decode_only / REF_DECODE_ONLY);
     if let Ok(expert) = std::env::var("EXPERT") {
-        candidates(m.as_mut(), &dir, std::path::Path::new(&expert), &mut next)?;
+        candidates(m.as_mut(), device, &dir, std::path::Path::new(&expert), &mut next)?;
     }
     if let Some(n) = std::env::var("MATMUL").ok().map(|s| s.parse::<usize>()).transpose()? {
-        let dtype = ck.config.dtype.unwrap_or(evomerge_engine::DType::F32);
+        // both runtimes compute in f32 on the CPU, in the checkpoint's dtype on a GPU
+        let dtype = if device == DeviceSpec::Cpu { evomerge_engine::DType::F32 } else { ck.config.dtype.unwrap_or(evomerge_engine::DType::F32) };
         let secs = matmul(runtime, device, dtype, n)?;
-        println!("matmul {n}^3 ({runtime}, {dtype:?} on {device}): {:.1} TFLOP/s", 2.0 * (n as f64).powi(3) / secs / 1e12);
+        println!("matmul {n}^3 ({runtime}, {dtype:?} on {device}): {:.3} TFLOP/s", 2.0 * (n as f64).powi(3) / secs / 1e12);
     }
     Ok(())
 }
 
 /// In-memory merges (task arithmetic of the loaded model and `expert`) and search-loop
 /// candidates (a merge, then a multiple-choice workload scored with shared prefixes).
-fn candidates(m: &mut dyn model::LanguageModel, base: &std::path::Path, expert: &std::path::Path, next: &mut dyn FnMut() -> u32) -> Result<(), Box<dyn std::error::Error>> {
+fn candidates(
+    m: &mut dyn model::LanguageModel,
+    device: DeviceSpec,
+    base: &std::path::Path,
+    expert: &std::path::Path,
+    next: &mut dyn FnMut() -> u32,
+) -> Result<(), Box<dyn std::error::Error>> {
     use evomerge_engine::recipe::MergePlan;
     use evomerge_engine::resident::ResidentMerge;
     let tmp = std::env::temp_dir().join(format!("bench-forward-{}", std::process::id()));
@@ -149,8 +156,14 @@ fn candidates(m: &mut dyn model::LanguageModel, base: &std::path::Path, expert: 
     let t = Instant::now();
     let plan = recipe(0.5)?;
     let resident = ResidentMerge::new(&plan, m.weight_layout(0)?)?;
-    let on_device = resident.hold_on_device(&plan, m, 0)?;
-    println!("merge inputs held: {:.1} s ({}, {:.2} GB on the host)", t.elapsed().as_secs_f64(), if on_device { "merged on the device" } else { "merged on the host" }, resident.bytes() as f64 / 1e9);
+    // as the search does: held on a GPU, merged on the host into the weights on the CPU
+    let on_device = device != DeviceSpec::Cpu && resident.hold_on_device(&plan, m, 0)?;
+    println!(
+        "merge inputs held: {:.1} s ({}, {:.2} GB on the host)",
+        t.elapsed().as_secs_f64(),
+        if on_device { "merged on the device" } else { "merged on the host" },
+        resident.bytes() as f64 / 1e9
+    );
     // 400 tokens of few-shot prefix (fewer where the model's context is short: the fixtures)
     let prefix: Vec<u32> = (0..400.min(m.info().max_context.saturating_sub(40))).map(|_| next()).collect();
     let reqs: Vec<ScoreRequest> = (0..25)
