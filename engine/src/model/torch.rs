@@ -430,6 +430,9 @@ impl Passes for TorchRuntime {
             let mut root_masks: HashMap<usize, Tensor> = HashMap::new();
             let mut ropes: HashMap<usize, (Tensor, Tensor)> = HashMap::new();
             let scale = (head_dim as f64).powf(-0.5);
+            // the mask would be exactly causal: column i sees columns 0 ..= i (passes::mask with
+            // no cache, no padding to hide, keys at their column indices)
+            let causal = past == 0 && st.key_valid.is_none() && st.key_pos.is_none();
             let (hd, q_w, kv_w) = (head_dim as i64, (heads * head_dim) as i64, (kv_heads * head_dim) as i64);
             for (hop_i, hop) in self.path.hops.iter().enumerate() {
                 let model = &self.models[hop.model];
@@ -437,13 +440,16 @@ impl Passes for TorchRuntime {
                 if hop.scale != 1.0 {
                     x *= f64::from(hop.scale);
                 }
-                let mask = masks
-                    .entry(layer.window)
-                    .or_insert_with(|| {
-                        let t = (past + st.s) as i64;
-                        self.upload(&passes::mask(st, past, layer.window, self.mask_value), &[b, 1, s, t])
-                    })
-                    .shallow_clone();
+                let mut mask = || {
+                    masks
+                        .entry(layer.window)
+                        .or_insert_with(|| {
+                            let t = (past + st.s) as i64;
+                            // [b, 1, s, t] additive, in the activations' kind
+                            self.upload(&passes::mask(st, past, layer.window, self.mask_value), &[b, 1, s, t]).to_kind(self.kind)
+                        })
+                        .shallow_clone()
+                };
                 let (cos, sin) = ropes.entry(hop.model).or_insert_with(|| {
                     let (c, sn) = model.rope.tables(st.positions);
                     let shape = [b, 1, s, hd / 2];
@@ -474,11 +480,13 @@ impl Passes for TorchRuntime {
                     c.entries[hop_i] = Some((Kv(k.shallow_clone()), Kv(v.shallow_clone())));
                 }
                 let a = match root.and_then(|r| r.entries[hop_i].as_ref()) {
-                    None => {
-                        // [b, 1, s, t] additive mask in the activations' kind; GQA inside SDPA.
-                        let m = mask.to_kind(self.kind);
-                        Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&m), 0.0, false, scale, true)
+                    // Plain causal attention (every row from position 0, no padding to hide, no
+                    // window): no mask tensor, so PyTorch may pick its fused causal kernels.
+                    None if causal && layer.window.is_none() => {
+                        Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, scale, true)
                     }
+                    // GQA inside SDPA (query head h reads KV head h / g, as transformers' repeat_kv).
+                    None => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask()), 0.0, false, scale, true),
                     Some((rk, rv)) => {
                         let len = rk.0.size()[2] as usize;
                         let rmask = layer.window.map(|w| {
@@ -487,7 +495,7 @@ impl Passes for TorchRuntime {
                                 .or_insert_with(|| self.upload(&passes::root_mask(st, len, w, self.mask_value), &[b, 1, 1, s, len as i64]))
                                 .shallow_clone()
                         });
-                        Self::rooted_attention(&q, &k, &v, &mask.unsqueeze(1), &rk.0, &rv.0, rmask.as_ref(), scale)
+                        Self::rooted_attention(&q, &k, &v, &mask().to_kind(Kind::Float).unsqueeze(1), &rk.0, &rv.0, rmask.as_ref(), scale)
                     }
                 };
                 let a = a.transpose(1, 2).reshape([b * s, q_w]);
