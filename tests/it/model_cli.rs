@@ -157,6 +157,13 @@ fn runtime_libtorch_scores_or_names_its_feature() {
         assert_ne!(code, Some(0));
         assert!(err.contains("--features libtorch"), "{err}");
     }
+    // A CUDA device LibTorch does not see (a CPU-only LibTorch, no driver, no GPU here): a clear
+    // error, not a crash; where a GPU is there, it scores.
+    let (code, _, err) = run(&["score", "--model", &m, "--text", "x", "--runtime", "libtorch", "--device", "cuda:0"]);
+    assert!(
+        code == Some(0) || (code == Some(2) && err.contains("cuda:0") && (err.contains("CUDA") || err.contains("--features libtorch"))),
+        "{code:?} {err}"
+    );
     let (code, _, err) = run(&["score", "--model", &m, "--text", "x", "--runtime", "tpu"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("expected 'burn' or 'libtorch'"), "{err}");
