@@ -194,6 +194,7 @@ fn candidates(
 
 /// Seconds of one `n`×`n`×`n` matmul on `runtime`'s `device` in `dtype` (median of 10, after a
 /// warm-up), synchronized by reading one element back.
+#[cfg_attr(not(any(feature = "cuda", feature = "libtorch")), allow(unused_variables))]
 fn matmul(runtime: model::RuntimeKind, device: DeviceSpec, dtype: evomerge_engine::DType, n: usize) -> Result<f64, Box<dyn std::error::Error>> {
     let reps = 10;
     match runtime {
