@@ -228,11 +228,15 @@ pub fn search(args: SearchArgs) -> Result<()> {
     if let Some(d) = args.device {
         exp.device = d;
     }
+    if let Some(r) = args.scoring.runtime {
+        exp.runtime = r;
+    }
     if args.dry_run {
+        let (device, runtime) = (exp.device, exp.runtime);
         let opts = RunOptions { workers: args.scoring.workers.unwrap_or(0), allow_nonfinite: args.allow_nonfinite, ..Default::default() };
         let d = evomerge_run::dry_run(exp, &opts)?;
         println!(
-            "{}: {} genes, {} objective(s), model {} ({} layers), about {} of memory, candidates merged {}; nothing run",
+            "{}: {} genes, {} objective(s), model {} ({} layers) on {device} ({runtime} runtime), about {} of memory, candidates merged {}; nothing run",
             d.name,
             d.genes,
             d.objectives,

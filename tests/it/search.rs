@@ -727,6 +727,12 @@ fn a_search_on_the_libtorch_runtime_scores_as_burn_does() {
     let (burn, torch) = (tmp.path().join("burn"), tmp.path().join("torch"));
     let t = torch.display().to_string();
     let args = ["search", &e, "--run-dir", &t, "--progress", "off", "--runtime", "libtorch"];
+    let (code, dry, err) = crate::common::run(&["search", &e, "--dry-run", "--runtime", "libtorch"]);
+    if cfg!(feature = "libtorch") {
+        assert!(code == Some(0) && dry.contains("on cpu (libtorch runtime)"), "{dry}{err}");
+    } else {
+        assert!(code != Some(0) && err.contains("--features libtorch"), "the dry run must refuse what the run refuses: {err}");
+    }
     if !cfg!(feature = "libtorch") {
         let (code, _, err) = crate::common::run(&args);
         assert_ne!(code, Some(0));
