@@ -21,6 +21,7 @@
 //! different prefix. Unshared scoring is the same machinery with one row per request.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::path::LayerPath;
 use super::spec::Dims;
@@ -54,6 +55,14 @@ pub(crate) struct Step<'a> {
 pub(crate) struct KvCache<T> {
     pub entries: Vec<Option<(T, T)>>,
     pub len: usize,
+}
+
+/// What every runtime tracks besides its tensors: why it refuses work (a weight swap failed
+/// half way) and the tokens it ran ([`super::LanguageModel::tokens_run`]).
+#[derive(Debug, Default)]
+pub(crate) struct Health {
+    pub poisoned: Option<String>,
+    pub tokens_run: AtomicU64,
 }
 
 /// One row of a forward pass.
@@ -148,10 +157,7 @@ pub(crate) trait Passes {
 
     fn model_info(&self) -> &ModelInfo;
     fn layer_path(&self) -> &LayerPath;
-    /// Counts tokens run (padding excluded) for [`super::LanguageModel::tokens_run`].
-    fn add_tokens(&self, n: usize);
-    /// Refuses work when a failed weight swap left the model half loaded.
-    fn check_usable(&self) -> Result<()>;
+    fn health(&self) -> &Health;
     /// Non-finite logits of the path's head model.
     fn non_finite(&self, what: &str) -> EngineError;
 
@@ -171,6 +177,39 @@ pub(crate) trait Passes {
     /// Greedy argmax of the last position of each of the `b` rows of `s` columns, checked for
     /// NaN/inf.
     fn next_tokens(&self, h: Self::Hidden, b: usize, s: usize) -> Result<Vec<u32>>;
+
+    /// Final norm and head on every row of `h`, as host f32 `[rows, vocab]`.
+    fn head_host(&self, h: Self::Hidden) -> Result<Vec<f32>>;
+
+    /// Counts tokens run (padding excluded) for [`super::LanguageModel::tokens_run`].
+    fn add_tokens(&self, n: usize) {
+        self.health().tokens_run.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Refuses work when a failed weight swap left the model half loaded.
+    fn check_usable(&self) -> Result<()> {
+        match &self.health().poisoned {
+            Some(why) => Err(EngineError::InvalidInput(format!("model unusable: {why}; load weights again"))),
+            None => Ok(()),
+        }
+    }
+
+    /// [`super::LanguageModel::logits`]: full next-token logits of one sequence, checked.
+    fn logits_of(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check_usable()?;
+        if tokens.is_empty() {
+            return Err(EngineError::InvalidInput("no tokens to score".into()));
+        }
+        self.check_len(tokens.len(), "a sequence")?;
+        let positions: Vec<usize> = (0..tokens.len()).collect();
+        self.add_tokens(tokens.len());
+        let h = self.hidden(&Step { ids: tokens, b: 1, s: tokens.len(), positions: &positions, key_valid: None, key_pos: None }, None, None)?;
+        let logits = self.head_host(h)?;
+        if logits.iter().any(|v| !v.is_finite()) {
+            return Err(self.non_finite("logits"));
+        }
+        Ok(logits)
+    }
 
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
         let v = self.model_info().dims.vocab;

@@ -15,15 +15,15 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use tch::{Device, Kind, Tensor};
 
-use super::passes::{self, KvCache, Passes, Step};
+use super::passes::{self, Health, KvCache, Passes, Step};
 use super::path::LayerPath;
 use super::rope::Rope;
-use super::runtime::{LayerFlags, SlotId, check_tensors, layout, transpose_concat};
-use super::spec::{Dims, ModelSpec, check_supported, sliding_window};
+use super::runtime::{LayerFlags, SlotId, check_models, check_tensors, layout, transpose_concat};
+use super::spec::{Dims, ModelSpec, sliding_window};
 use super::{
     DeviceSpec, GenerateOptions, Generation, HeldFill, HeldMerge, HeldPart, HeldParts, LanguageModel, ModelInfo, ScoreRequest, ScoreResult,
     WeightBuffer, WeightFill,
@@ -121,10 +121,10 @@ pub(crate) struct TorchRuntime {
     path: LayerPath,
     info: ModelInfo,
     mask_value: f32,
-    poisoned: Option<String>,
+    /// Poisoned when a weight swap failed half way; tokens run.
+    health: Health,
     /// Merge inputs on the device: the model they are for and, per weight buffer, each input.
     held: Option<(usize, Vec<Vec<Tensor>>)>,
-    tokens_run: AtomicU64,
 }
 
 /// Runs `f`, turning a tch panic (PyTorch raised: out of memory, no kernel) into an error.
@@ -196,22 +196,7 @@ impl TorchRuntime {
             (Device::Cuda(_), Some(DType::F16)) => Kind::Half,
             _ => Kind::Float,
         };
-        let dims = Dims::of(models[0].config);
-        for m in models {
-            check_supported(m)?;
-            if Dims::of(m.config) != dims {
-                return Err(EngineError::UnsupportedModel {
-                    model: m.label.to_string(),
-                    reason: format!(
-                        "its shapes {:?} differ from '{}' {:?}; only models of one shape can share a runtime",
-                        Dims::of(m.config),
-                        models[0].label,
-                        dims
-                    ),
-                });
-            }
-            check_tensors(m)?;
-        }
+        let dims = check_models(models)?;
         let _no_grad = tch::no_grad_guard();
         let loaded = guarded(spec, || models.iter().map(|m| load_model(m, device, kind)).collect::<Result<Vec<_>>>())?;
         let info = ModelInfo {
@@ -224,7 +209,7 @@ impl TorchRuntime {
         };
         let path = LayerPath::identity(0, loaded[0].layers.len());
         let mask_value = if kind == Kind::Half { -65504.0 } else { -1e30 };
-        Ok(Self { device, kind, models: loaded, path, info, mask_value, poisoned: None, held: None, tokens_run: AtomicU64::new(0) })
+        Ok(Self { device, kind, models: loaded, path, info, mask_value, health: Health::default(), held: None })
     }
 
     fn upload(&self, data: &[f32], shape: &[i64]) -> Tensor {
@@ -403,15 +388,8 @@ impl Passes for TorchRuntime {
         &self.path
     }
 
-    fn add_tokens(&self, n: usize) {
-        self.tokens_run.fetch_add(n as u64, Ordering::Relaxed);
-    }
-
-    fn check_usable(&self) -> Result<()> {
-        match &self.poisoned {
-            Some(why) => Err(EngineError::InvalidInput(format!("model unusable: {why}; load weights again"))),
-            None => Ok(()),
-        }
+    fn health(&self) -> &Health {
+        &self.health
     }
 
     fn non_finite(&self, what: &str) -> EngineError {
@@ -521,6 +499,10 @@ impl Passes for TorchRuntime {
         })
     }
 
+    fn head_host(&self, h: Tensor) -> Result<Vec<f32>> {
+        self.guard(|| host_f32(&self.head(&h)))
+    }
+
     fn select_batch(&self, t: &Kv, rows: &[i64]) -> Kv {
         let _no_grad = tch::no_grad_guard();
         Kv(t.0.index_select(0, &self.ids(rows)))
@@ -576,20 +558,7 @@ impl LanguageModel for TorchRuntime {
     }
 
     fn logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.check_usable()?;
-        if tokens.is_empty() {
-            return Err(EngineError::InvalidInput("no tokens to score".into()));
-        }
-        self.check_len(tokens.len(), "a sequence")?;
-        let positions: Vec<usize> = (0..tokens.len()).collect();
-        self.add_tokens(tokens.len());
-        let st = Step { ids: tokens, b: 1, s: tokens.len(), positions: &positions, key_valid: None, key_pos: None };
-        let h = self.hidden(&st, None, None)?;
-        let logits = self.guard(|| host_f32(&self.head(&h)))?;
-        if logits.iter().any(|v| !v.is_finite()) {
-            return Err(Passes::non_finite(self, "logits"));
-        }
-        Ok(logits)
+        self.logits_of(tokens)
     }
 
     fn score(&mut self, requests: &[ScoreRequest], batch_size: usize) -> Result<Vec<ScoreResult>> {
@@ -603,7 +572,7 @@ impl LanguageModel for TorchRuntime {
     }
 
     fn tokens_run(&self) -> u64 {
-        self.tokens_run.load(Ordering::Relaxed)
+        self.health.tokens_run.load(Ordering::Relaxed)
     }
 
     fn generate(&mut self, prompts: &[Vec<u32>], opts: &GenerateOptions, stop: &dyn Fn(usize, &[u32]) -> bool) -> Result<Vec<Generation>> {
@@ -614,7 +583,7 @@ impl LanguageModel for TorchRuntime {
         let Some(m) = self.models.get(model) else {
             return Err(EngineError::InvalidInput(format!("load_weights: no loaded model {model}")));
         };
-        self.poisoned = None;
+        self.health.poisoned = None;
         let (config, arch) = (m.config.clone(), m.arch);
         let spec = ModelSpec { label: source.label(), config: &config, arch, tensors: source };
         check_tensors(&spec)?;
@@ -631,7 +600,7 @@ impl LanguageModel for TorchRuntime {
                 Ok(())
             }
             Err(e) => {
-                self.poisoned = Some(format!("loading weights from '{}' failed half way: {e}", spec.label));
+                self.health.poisoned = Some(format!("loading weights from '{}' failed half way: {e}", spec.label));
                 Err(e)
             }
         }
@@ -675,7 +644,7 @@ impl LanguageModel for TorchRuntime {
             }
         }
         if let Err(e) = &result {
-            self.poisoned = Some(format!("rewriting the weights of '{}' failed half way: {e}", self.models[model].label));
+            self.health.poisoned = Some(format!("rewriting the weights of '{}' failed half way: {e}", self.models[model].label));
         }
         result
     }

@@ -5,24 +5,8 @@ use super::*;
 
 impl<B: Kernels> Runtime<B> {
     pub(crate) fn new(device: B::Device, spec: DeviceSpec, models: &[ModelSpec<'_>]) -> Result<Self> {
-        let dims = Dims::of(models[0].config);
-        let mut loaded = Vec::with_capacity(models.len());
-        for m in models {
-            check_supported(m)?;
-            if Dims::of(m.config) != dims {
-                return Err(EngineError::UnsupportedModel {
-                    model: m.label.to_string(),
-                    reason: format!(
-                        "its shapes {:?} differ from '{}' {:?}; only models of one shape can share a runtime",
-                        Dims::of(m.config),
-                        models[0].label,
-                        dims
-                    ),
-                });
-            }
-            check_tensors(m)?;
-            loaded.push(load_model::<B>(m, &device)?);
-        }
+        let dims = check_models(models)?;
+        let loaded = models.iter().map(|m| load_model::<B>(m, &device)).collect::<Result<Vec<_>>>()?;
         let layers: Vec<usize> = loaded.iter().map(|m| m.layers.len()).collect();
         let info = ModelInfo {
             labels: loaded.iter().map(|m| m.label.clone()).collect(),
@@ -37,7 +21,7 @@ impl<B: Kernels> Runtime<B> {
             _ => -1e30,
         };
         let path = LayerPath::identity(0, loaded[0].layers.len());
-        Ok(Self { device, models: loaded, path, info, mask_value, poisoned: None, held: None, tokens_run: Default::default() })
+        Ok(Self { device, models: loaded, path, info, mask_value, health: Health::default(), held: None })
     }
 
     /// [`passes::mask`] as a tensor `[b, 1, 1, s, t]`.
@@ -75,7 +59,7 @@ impl<B: Kernels> Runtime<B> {
                 Ok(())
             }
             Err(e) => {
-                self.poisoned = Some(format!("loading weights from '{}' failed half way: {e}", spec.label));
+                self.health.poisoned = Some(format!("loading weights from '{}' failed half way: {e}", spec.label));
                 Err(e)
             }
         }
@@ -94,15 +78,8 @@ impl<B: Kernels> Passes for Runtime<B> {
         &self.path
     }
 
-    fn add_tokens(&self, n: usize) {
-        self.tokens_run.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn check_usable(&self) -> Result<()> {
-        match &self.poisoned {
-            Some(why) => Err(EngineError::InvalidInput(format!("model unusable: {why}; load weights again"))),
-            None => Ok(()),
-        }
+    fn health(&self) -> &Health {
+        &self.health
     }
 
     fn non_finite(&self, what: &str) -> EngineError {
@@ -182,6 +159,10 @@ impl<B: Kernels> Passes for Runtime<B> {
             c.len = past + s;
         }
         Ok(x.reshape([b * s, hidden]))
+    }
+
+    fn head_host(&self, h: Tensor<B, 2>) -> Result<Vec<f32>> {
+        Ok(to_host_f32(self.head(h)))
     }
 
     fn select_batch(&self, t: &Tensor<B, 4>, rows: &[i64]) -> Tensor<B, 4> {

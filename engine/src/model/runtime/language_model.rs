@@ -19,19 +19,7 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
     }
 
     fn logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.check_usable()?;
-        if tokens.is_empty() {
-            return Err(EngineError::InvalidInput("no tokens to score".into()));
-        }
-        self.check_len(tokens.len(), "a sequence")?;
-        let positions: Vec<usize> = (0..tokens.len()).collect();
-        self.add_tokens(tokens.len());
-        let h = self.hidden(&Step { ids: tokens, b: 1, s: tokens.len(), positions: &positions, key_valid: None, key_pos: None }, None, None)?;
-        let logits = to_host_f32(self.head(h));
-        if logits.iter().any(|v| !v.is_finite()) {
-            return Err(self.non_finite("logits"));
-        }
-        Ok(logits)
+        self.logits_of(tokens)
     }
 
     fn score(&mut self, requests: &[ScoreRequest], batch_size: usize) -> Result<Vec<ScoreResult>> {
@@ -45,7 +33,7 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
     }
 
     fn tokens_run(&self) -> u64 {
-        self.tokens_run.load(std::sync::atomic::Ordering::Relaxed)
+        self.health.tokens_run.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn generate(&mut self, prompts: &[Vec<u32>], opts: &GenerateOptions, stop: &dyn Fn(usize, &[u32]) -> bool) -> Result<Vec<Generation>> {
@@ -57,7 +45,7 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
             return Err(EngineError::InvalidInput(format!("load_weights: no loaded model {model}")));
         }
         // The config and architecture stay those of the loaded model; only tensors change.
-        self.poisoned = None;
+        self.health.poisoned = None;
         let (config, arch) = (self.models[model].config.clone(), self.models[model].arch);
         let spec = ModelSpec { label: source.label(), config: &config, arch, tensors: source };
         self.replace_model(model, &spec)
@@ -87,7 +75,7 @@ impl<B: Kernels> LanguageModel for Runtime<B> {
             }
         }
         if let Err(e) = &result {
-            self.poisoned = Some(format!("rewriting the weights of '{}' failed half way: {e}", self.models[model].label));
+            self.health.poisoned = Some(format!("rewriting the weights of '{}' failed half way: {e}", self.models[model].label));
         }
         result
     }

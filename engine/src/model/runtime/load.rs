@@ -26,6 +26,29 @@ pub(super) fn matrix_t<B: Backend>(parts: &[&HostTensor], name: &str, device: &B
     Ok(upload(data, [inn, out], device))
 }
 
+/// Checks every model a runtime opens, from metadata: supported, all of one shape (only such
+/// models can share a runtime: layers of one may follow another's), every tensor there
+/// ([`check_tensors`]). Returns their common shape.
+pub(crate) fn check_models(models: &[ModelSpec<'_>]) -> Result<Dims> {
+    let dims = Dims::of(models[0].config);
+    for m in models {
+        check_supported(m)?;
+        if Dims::of(m.config) != dims {
+            return Err(EngineError::UnsupportedModel {
+                model: m.label.to_string(),
+                reason: format!(
+                    "its shapes {:?} differ from '{}' {:?}; only models of one shape can share a runtime",
+                    Dims::of(m.config),
+                    models[0].label,
+                    dims
+                ),
+            });
+        }
+        check_tensors(m)?;
+    }
+    Ok(dims)
+}
+
 /// Checks, from metadata only, that `spec` holds every tensor the forward pass needs with the
 /// shapes its config implies (and optional groups complete), so that loading cannot fail half
 /// way for a shape reason.

@@ -27,9 +27,9 @@ mod load;
 mod slots;
 
 #[allow(unused_imports)]
-pub(crate) use load::check_tensors;
-#[allow(unused_imports)]
 use load::*;
+#[allow(unused_imports)]
+pub(crate) use load::{check_models, check_tensors};
 #[allow(unused_imports)]
 use slots::*;
 #[allow(unused_imports)]
@@ -44,7 +44,7 @@ use burn::tensor::{DType as BurnDType, Element, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::kernels::{Attention, HalfCopy, Kernels, Root};
-use super::passes::{KvCache, Passes, Step};
+use super::passes::{Health, KvCache, Passes, Step};
 use super::path::LayerPath;
 use super::rope::Rope;
 use super::spec::{Dims, ModelSpec, check_supported, sliding_window};
@@ -134,13 +134,11 @@ pub(crate) struct Runtime<B: Backend> {
     path: LayerPath,
     info: ModelInfo,
     mask_value: f32,
-    /// Set when a weight swap failed after the old weights were released.
-    poisoned: Option<String>,
+    /// Poisoned when a weight swap failed after the old weights were released; tokens run.
+    health: Health,
     /// Merge inputs on the device ([`LanguageModel::hold_inputs`]): the model they are for and,
     /// per weight buffer, each input as `[rows, cols]`.
     held: Option<(usize, Vec<Vec<Tensor<B, 2>>>)>,
-    /// [`LanguageModel::tokens_run`].
-    tokens_run: std::sync::atomic::AtomicU64,
 }
 
 fn upload<B: Backend, const D: usize>(data: Vec<f32>, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
