@@ -22,7 +22,7 @@ use tch::{Device, Kind, Tensor};
 use super::passes::{self, Health, KvCache, Passes, Step};
 use super::path::LayerPath;
 use super::rope::Rope;
-use super::runtime::{LayerFlags, SlotId, check_models, check_tensors, layout, transpose_concat};
+use super::runtime::{LayerFlags, SlotId, check_models, check_tensors, layout, read, read_opt, transpose_concat};
 use super::spec::{Dims, ModelSpec, sliding_window};
 use super::{
     DeviceSpec, GenerateOptions, Generation, HeldFill, HeldMerge, HeldPart, HeldParts, LanguageModel, ModelInfo, ScoreRequest, ScoreResult,
@@ -301,17 +301,6 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let h = x.size()[3] / 2;
     let (x1, x2) = (x.narrow(3, 0, h), x.narrow(3, h, h));
     Tensor::cat(&[&x1 * cos - &x2 * sin, &x2 * cos + &x1 * sin], 3)
-}
-
-fn read<'a>(spec: &ModelSpec<'a>, name: &str) -> Result<Cow<'a, HostTensor>> {
-    spec.tensors.get_f32(name)
-}
-
-fn read_opt<'a>(spec: &ModelSpec<'a>, name: &str) -> Result<Option<Cow<'a, HostTensor>>> {
-    match spec.tensors.meta(name) {
-        Some(_) => read(spec, name).map(Some),
-        None => Ok(None),
-    }
 }
 
 /// A model whose tensors [`check_tensors`] accepted, on `device` in `kind`, in the burn

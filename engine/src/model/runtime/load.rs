@@ -5,11 +5,11 @@
 use super::*;
 
 /// A tensor of the spec, borrowed when the source holds f32 already (merged candidates).
-pub(super) fn read<'a>(spec: &ModelSpec<'a>, name: &str) -> Result<Cow<'a, HostTensor>> {
+pub(crate) fn read<'a>(spec: &ModelSpec<'a>, name: &str) -> Result<Cow<'a, HostTensor>> {
     spec.tensors.get_f32(name)
 }
 
-pub(super) fn read_opt<'a>(spec: &ModelSpec<'a>, name: &str) -> Result<Option<Cow<'a, HostTensor>>> {
+pub(crate) fn read_opt<'a>(spec: &ModelSpec<'a>, name: &str) -> Result<Option<Cow<'a, HostTensor>>> {
     match spec.tensors.meta(name) {
         Some(_) => read(spec, name).map(Some),
         None => Ok(None),

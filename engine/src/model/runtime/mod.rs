@@ -29,7 +29,7 @@ mod slots;
 #[allow(unused_imports)]
 use load::*;
 #[allow(unused_imports)]
-pub(crate) use load::{check_models, check_tensors};
+pub(crate) use load::{check_models, check_tensors, read, read_opt};
 #[allow(unused_imports)]
 use slots::*;
 #[allow(unused_imports)]
