@@ -22,7 +22,7 @@ use tch::{Device, Kind, Tensor};
 use super::passes::{self, Health, KvCache, Passes, Step};
 use super::path::LayerPath;
 use super::rope::Rope;
-use super::runtime::{LayerFlags, SlotId, check_models, check_tensors, layout, read, read_opt, transpose_concat};
+use super::runtime::{LayerFlags, SlotId, check_models, check_tensors, layout, read, read_embed_head, read_layer, transpose_concat};
 use super::spec::{Dims, ModelSpec, sliding_window};
 use super::{
     DeviceSpec, GenerateOptions, Generation, HeldFill, HeldMerge, HeldPart, HeldParts, LanguageModel, ModelInfo, ScoreRequest, ScoreResult,
@@ -314,40 +314,24 @@ fn load_model(spec: &ModelSpec<'_>, device: Device, kind: Kind) -> Result<ModelW
     };
     let cfg = spec.config;
     let d = Dims::of(cfg);
-    let embed_name = "model.embed_tokens.weight";
-    let embed_h = read(spec, embed_name)?;
-    let (head, head_tensor) = match (cfg.tie_word_embeddings, read_opt(spec, "lm_head.weight")?) {
-        (_, Some(h)) => (matrix_t(&[&*h], "lm_head.weight")?, "lm_head.weight"),
-        (true, None) => (matrix_t(&[&*embed_h], embed_name)?, embed_name),
-        (false, None) => return Err(EngineError::MissingTensor { model: spec.label.to_string(), tensor: "lm_head.weight".into() }),
-    };
+    let (embed_h, head_h, head_tensor) = read_embed_head(spec)?;
+    let head = matrix_t(&[head_h.as_deref().unwrap_or(&embed_h)], head_tensor)?;
     let embed = put(&embed_h.data, &[d.vocab as i64, d.hidden as i64]);
     let norm = vector(read(spec, "model.norm.weight")?);
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for l in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{l}.");
-        let r = |n: &str| read(spec, &format!("{p}{n}"));
-        let ro = |n: &str| read_opt(spec, &format!("{p}{n}"));
-        let (q, k, v) = (r("self_attn.q_proj.weight")?, r("self_attn.k_proj.weight")?, r("self_attn.v_proj.weight")?);
-        let bqkv = match (ro("self_attn.q_proj.bias")?, ro("self_attn.k_proj.bias")?, ro("self_attn.v_proj.bias")?) {
-            (Some(bq), Some(bk), Some(bv)) => {
-                let data: Vec<f32> = bq.data.iter().chain(&bk.data).chain(&bv.data).copied().collect();
-                Some(put(&data, &[data.len() as i64]))
-            }
-            _ => None,
-        };
-        let (gate, up, down) = (r("mlp.gate_proj.weight")?, r("mlp.up_proj.weight")?, r("mlp.down_proj.weight")?);
+        let h = read_layer(spec, l)?;
         layers.push(LayerW {
-            in_norm: vector(r("input_layernorm.weight")?),
-            post_norm: vector(r("post_attention_layernorm.weight")?),
-            wqkv: matrix_t(&[&*q, &*k, &*v], &format!("{p}self_attn.qkv"))?,
-            bqkv,
-            wo: matrix_t(&[&*r("self_attn.o_proj.weight")?], "o_proj")?,
-            bo: ro("self_attn.o_proj.bias")?.map(vector),
-            q_norm: ro("self_attn.q_norm.weight")?.map(vector),
-            k_norm: ro("self_attn.k_norm.weight")?.map(vector),
-            wgu: matrix_t(&[&*gate, &*up], "gate_up")?,
-            wdown: matrix_t(&[&*down], "down_proj")?,
+            in_norm: vector(h.in_norm),
+            post_norm: vector(h.post_norm),
+            wqkv: matrix_t(&[&*h.q, &*h.k, &*h.v], &format!("model.layers.{l}.self_attn.qkv"))?,
+            bqkv: h.bqkv.map(|b| put(&b, &[b.len() as i64])),
+            wo: matrix_t(&[&*h.o], "o_proj")?,
+            bo: h.bo.map(vector),
+            q_norm: h.q_norm.map(vector),
+            k_norm: h.k_norm.map(vector),
+            wgu: matrix_t(&[&*h.gate, &*h.up], "gate_up")?,
+            wdown: matrix_t(&[&*h.down], "down_proj")?,
             window: sliding_window(cfg, spec.arch, l),
         });
     }

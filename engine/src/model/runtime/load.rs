@@ -116,51 +116,88 @@ pub(crate) fn check_tensors(spec: &ModelSpec<'_>) -> Result<()> {
     Ok(())
 }
 
+/// The embedding, the head's own tensor (`None`: tied, the head is the embedding) and the
+/// checkpoint tensor the head comes from, of a model [`check_tensors`] accepted.
+pub(crate) type HostHead<'a> = (Cow<'a, HostTensor>, Option<Cow<'a, HostTensor>>, &'static str);
+
+pub(crate) fn read_embed_head<'a>(spec: &ModelSpec<'a>) -> Result<HostHead<'a>> {
+    let embed = read(spec, "model.embed_tokens.weight")?;
+    match (spec.config.tie_word_embeddings, read_opt(spec, "lm_head.weight")?) {
+        (_, Some(h)) => Ok((embed, Some(h), "lm_head.weight")),
+        (true, None) => Ok((embed, None, "model.embed_tokens.weight")),
+        (false, None) => Err(EngineError::MissingTensor { model: spec.label.to_string(), tensor: "lm_head.weight".into() }),
+    }
+}
+
+/// One layer's checkpoint tensors in f32, for a runtime to upload in its layout: the tensor
+/// names and the q|k|v bias concatenation live here once.
+pub(crate) struct HostLayer<'a> {
+    pub in_norm: Cow<'a, HostTensor>,
+    pub post_norm: Cow<'a, HostTensor>,
+    pub q: Cow<'a, HostTensor>,
+    pub k: Cow<'a, HostTensor>,
+    pub v: Cow<'a, HostTensor>,
+    /// q, k, v biases side by side (Qwen2); [`check_tensors`]: all three or none.
+    pub bqkv: Option<Vec<f32>>,
+    pub o: Cow<'a, HostTensor>,
+    pub bo: Option<Cow<'a, HostTensor>>,
+    pub q_norm: Option<Cow<'a, HostTensor>>,
+    pub k_norm: Option<Cow<'a, HostTensor>>,
+    pub gate: Cow<'a, HostTensor>,
+    pub up: Cow<'a, HostTensor>,
+    pub down: Cow<'a, HostTensor>,
+}
+
+pub(crate) fn read_layer<'a>(spec: &ModelSpec<'a>, l: usize) -> Result<HostLayer<'a>> {
+    let p = format!("model.layers.{l}.");
+    let r = |n: &str| read(spec, &format!("{p}{n}"));
+    let ro = |n: &str| read_opt(spec, &format!("{p}{n}"));
+    let bqkv = match (ro("self_attn.q_proj.bias")?, ro("self_attn.k_proj.bias")?, ro("self_attn.v_proj.bias")?) {
+        (Some(bq), Some(bk), Some(bv)) => Some(bq.data.iter().chain(&bk.data).chain(&bv.data).copied().collect()),
+        _ => None,
+    };
+    Ok(HostLayer {
+        in_norm: r("input_layernorm.weight")?,
+        post_norm: r("post_attention_layernorm.weight")?,
+        q: r("self_attn.q_proj.weight")?,
+        k: r("self_attn.k_proj.weight")?,
+        v: r("self_attn.v_proj.weight")?,
+        bqkv,
+        o: r("self_attn.o_proj.weight")?,
+        bo: ro("self_attn.o_proj.bias")?,
+        q_norm: ro("self_attn.q_norm.weight")?,
+        k_norm: ro("self_attn.k_norm.weight")?,
+        gate: r("mlp.gate_proj.weight")?,
+        up: r("mlp.up_proj.weight")?,
+        down: r("mlp.down_proj.weight")?,
+    })
+}
+
 /// Uploads a model whose tensors [`check_tensors`] accepted.
 pub(super) fn load_model<B: Backend>(spec: &ModelSpec<'_>, device: &B::Device) -> Result<ModelW<B>> {
     let cfg = spec.config;
     let d = Dims::of(cfg);
-    let embed_name = "model.embed_tokens.weight";
-    let embed_h = read(spec, embed_name)?;
-    let (head, head_tensor) = match (cfg.tie_word_embeddings, read_opt(spec, "lm_head.weight")?) {
-        (_, Some(h)) => (matrix_t::<B>(&[&*h], "lm_head.weight", device)?, "lm_head.weight"),
-        (true, None) => (matrix_t::<B>(&[&*embed_h], embed_name, device)?, embed_name),
-        (false, None) => {
-            return Err(EngineError::MissingTensor { model: spec.label.to_string(), tensor: "lm_head.weight".into() });
-        }
-    };
+    let (embed_h, head_h, head_tensor) = read_embed_head(spec)?;
+    let head = matrix_t::<B>(&[head_h.as_deref().unwrap_or(&embed_h)], head_tensor, device)?;
     let embed = upload::<B, 2>(embed_h.into_owned().data, [d.vocab, d.hidden], device);
     let norm = vector::<B>(read(spec, "model.norm.weight")?, device);
-    let layers_n = cfg.num_hidden_layers;
-    let mut layers = Vec::with_capacity(layers_n);
-    for l in 0..layers_n {
-        let p = format!("model.layers.{l}.");
-        let r = |n: &str| read(spec, &format!("{p}{n}"));
-        let ro = |n: &str| read_opt(spec, &format!("{p}{n}"));
-        let (q, k, v) = (r("self_attn.q_proj.weight")?, r("self_attn.k_proj.weight")?, r("self_attn.v_proj.weight")?);
-        let wqkv = Linear::new(matrix_t::<B>(&[&*q, &*k, &*v], &format!("{p}self_attn.qkv"), device)?);
-        let bqkv = match (ro("self_attn.q_proj.bias")?, ro("self_attn.k_proj.bias")?, ro("self_attn.v_proj.bias")?) {
-            (Some(bq), Some(bk), Some(bv)) => {
-                let data: Vec<f32> = bq.data.iter().chain(&bk.data).chain(&bv.data).copied().collect();
-                let n = data.len();
-                Some(upload::<B, 1>(data, [n], device))
-            }
-            _ => None, // check_tensors: all three or none
-        };
-        let o = r("self_attn.o_proj.weight")?;
-        let (gate, up, down) = (r("mlp.gate_proj.weight")?, r("mlp.up_proj.weight")?, r("mlp.down_proj.weight")?);
-        let (q_norm, k_norm) = (ro("self_attn.q_norm.weight")?, ro("self_attn.k_norm.weight")?);
+    let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+    for l in 0..cfg.num_hidden_layers {
+        let h = read_layer(spec, l)?;
         layers.push(LayerW {
-            in_norm: vector::<B>(r("input_layernorm.weight")?, device),
-            post_norm: vector::<B>(r("post_attention_layernorm.weight")?, device),
-            wqkv,
-            bqkv,
-            wo: Linear::new(matrix_t::<B>(&[&*o], "o_proj", device)?),
-            bo: ro("self_attn.o_proj.bias")?.map(|t| vector::<B>(t, device)),
-            q_norm: q_norm.map(|t| vector::<B>(t, device)),
-            k_norm: k_norm.map(|t| vector::<B>(t, device)),
-            wgu: Linear::new(matrix_t::<B>(&[&*gate, &*up], "gate_up", device)?),
-            wdown: Linear::new(matrix_t::<B>(&[&*down], "down_proj", device)?),
+            in_norm: vector::<B>(h.in_norm, device),
+            post_norm: vector::<B>(h.post_norm, device),
+            wqkv: Linear::new(matrix_t::<B>(&[&*h.q, &*h.k, &*h.v], &format!("model.layers.{l}.self_attn.qkv"), device)?),
+            bqkv: h.bqkv.map(|b| {
+                let n = b.len();
+                upload::<B, 1>(b, [n], device)
+            }),
+            wo: Linear::new(matrix_t::<B>(&[&*h.o], "o_proj", device)?),
+            bo: h.bo.map(|t| vector::<B>(t, device)),
+            q_norm: h.q_norm.map(|t| vector::<B>(t, device)),
+            k_norm: h.k_norm.map(|t| vector::<B>(t, device)),
+            wgu: Linear::new(matrix_t::<B>(&[&*h.gate, &*h.up], "gate_up", device)?),
+            wdown: Linear::new(matrix_t::<B>(&[&*h.down], "down_proj", device)?),
             window: sliding_window(cfg, spec.arch, l),
         });
     }

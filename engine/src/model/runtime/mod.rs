@@ -29,7 +29,7 @@ mod slots;
 #[allow(unused_imports)]
 use load::*;
 #[allow(unused_imports)]
-pub(crate) use load::{check_models, check_tensors, read, read_opt};
+pub(crate) use load::{check_models, check_tensors, read, read_embed_head, read_layer};
 #[allow(unused_imports)]
 use slots::*;
 #[allow(unused_imports)]
