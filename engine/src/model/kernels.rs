@@ -9,11 +9,17 @@
 //! column bands in parallel: matrixmultiply parallelizes a few-dozen-row product poorly on two
 //! cores (one thread packs, bands of rows are too short to share). Measured in
 //! `scripts/bench-forward` and `scripts/bench-loop` (BENCHMARKS.md).
+//!
+//! The CPU backend also packs a pass ([`Kernels::PACKED`]): its per-token work (norms, linears,
+//! the MLP) runs on the real tokens only, padding left out ([`Packing`]); only the keys and
+//! values keep the padded `[b, kv, t, d]` layout of the cache. Its attention takes the queries
+//! token-major, straight from the q|k|v projection ([`Kernels::qkv_heads`]), and reads every
+//! tensor in place ([`Host`]) rather than copying it to the host per layer.
 
 use burn::backend::NdArray;
 use burn::backend::ndarray::NdArrayTensor;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -57,6 +63,7 @@ pub(crate) struct Root<'a, B: Backend> {
 
 /// The inputs of [`Kernels::attention`].
 pub(crate) struct Attention<'a, B: Backend> {
+    /// The queries as [`Kernels::qkv_heads`] made them (the backend's own layout).
     pub q: Tensor<B, 4>,
     pub k: Tensor<B, 4>,
     pub v: Tensor<B, 4>,
@@ -64,10 +71,84 @@ pub(crate) struct Attention<'a, B: Backend> {
     pub root: Option<Root<'a, B>>,
     pub scale: f64,
     pub g: usize,
+    pub packing: &'a Packing,
+}
+
+/// Which tokens of a forward batch `[b, s]` the per-token work runs on: every position, or, on
+/// a backend that packs ([`Kernels::PACKED`]), only the real tokens (a right-padded scoring
+/// pass of rows of unequal length, the left-padded prompts of a generation).
+pub(crate) struct Packing {
+    pub b: usize,
+    pub s: usize,
+    /// Per packed token, its index `r·s + i` in the batch, ascending.
+    pub at: Vec<usize>,
+    /// Row `r`'s packed tokens are `row[r] .. row[r + 1]`.
+    pub row: Vec<usize>,
+}
+
+impl Packing {
+    /// `real`: which positions `[b, s]` are tokens (`None`: all); `pack`: leave the others out.
+    pub fn new(b: usize, s: usize, real: Option<&[bool]>, pack: bool) -> Self {
+        let at: Vec<usize> = match real {
+            Some(real) if pack => (0..b * s).filter(|&p| real[p]).collect(),
+            _ => (0..b * s).collect(),
+        };
+        let mut row = vec![0usize; b + 1];
+        for &p in &at {
+            row[p / s.max(1) + 1] += 1;
+        }
+        for r in 0..b {
+            row[r + 1] += row[r];
+        }
+        Self { b, s, at, row }
+    }
+
+    /// Tokens the per-token work runs on.
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    /// The packed row of batch index `r·s + i`, `None` for padding.
+    pub fn packed_index(&self, p: usize) -> Option<usize> {
+        if self.at.len() == self.b * self.s {
+            return Some(p).filter(|&p| p < self.at.len());
+        }
+        self.at.binary_search(&p).ok()
+    }
+}
+
+/// The inputs of [`Kernels::qkv_heads`].
+pub(crate) struct Heads<'a, B: Backend> {
+    pub packing: &'a Packing,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// RoPE tables `[b·s, head_dim/2]`.
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+    /// The same as tensors `[b, 1, s, head_dim/2]`, for a backend that does not pack (made
+    /// once per pass; uploaded here if missing).
+    pub tables: Option<&'a (Tensor<B, 4>, Tensor<B, 4>)>,
+    /// Per-head RMSNorm weights of queries and keys (Qwen3).
+    pub norms: Option<(&'a Tensor<B, 1>, &'a Tensor<B, 1>)>,
+    pub eps: f64,
 }
 
 /// Backends with optional fast paths; the defaults are plain burn ops.
 pub(crate) trait Kernels: Backend {
+    /// Whether a pass runs its per-token work on real tokens only ([`Packing`]). Without it,
+    /// padded positions run like tokens (the GPU default: one dense batch).
+    const PACKED: bool = false;
+
+    /// Splits the fused projection `qkv [tokens, (heads + 2·kv)·d]` into heads, applies the
+    /// per-head norms (Qwen3) and RoPE: queries in the backend's own layout for
+    /// [`Kernels::attention`] (the default: `[b, kv, g·s, d]`, the g query heads of each KV head
+    /// stacked, as transformers' `repeat_kv` pairs them), keys and values `[b, kv, s, d]` (the
+    /// cache's layout; padded positions of a packed pass hold zeros, which no query sees).
+    fn qkv_heads(qkv: Tensor<Self, 2>, a: &Heads<'_, Self>) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
+        qkv_heads_by_ops(qkv, a)
+    }
+
     /// `x [m, k] · w [k, n]`; `half` may hold (or be given) a bf16 copy of `w`.
     fn linear(x: Tensor<Self, 2>, w: &Tensor<Self, 2>, _half: &HalfCopy) -> Tensor<Self, 2> {
         x.matmul(w.clone())
@@ -85,13 +166,15 @@ pub(crate) trait Kernels: Backend {
         row_stats_by_ops(logits, targets)
     }
 
-    /// Attention of the queries `q [b, kv, g·s, d]` (the g query heads of each KV head
-    /// stacked) over a shared root's keys and values `[1, kv, len, d]` (if any; additive mask
-    /// `[b, 1, 1, s, len]` where a window hides some of it) and the row's own `k`, `v`
-    /// `[b, kv, t, d]` (additive `mask [b, 1, 1, s, t]`): `softmax(q·kᵀ·scale + mask) · v`
-    /// over both, as `[b, kv, g·s, d]`. The default runs burn ops.
-    fn attention(a: Attention<Self>) -> Tensor<Self, 4> {
-        attention_by_ops(a)
+    /// Attention of the queries `q` ([`Kernels::qkv_heads`]) over a shared root's keys and
+    /// values `[1, kv, len, d]` (if any; additive mask `[b, 1, 1, s, len]` where a window hides
+    /// some of it) and the row's own `k`, `v` `[b, kv, t, d]` (additive `mask [b, 1, 1, s, t]`):
+    /// `softmax(q·kᵀ·scale + mask) · v` over both, token-major `[tokens, heads·d]` (the
+    /// packed tokens of `a.packing`). The default runs burn ops.
+    fn attention(a: Attention<Self>) -> Tensor<Self, 2> {
+        let [b, kv, gs, d] = a.q.dims();
+        let (g, s) = (a.g, gs / a.g);
+        attention_by_ops(a).reshape([b, kv * g, s, d]).swap_dims(1, 2).reshape([b * s, kv * g * d])
     }
 
     /// RMSNorm of each row of `x [rows, n]`: `x · (mean(x²) + eps)^-½ · w` (f32). The default
@@ -120,7 +203,151 @@ pub(crate) trait Kernels: Backend {
     }
 }
 
+/// RMSNorm over the last dimension of `x` ([`Kernels::rms_norm`] on its rows).
+pub(crate) fn rms_norm<B: Kernels, const D: usize>(x: Tensor<B, D>, w: &Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
+    let dims = x.dims();
+    let n = dims[D - 1];
+    let rows = x.shape().num_elements() / n.max(1);
+    <B as Kernels>::rms_norm(x.reshape([rows, n]), w, eps).reshape(dims)
+}
+
+/// Rotate-half RoPE on `[b, heads, s, d]` with `cos`/`sin` `[b, 1, s, d/2]`.
+fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let h = x.dims()[3] / 2;
+    let x1 = x.clone().narrow(3, 0, h);
+    let x2 = x.narrow(3, h, h);
+    let a = x1.clone() * cos.clone() - x2.clone() * sin.clone();
+    let b = x2 * cos.clone() + x1 * sin.clone();
+    Tensor::cat(vec![a, b], 3)
+}
+
+/// A CPU tensor's elements as one row-major f32 slice: its own storage when that already is
+/// one (no copy), else a copy.
+enum Host {
+    Storage(NdArrayTensor),
+    Copy(Vec<f32>),
+}
+
+impl Host {
+    fn of<const D: usize>(t: Tensor<NdArray<f32>, D>) -> Self {
+        let prim = t.into_primitive().tensor();
+        if let NdArrayTensor::F32(storage) = &prim
+            && storage.view().to_slice().is_some()
+        {
+            return Self::Storage(prim);
+        }
+        Self::Copy(super::runtime::to_host_f32(Tensor::<NdArray<f32>, D>::from_primitive(TensorPrimitive::Float(prim))))
+    }
+
+    fn slice(&self) -> &[f32] {
+        match self {
+            Self::Storage(NdArrayTensor::F32(storage)) => storage.view().to_slice().unwrap_or_default(),
+            Self::Storage(_) => &[],
+            Self::Copy(v) => v,
+        }
+    }
+}
+
+/// `e^x` in f32 without a library call, so that loops of it vectorize: `2^n · e^r` with
+/// `n = round(x·log₂e)`, `r = x − n·ln 2` (Cody–Waite, two constants) and Cephes' degree-7
+/// polynomial for `e^r` (relative error below 2·10⁻⁷, tested). `x < −87` gives 0 (every
+/// masked score), `x > 88` gives `e^88`; NaN stays NaN.
+#[inline(always)]
+pub(crate) fn exp_f32(x: f32) -> f32 {
+    // Adding 1.5·2²³ rounds to an integer held in the low mantissa bits.
+    const SHIFT: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.0, 88.0);
+    let t = xc * std::f32::consts::LOG2_E + SHIFT;
+    let n = t - SHIFT;
+    let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 0.166_666_65) * r + 0.5;
+    let e = p * (r * r) + r + 1.0;
+    let two_n = f32::from_bits(((t.to_bits() as i32 - SHIFT.to_bits() as i32 + 127) << 23) as u32);
+    if x < -87.0 { 0.0 } else { e * two_n }
+}
+
+/// Softmax of one score row in place, unnormalized: `sc[..len]` (root keys, additive
+/// `root_mask`) and `sc[len..]` (own keys, additive `mask`) are scaled and masked, then
+/// `e^(x − max)`; returns `1 / Σ`, by which the caller scales the weighted values.
+#[inline(always)]
+fn softmax_row(sc: &mut [f32], len: usize, scale: f32, root_mask: Option<&[f32]>, mask: &[f32]) -> f32 {
+    let (root, own) = sc.split_at_mut(len);
+    match root_mask {
+        Some(m) => root.iter_mut().zip(m).for_each(|(x, m)| *x = *x * scale + m),
+        None => root.iter_mut().for_each(|x| *x *= scale),
+    }
+    own.iter_mut().zip(mask).for_each(|(x, m)| *x = *x * scale + m);
+    const L: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let chunks = sc.chunks_exact(L);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    for c in chunks {
+        for l in 0..L {
+            lanes[l] = lanes[l].max(c[l]);
+        }
+    }
+    let max = lanes.iter().fold(tail, |a, &x| a.max(x));
+    let mut sums = [0f32; L];
+    let mut chunks = sc.chunks_exact_mut(L);
+    for c in &mut chunks {
+        for l in 0..L {
+            c[l] = exp_f32(c[l] - max);
+            sums[l] += c[l];
+        }
+    }
+    let mut sum = 0f32;
+    for x in chunks.into_remainder() {
+        *x = exp_f32(*x - max);
+        sum += *x;
+    }
+    1.0 / (sums.iter().sum::<f32>() + sum)
+}
+
 impl Kernels for NdArray<f32> {
+    const PACKED: bool = true;
+
+    /// One parallel pass per output: queries token-major `[tokens, heads·d]` (what the
+    /// attention below reads), keys and values into the padded cache layout.
+    fn qkv_heads(qkv: Tensor<Self, 2>, a: &Heads<'_, Self>) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
+        let Packing { b, s, ref at, ref row } = *a.packing;
+        let (heads, kv, d) = (a.heads, a.kv_heads, a.head_dim);
+        let (w, half, n) = ((heads + 2 * kv) * d, d / 2, at.len());
+        let device = qkv.device();
+        let x = Host::of(qkv);
+        let x = x.slice();
+        let norms = a.norms.map(|(qn, kn)| (super::runtime::to_host_f32(qn.clone()), super::runtime::to_host_f32(kn.clone())));
+        let eps = a.eps as f32;
+        // One head `x [d]` → `out [d]`: RMSNorm (if any, as the rms_norm kernel computes it),
+        // then rotate-half RoPE with the position's tables (as `rope` computes it).
+        let head = |x: &[f32], out: &mut [f32], norm: Option<&[f32]>, p: usize| {
+            let (cos, sin) = (&a.cos[p * half..(p + 1) * half], &a.sin[p * half..(p + 1) * half]);
+            let r = norm.map_or(1.0, |_| (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt().recip());
+            let val = |j: usize| norm.map_or(x[j], |w| x[j] * r * w[j]);
+            for j in 0..half {
+                let (x1, x2) = (val(j), val(j + half));
+                out[j] = x1 * cos[j] - x2 * sin[j];
+                out[j + half] = x2 * cos[j] + x1 * sin[j];
+            }
+        };
+        let mut q = vec![0f32; n * heads * d];
+        q.par_chunks_mut((heads * d).max(1)).zip(x.par_chunks(w.max(1))).zip(at.par_iter()).for_each(|((qo, xr), &p)| {
+            for h in 0..heads {
+                head(&xr[h * d..(h + 1) * d], &mut qo[h * d..(h + 1) * d], norms.as_ref().map(|n| &n.0[..]), p);
+            }
+        });
+        let (mut k, mut v) = (vec![0f32; b * kv * s * d], vec![0f32; b * kv * s * d]);
+        k.par_chunks_mut((s * d).max(1)).zip(v.par_chunks_mut((s * d).max(1))).enumerate().for_each(|(pair, (ko, vo))| {
+            let (r, h) = (pair / kv, pair % kv);
+            for pk in row[r]..row[r + 1] {
+                let (p, xr) = (at[pk], &x[pk * w..(pk + 1) * w]);
+                let i = p - r * s;
+                head(&xr[(heads + h) * d..(heads + h + 1) * d], &mut ko[i * d..(i + 1) * d], norms.as_ref().map(|n| &n.1[..]), p);
+                vo[i * d..(i + 1) * d].copy_from_slice(&xr[(heads + kv + h) * d..(heads + kv + h + 1) * d]);
+            }
+        });
+        let t4 = |data: Vec<f32>, shape: [usize; 4]| Tensor::<Self, 4>::from_data(TensorData::new(data, shape), &device);
+        (t4(q, [n, 1, heads, d]), t4(k, [b, kv, s, d]), t4(v, [b, kv, s, d]))
+    }
     /// burn-ndarray 0.21 has no bf16 arrays: rounds on the host (in the tensor's own memory).
     fn round_through(t: Tensor<Self, 2>, dtype: crate::dtype::DType) -> Tensor<Self, 2> {
         if dtype == crate::dtype::DType::F32 {
@@ -148,80 +375,114 @@ impl Kernels for NdArray<f32> {
             .par_chunks(v.max(1))
             .zip(targets.par_iter())
             .map(|(row, &t)| {
-                let (mut max, mut arg) = (f32::NEG_INFINITY, 0usize);
-                for (j, &z) in row.iter().enumerate() {
-                    // NaN never wins, so a NaN row keeps a finite max and its sum turns NaN
-                    // (the caller's non-finite check); ties keep the first index.
-                    if z > max {
-                        max = z;
-                        arg = j;
+                // NaN never wins the max, so a NaN row keeps a finite max and its sum turns
+                // NaN (the caller's non-finite check); ties keep the first index.
+                pulp::Arch::new().dispatch(|| {
+                    const L: usize = 16;
+                    let chunks = row.chunks_exact(L);
+                    let mut max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |a, &z| a.max(z));
+                    let mut lanes = [f32::NEG_INFINITY; L];
+                    for c in chunks {
+                        for l in 0..L {
+                            lanes[l] = lanes[l].max(c[l]);
+                        }
                     }
-                }
-                let sum: f64 = row.iter().map(|&z| f64::from((z - max).exp())).sum();
-                let lse = max + sum.ln() as f32;
-                let tgt = usize::try_from(t).ok().and_then(|t| row.get(t)).copied().unwrap_or(f32::NAN);
-                (lse, tgt, arg as i64)
+                    max = lanes.iter().fold(max, |a, &z| a.max(z));
+                    let arg = row.iter().position(|&z| z == max).unwrap_or(0);
+                    let mut sums = [0f64; L];
+                    let chunks = row.chunks_exact(L);
+                    let mut sum: f64 = chunks.remainder().iter().map(|&z| f64::from(exp_f32(z - max))).sum();
+                    for c in chunks {
+                        for l in 0..L {
+                            sums[l] += f64::from(exp_f32(c[l] - max));
+                        }
+                    }
+                    sum += sums.iter().sum::<f64>();
+                    let lse = max + sum.ln() as f32;
+                    let tgt = usize::try_from(t).ok().and_then(|t| row.get(t)).copied().unwrap_or(f32::NAN);
+                    (lse, tgt, arg as i64)
+                })
             })
             .collect();
         (rows.iter().map(|r| r.0).collect(), rows.iter().map(|r| r.1).collect(), rows.iter().map(|r| r.2).collect())
     }
 
-    /// One task per (row, KV head), in parallel: the scores of its g·s queries against the
-    /// root's and its own keys by one GEMM, the masked softmax in place (one buffer, no
-    /// batch-wide temporaries), the weighted values by a second GEMM. burn-ndarray's version
-    /// makes ten single-threaded passes over batch-wide score arrays (scale, mask, concat,
-    /// the softmax's four, the split's copies), which cost as much as the matrix products of
-    /// the layer on two cores.
-    fn attention(a: Attention<Self>) -> Tensor<Self, 4> {
-        let Attention { q, k, v, mask, root, scale, g } = a;
-        let [b, kv, gs, d] = q.dims();
-        let (s, t) = (gs / g, k.dims()[2]);
-        let device = q.device();
-        let host = super::runtime::to_host_f32::<Self, 4>;
-        let (q, k, v, mask) = (host(q), host(k), host(v), super::runtime::to_host_f32(mask));
+    /// One task per (row, KV head), in parallel, on the row's real queries only: the scores
+    /// of its g query heads against the root's and the row's own keys (two GEMMs into one
+    /// score matrix, read where they lie: no per-row copies), the masked softmax in place,
+    /// the weighted values (two GEMMs, the second accumulating), scaled by `1/Σ`.
+    /// burn-ndarray's version makes ten single-threaded passes over batch-wide score arrays
+    /// (scale, mask, concat, the softmax's four, the split's copies), which cost as much as
+    /// the matrix products of the layer on two cores.
+    fn attention(a: Attention<Self>) -> Tensor<Self, 2> {
+        let Attention { q, k, v, mask, root, scale, g, packing } = a;
+        let Packing { b, s, ref at, ref row } = *packing;
+        let [_, kv, t, d] = k.dims();
+        let heads = kv * g;
+        let device = k.device();
+        let (q, k, v, mask) = (Host::of(q), Host::of(k), Host::of(v), Host::of(mask));
+        let (q, k, v, mask) = (q.slice(), k.slice(), v.slice(), mask.slice());
         let (len, rk, rv, rmask) = match root {
-            Some(r) => (r.k.dims()[2], host(r.k.clone()), host(r.v.clone()), r.mask.map(super::runtime::to_host_f32)),
-            None => (0, vec![], vec![], None),
+            Some(r) => (r.k.dims()[2], Some(Host::of(r.k.clone())), Some(Host::of(r.v.clone())), r.mask.map(Host::of)),
+            None => (0, None, None, None),
         };
+        let (rk, rv) = (rk.as_ref().map_or(&[][..], Host::slice), rv.as_ref().map_or(&[][..], Host::slice));
+        let rmask = rmask.as_ref().map(Host::slice);
         let n = len + t;
         let scale = scale as f32;
-        let mut out = vec![0f32; b * kv * gs * d];
-        out.par_chunks_mut(gs * d).enumerate().for_each(|(pair, o)| {
+        let outs: Vec<Vec<f32>> = (0..b * kv)
+            .into_par_iter()
+            .map(|pair| {
+                let (r, h) = (pair / kv, pair % kv);
+                let toks = row[r]..row[r + 1];
+                let nr = toks.len();
+                let m = g * nr;
+                // queries [m, d]: query head h·g + gi of each of the row's tokens
+                let mut qs = vec![0f32; m * d];
+                for gi in 0..g {
+                    for (j, pk) in toks.clone().enumerate() {
+                        let src = pk * heads * d + (h * g + gi) * d;
+                        qs[(gi * nr + j) * d..(gi * nr + j + 1) * d].copy_from_slice(&q[src..src + d]);
+                    }
+                }
+                let mut p = vec![0f32; m * n];
+                let (own_k, own_v) = (&k[pair * t * d..(pair + 1) * t * d], &v[pair * t * d..(pair + 1) * t * d]);
+                if len > 0 {
+                    gemm_into(&mut p, n, false, m, len, d, &qs, d, 1, &rk[h * len * d..(h + 1) * len * d], 1, d);
+                }
+                gemm_into(&mut p[len..], n, false, m, t, d, &qs, d, 1, own_k, 1, d);
+                let mut inv = vec![0f32; m];
+                pulp::Arch::new().dispatch(|| {
+                    for (ri, (sc, inv)) in p.chunks_mut(n.max(1)).zip(&mut inv).enumerate() {
+                        let i = at[toks.start + ri % nr.max(1)] - r * s;
+                        let mrow = &mask[(r * s + i) * t..(r * s + i + 1) * t];
+                        let rm = rmask.map(|m| &m[(r * s + i) * len..(r * s + i + 1) * len]);
+                        *inv = softmax_row(sc, len, scale, rm, mrow);
+                    }
+                });
+                let mut o = vec![0f32; m * d];
+                if len > 0 {
+                    gemm_into(&mut o, d, false, m, d, len, &p, n, 1, &rv[h * len * d..(h + 1) * len * d], d, 1);
+                }
+                gemm_into(&mut o, d, len > 0, m, d, t, &p[len..], n, 1, own_v, d, 1);
+                for (orow, inv) in o.chunks_mut(d.max(1)).zip(&inv) {
+                    orow.iter_mut().for_each(|x| *x *= inv);
+                }
+                o
+            })
+            .collect();
+        let mut out = vec![0f32; at.len() * heads * d];
+        for (pair, o) in outs.iter().enumerate() {
             let (r, h) = (pair / kv, pair % kv);
-            // keys and values side by side: the root's, then the row's own
-            let mut keys = Vec::with_capacity(n * d);
-            let mut vals = Vec::with_capacity(n * d);
-            keys.extend_from_slice(&rk[h * len * d..(h + 1) * len * d]);
-            keys.extend_from_slice(&k[pair * t * d..(pair + 1) * t * d]);
-            vals.extend_from_slice(&rv[h * len * d..(h + 1) * len * d]);
-            vals.extend_from_slice(&v[pair * t * d..(pair + 1) * t * d]);
-            let mut p = vec![0f32; gs * n];
-            gemm_into(&mut p, gs, n, d, &q[pair * gs * d..(pair + 1) * gs * d], d, 1, &keys, 1, d);
-            for (row, sc) in p.chunks_mut(n).enumerate() {
-                let i = row % s;
-                let (root_part, own) = sc.split_at_mut(len);
-                let mut max = f32::NEG_INFINITY;
-                let root_mask = rmask.as_ref().map(|m| &m[(r * s + i) * len..(r * s + i + 1) * len]);
-                for (j, x) in root_part.iter_mut().enumerate() {
-                    *x = *x * scale + root_mask.map_or(0.0, |m| m[j]);
-                    max = max.max(*x);
-                }
-                for (x, m) in own.iter_mut().zip(&mask[(r * s + i) * t..(r * s + i + 1) * t]) {
-                    *x = *x * scale + m;
-                    max = max.max(*x);
-                }
-                let mut sum = 0f32;
-                for x in sc.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                for x in sc.iter_mut() {
-                    *x /= sum;
+            let nr = row[r + 1] - row[r];
+            for gi in 0..g {
+                for j in 0..nr {
+                    let dst = (row[r] + j) * heads * d + (h * g + gi) * d;
+                    out[dst..dst + d].copy_from_slice(&o[(gi * nr + j) * d..(gi * nr + j + 1) * d]);
                 }
             }
-            gemm_into(o, gs, d, n, &p, n, 1, &vals, d, 1);
-        });
-        Tensor::from_data(TensorData::new(out, [b, kv, gs, d]), &device)
+        }
+        Tensor::from_data(TensorData::new(out, [at.len(), heads * d]), &device)
     }
 
     /// One parallel pass over the rows (burn-ndarray makes seven single-threaded passes).
@@ -241,7 +502,7 @@ impl Kernels for NdArray<f32> {
         Tensor::from_data(TensorData::new(x, [rows, n]), &device)
     }
 
-    /// One parallel pass, `silu(g) = g / (1 + e^-g)` as transformers computes it. burn's
+    /// One parallel pass, `silu(g) = g / (1 + e^-g)` as transformers computes it ([`exp_f32`]). burn's
     /// sigmoid is `exp(−ln(1 + e^−x))`: two exponentials and a logarithm per element, in nine
     /// single-threaded passes with the narrows and products, about a fifth of a scoring pass.
     fn swiglu(gu: Tensor<Self, 2>, inter: usize) -> Tensor<Self, 2> {
@@ -251,9 +512,11 @@ impl Kernels for NdArray<f32> {
         let mut out = vec![0f32; rows * inter];
         out.par_chunks_mut(inter.max(1)).zip(gu.par_chunks(2 * inter.max(1))).for_each(|(o, row)| {
             let (gate, up) = row.split_at(inter);
-            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-                *o = g / (1.0 + (-g).exp()) * u;
-            }
+            pulp::Arch::new().dispatch(|| {
+                for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                    *o = g / (1.0 + exp_f32(-g)) * u;
+                }
+            });
         });
         Tensor::from_data(TensorData::new(out, [rows, inter]), &device)
     }
@@ -276,9 +539,34 @@ impl Kernels for NdArray<f32> {
     }
 }
 
+/// [`Kernels::qkv_heads`] with burn ops (the default; the reference of the CPU fast path).
+fn qkv_heads_by_ops<B: Kernels>(qkv: Tensor<B, 2>, a: &Heads<'_, B>) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    let (b, s, heads, kv, d) = (a.packing.b, a.packing.s, a.heads, a.kv_heads, a.head_dim);
+    let q = qkv.clone().narrow(1, 0, heads * d).reshape([b, s, heads, d]);
+    let k = qkv.clone().narrow(1, heads * d, kv * d).reshape([b, s, kv, d]);
+    let v = qkv.narrow(1, (heads + kv) * d, kv * d).reshape([b, s, kv, d]);
+    let (q, k) = match a.norms {
+        Some((qn, kn)) => (rms_norm(q, qn, a.eps), rms_norm(k, kn, a.eps)),
+        None => (q, k),
+    };
+    let uploaded;
+    let (cos, sin) = match a.tables {
+        Some((c, sn)) => (c, sn),
+        None => {
+            let device = q.device();
+            let table = |t: &[f32]| Tensor::<B, 4>::from_data(TensorData::new(t.to_vec(), [b, 1, s, d / 2]), &device);
+            uploaded = (table(a.cos), table(a.sin));
+            (&uploaded.0, &uploaded.1)
+        }
+    };
+    let q = rope(q.swap_dims(1, 2), cos, sin);
+    let k = rope(k.swap_dims(1, 2), cos, sin);
+    (q.reshape([b, kv, (heads / kv) * s, d]), k, v.swap_dims(1, 2))
+}
+
 /// [`Kernels::attention`] with burn ops (the default; the reference of the CPU fast path).
 fn attention_by_ops<B: Backend>(a: Attention<B>) -> Tensor<B, 4> {
-    let Attention { q, k, v, mask, root, scale, g } = a;
+    let Attention { q, k, v, mask, root, scale, g, .. } = a;
     let [b, kv, gs, _] = q.dims();
     let (s, t) = (gs / g, k.dims()[2]);
     let own = q.clone().matmul(k.swap_dims(2, 3)).mul_scalar(scale).reshape([b, kv, g, s, t]) + mask;
@@ -415,25 +703,44 @@ pub(crate) fn banded_gemm(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) ->
 #[allow(clippy::too_many_arguments)]
 fn gemm_band(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, c0: usize, width: usize, out: &mut [f32]) {
     assert!(x.len() == m * k && w.len() == k * n && c0 + width <= n && out.len() == m * width);
-    gemm_into(out, m, width, k, x, k, 1, &w[c0..], n, 1);
+    gemm_into(out, width, false, m, width, k, x, k, 1, &w[c0..], n, 1);
 }
 
-/// `out [m, n] = a [m, k] · b [k, n]`, row-major `out`; `a[i][j]` at `a[i·a_rs + j·a_cs]`,
-/// `b[j][c]` at `b[j·b_rs + c·b_cs]`; one thread.
+/// `out[i·out_rs + c] (+)= Σ_j a[i][j]·b[j][c]` for `i < m`, `c < n`: `a[i][j]` at
+/// `a[i·a_rs + j·a_cs]`, `b[j][c]` at `b[j·b_rs + c·b_cs]`; `accumulate` adds to what `out`
+/// holds instead of overwriting it. One thread.
 #[allow(unsafe_code, clippy::too_many_arguments)]
-fn gemm_into(out: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], a_rs: usize, a_cs: usize, b: &[f32], b_rs: usize, b_cs: usize) {
+fn gemm_into(
+    out: &mut [f32],
+    out_rs: usize,
+    accumulate: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+) {
     let last = |rows: usize, cols: usize, rs: usize, cs: usize| if rows == 0 || cols == 0 { 0 } else { (rows - 1) * rs + (cols - 1) * cs + 1 };
-    assert!(out.len() == m * n && a.len() >= last(m, k, a_rs, a_cs) && b.len() >= last(k, n, b_rs, b_cs), "gemm_into: shapes");
+    assert!(
+        n <= out_rs && out.len() >= last(m, n, out_rs, 1) && a.len() >= last(m, k, a_rs, a_cs) && b.len() >= last(k, n, b_rs, b_cs),
+        "gemm_into: shapes"
+    );
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        out.fill(0.0);
+        if !accumulate {
+            out.chunks_mut(out_rs).take(m).for_each(|r| r[..n].fill(0.0));
+        }
         return;
     }
     // SAFETY: `gemm` reads `a[i·a_rs + j·a_cs]` (i < m, j < k) and `b[j·b_rs + c·b_cs]`
-    // (j < k, c < n), whose largest indices are below the lengths asserted above, and writes
-    // `out[i·n + c]` (out.len() == m·n). `read_dst = false`; `out` is a unique borrow, so it
+    // (j < k, c < n), and reads (when accumulating) and writes `out[i·out_rs + c]`; the
+    // largest of each is below the lengths asserted above. `out` is a unique borrow, so it
     // overlaps neither input. No threads: Parallelism::None.
     unsafe {
         gemm::gemm(
@@ -442,15 +749,15 @@ fn gemm_into(out: &mut [f32], m: usize, n: usize, k: usize, a: &[f32], a_rs: usi
             k,
             out.as_mut_ptr(),
             1,
-            n as isize,
-            false,
+            out_rs as isize,
+            accumulate,
             a.as_ptr(),
             a_cs as isize,
             a_rs as isize,
             b.as_ptr(),
             b_cs as isize,
             b_rs as isize,
-            0.0,
+            1.0,
             1.0,
             false,
             false,
@@ -488,40 +795,130 @@ mod tests {
     }
 
     /// The fused CPU attention equals burn's ops: GQA groups, padding masks, a root with and
-    /// without a window mask, one and several rows.
+    /// without a window mask, one and several rows, packed passes (rows with padding left out).
     #[test]
     fn fused_attention_matches_burn_ops() {
         type B = NdArray<f32>;
         let dev = Default::default();
         let val = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 - 1001.0) / 700.0).collect() };
-        for (b, kv, g, s, t, len, window) in
-            [(1, 1, 1, 1, 1, 0, false), (3, 2, 3, 4, 9, 0, false), (2, 2, 2, 3, 5, 7, false), (4, 1, 7, 5, 5, 11, true)]
-        {
-            let d = 8;
-            let t4 = |n: [usize; 4], seed| Tensor::<B, 4>::from_data(TensorData::new(val(n.iter().product(), seed), n), &dev);
+        for (b, kv, g, s, t, len, window, pad) in [
+            (1, 1, 1, 1, 1, 0, false, false),
+            (3, 2, 3, 4, 9, 0, false, true),
+            (2, 2, 2, 3, 5, 7, false, false),
+            (4, 1, 7, 5, 5, 11, true, true),
+            (2, 2, 3, 6, 6, 40, false, true),
+        ] {
+            let (d, heads) = (8, kv * g);
+            let t4 = |data: Vec<f32>, n: [usize; 4]| Tensor::<B, 4>::from_data(TensorData::new(data, n), &dev);
             let mask: Vec<f32> = (0..b * s * t).map(|i| if (i * 31) % 7 == 3 { -1e30 } else { 0.0 }).collect();
             let mask = Tensor::<B, 5>::from_data(TensorData::new(mask, [b, 1, 1, s, t]), &dev);
-            let (rk, rv) = (t4([1, kv, len, d], 5), t4([1, kv, len, d], 6));
+            let (rk, rv) = (t4(val(kv * len * d, 5), [1, kv, len, d]), t4(val(kv * len * d, 6), [1, kv, len, d]));
             let rmask = window.then(|| {
                 let m: Vec<f32> = (0..b * s * len).map(|i| if i % 5 == 0 { -1e30 } else { 0.0 }).collect();
                 Tensor::<B, 5>::from_data(TensorData::new(m, [b, 1, 1, s, len]), &dev)
             });
-            let make = || Attention {
-                q: t4([b, kv, g * s, d], 1),
-                k: t4([b, kv, t, d], 2),
-                v: t4([b, kv, t, d], 3),
+            // queries [b, kv, g·s, d] for burn's ops; token-major [tokens, heads·d] for the kernel
+            let qv = val(b * kv * g * s * d, 1);
+            let q_at = |r: usize, h: usize, gi: usize, i: usize| ((r * kv + h) * g * s + gi * s + i) * d;
+            // with padding, odd rows leave out their last position
+            let real: Vec<bool> = (0..b * s).map(|p| !pad || p % s + (p / s) % 2 < s).collect();
+            let packing = Packing::new(b, s, Some(&real), true);
+            let qt: Vec<f32> = packing
+                .at
+                .iter()
+                .flat_map(|&p| (0..heads).map(move |hh| (hh, p)))
+                .flat_map(|(hh, p)| {
+                    let at = q_at(p / s, hh / g, hh % g, p % s);
+                    qv[at..at + d].to_vec()
+                })
+                .collect();
+            let got = super::super::runtime::to_host_f32(<B as Kernels>::attention(Attention {
+                q: t4(qt, [packing.len(), 1, heads, d]),
+                k: t4(val(b * kv * t * d, 2), [b, kv, t, d]),
+                v: t4(val(b * kv * t * d, 3), [b, kv, t, d]),
                 mask: mask.clone(),
                 root: (len > 0).then(|| Root { k: &rk, v: &rv, mask: rmask.clone() }),
                 scale: 0.35,
                 g,
-            };
-            let got = super::super::runtime::to_host_f32(<B as Kernels>::attention(make()));
-            let want = super::super::runtime::to_host_f32(attention_by_ops(make()));
-            assert_eq!(got.len(), want.len());
-            for (x, y) in got.iter().zip(&want) {
-                assert!((x - y).abs() < 1e-5, "b {b} kv {kv} g {g} s {s} t {t} root {len}: {x} vs {y}");
+                packing: &packing,
+            }));
+            let dense = Packing::new(b, s, None, false);
+            let want = super::super::runtime::to_host_f32(attention_by_ops(Attention {
+                q: t4(qv.clone(), [b, kv, g * s, d]),
+                k: t4(val(b * kv * t * d, 2), [b, kv, t, d]),
+                v: t4(val(b * kv * t * d, 3), [b, kv, t, d]),
+                mask: mask.clone(),
+                root: (len > 0).then(|| Root { k: &rk, v: &rv, mask: rmask.clone() }),
+                scale: 0.35,
+                g,
+                packing: &dense,
+            }));
+            assert_eq!(got.len(), packing.len() * heads * d);
+            for (pk, &p) in packing.at.iter().enumerate() {
+                for hh in 0..heads {
+                    let w = q_at(p / s, hh / g, hh % g, p % s);
+                    for c in 0..d {
+                        let (x, y) = (got[(pk * heads + hh) * d + c], want[w + c]);
+                        assert!((x - y).abs() < 1e-5, "b {b} kv {kv} g {g} s {s} t {t} root {len}: {x} vs {y}");
+                    }
+                }
             }
         }
+    }
+
+    /// The CPU split of q|k|v into heads (norms, RoPE, packing) equals burn's ops, bit for bit.
+    #[test]
+    fn qkv_heads_match_burn_ops() {
+        type B = NdArray<f32>;
+        let dev = Default::default();
+        let (b, s, heads, kv, d) = (3, 5, 6, 2, 8);
+        let w = (heads + 2 * kv) * d;
+        let x: Vec<f32> = (0..b * s * w).map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 300.0).collect();
+        let positions: Vec<usize> = (0..b * s).map(|p| 3 + p % s + p / s).collect();
+        let (cos, sin) = super::super::rope::Rope::new(d, 10_000.0, None).tables(&positions);
+        let qn = Tensor::<B, 1>::from_data(TensorData::new((0..d).map(|i| 0.5 + i as f32 / 8.0).collect::<Vec<f32>>(), [d]), &dev);
+        let kn = Tensor::<B, 1>::from_data(TensorData::new((0..d).map(|i| 1.5 - i as f32 / 9.0).collect::<Vec<f32>>(), [d]), &dev);
+        let real: Vec<bool> = (0..b * s).map(|p| p % s < s - p / s).collect();
+        for norms in [None, Some((&qn, &kn))] {
+            let packing = Packing::new(b, s, Some(&real), true);
+            let packed: Vec<f32> = packing.at.iter().flat_map(|&p| x[p * w..(p + 1) * w].to_vec()).collect();
+            let heads_in = |packing| Heads { packing, heads, kv_heads: kv, head_dim: d, cos: &cos, sin: &sin, tables: None, norms, eps: 1e-6 };
+            let (q, k, v) = <B as Kernels>::qkv_heads(Tensor::from_data(TensorData::new(packed, [packing.len(), w]), &dev), &heads_in(&packing));
+            let dense = Packing::new(b, s, None, false);
+            let (wq, wk, wv) = qkv_heads_by_ops(Tensor::<B, 2>::from_data(TensorData::new(x.clone(), [b * s, w]), &dev), &heads_in(&dense));
+            let host = super::super::runtime::to_host_f32::<B, 4>;
+            let (q, k, v, wq, wk, wv) = (host(q), host(k), host(v), host(wq), host(wk), host(wv));
+            let g = heads / kv;
+            for (pk, &p) in packing.at.iter().enumerate() {
+                let (r, i) = (p / s, p % s);
+                for hh in 0..heads {
+                    let want = ((r * kv + hh / g) * g * s + (hh % g) * s + i) * d;
+                    assert_eq!(q[(pk * heads + hh) * d..(pk * heads + hh + 1) * d], wq[want..want + d], "q of token {p} head {hh}");
+                }
+                for h in 0..kv {
+                    let at = ((r * kv + h) * s + i) * d;
+                    assert_eq!(k[at..at + d], wk[at..at + d], "k of token {p} head {h}");
+                    assert_eq!(v[at..at + d], wv[at..at + d], "v of token {p} head {h}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exp_f32_is_accurate_and_vectorizable_edge_cases_hold() {
+        let mut worst = 0f64;
+        for i in 0..=350_000 {
+            let x = -87.0 + f64::from(i) * 175.0 / 350_000.0;
+            let got = f64::from(exp_f32(x as f32));
+            let want = (x as f32 as f64).exp();
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst < 3e-7, "relative error {worst}");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(-1e30), 0.0, "masked scores weigh nothing");
+        assert_eq!(exp_f32(-87.5), 0.0);
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert!(exp_f32(1e30).is_finite());
     }
 
     use super::*;

@@ -49,6 +49,9 @@ pub(crate) struct Step<'a> {
     /// Positions of the key columns `[b, t]` where they are not the column indices (a row that
     /// continues a gathered, right-padded cache); see [`mask`].
     pub key_pos: Option<&'a [usize]>,
+    /// Which positions `[b, s]` are real tokens, where some are padding (`None`: all are). A
+    /// runtime may leave the others out of its per-token work; nothing reads their outputs.
+    pub real: Option<&'a [bool]>,
 }
 
 /// Key/value tensors of every hop, `[batch, kv_heads, len, head_dim]`.
@@ -203,7 +206,8 @@ pub(crate) trait Passes {
         self.check_len(tokens.len(), "a sequence")?;
         let positions: Vec<usize> = (0..tokens.len()).collect();
         self.add_tokens(tokens.len());
-        let h = self.hidden(&Step { ids: tokens, b: 1, s: tokens.len(), positions: &positions, key_valid: None, key_pos: None }, None, None)?;
+        let h =
+            self.hidden(&Step { ids: tokens, b: 1, s: tokens.len(), positions: &positions, key_valid: None, key_pos: None, real: None }, None, None)?;
         let logits = self.head_host(h)?;
         if logits.iter().any(|v| !v.is_finite()) {
             return Err(self.non_finite("logits"));
@@ -350,7 +354,9 @@ pub(crate) trait Passes {
             }
             None => (keep.then(|| KvCache { entries: vec![None; hops], len: 0 }), None, None),
         };
-        let st = Step { ids: &ids, b, s, positions: &positions, key_valid: key_valid.as_deref(), key_pos: key_pos.as_deref() };
+        let real: Option<Vec<bool>> =
+            rows.iter().any(|r| r.tokens.len() < s).then(|| rows.iter().flat_map(|r| (0..s).map(|c| c < r.tokens.len())).collect());
+        let st = Step { ids: &ids, b, s, positions: &positions, key_valid: key_valid.as_deref(), key_pos: key_pos.as_deref(), real: real.as_deref() };
         let h = self.hidden(&st, cache.as_mut(), root)?;
         if !sel.is_empty() {
             let (lse, tgt, am) = self.row_stats(h, sel, &targets)?;
@@ -523,7 +529,16 @@ pub(crate) trait Passes {
         let mut cache = KvCache { entries: vec![None; self.layer_path().hops.len()], len: 0 };
         let kv = flat(&valid);
         let any_pad = kv.iter().any(|v| !v);
-        let st = Step { ids: &ids, b, s, positions: &positions, key_valid: any_pad.then_some(kv.as_slice()), key_pos: None };
+        // Before the first step, the valid keys are the prompts' real tokens.
+        let st = Step {
+            ids: &ids,
+            b,
+            s,
+            positions: &positions,
+            key_valid: any_pad.then_some(kv.as_slice()),
+            key_pos: None,
+            real: any_pad.then_some(kv.as_slice()),
+        };
         let h = self.hidden(&st, Some(&mut cache), root)?;
         let mut next = self.next_tokens(h, b, s)?;
         let mut out: Vec<Generation> = (0..b).map(|_| Generation { tokens: vec![], reason: StopReason::MaxTokens }).collect();
@@ -568,7 +583,7 @@ pub(crate) trait Passes {
             }
             let kv = flat(&valid);
             self.add_tokens(done.iter().filter(|&&d| !d).count());
-            let st = Step { ids: &next, b, s: 1, positions: &pos, key_valid: any_pad.then_some(kv.as_slice()), key_pos: None };
+            let st = Step { ids: &next, b, s: 1, positions: &pos, key_valid: any_pad.then_some(kv.as_slice()), key_pos: None, real: None };
             let h = self.hidden(&st, Some(&mut cache), root)?;
             next = self.next_tokens(h, b, 1)?;
         }

@@ -3,6 +3,10 @@
 #[allow(unused_imports)]
 use super::*;
 
+/// RoPE's cos and sin `[b·s, d/2]` on the host, and as tensors `[b, 1, s, d/2]` where the
+/// backend does not pack.
+type RopeTables<B> = (Vec<f32>, Vec<f32>, Option<(Tensor<B, 4>, Tensor<B, 4>)>);
+
 impl<B: Kernels> Runtime<B> {
     pub(crate) fn new(device: B::Device, spec: DeviceSpec, models: &[ModelSpec<'_>]) -> Result<Self> {
         let dims = check_models(models)?;
@@ -40,6 +44,17 @@ impl<B: Kernels> Runtime<B> {
         linear(rms_norm(h, &m.norm, m.eps), &m.head, None)
     }
 
+    /// The rows of a packed pass's hidden states that hold batch positions `rows` (`r·s + i`).
+    fn packed_rows(&self, packing: &Packing, rows: Vec<usize>) -> Result<Tensor<B, 1, Int>> {
+        let idx = rows
+            .into_iter()
+            .map(|p| {
+                packing.packed_index(p).map(|i| i as i64).ok_or_else(|| EngineError::InvalidInput(format!("position {p} of the pass is padding")))
+            })
+            .collect::<Result<Vec<i64>>>()?;
+        Ok(self.rows(idx))
+    }
+
     pub(super) fn rows(&self, idx: Vec<i64>) -> Tensor<B, 1, Int> {
         let n = idx.len();
         Tensor::from_data(TensorData::new(idx, [n]), &self.device)
@@ -68,7 +83,7 @@ impl<B: Kernels> Runtime<B> {
 
 impl<B: Kernels> Passes for Runtime<B> {
     type Kv = Tensor<B, 4>;
-    type Hidden = Tensor<B, 2>;
+    type Hidden = Packed<B>;
 
     fn model_info(&self) -> &ModelInfo {
         &self.info
@@ -86,18 +101,20 @@ impl<B: Kernels> Passes for Runtime<B> {
         EngineError::NonFinite { model: self.models[self.path.head_model].label.clone(), what: what.into() }
     }
 
-    fn hidden(&self, st: &Step<'_>, mut cache: Option<&mut KvCache<Tensor<B, 4>>>, root: Option<&KvCache<Tensor<B, 4>>>) -> Result<Tensor<B, 2>> {
-        let Dims { hidden, heads, kv_heads, head_dim, .. } = self.info.dims;
+    fn hidden(&self, st: &Step<'_>, mut cache: Option<&mut KvCache<Tensor<B, 4>>>, root: Option<&KvCache<Tensor<B, 4>>>) -> Result<Packed<B>> {
+        let Dims { heads, kv_heads, head_dim, .. } = self.info.dims;
         let (b, s) = (st.b, st.s);
         self.check_ids(st.ids)?;
         let past = cache.as_ref().map_or(0, |c| c.len);
-        let ids: Vec<i64> = st.ids.iter().map(|&t| i64::from(t)).collect();
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [b * s]), &self.device);
-        let mut x = self.models[self.path.embed_model].embed.clone().select(0, ids).reshape([b, s, hidden]);
+        let packing = Packing::new(b, s, st.real, B::PACKED);
+        let ids: Vec<i64> = packing.at.iter().map(|&p| i64::from(st.ids[p])).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [packing.len()]), &self.device);
+        // `[tokens, hidden]`: the per-token work runs on the packed tokens.
+        let mut x = self.models[self.path.embed_model].embed.clone().select(0, ids);
 
         let mut masks: HashMap<Option<usize>, Tensor<B, 5>> = HashMap::new();
         let mut root_masks: HashMap<usize, Tensor<B, 5>> = HashMap::new();
-        let mut ropes: HashMap<usize, (Tensor<B, 4>, Tensor<B, 4>)> = HashMap::new();
+        let mut ropes: HashMap<usize, RopeTables<B>> = HashMap::new();
         let g = heads / kv_heads;
         let scale = (head_dim as f64).powf(-0.5);
         for (hop_i, hop) in self.path.hops.iter().enumerate() {
@@ -107,28 +124,20 @@ impl<B: Kernels> Passes for Runtime<B> {
                 x = x.mul_scalar(hop.scale);
             }
             let mask = masks.entry(layer.window).or_insert_with(|| self.mask(st, past, layer.window)).clone();
-            let (cos, sin) = ropes
-                .entry(hop.model)
-                .or_insert_with(|| {
-                    let (c, sn) = model.rope.tables(st.positions);
-                    let h = head_dim / 2;
-                    (upload::<B, 4>(c, [b, 1, s, h], &self.device), upload::<B, 4>(sn, [b, 1, s, h], &self.device))
-                })
-                .clone();
+            let (cos, sin, tables) = ropes.entry(hop.model).or_insert_with(|| {
+                let (c, sn) = model.rope.tables(st.positions);
+                let h = head_dim / 2;
+                let tables = (!B::PACKED)
+                    .then(|| (upload::<B, 4>(c.clone(), [b, 1, s, h], &self.device), upload::<B, 4>(sn.clone(), [b, 1, s, h], &self.device)));
+                (c, sn, tables)
+            });
 
             // Attention.
-            let h = rms_norm(x.clone(), &layer.in_norm, model.eps).reshape([b * s, hidden]);
+            let h = rms_norm(x.clone(), &layer.in_norm, model.eps);
             let qkv = linear(h, &layer.wqkv, layer.bqkv.as_ref());
-            let q = qkv.clone().narrow(1, 0, heads * head_dim).reshape([b, s, heads, head_dim]);
-            let k = qkv.clone().narrow(1, heads * head_dim, kv_heads * head_dim).reshape([b, s, kv_heads, head_dim]);
-            let v = qkv.narrow(1, (heads + kv_heads) * head_dim, kv_heads * head_dim).reshape([b, s, kv_heads, head_dim]);
-            let (q, k) = match (&layer.q_norm, &layer.k_norm) {
-                (Some(qn), Some(kn)) => (rms_norm(q, qn, model.eps), rms_norm(k, kn, model.eps)),
-                _ => (q, k),
-            };
-            let q = rope(q.swap_dims(1, 2), &cos, &sin);
-            let mut k = rope(k.swap_dims(1, 2), &cos, &sin);
-            let mut v = v.swap_dims(1, 2);
+            let norms = layer.q_norm.as_ref().zip(layer.k_norm.as_ref());
+            let heads_in = Heads { packing: &packing, heads, kv_heads, head_dim, cos, sin, tables: tables.as_ref(), norms, eps: model.eps };
+            let (q, mut k, mut v) = <B as Kernels>::qkv_heads(qkv, &heads_in);
             if let Some(c) = cache.as_deref_mut() {
                 if let Some((pk, pv)) = c.entries[hop_i].take() {
                     k = Tensor::cat(vec![pk, k], 2);
@@ -136,47 +145,46 @@ impl<B: Kernels> Passes for Runtime<B> {
                 }
                 c.entries[hop_i] = Some((k.clone(), v.clone()));
             }
-            // GQA: the g query heads of one KV head are consecutive (transformers' repeat_kv).
-            let q = q.reshape([b, kv_heads, g * s, head_dim]);
             let root = root.and_then(|r| r.entries[hop_i].as_ref()).map(|(rk, rv)| {
                 let len = rk.dims()[2];
                 let mask = layer.window.map(|w| root_masks.entry(w).or_insert_with(|| self.root_mask(st, len, w)).clone());
                 Root { k: rk, v: rv, mask }
             });
-            let a = <B as Kernels>::attention(Attention { q, k, v, mask, root, scale, g });
-            let a = a.reshape([b, heads, s, head_dim]).swap_dims(1, 2).reshape([b * s, heads * head_dim]);
-            let a = linear(a, &layer.wo, layer.bo.as_ref()).reshape([b, s, hidden]);
-            x = x + a;
+            let a = <B as Kernels>::attention(Attention { q, k, v, mask, root, scale, g, packing: &packing });
+            x = x + linear(a, &layer.wo, layer.bo.as_ref());
 
             // MLP.
             let inter = layer.wdown.w.dims()[0];
-            let h = rms_norm(x.clone(), &layer.post_norm, model.eps).reshape([b * s, hidden]);
+            let h = rms_norm(x.clone(), &layer.post_norm, model.eps);
             let gu = linear(h, &layer.wgu, None);
             let act = <B as Kernels>::swiglu(gu, inter);
-            x = x + linear(act, &layer.wdown, None).reshape([b, s, hidden]);
+            x = x + linear(act, &layer.wdown, None);
         }
         if let Some(c) = cache {
             c.len = past + s;
         }
-        Ok(x.reshape([b * s, hidden]))
+        Ok(Packed { h: x, packing })
     }
 
-    fn head_host(&self, h: Tensor<B, 2>) -> Result<Vec<f32>> {
-        Ok(to_host_f32(self.head(h)))
+    fn head_host(&self, h: Packed<B>) -> Result<Vec<f32>> {
+        let rows = (0..h.packing.b * h.packing.s).collect();
+        let rows = self.packed_rows(&h.packing, rows)?;
+        Ok(to_host_f32(self.head(h.h.select(0, rows))))
     }
 
     fn select_batch(&self, t: &Tensor<B, 4>, rows: &[i64]) -> Tensor<B, 4> {
         t.clone().select(0, self.rows(rows.to_vec()))
     }
 
-    fn row_stats(&self, h: Tensor<B, 2>, rows: Vec<i64>, targets: &[i64]) -> Result<(Vec<f32>, Vec<f32>, Vec<i64>)> {
-        let logits = self.head(h.select(0, self.rows(rows)));
+    fn row_stats(&self, h: Packed<B>, rows: Vec<i64>, targets: &[i64]) -> Result<(Vec<f32>, Vec<f32>, Vec<i64>)> {
+        let rows = self.packed_rows(&h.packing, rows.into_iter().map(|r| r as usize).collect())?;
+        let logits = self.head(h.h.select(0, rows));
         Ok(<B as Kernels>::row_stats(logits, targets))
     }
 
-    fn next_tokens(&self, h: Tensor<B, 2>, b: usize, s: usize) -> Result<Vec<u32>> {
-        let rows: Vec<i64> = (0..b).map(|r| (r * s + s - 1) as i64).collect();
-        let logits = self.head(h.select(0, self.rows(rows)));
+    fn next_tokens(&self, h: Packed<B>, b: usize, s: usize) -> Result<Vec<u32>> {
+        let rows = self.packed_rows(&h.packing, (0..b).map(|r| r * s + s - 1).collect())?;
+        let logits = self.head(h.h.select(0, rows));
         let finite = logits.clone().is_finite().all().into_scalar();
         if !finite.elem::<bool>() {
             return Err(Passes::non_finite(self, "logits"));

@@ -43,7 +43,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType as BurnDType, Element, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::kernels::{Attention, HalfCopy, Kernels, Root};
+use super::kernels::{Attention, HalfCopy, Heads, Kernels, Packing, Root, rms_norm};
 use super::passes::{Health, KvCache, Passes, Step};
 use super::path::LayerPath;
 use super::rope::Rope;
@@ -127,6 +127,13 @@ struct ModelW<B: Backend> {
     max_context: usize,
 }
 
+/// Hidden states after a pass `[tokens, hidden]`, one row per token of `packing` (padding left
+/// out on a backend that packs).
+pub(crate) struct Packed<B: Backend> {
+    h: Tensor<B, 2>,
+    packing: Packing,
+}
+
 /// A model (or several, for data-flow paths) on one burn backend.
 pub(crate) struct Runtime<B: Backend> {
     device: B::Device,
@@ -193,27 +200,10 @@ pub(crate) fn transpose_concat_into<T: Copy + Send + Sync>(parts: &[(&[T], usize
     });
 }
 
-fn rms_norm<B: Kernels, const D: usize>(x: Tensor<B, D>, w: &Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
-    let dims = x.dims();
-    let n = dims[D - 1];
-    let rows = x.shape().num_elements() / n.max(1);
-    <B as Kernels>::rms_norm(x.reshape([rows, n]), w, eps).reshape(dims)
-}
-
 fn linear<B: Kernels>(x: Tensor<B, 2>, w: &Linear<B>, b: Option<&Tensor<B, 1>>) -> Tensor<B, 2> {
     let y = <B as Kernels>::linear(x, &w.w, &w.half);
     match b {
         Some(b) => y + b.clone().unsqueeze::<2>(),
         None => y,
     }
-}
-
-/// Rotate-half RoPE on `[b, heads, s, d]` with `cos`/`sin` `[b, 1, s, d/2]`.
-fn rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
-    let h = x.dims()[3] / 2;
-    let x1 = x.clone().narrow(3, 0, h);
-    let x2 = x.narrow(3, h, h);
-    let a = x1.clone() * cos.clone() - x2.clone() * sin.clone();
-    let b = x2 * cos.clone() + x1 * sin.clone();
-    Tensor::cat(vec![a, b], 3)
 }
