@@ -33,6 +33,14 @@ const SMALL_M: usize = 2;
 /// does not depend on `--threads`).
 const GEMM_BAND: usize = 256;
 
+/// Narrower bands for products with fewer than [`GEMM_NARROW_BELOW`] columns: 896 columns in
+/// bands of 256 are 4 tasks of unequal width (one thread idles a quarter of the time on two
+/// cores). Measured, 240 rows on 2 cores (GFLOP/s, bands of 256 → 64): 896 columns
+/// 165–180 → 200–204, 1,152 columns 186 → 209, the MLP's down projection (k 4,864) 170–175 →
+/// 191–197; 9,728 columns 181–186 → 176–177, so wide products keep 256.
+const GEMM_BAND_NARROW: usize = 64;
+const GEMM_NARROW_BELOW: usize = 4096;
+
 /// A bf16 copy of a linear weight for [`small_m_matmul`], made by the CPU backend on the first
 /// few-row product after each change of the weight (the runtime drops it on every write), and
 /// only when every value is exactly a bf16 — weights read from a bf16 checkpoint or merged
@@ -529,11 +537,12 @@ impl Kernels for NdArray<f32> {
         let view = storage.view();
         let Some(ws) = view.as_slice() else { return x.matmul(w.clone()) };
         let device = x.device();
-        let xs = super::runtime::to_host_f32(x);
+        let xs = Host::of(x);
+        let xs = xs.slice();
         let y = match (m <= SMALL_M).then(|| half.get(ws)) {
-            Some(Some(h)) => small_m_matmul(&xs, m, k, h, n),
-            Some(None) => small_m_matmul(&xs, m, k, ws, n),
-            None => banded_gemm(&xs, m, k, ws, n),
+            Some(Some(h)) => small_m_matmul(xs, m, k, h, n),
+            Some(None) => small_m_matmul(xs, m, k, ws, n),
+            None => banded_gemm(xs, m, k, ws, n),
         };
         Tensor::from_data(TensorData::new(y, [m, n]), &device)
     }
@@ -683,14 +692,16 @@ fn gather_bands(bands: Vec<(usize, Vec<f32>)>, m: usize, n: usize) -> Vec<f32> {
 }
 
 /// `y = x · w` for `x [m, k]`, `w [k, n]`, both row-major: `gemm` on [`GEMM_BAND`]-column bands
+/// ([`GEMM_BAND_NARROW`] below [`GEMM_NARROW_BELOW`] columns)
 /// of `w`, one band per rayon task, each into its own buffer, then gathered into `y [m, n]`.
 pub(crate) fn banded_gemm(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let band = if n < GEMM_NARROW_BELOW { GEMM_BAND_NARROW } else { GEMM_BAND };
     assert!(x.len() == m * k && w.len() == k * n, "banded_gemm: x is {} (want {m}×{k}), w is {} (want {k}×{n})", x.len(), w.len());
-    let bands: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(GEMM_BAND))
+    let bands: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(band))
         .into_par_iter()
         .map(|b| {
-            let c0 = b * GEMM_BAND;
-            let width = GEMM_BAND.min(n - c0);
+            let c0 = b * band;
+            let width = band.min(n - c0);
             let mut out = vec![0f32; m * width];
             gemm_band(x, m, k, w, n, c0, width, &mut out);
             (c0, out)
@@ -948,8 +959,8 @@ mod tests {
 
     #[test]
     fn banded_gemm_matches_naive() {
-        // n spans two full bands and a partial one; m above SMALL_M; odd k.
-        for (m, k, n) in [(9, 37, 2 * GEMM_BAND + 77), (33, 5, 100), (12, 130, GEMM_BAND)] {
+        // n spans full bands and a partial one, narrow and wide; m above SMALL_M; odd k.
+        for (m, k, n) in [(9, 37, 2 * GEMM_BAND + 77), (33, 5, 100), (12, 130, GEMM_BAND), (3, 7, GEMM_NARROW_BELOW + 2 * GEMM_BAND + 5)] {
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
             let w: Vec<f32> = (0..k * n).map(|i| ((i * 11 % 17) as f32 - 8.0) / 9.0).collect();
             let y = banded_gemm(&x, m, k, &w, n);
