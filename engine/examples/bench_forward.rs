@@ -90,11 +90,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let score_tps = tokens / median(score_t);
     let prompt: Vec<u32> = (0..8).map(|_| next()).collect();
-    let opts = GenerateOptions { max_new_tokens: 32, eos: vec![], share_prefix: false };
+    let opts = GenerateOptions { max_new_tokens: 32, eos: vec![], share_prefix: false, batch_size: 0 };
     let (mut total, mut prefill) = (Vec::new(), Vec::new());
     for r in 0..=if only == "score" { 0 } else { reps.min(3) } {
         let t = Instant::now();
-        let g = m.generate(std::slice::from_ref(&prompt), &GenerateOptions { max_new_tokens: 1, eos: vec![], share_prefix: false }, &|_, _| false)?;
+        let g = m.generate(
+            std::slice::from_ref(&prompt),
+            &GenerateOptions { max_new_tokens: 1, eos: vec![], share_prefix: false, batch_size: 0 },
+            &|_, _| false,
+        )?;
         let p = t.elapsed().as_secs_f64();
         assert_eq!(g[0].tokens.len(), 1);
         let t = Instant::now();

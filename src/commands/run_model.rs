@@ -173,7 +173,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt encodes to zero tokens");
     }
-    let opts = GenerateOptions { max_new_tokens: args.max_new_tokens, eos: eos_ids(&dir)?, share_prefix: false };
+    let opts = GenerateOptions { max_new_tokens: args.max_new_tokens, eos: eos_ids(&dir)?, share_prefix: false, batch_size: 0 };
     let stops = &args.stop;
     let hit = |ids: &[u32]| -> bool { !stops.is_empty() && tok.decode(ids, false).is_ok_and(|t| stops.iter().any(|s| t.contains(s.as_str()))) };
     let out = m.generate(std::slice::from_ref(&prompt), &opts, &|_, ids| hit(ids))?;

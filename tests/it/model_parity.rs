@@ -125,7 +125,7 @@ fn log_likelihoods_and_greedy_generations_match_transformers() {
         // Greedy generation with the KV cache, batched (left padding), no EOS stop.
         let gens = refs.json["greedy"].as_array().expect("greedy");
         let prompts: Vec<Vec<u32>> = gens.iter().map(|g| ids(&g["prompt_ids"])).collect();
-        let opts = GenerateOptions { max_new_tokens: 10, eos: vec![], share_prefix: false };
+        let opts = GenerateOptions { max_new_tokens: 10, eos: vec![], share_prefix: false, batch_size: 0 };
         let out = m.generate(&prompts, &opts, &|_, _| false).expect("generate");
         for (g, o) in gens.iter().zip(&out) {
             let want = ids(&g["new_ids"]);
@@ -152,7 +152,7 @@ fn padded_batches_equal_single_sequences() {
     }
     // Generation: a batch of prompts of different lengths (left padding) == one at a time.
     let prompts: Vec<Vec<u32>> = seqs.iter().map(|t| t[..t.len().min(9)].to_vec()).collect();
-    let opts = GenerateOptions { max_new_tokens: 6, eos: vec![], share_prefix: false };
+    let opts = GenerateOptions { max_new_tokens: 6, eos: vec![], share_prefix: false, batch_size: 0 };
     let together = m.generate(&prompts, &opts, &|_, _| false).expect("batch");
     for (p, t) in prompts.iter().zip(&together) {
         let alone = m.generate(std::slice::from_ref(p), &opts, &|_, _| false).expect("alone");

@@ -295,7 +295,9 @@ fn data_flow_path_matches_the_reference_and_generates_through_the_cache() {
     // Greedy generation with the per-hop KV cache == argmax of full recomputation.
     let prompt = IDS[..6].to_vec();
     let out = m
-        .generate(std::slice::from_ref(&prompt), &GenerateOptions { max_new_tokens: 6, eos: vec![], share_prefix: false }, &|_, _| false)
+        .generate(std::slice::from_ref(&prompt), &GenerateOptions { max_new_tokens: 6, eos: vec![], share_prefix: false, batch_size: 0 }, &|_, _| {
+            false
+        })
         .expect("generate");
     let mut seq = prompt.clone();
     let v = m.info().dims.vocab;

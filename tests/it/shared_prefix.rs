@@ -143,14 +143,22 @@ fn shared_generation_gives_the_unshared_greedy_ids() {
         prompts.push(tokens(701, 4, vocab));
         let stop_at = |i: usize, ids: &[u32]| i == 2 && ids.len() == 3;
         let before = m.tokens_run();
-        let plain = m.generate(&prompts, &GenerateOptions { max_new_tokens: 8, eos: vec![], share_prefix: false }, &stop_at).expect("plain");
+        let plain =
+            m.generate(&prompts, &GenerateOptions { max_new_tokens: 8, eos: vec![], share_prefix: false, batch_size: 0 }, &stop_at).expect("plain");
         let plain_ran = m.tokens_run() - before;
         let before = m.tokens_run();
-        let shared = m.generate(&prompts, &GenerateOptions { max_new_tokens: 8, eos: vec![], share_prefix: true }, &stop_at).expect("shared");
+        let shared =
+            m.generate(&prompts, &GenerateOptions { max_new_tokens: 8, eos: vec![], share_prefix: true, batch_size: 0 }, &stop_at).expect("shared");
         let ran = m.tokens_run() - before;
         assert_eq!(shared, plain, "{name}: greedy ids and stop reasons");
         assert_eq!(shared[2].tokens.len(), 3, "{name}: the stop test sees the caller's index");
         assert!(ran + 5 * 40 == plain_ran, "{name}: {ran} tokens run, {plain_ran} unshared (the root of 40 runs once, not 6 times)");
+        // Decoded two prompts at a time: the root still runs once for all three batches.
+        let before = m.tokens_run();
+        let batched =
+            m.generate(&prompts, &GenerateOptions { max_new_tokens: 8, eos: vec![], share_prefix: true, batch_size: 2 }, &stop_at).expect("batched");
+        assert_eq!(batched, plain, "{name}: batches of 2, greedy ids and stop reasons");
+        assert_eq!(m.tokens_run() - before, ran, "{name}: batches of 2 run the root once too");
     }
 }
 
@@ -212,8 +220,10 @@ fn every_task_kind_scores_the_same_items_shared() {
             // (generation's unshared count is prompts + generated tokens, not the steps run)
             assert_eq!(plain.tokens, plain.tokens_unshared, "{name}: unshared scoring runs every token");
         }
+        let mut ran = vec![];
         for bs in [1, 8] {
             let shared = evaluate(&task, m.as_mut(), &tok, bs, true);
+            ran.push(shared.tokens);
             assert_eq!(shared.tokens_unshared, plain.tokens_unshared, "{name}");
             assert!(shared.tokens <= plain.tokens, "{name}: {} tokens run, {} unshared", shared.tokens, plain.tokens);
             for (s, p) in shared.items.iter().zip(&plain.items) {
@@ -224,6 +234,10 @@ fn every_task_kind_scores_the_same_items_shared() {
                 assert!((s.score - p.score).abs() <= tol(1e-4, 1e-1), "{name}, batch {bs}: score {} vs {}", s.score, p.score);
             }
             assert!((shared.value - plain.value).abs() <= tol(1e-6, 1e-2) * plain.value.abs().max(1.0), "{name}");
+        }
+        if task.spec.kind == evomerge_fitness::tasks::Kind::Generation {
+            // the few-shot prefix runs once per evaluation, not once per batch of prompts
+            assert_eq!(ran[0], ran[1], "{name}: tokens run at batch 1 and 8");
         }
     }
 }

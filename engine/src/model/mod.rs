@@ -69,6 +69,9 @@ pub struct GenerateOptions {
     /// values (several prompts only; the greedy ids are those of unshared generation up to
     /// float rounding).
     pub share_prefix: bool,
+    /// Prompts decoded together, in order (0: all of them). The shared prefix still runs once
+    /// for all of them, not once per batch.
+    pub batch_size: usize,
 }
 
 /// Why a generation ended.

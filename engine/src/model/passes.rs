@@ -472,7 +472,7 @@ pub(crate) trait Passes {
     }
 
     /// [`super::LanguageModel::generate`]: checks the prompts, runs the prefix most of them
-    /// share once (if asked) and decodes each class of prompts.
+    /// share once (if asked) and decodes each class of prompts, `opts.batch_size` at a time.
     fn generate_planned(&self, prompts: &[Vec<u32>], opts: &GenerateOptions, stop: &dyn Fn(usize, &[u32]) -> bool) -> Result<Vec<Generation>> {
         self.check_usable()?;
         for (i, p) in prompts.iter().enumerate() {
@@ -489,10 +489,13 @@ pub(crate) trait Passes {
             let Some(&first) = idx.first() else { continue };
             let r = if rooted { plan.len } else { 0 };
             let root = if rooted { Some(self.run_root(&prompts[first][..r])?) } else { None };
-            let sub: Vec<&[u32]> = idx.iter().map(|&i| all[i]).collect();
-            let gens = self.decode(&sub, r, root.as_ref(), opts, &|k, t| stop(idx[k], t))?;
-            for (&i, g) in idx.iter().zip(gens) {
-                out[i] = Some(g);
+            let bs = if opts.batch_size == 0 { idx.len() } else { opts.batch_size };
+            for part in idx.chunks(bs.max(1)) {
+                let sub: Vec<&[u32]> = part.iter().map(|&i| all[i]).collect();
+                let gens = self.decode(&sub, r, root.as_ref(), opts, &|k, t| stop(part[k], t))?;
+                for (&i, g) in part.iter().zip(gens) {
+                    out[i] = Some(g);
+                }
             }
         }
         Ok(out.into_iter().flatten().collect())

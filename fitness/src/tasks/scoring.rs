@@ -148,7 +148,8 @@ impl Task {
                 // Greedy generation ends at the model's EOS as transformers' generate() does
                 // (lm-eval adds the EOS text to `until` as well).
                 let eos: Vec<u32> = model.info().eos_token_ids.clone();
-                let gen_opts = GenerateOptions { max_new_tokens: g.max_new_tokens, eos, share_prefix: opts.share_prefix };
+                let gen_opts =
+                    GenerateOptions { max_new_tokens: g.max_new_tokens, eos, share_prefix: opts.share_prefix, batch_size: opts.batch_size.max(1) };
                 let prompts: Vec<Vec<u32>> = sel
                     .iter()
                     .map(|&(i, item)| {
@@ -161,26 +162,25 @@ impl Task {
                     .collect::<Result<_, TaskError>>()?;
                 let until = &g.until;
                 let hit = |ids: &[u32]| !until.is_empty() && tok.decode(ids, false).is_ok_and(|t| until.iter().any(|s| t.contains(s.as_str())));
-                for (chunk_i, chunk) in prompts.chunks(opts.batch_size.max(1)).enumerate() {
-                    let gens = model.generate(chunk, &gen_opts, &|_, ids| hit(ids))?;
-                    for (k, (p, generation)) in chunk.iter().zip(gens).enumerate() {
-                        let item = sel[chunk_i * opts.batch_size.max(1) + k].1;
-                        tokens += p.len() + generation.tokens.len();
-                        let mut text = tok.decode(&generation.tokens, true)?;
-                        if let Some(cut) = until.iter().filter_map(|s| text.find(s.as_str())).min() {
-                            text.truncate(cut);
-                        }
-                        let pred = self.extractor.apply(&text);
-                        let gold = item.field("answer").unwrap_or_default();
-                        out.push(ItemResult {
-                            id: item.id.clone(),
-                            score: self.normalizer.exact_match(&pred, gold),
-                            prediction: pred,
-                            logliks: vec![],
-                            tokens: 0,
-                            bytes: 0,
-                        });
+                // One call: the engine decodes `batch_size` prompts at a time and runs their
+                // shared prefix (the few-shot examples) once for all of them.
+                let gens = model.generate(&prompts, &gen_opts, &|_, ids| hit(ids))?;
+                for ((p, generation), &(_, item)) in prompts.iter().zip(gens).zip(&sel) {
+                    tokens += p.len() + generation.tokens.len();
+                    let mut text = tok.decode(&generation.tokens, true)?;
+                    if let Some(cut) = until.iter().filter_map(|s| text.find(s.as_str())).min() {
+                        text.truncate(cut);
                     }
+                    let pred = self.extractor.apply(&text);
+                    let gold = item.field("answer").unwrap_or_default();
+                    out.push(ItemResult {
+                        id: item.id.clone(),
+                        score: self.normalizer.exact_match(&pred, gold),
+                        prediction: pred,
+                        logliks: vec![],
+                        tokens: 0,
+                        bytes: 0,
+                    });
                 }
                 out
             }
