@@ -607,6 +607,11 @@ fn row_stats_by_ops<B: Backend>(logits: Tensor<B, 2>, targets: &[i64]) -> (Vec<f
     (super::runtime::to_host_f32(lse), super::runtime::to_host_f32(tgt), super::runtime::to_host_i64(am))
 }
 
+/// Only the default (burn-op) kernels, on the CPU: the CUDA path's reference in tests
+/// (`runtime::tests`).
+#[cfg(test)]
+impl Kernels for NdArray<f64> {}
+
 #[cfg(feature = "cuda")]
 impl Kernels for burn::backend::Cuda<f32, i32> {}
 #[cfg(feature = "cuda")]

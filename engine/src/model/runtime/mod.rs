@@ -207,3 +207,47 @@ fn linear<B: Kernels>(x: Tensor<B, 2>, w: &Linear<B>, b: Option<&Tensor<B, 1>>) 
         None => y,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::GenerateOptions;
+    use burn::backend::NdArray;
+
+    /// The burn-op path, which is what CUDA runs (no packing, `qkv_heads` and `attention` by
+    /// burn ops, RoPE tables as tensors), run on the CPU through a backend that has only the
+    /// default kernels (ndarray in f64). It must score and generate as the CPU kernels do, with
+    /// padding, a shared root and continuation passes.
+    #[test]
+    fn the_burn_op_path_scores_and_generates_as_the_cpu_kernels_do() -> Result<()> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/llama-tiny-a");
+        let ck = crate::io::Checkpoint::open(&dir, "llama-tiny-a")?;
+        let spec = [ModelSpec::from_checkpoint(&ck)];
+        let mut fast = Runtime::<NdArray<f32>>::new(Default::default(), DeviceSpec::Cpu, &spec)?;
+        let mut ops = Runtime::<NdArray<f64>>::new(Default::default(), DeviceSpec::Cpu, &spec)?;
+        let vocab = fast.info.dims.vocab as u32;
+        let ids = |seed: u32, n: usize| -> Vec<u32> { (0..n as u32).map(|i| (seed * 7919 + i * 104_729) % vocab).collect() };
+        let root = ids(1, 40);
+        let mut requests = vec![];
+        for (c, own) in [3usize, 7, 12, 5].into_iter().enumerate() {
+            let context: Vec<u32> = root.iter().copied().chain(ids(10 + c as u32, own)).collect();
+            for (j, len) in [1usize, 4, 6].into_iter().enumerate() {
+                requests.push(ScoreRequest { context: context.clone(), continuation: ids(100 + 3 * c as u32 + j as u32, len) });
+            }
+        }
+        requests.push(ScoreRequest { context: ids(7, 9), continuation: ids(8, 3) });
+        for share in [true, false] {
+            for bs in [1, 3] {
+                let (a, b) = (fast.score_planned(&requests, bs, share)?, ops.score_planned(&requests, bs, share)?);
+                for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                    assert!((x.sum - y.sum).abs() <= 1e-4 * y.sum.abs().max(1.0), "request {i}, share {share}, batch {bs}: {} vs {}", x.sum, y.sum);
+                }
+            }
+        }
+        let prompts: Vec<Vec<u32>> = (0..5).map(|p| root.iter().copied().chain(ids(200 + p, 1 + 2 * p as usize)).collect()).collect();
+        let opts = GenerateOptions { max_new_tokens: 6, eos: vec![], share_prefix: true, batch_size: 2 };
+        let (a, b) = (fast.generate(&prompts, &opts, &|_, _| false)?, ops.generate(&prompts, &opts, &|_, _| false)?);
+        assert_eq!(a, b, "greedy ids");
+        Ok(())
+    }
+}
